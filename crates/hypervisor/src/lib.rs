@@ -1,0 +1,1 @@
+//! hypervisor crate (work in progress).

@@ -1,0 +1,1 @@
+//! protocols crate (work in progress).

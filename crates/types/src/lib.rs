@@ -1,0 +1,1 @@
+//! types crate (work in progress).
