@@ -1,1 +1,6 @@
-//! types crate (work in progress).
+//! Types shared by the kata-rs host components and the guest agent.
+//!
+//! [`config`] is the Kata-compatible `configuration.toml`: schema and defaults, loading
+//! precedence, drop-ins, provenance, annotations and validation.
+
+pub mod config;

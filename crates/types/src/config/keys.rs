@@ -1,0 +1,249 @@
+//! Key lists kept as data, reviewed like code: Kata keys we accept but ignore, Kata's spellings
+//! of our keys, and which annotations may change which key.
+
+/// Keys Kata's configuration files may contain that kata-rs does not implement. Loading one
+/// records a warning instead of failing, so a stock Kata `configuration.toml` loads. An entry
+/// ending in `.*` covers a whole section. Anything neither implemented nor listed is an error.
+pub(crate) const KATA_IGNORED_KEYS: &[&str] = &[
+    // [hypervisor.qemu]
+    "hypervisor.qemu.block_device_aio",
+    "hypervisor.qemu.block_device_cache_direct",
+    "hypervisor.qemu.block_device_cache_noflush",
+    "hypervisor.qemu.block_device_cache_set",
+    "hypervisor.qemu.block_device_driver",
+    "hypervisor.qemu.cold_plug_vfio",
+    "hypervisor.qemu.confidential_guest",
+    "hypervisor.qemu.cpu_features",
+    "hypervisor.qemu.ctlpath",
+    "hypervisor.qemu.default_bridges",
+    "hypervisor.qemu.default_maxmemory",
+    "hypervisor.qemu.disable_block_device_use",
+    "hypervisor.qemu.disable_guest_selinux",
+    "hypervisor.qemu.disable_image_nvdimm",
+    "hypervisor.qemu.disable_nesting_checks",
+    "hypervisor.qemu.disable_selinux",
+    "hypervisor.qemu.disable_vhost_net",
+    "hypervisor.qemu.enable_guest_swap",
+    "hypervisor.qemu.enable_hugepages",
+    "hypervisor.qemu.enable_iommu",
+    "hypervisor.qemu.enable_iommu_platform",
+    "hypervisor.qemu.enable_iothreads",
+    "hypervisor.qemu.enable_mem_prealloc",
+    "hypervisor.qemu.enable_vhost_user_store",
+    "hypervisor.qemu.enable_virtio_mem",
+    "hypervisor.qemu.entropy_source",
+    "hypervisor.qemu.extra_monitor_socket",
+    "hypervisor.qemu.file_mem_backend",
+    "hypervisor.qemu.firmware",
+    "hypervisor.qemu.firmware_volume",
+    "hypervisor.qemu.guest_hook_path",
+    "hypervisor.qemu.guest_memory_dump_paging",
+    "hypervisor.qemu.guest_memory_dump_path",
+    "hypervisor.qemu.hot_plug_vfio",
+    "hypervisor.qemu.hotplug_vfio_on_root_bus",
+    "hypervisor.qemu.indep_iothreads",
+    "hypervisor.qemu.jailer_path",
+    "hypervisor.qemu.kernel_verity_params",
+    "hypervisor.qemu.machine_accelerators",
+    "hypervisor.qemu.memory_offset",
+    "hypervisor.qemu.memory_slots",
+    "hypervisor.qemu.msize_9p",
+    "hypervisor.qemu.pcie_root_port",
+    "hypervisor.qemu.pcie_switch_port",
+    "hypervisor.qemu.pflashes",
+    "hypervisor.qemu.reclaim_guest_freed_memory",
+    "hypervisor.qemu.rootfs_type",
+    "hypervisor.qemu.rootless",
+    "hypervisor.qemu.rx_rate_limiter_max_rate",
+    "hypervisor.qemu.seccompsandbox",
+    "hypervisor.qemu.sev_snp_guest",
+    "hypervisor.qemu.snp_guest_policy",
+    "hypervisor.qemu.snp_id_auth",
+    "hypervisor.qemu.snp_id_block",
+    "hypervisor.qemu.tdx_quote_generation_service_socket_port",
+    "hypervisor.qemu.tx_rate_limiter_max_rate",
+    "hypervisor.qemu.use_legacy_serial",
+    "hypervisor.qemu.use_vsock",
+    "hypervisor.qemu.valid_ctlpaths",
+    "hypervisor.qemu.valid_entropy_sources",
+    "hypervisor.qemu.valid_file_mem_backends",
+    "hypervisor.qemu.valid_jailer_paths",
+    "hypervisor.qemu.valid_vhost_user_store_paths",
+    "hypervisor.qemu.vhost_user_reconnect_timeout_sec",
+    "hypervisor.qemu.vhost_user_store_path",
+    "hypervisor.qemu.virtio_fs_cache",
+    "hypervisor.qemu.virtio_fs_cache_size",
+    "hypervisor.qemu.virtio_fs_inode_file_handles",
+    "hypervisor.qemu.virtio_fs_queue_size",
+    // [agent.kata]
+    "agent.kata.cdh_api_timeout",
+    "agent.kata.container_pipe_size",
+    "agent.kata.debug_console_enabled",
+    "agent.kata.enable_tracing",
+    "agent.kata.kernel_modules",
+    "agent.kata.trace_mode",
+    "agent.kata.trace_type",
+    // [runtime]
+    "runtime.create_container_timeout",
+    "runtime.dan_conf",
+    "runtime.disable_guest_empty_dir",
+    "runtime.disable_guest_seccomp",
+    "runtime.disable_new_netns",
+    "runtime.enable_cpu_memory_hotplug",
+    "runtime.enable_pprof",
+    "runtime.enable_tracing",
+    "runtime.enable_vcpus_pinning",
+    "runtime.guest_selinux_label",
+    "runtime.jaeger_endpoint",
+    "runtime.jaeger_password",
+    "runtime.jaeger_user",
+    "runtime.sandbox_bind_mounts",
+    "runtime.static_sandbox_resource_mgmt",
+    "runtime.vfio_mode",
+    // [factory]
+    "factory.vm_cache_endpoint",
+    "factory.vm_cache_number",
+    // Sections of Kata 1.x and 2.x that kata-rs has no counterpart for.
+    "image.*",
+    "netmon.*",
+    "proxy.kata.*",
+    "shim.kata.*",
+];
+
+/// Top-level sections and whether their tables are nested one level (`[hypervisor.qemu]`).
+pub(crate) const TOP_SECTIONS: &[(&str, bool)] = &[
+    ("hypervisor", true),
+    ("agent", true),
+    ("runtime", false),
+    ("factory", false),
+    ("image", false),
+    ("netmon", false),
+    ("proxy", true),
+    ("shim", true),
+];
+
+/// Kata's spelling of a key -> the kata-rs key it sets.
+pub(crate) const KEY_ALIASES: &[(&str, &str)] = &[("agent.kata.enable_debug", "agent.kata.debug")];
+
+/// Annotations kata-rs honours: name after `io.katacontainers.config.` -> dotted key.
+/// `hypervisor.*` annotations are additionally gated by `hypervisor.qemu.enable_annotations`.
+/// The allow-lists themselves (`enable_annotations`, `valid_*_paths`) are never annotatable.
+pub(crate) const ANNOTATIONS: &[(&str, &str)] = &[
+    ("hypervisor.path", "hypervisor.qemu.path"),
+    ("hypervisor.kernel", "hypervisor.qemu.kernel"),
+    ("hypervisor.initrd", "hypervisor.qemu.initrd"),
+    ("hypervisor.image", "hypervisor.qemu.image"),
+    ("hypervisor.machine_type", "hypervisor.qemu.machine_type"),
+    ("hypervisor.kernel_params", "hypervisor.qemu.kernel_params"),
+    ("hypervisor.default_vcpus", "hypervisor.qemu.default_vcpus"),
+    // Kata's annotation name differs from its configuration key here.
+    (
+        "hypervisor.default_max_vcpus",
+        "hypervisor.qemu.default_maxvcpus",
+    ),
+    (
+        "hypervisor.default_memory",
+        "hypervisor.qemu.default_memory",
+    ),
+    ("hypervisor.shared_fs", "hypervisor.qemu.shared_fs"),
+    (
+        "hypervisor.virtio_fs_daemon",
+        "hypervisor.qemu.virtio_fs_daemon",
+    ),
+    (
+        "hypervisor.virtio_fs_extra_args",
+        "hypervisor.qemu.virtio_fs_extra_args",
+    ),
+    ("hypervisor.vsock_daemon", "hypervisor.qemu.vsock_daemon"),
+    ("agent.debug", "agent.kata.debug"),
+    ("agent.dial_timeout", "agent.kata.dial_timeout"),
+    ("runtime.enable_debug", "runtime.enable_debug"),
+    ("runtime.experimental", "runtime.experimental"),
+    (
+        "runtime.internetworking_model",
+        "runtime.internetworking_model",
+    ),
+    ("runtime.sandbox_cgroup_only", "runtime.sandbox_cgroup_only"),
+];
+
+/// Keys naming a binary the host will execute -> the glob list an annotation value must match.
+pub(crate) const PATH_ALLOW_LISTS: &[(&str, &str)] = &[
+    (
+        "hypervisor.qemu.path",
+        "hypervisor.qemu.valid_hypervisor_paths",
+    ),
+    (
+        "hypervisor.qemu.virtio_fs_daemon",
+        "hypervisor.qemu.valid_virtio_fs_daemon_paths",
+    ),
+    (
+        "hypervisor.qemu.vsock_daemon",
+        "hypervisor.qemu.valid_vsock_daemon_paths",
+    ),
+];
+
+/// Whether Kata knows `key` and kata-rs deliberately ignores it.
+pub(crate) fn is_ignored_kata_key(key: &str) -> bool {
+    KATA_IGNORED_KEYS
+        .iter()
+        .any(|entry| match entry.strip_suffix(".*") {
+            Some(section) => key
+                .strip_prefix(section)
+                .is_some_and(|rest| rest.starts_with('.')),
+            None => *entry == key,
+        })
+}
+
+/// The kata-rs key for `key`, resolving Kata spellings.
+pub(crate) fn canonical_key(key: &str) -> &str {
+    KEY_ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == key)
+        .map_or(key, |(_, canonical)| canonical)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::schema::Config;
+
+    #[test]
+    fn lists_name_real_keys_and_do_not_overlap() {
+        for (_, key) in ANNOTATIONS
+            .iter()
+            .chain(KEY_ALIASES)
+            .chain(PATH_ALLOW_LISTS)
+        {
+            assert!(
+                Config::default_value(key).is_some(),
+                "{key} is not an implemented key"
+            );
+        }
+        for (_, list) in PATH_ALLOW_LISTS {
+            assert!(
+                Config::default_value(list).is_some(),
+                "{list} is not an implemented key"
+            );
+        }
+        for key in KATA_IGNORED_KEYS {
+            assert!(
+                Config::default_value(key).is_none(),
+                "{key} is implemented, not ignored"
+            );
+        }
+        for (_, key) in ANNOTATIONS {
+            assert!(
+                !key.contains("enable_annotations") && !key.contains(".valid_"),
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn section_wildcards_match_whole_segments() {
+        assert!(is_ignored_kata_key("netmon.path"));
+        assert!(!is_ignored_kata_key("netmonitor.path"));
+        assert!(is_ignored_kata_key("hypervisor.qemu.block_device_driver"));
+        assert_eq!(canonical_key("agent.kata.enable_debug"), "agent.kata.debug");
+    }
+}
