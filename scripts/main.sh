@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The main job: install everything, then show that this host can run kata-rs sandboxes.
+source "$(dirname "$0")/lib.sh"
+bash "$REPO/scripts/setup.sh"
+step "kata-runtime check" kata-runtime check

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit tests, then VM and containerd tests against the installed guest assets.
+source "$(dirname "$0")/lib.sh"
+bash "$REPO/scripts/setup.sh"
+
+# VM tests find their parts here; each test skips with a reason when one is missing.
+export KATA_TEST_KERNEL=$ASSET_DIR/vmlinux.container
+export KATA_TEST_INITRD=$ASSET_DIR/kata-containers-initrd.img
+export KATA_TEST_VIRTIOFSD=$BIN_DIR/virtiofsd
+export KATA_TEST_VSOCK_DAEMON=$BIN_DIR/vhost-device-vsock
+
+cd "$REPO"
+# Two test threads: VM tests under TCG must not run more than two at a time on 2 cores.
+step "cargo test" cargo test --workspace -- --test-threads=2
