@@ -1,1 +1,51 @@
-fn main() {}
+//! `kata-runtime`: the kata-rs host tool.
+
+mod check;
+mod env;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "kata-runtime", version, about = "kata-rs host tool")]
+struct Cli {
+    /// Configuration file to use instead of the standard search
+    /// (KATA_CONF_FILE, then /etc/kata-containers, then /usr/share/defaults/kata-containers).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check that this host can run kata-rs sandboxes.
+    Check {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the resolved configuration and where each value came from.
+    Env {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { json } => check::run(cli.config, json),
+        Command::Env { json } => env::run(cli.config, json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kata-runtime: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Runs the real `kata-runtime` binary against configuration files made in a temp dir.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn kata_runtime(args: &[&str], conf: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kata-runtime"))
+        .args(args)
+        .env("KATA_CONF_FILE", conf)
+        .output()
+        .expect("run kata-runtime")
+}
+
+fn write_config(dir: &Path, kernel: &Path) -> std::path::PathBuf {
+    let conf = dir.join("configuration.toml");
+    let text = format!(
+        "[hypervisor.qemu]\nkernel = \"{}\"\ninitrd = \"{}\"\n",
+        kernel.display(),
+        dir.join("initrd.img").display()
+    );
+    std::fs::write(&conf, text).unwrap();
+    conf
+}
+
+#[test]
+fn check_fails_and_names_a_missing_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = write_config(dir.path(), &dir.path().join("no-such-vmlinux"));
+    let out = kata_runtime(&["check", "--json"], &conf);
+    assert_eq!(out.status.code(), Some(1), "a host without a kernel cannot run a sandbox");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["can_run_sandbox"], false);
+    let checks = report["checks"].as_array().unwrap();
+    let kernel = checks.iter().find(|c| c["name"] == "guest kernel").unwrap();
+    assert_eq!(kernel["passed"], false);
+    let detail = kernel["detail"].as_str().unwrap();
+    assert!(detail.contains("no-such-vmlinux"), "{detail}");
+    let config = checks.iter().find(|c| c["name"] == "configuration").unwrap();
+    let detail = config["detail"].as_str().unwrap();
+    assert!(detail.contains("configuration.toml:2: hypervisor.qemu.kernel:"), "{detail}");
+}
+
+#[test]
+fn check_reports_an_accelerator_and_why_kvm_is_or_is_not_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = write_config(dir.path(), &dir.path().join("vmlinux"));
+    let out = kata_runtime(&["check", "--json"], &conf);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let accel = report["accelerator"].as_str().unwrap();
+    assert!(accel == "kvm" || accel == "tcg", "{accel}");
+    if accel == "tcg" {
+        assert_eq!(report["kvm_usable"], false);
+        assert!(!report["kvm_reason"].as_str().unwrap().is_empty());
+    }
+}
+
+#[test]
+fn env_shows_where_values_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = write_config(dir.path(), Path::new("/boot/vmlinux"));
+    let out = kata_runtime(&["env", "--json"], &conf);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let settings = report["settings"].as_array().unwrap();
+    let kernel = settings.iter().find(|s| s["key"] == "hypervisor.qemu.kernel").unwrap();
+    assert_eq!(kernel["value"], "/boot/vmlinux");
+    assert_eq!(kernel["origin"]["line"], 2);
+    let memory = settings.iter().find(|s| s["key"] == "hypervisor.qemu.default_memory").unwrap();
+    assert_eq!(memory["value"], 2048);
+    assert_eq!(memory["origin"]["source"], "default");
+}
+
+#[test]
+fn env_rejects_an_unknown_key_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("configuration.toml");
+    std::fs::write(&conf, "[hypervisor.qemu]\ndefault_memroy = 512\n").unwrap();
+    let out = kata_runtime(&["env"], &conf);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("configuration.toml:2: hypervisor.qemu.default_memroy: unknown configuration key"), "{err}");
+}
+
+#[test]
+fn version_is_printed() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kata-runtime")).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("kata-runtime "));
+}
