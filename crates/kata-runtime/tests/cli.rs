@@ -18,7 +18,7 @@ fn write_config(dir: &Path, kernel: &Path) -> std::path::PathBuf {
         kernel.display(),
         dir.join("initrd.img").display()
     );
-    std::fs::write(&conf, text).unwrap();
+    std::fs::write(&conf, text).expect("write config");
     conf
 }
 
