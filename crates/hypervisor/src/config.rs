@@ -1,0 +1,96 @@
+//! The hypervisor's own input: what one VM needs, independent of the configuration file format.
+//!
+//! The runtime maps `types`' configuration onto [`VmConfig`]; nothing here knows about TOML keys.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::accel::AccelChoice;
+
+/// Everything needed to boot one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// Name shown by QEMU (`-name`) and in logs, e.g. the sandbox id.
+    pub name: String,
+    /// The QEMU binary, e.g. `/usr/bin/qemu-system-x86_64`.
+    pub qemu_path: PathBuf,
+    /// Guest kernel, an uncompressed PVH `vmlinux`.
+    pub kernel: PathBuf,
+    /// Guest initrd holding the agent.
+    pub initrd: Option<PathBuf>,
+    pub machine: MachineType,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Extra kernel parameters, appended after the ones the backend always sets.
+    pub kernel_params: Vec<String>,
+    pub accel: AccelChoice,
+    pub shared_fs: SharedFs,
+    /// `vhost-device-vsock`; `None` boots without an agent transport (tests, probes).
+    pub vsock_daemon: Option<PathBuf>,
+    /// Private per-VM directory for sockets and logs. Created by `prepare`, removed by `stop`.
+    /// Keep it short: unix socket paths inside it must fit in 107 bytes.
+    pub work_dir: PathBuf,
+    /// Boot without `quiet`, so the whole kernel log lands in the console log.
+    pub debug: bool,
+}
+
+impl VmConfig {
+    /// A config with the defaults Kata uses (microvm, 1 vCPU, 256 MiB, automatic accelerator,
+    /// no shared fs, no vsock daemon); callers fill in the rest.
+    pub fn new(
+        name: impl Into<String>,
+        qemu_path: impl Into<PathBuf>,
+        kernel: impl Into<PathBuf>,
+        work_dir: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            qemu_path: qemu_path.into(),
+            kernel: kernel.into(),
+            initrd: None,
+            machine: MachineType::default(),
+            vcpus: 1,
+            memory_mib: 256,
+            kernel_params: Vec::new(),
+            accel: AccelChoice::Auto,
+            shared_fs: SharedFs::None,
+            vsock_daemon: None,
+            work_dir: work_dir.into(),
+            debug: false,
+        }
+    }
+}
+
+/// QEMU machine type. Devices are virtio-mmio on `microvm` and virtio-pci on `q35`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineType {
+    #[default]
+    Microvm,
+    Q35,
+}
+
+/// How the host directory with container rootfs and volumes reaches the guest. The guest mounts it by the tag
+/// [`SHARED_FS_TAG`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "type")]
+pub enum SharedFs {
+    /// virtio-fs served by a per-VM `virtiofsd`.
+    VirtioFs {
+        daemon: PathBuf,
+        /// Appended to virtiofsd's arguments, e.g. `--sandbox=none`, `--thread-pool-size=1`.
+        extra_args: Vec<String>,
+        shared_dir: PathBuf,
+    },
+    /// QEMU's built-in 9p server.
+    Virtio9p { shared_dir: PathBuf },
+    #[default]
+    None,
+}
+
+/// The mount tag of the shared filesystem, for virtio-fs and 9p alike.
+pub const SHARED_FS_TAG: &str = "kataShared";
+
+/// The guest CID the vsock daemon gives the VM. Each VM has its own daemon, so it never collides.
+pub const GUEST_CID: u32 = 3;

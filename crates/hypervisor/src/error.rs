@@ -1,0 +1,64 @@
+//! Errors of the `Hypervisor` trait, shared by every backend.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::accel::AccelError;
+use crate::process::{ProcessRole, VmExit};
+use crate::qmp::QmpError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid VM configuration: {0}")]
+    InvalidConfig(String),
+    #[error("cannot {op} a VM that is {state}")]
+    InvalidState {
+        op: &'static str,
+        state: &'static str,
+    },
+    #[error(transparent)]
+    Accel(#[from] AccelError),
+    #[error("{context}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start {role} ({program})")]
+    Spawn {
+        role: ProcessRole,
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{role} exited during VM start ({status}); last lines of {log}:\n{tail}")]
+    HelperExited {
+        role: ProcessRole,
+        status: VmExit,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("{role} did not create {socket} within {timeout:?}; last lines of {log}:\n{tail}")]
+    SocketTimeout {
+        role: ProcessRole,
+        socket: PathBuf,
+        timeout: Duration,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("QEMU exited during VM start ({status}); last lines of its output:\n{qemu_tail}\nlast lines of the console:\n{console_tail}")]
+    QemuExited {
+        status: VmExit,
+        qemu_tail: String,
+        console_tail: String,
+    },
+    #[error("QMP request failed")]
+    Qmp(#[from] QmpError),
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+}

@@ -1,0 +1,491 @@
+//! The VM's host processes (QEMU and its helper daemons): spawning, signalling, reaping, and cleaning up after a
+//! crash from persisted identities.
+//!
+//! Every child is owned by one reaper task, which alone calls `wait()`. Signals go through that task, so a signal
+//! can never reach a PID that was already reaped and reused. When the owning `ManagedChild` is dropped the
+//! channel closes and the reaper kills the child; if the tokio runtime itself goes away, `kill_on_drop` does.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use crate::error::{Error, Result};
+
+/// What a VM process is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProcessRole {
+    Qemu,
+    Virtiofsd,
+    VsockDaemon,
+}
+
+impl fmt::Display for ProcessRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProcessRole::Qemu => "QEMU",
+            ProcessRole::Virtiofsd => "virtiofsd",
+            ProcessRole::VsockDaemon => "vhost-device-vsock",
+        })
+    }
+}
+
+/// Enough to find a VM process again after the shim restarted, and to be sure it is still ours.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmProcess {
+    pub role: ProcessRole,
+    pub pid: u32,
+    /// The full command line we started it with (`/proc/<pid>/cmdline`).
+    pub argv: Vec<String>,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22), when it could be read.
+    pub start_time: Option<u64>,
+}
+
+/// How a VM process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmExit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl VmExit {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl From<ExitStatus> for VmExit {
+    fn from(status: ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        Self {
+            code: status.code(),
+            signal: status.signal(),
+        }
+    }
+}
+
+impl fmt::Display for VmExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exit code {code}"),
+            (None, Some(signal)) => match Signal::try_from(signal) {
+                Ok(sig) => write!(f, "killed by {sig}"),
+                Err(_) => write!(f, "killed by signal {signal}"),
+            },
+            (None, None) => f.write_str("unknown exit status"),
+        }
+    }
+}
+
+/// A child process with its own reaper task.
+#[derive(Debug)]
+pub(crate) struct ManagedChild {
+    info: VmProcess,
+    log: PathBuf,
+    exit: watch::Receiver<Option<VmExit>>,
+    signals: mpsc::UnboundedSender<Signal>,
+}
+
+impl ManagedChild {
+    /// Starts `program args`, stdout and stderr appended to `log`.
+    pub(crate) fn spawn(
+        role: ProcessRole,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+    ) -> Result<Self> {
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(Error::io(format!("cannot open log file {}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(Error::io(format!("cannot open log file {}", log.display())))?;
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| Error::Spawn {
+                role,
+                program: program.to_owned(),
+                source,
+            })?;
+        let pid = child.id().ok_or_else(|| Error::Io {
+            context: format!("{role} exited before its PID could be read"),
+            source: std::io::Error::other("no pid"),
+        })?;
+        let mut argv = vec![program.to_string_lossy().into_owned()];
+        argv.extend(args.iter().cloned());
+        let info = VmProcess {
+            role,
+            pid,
+            argv,
+            start_time: proc_start_time(pid),
+        };
+
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let (signal_tx, mut signal_rx) = mpsc::unbounded_channel::<Signal>();
+        let nix_pid = Pid::from_raw(pid as i32);
+        tokio::spawn(async move {
+            let status = loop {
+                tokio::select! {
+                    status = child.wait() => break status,
+                    signal = signal_rx.recv() => match signal {
+                        // Not yet reaped by us, so `pid` is still this child (at worst a zombie).
+                        Some(signal) => { let _ = kill(nix_pid, signal); }
+                        None => {
+                            let _ = child.start_kill();
+                            break child.wait().await;
+                        }
+                    },
+                }
+            };
+            let exit = status.map(VmExit::from).unwrap_or(VmExit {
+                code: None,
+                signal: None,
+            });
+            tracing::debug!(%role, pid, %exit, "VM process exited");
+            let _ = exit_tx.send(Some(exit));
+        });
+        tracing::debug!(%role, pid, "VM process started");
+        Ok(Self {
+            info,
+            log: log.to_owned(),
+            exit: exit_rx,
+            signals: signal_tx,
+        })
+    }
+
+    pub(crate) fn info(&self) -> &VmProcess {
+        &self.info
+    }
+
+    pub(crate) fn role(&self) -> ProcessRole {
+        self.info.role
+    }
+
+    pub(crate) fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// `Some` once the process has exited and been reaped.
+    pub(crate) fn exited(&self) -> Option<VmExit> {
+        *self.exit.borrow()
+    }
+
+    /// A receiver that turns `Some` when the process exits.
+    pub(crate) fn exit_watch(&self) -> watch::Receiver<Option<VmExit>> {
+        self.exit.clone()
+    }
+
+    pub(crate) async fn wait(&self) -> VmExit {
+        wait_exit(self.exit.clone()).await
+    }
+
+    /// Waits at most `timeout` for the exit.
+    pub(crate) async fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
+        tokio::time::timeout(timeout, self.wait()).await.ok()
+    }
+
+    pub(crate) fn signal(&self, signal: Signal) {
+        // A closed channel means the reaper already finished: nothing left to signal.
+        let _ = self.signals.send(signal);
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; returns once reaped.
+    pub(crate) async fn terminate(&self, grace: Duration) -> VmExit {
+        if let Some(exit) = self.exited() {
+            return exit;
+        }
+        self.signal(Signal::SIGTERM);
+        if let Some(exit) = self.wait_timeout(grace).await {
+            return exit;
+        }
+        self.kill().await
+    }
+
+    /// SIGKILL; returns once reaped.
+    pub(crate) async fn kill(&self) -> VmExit {
+        if let Some(exit) = self.exited() {
+            return exit;
+        }
+        self.signal(Signal::SIGKILL);
+        self.wait().await
+    }
+}
+
+pub(crate) async fn wait_exit(mut exit: watch::Receiver<Option<VmExit>>) -> VmExit {
+    let unknown = VmExit {
+        code: None,
+        signal: None,
+    };
+    // The reaper only drops its sender after publishing, or when the runtime shuts down.
+    let published = exit
+        .wait_for(Option::is_some)
+        .await
+        .map(|exit| *exit)
+        .ok()
+        .flatten();
+    published.or_else(|| *exit.borrow()).unwrap_or(unknown)
+}
+
+/// The last `lines` lines of a log file (at most its last 64 KiB), for error messages.
+pub(crate) fn tail_lines(path: &Path, lines: usize) -> String {
+    const WINDOW: u64 = 64 * 1024;
+    let read = || -> std::io::Result<String> {
+        let mut file = File::open(path)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(WINDOW)))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    match read() {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            let tail = all[all.len().saturating_sub(lines)..].join("\n");
+            if tail.trim().is_empty() {
+                "(empty)".into()
+            } else {
+                tail
+            }
+        }
+        Err(e) => format!("({} unreadable: {e})", path.display()),
+    }
+}
+
+/// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks since boot.
+fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; fields after it are plain.
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+fn proc_argv(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut argv: Vec<String> = raw
+        .split(|&b| b == 0)
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect();
+    if argv.last().is_some_and(String::is_empty) {
+        argv.pop();
+    }
+    Some(argv)
+}
+
+/// Whether `process` is still the process we started, not a newcomer that got its PID.
+fn still_ours(process: &VmProcess) -> bool {
+    let Some(argv) = proc_argv(process.pid) else {
+        return false;
+    };
+    if argv != process.argv {
+        return false;
+    }
+    match process.start_time {
+        Some(start) => proc_start_time(process.pid) == Some(start),
+        None => true,
+    }
+}
+
+/// What [`cleanup_vm`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CleanupReport {
+    /// Processes that were still ours and got SIGKILL.
+    pub killed: Vec<u32>,
+    /// PIDs that were gone or now belong to someone else, left alone.
+    pub skipped: Vec<u32>,
+    /// Processes that were still there after the kill (e.g. stuck in uninterruptible sleep).
+    pub survivors: Vec<u32>,
+}
+
+/// Cleans up after a VM whose owner died: kills the persisted processes that are still ours (QEMU first, then
+/// its helpers) and removes `work_dir`. Processes whose command line no longer matches are left alone.
+pub async fn cleanup_vm(processes: &[VmProcess], work_dir: &Path) -> Result<CleanupReport> {
+    let mut ordered: Vec<&VmProcess> = processes.iter().collect();
+    ordered.sort_by_key(|p| p.role != ProcessRole::Qemu);
+    let mut report = CleanupReport::default();
+    for process in ordered {
+        if !still_ours(process) {
+            report.skipped.push(process.pid);
+            continue;
+        }
+        let _ = kill(Pid::from_raw(process.pid as i32), Signal::SIGKILL);
+        if wait_gone(process.pid, Duration::from_secs(5)).await {
+            report.killed.push(process.pid);
+        } else {
+            report.survivors.push(process.pid);
+        }
+    }
+    match std::fs::remove_dir_all(work_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::Io {
+                context: format!("cannot remove {}", work_dir.display()),
+                source: e,
+            })
+        }
+    }
+    Ok(report)
+}
+
+/// Waits until `pid` is gone or a zombie (a zombie is dead; its parent, not us, reaps it).
+async fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match proc_state(pid) {
+            None | Some('Z') | Some('X') => return true,
+            Some(_) if tokio::time::Instant::now() >= deadline => return false,
+            Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_last_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("log");
+        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&log, text).expect("write");
+        let tail = tail_lines(&log, 3);
+        assert_eq!(tail, "line 28\nline 29\nline 30");
+        assert!(tail_lines(&dir.path().join("missing"), 3).contains("unreadable"));
+    }
+
+    #[test]
+    fn exit_display() {
+        assert_eq!(
+            VmExit {
+                code: Some(1),
+                signal: None
+            }
+            .to_string(),
+            "exit code 1"
+        );
+        assert_eq!(
+            VmExit {
+                code: None,
+                signal: Some(9)
+            }
+            .to_string(),
+            "killed by SIGKILL"
+        );
+    }
+
+    #[tokio::test]
+    async fn managed_child_is_killed_and_reaped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = ManagedChild::spawn(
+            ProcessRole::VsockDaemon,
+            Path::new("/bin/sleep"),
+            &["30".into()],
+            &dir.path().join("sleep.log"),
+        )
+        .expect("spawn sleep");
+        assert_eq!(child.info().argv, ["/bin/sleep", "30"]);
+        assert!(child.info().start_time.is_some());
+        assert!(child.exited().is_none());
+        let exit = child.terminate(Duration::from_secs(2)).await;
+        assert_eq!(exit.signal, Some(libc_sigterm()));
+        assert!(
+            proc_state(child.info().pid).is_none(),
+            "child must be reaped"
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_a_managed_child_kills_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = ManagedChild::spawn(
+            ProcessRole::Virtiofsd,
+            Path::new("/bin/sleep"),
+            &["30".into()],
+            &dir.path().join("sleep.log"),
+        )
+        .expect("spawn sleep");
+        let pid = child.info().pid;
+        let exit = child.exit_watch();
+        drop(child);
+        let exit = tokio::time::timeout(Duration::from_secs(5), wait_exit(exit))
+            .await
+            .expect("killed on drop");
+        assert_eq!(exit.signal, Some(9));
+        assert!(proc_state(pid).is_none());
+    }
+
+    #[tokio::test]
+    async fn cleanup_kills_only_matching_processes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let work = dir.path().join("vm");
+        std::fs::create_dir(&work).expect("mkdir");
+        std::fs::write(work.join("console.log"), "x").expect("write");
+
+        let mut ours = std::process::Command::new("/bin/sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn");
+        let mut stranger = std::process::Command::new("/bin/sleep")
+            .arg("31")
+            .spawn()
+            .expect("spawn");
+        let persisted = [
+            VmProcess {
+                role: ProcessRole::Qemu,
+                pid: ours.id(),
+                argv: vec!["/bin/sleep".into(), "30".into()],
+                start_time: proc_start_time(ours.id()),
+            },
+            // Same PID as a live process, but it is not what we started: pid reuse.
+            VmProcess {
+                role: ProcessRole::Virtiofsd,
+                pid: stranger.id(),
+                argv: vec!["/usr/libexec/virtiofsd".into()],
+                start_time: None,
+            },
+        ];
+        let report = cleanup_vm(&persisted, &work).await.expect("cleanup");
+        assert_eq!(report.killed, [ours.id()]);
+        assert_eq!(report.skipped, [stranger.id()]);
+        assert!(!work.exists());
+        assert!(
+            ours.wait().expect("reap").code().is_none(),
+            "ours was killed"
+        );
+        assert!(
+            stranger.try_wait().expect("try_wait").is_none(),
+            "the stranger still runs"
+        );
+        stranger.kill().expect("kill stranger");
+        stranger.wait().expect("reap stranger");
+    }
+
+    fn libc_sigterm() -> i32 {
+        Signal::SIGTERM as i32
+    }
+}

@@ -1,0 +1,459 @@
+//! Pure command-line builders for QEMU and its helper daemons. No I/O: the same inputs give the same
+//! arguments, so every variant is unit-tested without a VM.
+
+use std::path::{Path, PathBuf};
+
+use crate::accel::Accel;
+use crate::config::{MachineType, SharedFs, VmConfig, GUEST_CID, SHARED_FS_TAG};
+
+/// Files a VM keeps in its work dir. Names are fixed so crash cleanup and debugging know where to look.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    pub work_dir: PathBuf,
+}
+
+impl VmPaths {
+    pub fn new(work_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            work_dir: work_dir.into(),
+        }
+    }
+    /// QMP control socket (QEMU listens).
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.work_dir.join("qmp.sock")
+    }
+    /// Guest serial console output.
+    pub fn console_log(&self) -> PathBuf {
+        self.work_dir.join("console.log")
+    }
+    /// QEMU's own stdout/stderr.
+    pub fn qemu_log(&self) -> PathBuf {
+        self.work_dir.join("qemu.log")
+    }
+    /// vhost-user socket between QEMU and vhost-device-vsock (the daemon listens).
+    pub fn vhost_vsock_socket(&self) -> PathBuf {
+        self.work_dir.join("vhost-vsock.sock")
+    }
+    /// Hybrid-vsock socket the host side of the agent connection uses (`CONNECT <port>\n`).
+    pub fn agent_socket(&self) -> PathBuf {
+        self.work_dir.join("kata.sock")
+    }
+    pub fn vsock_daemon_log(&self) -> PathBuf {
+        self.work_dir.join("vhost-device-vsock.log")
+    }
+    /// vhost-user socket between QEMU and virtiofsd (virtiofsd listens).
+    pub fn virtiofsd_socket(&self) -> PathBuf {
+        self.work_dir.join("virtiofsd.sock")
+    }
+    pub fn virtiofsd_log(&self) -> PathBuf {
+        self.work_dir.join("virtiofsd.log")
+    }
+    /// Every socket the VM's processes create.
+    pub fn sockets(&self) -> [PathBuf; 4] {
+        [
+            self.qmp_socket(),
+            self.vhost_vsock_socket(),
+            self.agent_socket(),
+            self.virtiofsd_socket(),
+        ]
+    }
+    /// The sockets plus virtiofsd's pid file (`<socket>.pid`): what must go on every exit path, since a stale
+    /// socket or pid file makes the next daemon fail.
+    pub fn runtime_files(&self) -> Vec<PathBuf> {
+        let mut files = self.sockets().to_vec();
+        files.push(self.work_dir.join("virtiofsd.sock.pid"));
+        files
+    }
+}
+
+/// Kernel arguments the backend always sets, in order, before the user's.
+pub fn kernel_params(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<String> {
+    let mut params: Vec<String> = ["console=ttyS0", "reboot=t", "panic=-1"]
+        .map(String::from)
+        .to_vec();
+    if !config.debug {
+        params.push("quiet".into());
+    }
+    if let (Accel::Tcg, Some(khz)) = (accel, tsc_khz) {
+        params.push(format!("tsc_early_khz={khz}"));
+    }
+    params.extend(config.kernel_params.iter().cloned());
+    params
+}
+
+/// QEMU's arguments (without the program itself) for `config` running with `accel`. `tsc_khz` is the host TSC
+/// frequency; it is passed to the guest only under TCG.
+pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<String> {
+    let paths = VmPaths::new(&config.work_dir);
+    let bus = Bus::of(config.machine);
+    let mem = format!("{}M", config.memory_mib);
+    let mut args = Args::default();
+
+    if !config.name.is_empty() {
+        args.push2("-name", &config.name);
+    }
+    let machine = match config.machine {
+        // isa-serial carries the console. rtc=on: without it a TCG boot takes ~3 s longer. pit=on: a fallback
+        // clock source for calibration; under TCG what really prevents the "Marking TSC unstable" hang is
+        // `tsc_early_khz` (see `kernel_params`).
+        MachineType::Microvm => {
+            format!("microvm,accel={accel},pit=on,pic=off,isa-serial=on,rtc=on,memory-backend=mem")
+        }
+        MachineType::Q35 => format!("q35,accel={accel},memory-backend=mem"),
+    };
+    args.push2("-machine", machine);
+    args.push2(
+        "-cpu",
+        match accel {
+            Accel::Kvm => "host",
+            Accel::Tcg => "max",
+        },
+    );
+    args.push2("-smp", config.vcpus.to_string());
+    args.push2("-m", &mem);
+    // vhost-user daemons map guest memory, so it must be a shareable file descriptor.
+    args.push2(
+        "-object",
+        format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+    );
+    args.push_all(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    if config.machine == MachineType::Microvm {
+        // QEMU defaults virtio-mmio to the legacy (virtio 0.9) register layout for old guests. Our kernel speaks
+        // virtio 1.x, the layout the vhost-user backends and other VMMs (Firecracker, Cloud Hypervisor) use.
+        args.push2("-global", "virtio-mmio.force-legacy=false");
+    }
+
+    args.push2("-kernel", path_str(&config.kernel));
+    if let Some(initrd) = &config.initrd {
+        args.push2("-initrd", path_str(initrd));
+    }
+    args.push2("-append", kernel_params(config, accel, tsc_khz).join(" "));
+
+    args.push2(
+        "-chardev",
+        format!("file,id=console,path={}", path_str(&paths.console_log())),
+    );
+    args.push2("-serial", "chardev:console");
+    args.push2(
+        "-chardev",
+        format!(
+            "socket,id=qmp,path={},server=on,wait=off",
+            path_str(&paths.qmp_socket())
+        ),
+    );
+    args.push2("-mon", "chardev=qmp,mode=control");
+
+    if config.vsock_daemon.is_some() {
+        args.push2(
+            "-chardev",
+            format!(
+                "socket,id=vsock,path={}",
+                path_str(&paths.vhost_vsock_socket())
+            ),
+        );
+        args.push2(
+            "-device",
+            format!("vhost-user-vsock-{},chardev=vsock", bus.suffix()),
+        );
+    }
+    match &config.shared_fs {
+        SharedFs::VirtioFs { .. } => {
+            args.push2(
+                "-chardev",
+                format!(
+                    "socket,id=virtiofs,path={}",
+                    path_str(&paths.virtiofsd_socket())
+                ),
+            );
+            args.push2(
+                "-device",
+                format!(
+                    "vhost-user-fs-{},chardev=virtiofs,tag={SHARED_FS_TAG}",
+                    bus.suffix()
+                ),
+            );
+        }
+        SharedFs::Virtio9p { shared_dir } => {
+            args.push2(
+                "-fsdev",
+                format!(
+                    "local,id=shared9p,path={},security_model=none,multidevs=remap",
+                    path_str(shared_dir)
+                ),
+            );
+            args.push2(
+                "-device",
+                format!(
+                    "virtio-9p-{},fsdev=shared9p,mount_tag={SHARED_FS_TAG}",
+                    bus.suffix()
+                ),
+            );
+        }
+        SharedFs::None => {}
+    }
+    args.0
+}
+
+/// Arguments for the per-VM `vhost-device-vsock`.
+pub fn vsock_daemon_args(paths: &VmPaths) -> Vec<String> {
+    vec![
+        "--vm".into(),
+        format!(
+            "guest-cid={GUEST_CID},socket={},uds-path={}",
+            path_str(&paths.vhost_vsock_socket()),
+            path_str(&paths.agent_socket())
+        ),
+    ]
+}
+
+/// Arguments for the per-VM `virtiofsd`. No `--tag`: QEMU 7 crashes when the daemon advertises one.
+pub fn virtiofsd_args(paths: &VmPaths, shared_dir: &Path, extra_args: &[String]) -> Vec<String> {
+    let mut args = vec![
+        format!("--socket-path={}", path_str(&paths.virtiofsd_socket())),
+        format!("--shared-dir={}", path_str(shared_dir)),
+        "--cache=auto".into(),
+    ];
+    args.extend(extra_args.iter().cloned());
+    args
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Bus {
+    Mmio,
+    Pci,
+}
+
+impl Bus {
+    fn of(machine: MachineType) -> Self {
+        match machine {
+            MachineType::Microvm => Bus::Mmio,
+            MachineType::Q35 => Bus::Pci,
+        }
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            Bus::Mmio => "device",
+            Bus::Pci => "pci",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Args(Vec<String>);
+
+impl Args {
+    fn push2(&mut self, flag: &str, value: impl AsRef<str>) {
+        self.0.push(flag.to_owned());
+        self.0.push(value.as_ref().to_owned());
+    }
+    fn push_all<const N: usize>(&mut self, flags: [&str; N]) {
+        self.0.extend(flags.map(String::from));
+    }
+}
+
+/// QEMU options are strings; non-UTF-8 paths are rejected earlier by `QemuVm::prepare`.
+fn path_str(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accel::AccelChoice;
+
+    fn base(machine: MachineType) -> VmConfig {
+        let mut c = VmConfig::new(
+            "vm1",
+            "/usr/bin/qemu-system-x86_64",
+            "/k/vmlinux",
+            "/run/vm1",
+        );
+        c.initrd = Some("/k/initrd.img".into());
+        c.machine = machine;
+        c.accel = AccelChoice::Auto;
+        c.vcpus = 2;
+        c.memory_mib = 512;
+        c
+    }
+
+    /// The value following `flag`, for each occurrence.
+    fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    fn append(args: &[String]) -> Vec<&str> {
+        values(args, "-append")[0].split(' ').collect()
+    }
+
+    #[test]
+    fn microvm_tcg_basics() {
+        let args = qemu_args(&base(MachineType::Microvm), Accel::Tcg, Some(2_596_140));
+        assert_eq!(
+            values(&args, "-machine"),
+            ["microvm,accel=tcg,pit=on,pic=off,isa-serial=on,rtc=on,memory-backend=mem"]
+        );
+        assert_eq!(values(&args, "-cpu"), ["max"]);
+        assert_eq!(values(&args, "-smp"), ["2"]);
+        assert_eq!(values(&args, "-m"), ["512M"]);
+        assert_eq!(
+            values(&args, "-object"),
+            ["memory-backend-memfd,id=mem,size=512M,share=on"]
+        );
+        for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
+            assert!(args.iter().any(|a| a == flag), "missing {flag}");
+        }
+        assert!(!args.iter().any(|a| a == "-daemonize"));
+        assert_eq!(values(&args, "-global"), ["virtio-mmio.force-legacy=false"]);
+        assert_eq!(values(&args, "-kernel"), ["/k/vmlinux"]);
+        assert_eq!(values(&args, "-initrd"), ["/k/initrd.img"]);
+        assert_eq!(
+            append(&args),
+            [
+                "console=ttyS0",
+                "reboot=t",
+                "panic=-1",
+                "quiet",
+                "tsc_early_khz=2596140"
+            ]
+        );
+        assert!(values(&args, "-chardev").contains(&"file,id=console,path=/run/vm1/console.log"));
+        assert_eq!(values(&args, "-serial"), ["chardev:console"]);
+        assert!(values(&args, "-chardev")
+            .contains(&"socket,id=qmp,path=/run/vm1/qmp.sock,server=on,wait=off"));
+        assert_eq!(values(&args, "-mon"), ["chardev=qmp,mode=control"]);
+        assert!(
+            values(&args, "-device").is_empty(),
+            "no devices were configured"
+        );
+    }
+
+    #[test]
+    fn microvm_kvm_uses_host_cpu_and_no_tsc_hint() {
+        let mut config = base(MachineType::Microvm);
+        config.kernel_params = vec!["agent.log=debug".into(), "init=/init".into()];
+        let args = qemu_args(&config, Accel::Kvm, Some(2_596_140));
+        assert!(values(&args, "-machine")[0].starts_with("microvm,accel=kvm,"));
+        assert_eq!(values(&args, "-cpu"), ["host"]);
+        assert_eq!(
+            append(&args),
+            [
+                "console=ttyS0",
+                "reboot=t",
+                "panic=-1",
+                "quiet",
+                "agent.log=debug",
+                "init=/init"
+            ]
+        );
+    }
+
+    #[test]
+    fn debug_drops_quiet_and_unknown_tsc_is_omitted() {
+        let mut config = base(MachineType::Microvm);
+        config.debug = true;
+        let args = qemu_args(&config, Accel::Tcg, None);
+        assert_eq!(append(&args), ["console=ttyS0", "reboot=t", "panic=-1"]);
+    }
+
+    #[test]
+    fn microvm_virtiofs_and_vsock_use_mmio_devices() {
+        let mut config = base(MachineType::Microvm);
+        config.vsock_daemon = Some("/usr/bin/vhost-device-vsock".into());
+        config.shared_fs = SharedFs::VirtioFs {
+            daemon: "/usr/libexec/virtiofsd".into(),
+            extra_args: vec![],
+            shared_dir: "/run/shared".into(),
+        };
+        let args = qemu_args(&config, Accel::Tcg, None);
+        let chardevs = values(&args, "-chardev");
+        assert!(chardevs.contains(&"socket,id=vsock,path=/run/vm1/vhost-vsock.sock"));
+        assert!(chardevs.contains(&"socket,id=virtiofs,path=/run/vm1/virtiofsd.sock"));
+        assert_eq!(
+            values(&args, "-device"),
+            [
+                "vhost-user-vsock-device,chardev=vsock",
+                "vhost-user-fs-device,chardev=virtiofs,tag=kataShared"
+            ]
+        );
+        assert!(values(&args, "-fsdev").is_empty());
+    }
+
+    #[test]
+    fn q35_uses_pci_devices_and_no_mmio_global() {
+        let mut config = base(MachineType::Q35);
+        config.vsock_daemon = Some("/usr/bin/vhost-device-vsock".into());
+        config.shared_fs = SharedFs::VirtioFs {
+            daemon: "/usr/libexec/virtiofsd".into(),
+            extra_args: vec![],
+            shared_dir: "/run/shared".into(),
+        };
+        let args = qemu_args(&config, Accel::Kvm, None);
+        assert_eq!(
+            values(&args, "-machine"),
+            ["q35,accel=kvm,memory-backend=mem"]
+        );
+        assert!(values(&args, "-global").is_empty());
+        assert_eq!(
+            values(&args, "-device"),
+            [
+                "vhost-user-vsock-pci,chardev=vsock",
+                "vhost-user-fs-pci,chardev=virtiofs,tag=kataShared"
+            ]
+        );
+    }
+
+    #[test]
+    fn virtio_9p_microvm_and_q35() {
+        for (machine, device) in [
+            (MachineType::Microvm, "virtio-9p-device"),
+            (MachineType::Q35, "virtio-9p-pci"),
+        ] {
+            let mut config = base(machine);
+            config.shared_fs = SharedFs::Virtio9p {
+                shared_dir: "/run/shared".into(),
+            };
+            let args = qemu_args(&config, Accel::Tcg, None);
+            assert_eq!(
+                values(&args, "-fsdev"),
+                ["local,id=shared9p,path=/run/shared,security_model=none,multidevs=remap"]
+            );
+            assert_eq!(
+                values(&args, "-device"),
+                [format!("{device},fsdev=shared9p,mount_tag=kataShared")]
+            );
+            assert!(!values(&args, "-chardev")
+                .iter()
+                .any(|c| c.contains("virtiofs")));
+        }
+    }
+
+    #[test]
+    fn helper_args() {
+        let paths = VmPaths::new("/run/vm1");
+        assert_eq!(
+            vsock_daemon_args(&paths),
+            [
+                "--vm",
+                "guest-cid=3,socket=/run/vm1/vhost-vsock.sock,uds-path=/run/vm1/kata.sock"
+            ]
+        );
+        let args = virtiofsd_args(
+            &paths,
+            Path::new("/run/shared"),
+            &["--sandbox=none".to_string()],
+        );
+        assert_eq!(
+            args,
+            [
+                "--socket-path=/run/vm1/virtiofsd.sock",
+                "--shared-dir=/run/shared",
+                "--cache=auto",
+                "--sandbox=none"
+            ]
+        );
+        assert!(!args.iter().any(|a| a.starts_with("--tag")));
+    }
+}

@@ -1,0 +1,650 @@
+//! The QEMU backend: one QEMU child process per VM (never `-daemonize`, so we own its PID), plus per-VM
+//! `virtiofsd` and `vhost-device-vsock` helpers, controlled over QMP.
+
+pub mod cmdline;
+mod validate;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use tokio::time::Instant;
+
+use crate::accel::{detect_accel, resolve_accel, Accel, AccelChoice};
+use crate::config::{SharedFs, VmConfig};
+use crate::error::{Error, Result};
+use crate::process::{tail_lines, wait_exit, ManagedChild, ProcessRole, VmExit, VmProcess};
+use crate::qmp::{QmpClient, QmpError};
+use crate::{Hypervisor, VmStatus};
+use cmdline::VmPaths;
+use validate::validate;
+
+/// How long helpers get to create their vhost-user socket. Generous: the host may be busy compiling.
+const HELPER_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long QEMU gets to open its QMP socket and answer the handshake.
+const QMP_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on every QMP command.
+const QMP_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long QEMU gets to exit after `quit` before SIGKILL.
+const QUIT_GRACE: Duration = Duration::from_secs(10);
+/// How long a helper gets after SIGTERM before SIGKILL.
+const HELPER_GRACE: Duration = Duration::from_secs(2);
+/// Lines of console / log output quoted in start errors.
+const TAIL_LINES: usize = 20;
+
+/// A VM run by QEMU. See [`Hypervisor`] for the lifecycle.
+#[derive(Debug)]
+pub struct QemuVm {
+    config: VmConfig,
+    paths: VmPaths,
+    /// Serialises prepare/start/stop; never held by wait/status/pause.
+    lifecycle: tokio::sync::Mutex<()>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    phase: Phase,
+    plan: Option<Plan>,
+    qemu: Option<Arc<ManagedChild>>,
+    helpers: Vec<Arc<ManagedChild>>,
+    qmp: Option<Arc<QmpClient>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Phase {
+    #[default]
+    Created,
+    Prepared,
+    Running,
+    Stopped,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Created => "not prepared",
+            Phase::Prepared => "not started",
+            Phase::Running => "running",
+            Phase::Stopped => "stopped",
+        }
+    }
+}
+
+/// Everything `start` needs, computed by `prepare`.
+#[derive(Debug, Clone)]
+struct Plan {
+    accel: Accel,
+    qemu_args: Vec<String>,
+    helpers: Vec<HelperPlan>,
+}
+
+#[derive(Debug, Clone)]
+struct HelperPlan {
+    role: ProcessRole,
+    program: PathBuf,
+    args: Vec<String>,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl QemuVm {
+    pub fn new(config: VmConfig) -> Self {
+        let paths = VmPaths::new(&config.work_dir);
+        Self {
+            config,
+            paths,
+            lifecycle: tokio::sync::Mutex::new(()),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The accelerator chosen by `prepare`.
+    pub fn accel(&self) -> Option<Accel> {
+        self.state().plan.as_ref().map(|plan| plan.accel)
+    }
+
+    /// QEMU's full argument list (without the program), once prepared.
+    pub fn qemu_args(&self) -> Option<Vec<String>> {
+        self.state()
+            .plan
+            .as_ref()
+            .map(|plan| plan.qemu_args.clone())
+    }
+
+    /// QEMU's own stdout/stderr.
+    pub fn qemu_log(&self) -> PathBuf {
+        self.paths.qemu_log()
+    }
+
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.paths.qmp_socket()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves plain data behind; keep going rather than cascade.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn qmp(&self, op: &'static str) -> Result<Arc<QmpClient>> {
+        let state = self.state();
+        match (state.phase, &state.qmp) {
+            (Phase::Running, Some(qmp)) => Ok(qmp.clone()),
+            (phase, _) => Err(Error::InvalidState {
+                op,
+                state: phase.name(),
+            }),
+        }
+    }
+
+    async fn prepare_locked(&self) -> Result<()> {
+        let phase = self.state().phase;
+        if phase != Phase::Created {
+            return Err(Error::InvalidState {
+                op: "prepare",
+                state: phase.name(),
+            });
+        }
+        validate(&self.config)?;
+        let report = detect_accel();
+        let accel = resolve_accel(self.config.accel, &report)?;
+        if self.config.accel == AccelChoice::Auto && accel == Accel::Tcg {
+            tracing::info!(reason = %report.kvm.reason, "KVM not usable, VM runs under TCG");
+        }
+        let tsc_khz = match accel {
+            Accel::Tcg => tokio::task::spawn_blocking(crate::tsc::host_tsc_khz)
+                .await
+                .unwrap_or(None),
+            Accel::Kvm => None,
+        };
+        create_private_dir(&self.config.work_dir)?;
+        remove_runtime_files(&self.paths);
+
+        let plan = Plan {
+            accel,
+            qemu_args: cmdline::qemu_args(&self.config, accel, tsc_khz),
+            helpers: helper_plans(&self.config, &self.paths),
+        };
+        let mut state = self.state();
+        state.plan = Some(plan);
+        state.phase = Phase::Prepared;
+        Ok(())
+    }
+
+    async fn start_locked(&self) -> Result<()> {
+        if self.state().phase == Phase::Created {
+            self.prepare_locked().await?;
+        }
+        let plan = {
+            let state = self.state();
+            match (&state.phase, &state.plan) {
+                (Phase::Prepared, Some(plan)) => plan.clone(),
+                (phase, _) => {
+                    return Err(Error::InvalidState {
+                        op: "start",
+                        state: phase.name(),
+                    })
+                }
+            }
+        };
+        let mut spawned = Spawned::default();
+        match self.launch(&plan, &mut spawned).await {
+            Ok((qemu, qmp)) => {
+                spawned.qemu = None;
+                let helpers = std::mem::take(&mut spawned.helpers);
+                reap_helpers_after_qemu(&qemu, &helpers);
+                let mut state = self.state();
+                state.qemu = Some(qemu);
+                state.helpers = helpers;
+                state.qmp = Some(Arc::new(qmp));
+                state.phase = Phase::Running;
+                Ok(())
+            }
+            Err(e) => {
+                spawned.kill_all().await;
+                remove_runtime_files(&self.paths);
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts helpers, then QEMU, then connects QMP. Records every process in `spawned` as soon as it exists so
+    /// the caller can kill it on failure.
+    async fn launch(
+        &self,
+        plan: &Plan,
+        spawned: &mut Spawned,
+    ) -> Result<(Arc<ManagedChild>, QmpClient)> {
+        for helper in &plan.helpers {
+            let child =
+                ManagedChild::spawn(helper.role, &helper.program, &helper.args, &helper.log)?;
+            spawned.helpers.push(Arc::new(child));
+        }
+        // Both helpers are already running; wait for their sockets together.
+        let waits = plan
+            .helpers
+            .iter()
+            .zip(&spawned.helpers)
+            .map(|(helper, child)| wait_for_socket(child, helper));
+        for result in join_all(waits).await {
+            result?;
+        }
+
+        let qemu = ManagedChild::spawn(
+            ProcessRole::Qemu,
+            &self.config.qemu_path,
+            &plan.qemu_args,
+            &self.paths.qemu_log(),
+        )?;
+        let qemu = spawned.qemu.insert(Arc::new(qemu)).clone();
+        tracing::info!(vm = %self.config.name, pid = qemu.info().pid, accel = %plan.accel, "QEMU started");
+        let qmp = self.connect_qmp(&qemu, &spawned.helpers).await?;
+        Ok((qemu, qmp))
+    }
+
+    async fn connect_qmp(
+        &self,
+        qemu: &ManagedChild,
+        helpers: &[Arc<ManagedChild>],
+    ) -> Result<QmpClient> {
+        let socket = self.paths.qmp_socket();
+        let deadline = Instant::now() + QMP_READY_TIMEOUT;
+        loop {
+            if let Some(status) = qemu.exited() {
+                return Err(self.qemu_exited(status));
+            }
+            for helper in helpers {
+                if let Some(status) = helper.exited() {
+                    return Err(helper_exited(helper, status));
+                }
+            }
+            if is_socket(&socket) {
+                match QmpClient::connect(&socket, QMP_COMMAND_TIMEOUT).await {
+                    Ok(qmp) => return Ok(qmp),
+                    // QEMU binds before it listens; keep trying until the deadline.
+                    Err(QmpError::Connect { .. }) if Instant::now() < deadline => {}
+                    Err(e) => {
+                        // QEMU dying mid-handshake explains more than the broken socket does.
+                        if let Some(status) = qemu.wait_timeout(Duration::from_millis(500)).await {
+                            return Err(self.qemu_exited(status));
+                        }
+                        return Err(e.into());
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::SocketTimeout {
+                    role: ProcessRole::Qemu,
+                    socket,
+                    timeout: QMP_READY_TIMEOUT,
+                    log: self.paths.qemu_log(),
+                    tail: tail_lines(&self.paths.qemu_log(), TAIL_LINES),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn qemu_exited(&self, status: VmExit) -> Error {
+        Error::QemuExited {
+            status,
+            qemu_tail: tail_lines(&self.paths.qemu_log(), TAIL_LINES),
+            console_tail: tail_lines(&self.paths.console_log(), TAIL_LINES),
+        }
+    }
+
+    async fn stop_locked(&self) -> Result<()> {
+        let (phase, qemu, helpers, qmp) = {
+            let state = self.state();
+            (
+                state.phase,
+                state.qemu.clone(),
+                state.helpers.clone(),
+                state.qmp.clone(),
+            )
+        };
+        if phase == Phase::Stopped {
+            return Ok(());
+        }
+        if let Some(qemu) = &qemu {
+            if qemu.exited().is_none() {
+                if let Some(qmp) = &qmp {
+                    if let Err(e) = qmp.quit().await {
+                        tracing::warn!(vm = %self.config.name, error = %e, "QMP quit failed, killing QEMU");
+                    }
+                }
+                if qemu.wait_timeout(QUIT_GRACE).await.is_none() {
+                    tracing::warn!(vm = %self.config.name, "QEMU ignored quit, killing it");
+                }
+                qemu.kill().await;
+            }
+        }
+        // After QEMU: a helper killed first would make QEMU see its vhost-user peer vanish.
+        join_all(helpers.iter().map(|h| h.terminate(HELPER_GRACE))).await;
+
+        {
+            let mut state = self.state();
+            state.phase = Phase::Stopped;
+            state.qmp = None;
+            state.helpers.clear();
+        }
+        if phase != Phase::Created {
+            match std::fs::remove_dir_all(&self.config.work_dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(Error::Io {
+                        context: format!(
+                            "cannot remove VM work dir {}",
+                            self.config.work_dir.display()
+                        ),
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for QemuVm {
+    async fn prepare(&self) -> Result<()> {
+        let _lifecycle = self.lifecycle.lock().await;
+        self.prepare_locked().await
+    }
+
+    async fn start(&self) -> Result<()> {
+        let _lifecycle = self.lifecycle.lock().await;
+        self.start_locked().await
+    }
+
+    async fn stop(&self) -> Result<()> {
+        let _lifecycle = self.lifecycle.lock().await;
+        self.stop_locked().await
+    }
+
+    async fn wait(&self) -> Result<VmExit> {
+        let exit = {
+            let state = self.state();
+            match &state.qemu {
+                Some(qemu) => qemu.exit_watch(),
+                None => {
+                    return Err(Error::InvalidState {
+                        op: "wait for",
+                        state: state.phase.name(),
+                    })
+                }
+            }
+        };
+        Ok(wait_exit(exit).await)
+    }
+
+    async fn pause(&self) -> Result<()> {
+        Ok(self.qmp("pause")?.stop().await?)
+    }
+
+    async fn resume(&self) -> Result<()> {
+        Ok(self.qmp("resume")?.cont().await?)
+    }
+
+    async fn status(&self) -> Result<VmStatus> {
+        let (phase, qemu, qmp) = {
+            let state = self.state();
+            (state.phase, state.qemu.clone(), state.qmp.clone())
+        };
+        let exited = qemu.as_ref().and_then(|q| q.exited());
+        match (phase, exited, qmp) {
+            (Phase::Created, ..) => Ok(VmStatus::Created),
+            (Phase::Prepared, ..) => Ok(VmStatus::Prepared),
+            (Phase::Stopped, ..) | (_, Some(_), _) | (_, _, None) => Ok(VmStatus::Stopped(exited)),
+            (Phase::Running, None, Some(qmp)) => {
+                let status = qmp.query_status().await?;
+                Ok(match status.status.as_str() {
+                    "running" => VmStatus::Running,
+                    "paused" => VmStatus::Paused,
+                    _ => VmStatus::Other(status.status),
+                })
+            }
+        }
+    }
+
+    fn agent_socket(&self) -> Option<PathBuf> {
+        self.config
+            .vsock_daemon
+            .as_ref()
+            .map(|_| self.paths.agent_socket())
+    }
+
+    fn pids(&self) -> Vec<VmProcess> {
+        let state = self.state();
+        state
+            .qemu
+            .iter()
+            .chain(&state.helpers)
+            .filter(|child| child.exited().is_none())
+            .map(|child| child.info().clone())
+            .collect()
+    }
+
+    fn console_log(&self) -> PathBuf {
+        self.paths.console_log()
+    }
+}
+
+impl Drop for QemuVm {
+    /// Safety net for a VM dropped without `stop()`: dropping the last handle of each child makes its reaper
+    /// kill it (QEMU first; the helper watcher then kills the helpers). Sockets go now; logs stay for debugging.
+    fn drop(&mut self) {
+        let state = self
+            .state
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if state.phase == Phase::Running {
+            tracing::warn!(vm = %self.config.name, "VM dropped without stop(); killing its processes");
+            state.qmp = None;
+            state.qemu = None;
+            state.helpers.clear();
+            remove_runtime_files(&self.paths);
+        }
+    }
+}
+
+/// Processes started so far by one `start` attempt.
+#[derive(Debug, Default)]
+struct Spawned {
+    qemu: Option<Arc<ManagedChild>>,
+    helpers: Vec<Arc<ManagedChild>>,
+}
+
+impl Spawned {
+    /// QEMU first, then the helpers; returns once all are reaped.
+    async fn kill_all(&mut self) {
+        if let Some(qemu) = self.qemu.take() {
+            qemu.kill().await;
+        }
+        join_all(
+            self.helpers
+                .drain(..)
+                .map(|h| async move { h.kill().await }),
+        )
+        .await;
+    }
+}
+
+/// When QEMU exits on its own (guest power-off, crash), the helpers have nothing left to serve.
+fn reap_helpers_after_qemu(qemu: &ManagedChild, helpers: &[Arc<ManagedChild>]) {
+    if helpers.is_empty() {
+        return;
+    }
+    let exit = qemu.exit_watch();
+    let helpers = helpers.to_vec();
+    tokio::spawn(async move {
+        wait_exit(exit).await;
+        join_all(helpers.iter().map(|h| h.terminate(HELPER_GRACE))).await;
+    });
+}
+
+fn helper_plans(config: &VmConfig, paths: &VmPaths) -> Vec<HelperPlan> {
+    let mut helpers = Vec::new();
+    if let Some(daemon) = &config.vsock_daemon {
+        helpers.push(HelperPlan {
+            role: ProcessRole::VsockDaemon,
+            program: daemon.clone(),
+            args: cmdline::vsock_daemon_args(paths),
+            socket: paths.vhost_vsock_socket(),
+            log: paths.vsock_daemon_log(),
+        });
+    }
+    if let SharedFs::VirtioFs {
+        daemon,
+        extra_args,
+        shared_dir,
+    } = &config.shared_fs
+    {
+        helpers.push(HelperPlan {
+            role: ProcessRole::Virtiofsd,
+            program: daemon.clone(),
+            args: cmdline::virtiofsd_args(paths, shared_dir, extra_args),
+            socket: paths.virtiofsd_socket(),
+            log: paths.virtiofsd_log(),
+        });
+    }
+    helpers
+}
+
+async fn wait_for_socket(child: &ManagedChild, helper: &HelperPlan) -> Result<()> {
+    let deadline = Instant::now() + HELPER_SOCKET_TIMEOUT;
+    loop {
+        if is_socket(&helper.socket) {
+            return Ok(());
+        }
+        if let Some(status) = child.exited() {
+            return Err(helper_exited(child, status));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::SocketTimeout {
+                role: helper.role,
+                socket: helper.socket.clone(),
+                timeout: HELPER_SOCKET_TIMEOUT,
+                log: helper.log.clone(),
+                tail: tail_lines(&helper.log, TAIL_LINES),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn helper_exited(child: &ManagedChild, status: VmExit) -> Error {
+    Error::HelperExited {
+        role: child.role(),
+        status,
+        log: child.log().to_owned(),
+        tail: tail_lines(child.log(), TAIL_LINES),
+    }
+}
+
+fn is_socket(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+fn remove_runtime_files(paths: &VmPaths) {
+    for socket in paths.runtime_files() {
+        match std::fs::remove_file(&socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(socket = %socket.display(), error = %e, "cannot remove socket")
+            }
+        }
+    }
+}
+
+/// The work dir holds the agent socket: root only.
+fn create_private_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(Error::io(format!(
+        "cannot create VM work dir {}",
+        dir.display()
+    )))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(Error::io(
+        format!("cannot restrict permissions of {}", dir.display()),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> VmConfig {
+        let kernel = dir.join("vmlinux");
+        std::fs::write(&kernel, b"").expect("fake kernel");
+        let mut config = VmConfig::new("t", "/bin/true", kernel, dir.join("vm"));
+        config.accel = AccelChoice::Tcg;
+        config
+    }
+
+    #[tokio::test]
+    async fn prepare_creates_private_work_dir_and_stop_removes_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vm = QemuVm::new(config(dir.path()));
+        assert_eq!(vm.status().await.expect("status"), VmStatus::Created);
+        vm.prepare().await.expect("prepare");
+        assert_eq!(vm.accel(), Some(Accel::Tcg));
+        let mode = std::fs::metadata(dir.path().join("vm"))
+            .expect("work dir")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert_eq!(vm.status().await.expect("status"), VmStatus::Prepared);
+        assert!(vm.pids().is_empty());
+        assert!(matches!(vm.pause().await, Err(Error::InvalidState { .. })));
+        vm.stop().await.expect("stop");
+        assert!(!dir.path().join("vm").exists());
+        vm.stop().await.expect("stop is idempotent");
+    }
+
+    #[tokio::test]
+    async fn qemu_exiting_at_start_is_reported_and_cleaned_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // `/bin/false` stands in for a QEMU that rejects its command line.
+        let mut c = config(dir.path());
+        c.qemu_path = "/bin/false".into();
+        let vm = QemuVm::new(c);
+        let err = vm.start().await.expect_err("start must fail");
+        assert!(matches!(err, Error::QemuExited { .. }), "{err}");
+        assert!(err.to_string().contains("exit code 1"), "{err}");
+        assert!(vm.pids().is_empty());
+        assert!(!dir.path().join("vm/qmp.sock").exists());
+        vm.stop().await.expect("stop after failed start");
+    }
+
+    #[tokio::test]
+    async fn helper_exiting_early_is_reported_with_its_output() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let daemon = dir.path().join("fake-vsock-daemon");
+        std::fs::write(
+            &daemon,
+            "#!/bin/sh\necho 'cannot bind: address in use' >&2\nexit 3\n",
+        )
+        .expect("script");
+        std::fs::set_permissions(&daemon, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut c = config(dir.path());
+        c.vsock_daemon = Some(daemon);
+        let vm = QemuVm::new(c);
+        let err = vm.start().await.expect_err("start must fail").to_string();
+        assert!(
+            err.contains("vhost-device-vsock exited during VM start (exit code 3)"),
+            "{err}"
+        );
+        assert!(err.contains("cannot bind: address in use"), "{err}");
+        vm.stop().await.expect("stop");
+    }
+}

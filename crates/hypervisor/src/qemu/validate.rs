@@ -1,0 +1,145 @@
+//! Checks a `VmConfig` before anything is created or spawned, naming what is wrong.
+
+use std::path::Path;
+
+use super::cmdline::VmPaths;
+use crate::config::{SharedFs, VmConfig};
+use crate::error::{Error, Result};
+
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+pub(super) fn validate(config: &VmConfig) -> Result<()> {
+    let invalid = |msg: String| Err(Error::InvalidConfig(msg));
+    if config.vcpus == 0 {
+        return invalid("vcpus must be at least 1".into());
+    }
+    if config.memory_mib < 64 {
+        return invalid(format!(
+            "memory_mib is {}, at least 64 is needed to boot",
+            config.memory_mib
+        ));
+    }
+    let must_be_file = |what: &str, path: &Path| -> Result<()> {
+        if path.to_str().is_none() {
+            return invalid(format!("{what} path {} is not UTF-8", path.display()));
+        }
+        if !path.is_file() {
+            return invalid(format!(
+                "{what} {} does not exist or is not a file",
+                path.display()
+            ));
+        }
+        Ok(())
+    };
+    must_be_file("QEMU binary", &config.qemu_path)?;
+    must_be_file("guest kernel", &config.kernel)?;
+    if let Some(initrd) = &config.initrd {
+        must_be_file("guest initrd", initrd)?;
+    }
+    if let Some(daemon) = &config.vsock_daemon {
+        must_be_file("vsock daemon", daemon)?;
+    }
+    match &config.shared_fs {
+        SharedFs::VirtioFs {
+            daemon, shared_dir, ..
+        } => {
+            must_be_file("virtiofsd", daemon)?;
+            if !shared_dir.is_dir() {
+                return invalid(format!(
+                    "shared directory {} does not exist",
+                    shared_dir.display()
+                ));
+            }
+        }
+        SharedFs::Virtio9p { shared_dir } => {
+            if !shared_dir.is_dir() {
+                return invalid(format!(
+                    "shared directory {} does not exist",
+                    shared_dir.display()
+                ));
+            }
+        }
+        SharedFs::None => {}
+    }
+    let work = &config.work_dir;
+    let Some(work_str) = work.to_str() else {
+        return invalid(format!("work dir {} is not UTF-8", work.display()));
+    };
+    if !work.is_absolute() {
+        return invalid(format!(
+            "work dir {} must be an absolute path",
+            work.display()
+        ));
+    }
+    // QEMU and vhost-device-vsock both split their options at commas.
+    if work_str.contains(',') {
+        return invalid(format!(
+            "work dir {} must not contain a comma",
+            work.display()
+        ));
+    }
+    let longest = VmPaths::new(work)
+        .sockets()
+        .iter()
+        .map(|s| s.as_os_str().len())
+        .max()
+        .unwrap_or(0);
+    if longest > MAX_SOCKET_PATH {
+        return invalid(format!(
+            "work dir {} is too long: socket paths in it would exceed {MAX_SOCKET_PATH} bytes",
+            work.display()
+        ));
+    }
+    if let SharedFs::Virtio9p { shared_dir } | SharedFs::VirtioFs { shared_dir, .. } =
+        &config.shared_fs
+    {
+        if !matches!(shared_dir.to_str(), Some(s) if !s.contains(',')) {
+            return invalid(format!(
+                "shared directory {} must be UTF-8 without commas",
+                shared_dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn config(dir: &Path) -> VmConfig {
+        let kernel = dir.join("vmlinux");
+        std::fs::write(&kernel, b"").expect("fake kernel");
+        VmConfig::new("t", "/bin/true", kernel, dir.join("vm"))
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = config(dir.path());
+        assert!(validate(&c).is_ok());
+
+        c.kernel = dir.path().join("missing-vmlinux");
+        let err = validate(&c).expect_err("missing kernel").to_string();
+        assert!(
+            err.contains("guest kernel") && err.contains("missing-vmlinux"),
+            "{err}"
+        );
+
+        let mut c = config(dir.path());
+        c.work_dir = PathBuf::from(format!("/{}", "x".repeat(100)));
+        let err = validate(&c).expect_err("long work dir").to_string();
+        assert!(err.contains("too long"), "{err}");
+
+        let mut c = config(dir.path());
+        c.shared_fs = SharedFs::Virtio9p {
+            shared_dir: dir.path().join("nope"),
+        };
+        assert!(validate(&c)
+            .expect_err("missing shared dir")
+            .to_string()
+            .contains("nope"));
+    }
+}

@@ -1,0 +1,484 @@
+//! Boots real VMs with QEMU under TCG. Needs a guest kernel:
+//!
+//!   KATA_TEST_KERNEL=/var/cache/kata-rs/kernel-*/vmlinux      (required, else the tests skip)
+//!   KATA_TEST_INITRD=...           (optional; default: a throw-away busybox initrd built here)
+//!   KATA_TEST_VSOCK_DAEMON=.../vhost-device-vsock   KATA_TEST_VIRTIOFSD=.../virtiofsd   (optional)
+//!   KATA_TEST_QEMU=/usr/bin/qemu-system-x86_64      (optional)
+//!
+//! The two tests run at most two VMs at a time. With a custom KATA_TEST_INITRD the guest must print
+//! `KATA_TEST_READY` on the console.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+use hypervisor::{
+    cleanup_vm, AccelChoice, Hypervisor, MachineType, QemuVm, SharedFs, VmConfig, VmStatus,
+};
+
+const READY: &str = "KATA_TEST_READY";
+const SHARED_CONTENT: &str = "hello-from-the-host";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+if mount -t virtiofs kataShared /mnt 2>/dev/null || mount -t 9p -o trans=virtio,version=9p2000.L kataShared /mnt; then
+  echo "SHARED:$(cat /mnt/hello.txt)"
+fi
+echo "VIRTIO-IDS:$(cat /sys/bus/virtio/devices/*/device | tr '\n' ' ')"
+echo KATA_TEST_READY
+while true; do sleep 3600; done
+"#;
+
+/// At most two VMs at a time, whatever `--test-threads` says: the test machines have two cores.
+static VM_SLOTS: Semaphore = Semaphore::const_new(2);
+
+async fn vm_slot() -> SemaphorePermit<'static> {
+    VM_SLOTS.acquire().await.expect("semaphore never closes")
+}
+
+struct Assets {
+    qemu: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    custom_initrd: bool,
+    _dir: tempfile::TempDir,
+}
+
+/// The test's assets, or `None` after printing why the test is skipped.
+fn assets(test: &str) -> Option<Assets> {
+    let skip = |reason: String| {
+        eprintln!("SKIP {test}: {reason}");
+        None
+    };
+    let kernel = match std::env::var_os("KATA_TEST_KERNEL") {
+        None => return skip("KATA_TEST_KERNEL is not set (path of a guest vmlinux)".into()),
+        Some(k) if !Path::new(&k).is_file() => {
+            return skip(format!(
+                "KATA_TEST_KERNEL={} does not exist",
+                Path::new(&k).display()
+            ))
+        }
+        Some(k) => PathBuf::from(k),
+    };
+    let qemu = std::env::var_os("KATA_TEST_QEMU")
+        .map_or_else(|| "/usr/bin/qemu-system-x86_64".into(), PathBuf::from);
+    if !qemu.is_file() {
+        return skip(format!(
+            "{} not found (install qemu-system-x86 or set KATA_TEST_QEMU)",
+            qemu.display()
+        ));
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("kata-hv-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let (initrd, custom_initrd) = match std::env::var_os("KATA_TEST_INITRD") {
+        Some(i) if Path::new(&i).is_file() => (PathBuf::from(i), true),
+        Some(i) => {
+            return skip(format!(
+                "KATA_TEST_INITRD={} does not exist",
+                Path::new(&i).display()
+            ))
+        }
+        None => {
+            let busybox = Path::new("/bin/busybox");
+            if !busybox.is_file() {
+                return skip(
+                    "KATA_TEST_INITRD is not set and /bin/busybox (busybox-static) is missing"
+                        .into(),
+                );
+            }
+            let initrd = dir.path().join("initrd.cpio");
+            std::fs::write(&initrd, busybox_initrd(busybox)).expect("write initrd");
+            (initrd, false)
+        }
+    };
+    Some(Assets {
+        qemu,
+        kernel,
+        initrd,
+        custom_initrd,
+        _dir: dir,
+    })
+}
+
+/// A helper binary from `var`, or `None` with a printed reason.
+fn helper(test: &str, var: &str) -> Option<PathBuf> {
+    match std::env::var_os(var) {
+        Some(p) if Path::new(&p).is_file() => Some(PathBuf::from(p)),
+        Some(p) => {
+            eprintln!(
+                "SKIP part of {test}: {var}={} does not exist",
+                Path::new(&p).display()
+            );
+            None
+        }
+        None => {
+            eprintln!("SKIP part of {test}: {var} is not set");
+            None
+        }
+    }
+}
+
+fn vm_config(assets: &Assets, name: &str, work_dir: &Path) -> VmConfig {
+    let mut config = VmConfig::new(name, &assets.qemu, &assets.kernel, work_dir);
+    config.initrd = Some(assets.initrd.clone());
+    config.accel = AccelChoice::Tcg;
+    config.memory_mib = 256;
+    config.vcpus = 1;
+    config.kernel_params = vec!["rdinit=/init".into()];
+    config
+}
+
+fn shared_dir(root: &Path) -> PathBuf {
+    let dir = root.join("shared");
+    std::fs::create_dir_all(&dir).expect("shared dir");
+    std::fs::write(dir.join("hello.txt"), SHARED_CONTENT).expect("shared file");
+    dir
+}
+
+/// Polls the console log until `marker` appears; returns how long it took.
+async fn wait_for_console(vm: &QemuVm, marker: &str, started: Instant) -> Duration {
+    loop {
+        let console = std::fs::read_to_string(vm.console_log()).unwrap_or_default();
+        if console.contains(marker) {
+            return started.elapsed();
+        }
+        if started.elapsed() > BOOT_TIMEOUT {
+            let qemu_log = std::fs::read_to_string(vm.qemu_log()).unwrap_or_default();
+            panic!("no {marker} after {BOOT_TIMEOUT:?}; console:\n{console}\nqemu:\n{qemu_log}");
+        }
+        if let Ok(VmStatus::Stopped(exit)) = vm.status().await {
+            panic!("VM exited ({exit:?}) before {marker}; console:\n{console}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still has a /proc entry but is dead.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microvm_boots_pauses_resumes_and_stops() {
+    let test = "microvm_boots_pauses_resumes_and_stops";
+    let Some(assets) = assets(test) else { return };
+    let _slot = vm_slot().await;
+    let root = tempfile::Builder::new()
+        .prefix("kata-hv-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let work = root.path().join("vm");
+    let mut config = vm_config(&assets, "microvm-test", &work);
+    config.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
+    config.shared_fs = match helper(test, "KATA_TEST_VIRTIOFSD") {
+        Some(daemon) => SharedFs::VirtioFs {
+            daemon,
+            extra_args: std::env::var("KATA_TEST_VIRTIOFSD_ARGS")
+                .map(|a| a.split_whitespace().map(String::from).collect())
+                .unwrap_or_default(),
+            shared_dir: shared_dir(root.path()),
+        },
+        None => SharedFs::Virtio9p {
+            shared_dir: shared_dir(root.path()),
+        },
+    };
+    let vm = QemuVm::new(config);
+
+    let started = Instant::now();
+    vm.start().await.expect("start");
+    eprintln!(
+        "QEMU args: {}",
+        vm.qemu_args().unwrap_or_default().join(" ")
+    );
+    let boot = wait_for_console(&vm, READY, started).await;
+    eprintln!("{test}: start() to {READY} in {boot:.2?} under TCG");
+
+    if !assets.custom_initrd {
+        let console = std::fs::read_to_string(vm.console_log()).expect("console");
+        assert!(
+            console.contains(&format!("SHARED:{SHARED_CONTENT}")),
+            "shared fs not readable; console:\n{console}"
+        );
+    }
+    if !assets.custom_initrd {
+        // The guest must see the devices: virtio device ids 0x0013 vsock, 0x001a virtio-fs, 0x0009 9p.
+        let console = std::fs::read_to_string(vm.console_log()).expect("console");
+        let ids = console
+            .lines()
+            .find(|l| l.starts_with("VIRTIO-IDS:"))
+            .expect("virtio ids line");
+        eprintln!("{test}: guest sees {ids}");
+        if vm.config().vsock_daemon.is_some() {
+            assert!(
+                ids.contains("0x0013"),
+                "no vsock device in the guest: {ids}"
+            );
+        }
+        if matches!(vm.config().shared_fs, SharedFs::VirtioFs { .. }) {
+            assert!(
+                ids.contains("0x001a"),
+                "no virtio-fs device in the guest: {ids}"
+            );
+        }
+    }
+    let pids = vm.pids();
+    let expected = 1
+        + usize::from(vm.config().vsock_daemon.is_some())
+        + usize::from(matches!(vm.config().shared_fs, SharedFs::VirtioFs { .. }));
+    assert_eq!(pids.len(), expected, "{pids:?}");
+    assert!(pids.iter().all(|p| alive(p.pid)));
+    if let Some(socket) = vm.agent_socket() {
+        assert!(socket.exists(), "agent socket {} missing", socket.display());
+    }
+
+    assert_eq!(vm.status().await.expect("status"), VmStatus::Running);
+    vm.pause().await.expect("pause");
+    assert_eq!(vm.status().await.expect("status"), VmStatus::Paused);
+    vm.resume().await.expect("resume");
+    assert_eq!(vm.status().await.expect("status"), VmStatus::Running);
+
+    let stopping = Instant::now();
+    vm.stop().await.expect("stop");
+    eprintln!("{test}: stop() took {:.2?}", stopping.elapsed());
+    for p in &pids {
+        assert!(
+            !alive(p.pid),
+            "{} (pid {}) still alive after stop",
+            p.role,
+            p.pid
+        );
+    }
+    assert!(vm.pids().is_empty());
+    assert!(!work.exists(), "work dir {} left behind", work.display());
+    assert!(matches!(
+        vm.status().await.expect("status"),
+        VmStatus::Stopped(Some(_))
+    ));
+    let exit = tokio::time::timeout(Duration::from_secs(5), vm.wait())
+        .await
+        .expect("wait resolves")
+        .expect("wait");
+    eprintln!("{test}: QEMU exit: {exit}");
+}
+
+/// q35 with 9p, then crash cleanup from persisted pids instead of `stop()`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q35_with_9p_boots_and_crash_cleanup_kills_it() {
+    let test = "q35_with_9p_boots_and_crash_cleanup_kills_it";
+    let Some(assets) = assets(test) else { return };
+    let _slot = vm_slot().await;
+    let root = tempfile::Builder::new()
+        .prefix("kata-hv-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let work = root.path().join("vm");
+    let mut config = vm_config(&assets, "q35-test", &work);
+    config.machine = MachineType::Q35;
+    config.shared_fs = SharedFs::Virtio9p {
+        shared_dir: shared_dir(root.path()),
+    };
+    config.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
+    let vm = QemuVm::new(config);
+
+    let started = Instant::now();
+    vm.start().await.expect("start");
+    let boot = wait_for_console(&vm, READY, started).await;
+    eprintln!("{test}: start() to {READY} in {boot:.2?} under TCG");
+    if !assets.custom_initrd {
+        let console = std::fs::read_to_string(vm.console_log()).expect("console");
+        assert!(
+            console.contains(&format!("SHARED:{SHARED_CONTENT}")),
+            "9p share not readable; console:\n{console}"
+        );
+    }
+
+    // What the shim would have persisted before dying.
+    let persisted = vm.pids();
+    let report = cleanup_vm(&persisted, &work).await.expect("cleanup");
+    // Helpers may already be gone: QEMU's exit makes the VM reap them. None may survive.
+    assert_eq!(
+        report.killed.first(),
+        Some(&persisted[0].pid),
+        "QEMU first: {report:?}"
+    );
+    assert_eq!(
+        report.killed.len() + report.skipped.len(),
+        persisted.len(),
+        "{report:?}"
+    );
+    assert!(!work.exists());
+    let exit = tokio::time::timeout(Duration::from_secs(10), vm.wait())
+        .await
+        .expect("QEMU reaped")
+        .expect("wait");
+    assert_eq!(exit.signal, Some(9), "{exit}");
+    vm.stop().await.expect("stop after external cleanup");
+    for p in &persisted {
+        assert!(!alive(p.pid), "{} (pid {}) still alive", p.role, p.pid);
+    }
+}
+
+/// The `Drop` safety net: a running VM that is dropped without `stop()` takes its processes with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_running_vm_kills_its_processes() {
+    let test = "dropping_a_running_vm_kills_its_processes";
+    let Some(assets) = assets(test) else { return };
+    let _slot = vm_slot().await;
+    let root = tempfile::Builder::new()
+        .prefix("kata-hv-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let mut config = vm_config(&assets, "drop-test", &root.path().join("vm"));
+    config.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
+    let vm = QemuVm::new(config);
+    vm.start().await.expect("start");
+    let pids = vm.pids();
+    let qmp_socket = vm.qmp_socket();
+    drop(vm);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while pids.iter().any(|p| alive(p.pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "still alive after drop: {pids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!qmp_socket.exists(), "sockets are removed on drop");
+}
+
+/// QEMU refusing to start (here: a kernel that is not one) gives an error quoting QEMU, and leaves nothing
+/// behind, helpers included. Needs QEMU but no guest kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_failing_at_start_leaves_nothing_behind() {
+    let test = "qemu_failing_at_start_leaves_nothing_behind";
+    let qemu = std::env::var_os("KATA_TEST_QEMU")
+        .map_or_else(|| "/usr/bin/qemu-system-x86_64".into(), PathBuf::from);
+    if !qemu.is_file() {
+        eprintln!("SKIP {test}: {} not found", qemu.display());
+        return;
+    }
+    let root = tempfile::Builder::new()
+        .prefix("kata-hv-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let kernel = root.path().join("not-a-kernel");
+    std::fs::write(&kernel, b"garbage").expect("write");
+    let work = root.path().join("vm");
+    let mut config = VmConfig::new("fail-test", &qemu, &kernel, &work);
+    config.accel = AccelChoice::Tcg;
+    config.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
+    let vm = QemuVm::new(config);
+
+    let err = vm.start().await.expect_err("QEMU cannot load this kernel");
+    let message = err.to_string();
+    eprintln!("{test}: start failed as expected: {message}");
+    assert!(
+        matches!(err, hypervisor::Error::QemuExited { .. }),
+        "{message}"
+    );
+    assert!(message.contains("exit code 1"), "{message}");
+    assert!(
+        message.to_lowercase().contains("kernel"),
+        "QEMU's complaint is quoted: {message}"
+    );
+    assert!(vm.pids().is_empty());
+    let leftovers = processes_mentioning(&work);
+    assert!(leftovers.is_empty(), "processes left behind: {leftovers:?}");
+    for socket in ["qmp.sock", "vhost-vsock.sock", "kata.sock"] {
+        assert!(!work.join(socket).exists(), "{socket} left behind");
+    }
+    vm.stop().await.expect("stop after a failed start");
+    assert!(!work.exists());
+}
+
+/// Live processes whose command line mentions `path`.
+fn processes_mentioning(path: &Path) -> Vec<(u32, String)> {
+    let needle = path.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(&needle) && alive(pid) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+/// A newc cpio archive: /init, busybox, and the few nodes the kernel and the script need.
+fn busybox_initrd(busybox: &Path) -> Vec<u8> {
+    let busybox = std::fs::read(busybox).expect("read busybox");
+    let mut cpio = Cpio::default();
+    for dir in ["bin", "dev", "proc", "sys", "mnt", "tmp"] {
+        cpio.entry(dir, 0o040755, 0, &[]);
+    }
+    cpio.entry("dev/console", 0o020600, (5 << 8) | 1, &[]);
+    cpio.entry("bin/busybox", 0o100755, 0, &busybox);
+    cpio.entry("init", 0o100755, 0, INIT.as_bytes());
+    cpio.entry("TRAILER!!!", 0, 0, &[]);
+    cpio.bytes
+}
+
+#[derive(Default)]
+struct Cpio {
+    bytes: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    /// `rdev` is `major << 8 | minor` for device nodes.
+    fn entry(&mut self, name: &str, mode: u32, rdev: u32, data: &[u8]) {
+        self.ino += 1;
+        let fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            if mode & 0o040000 != 0 { 2 } else { 1 },
+            0,
+            data.len() as u32,
+            0,
+            0,
+            rdev >> 8,
+            rdev & 0xff,
+            name.len() as u32 + 1,
+            0,
+        ];
+        self.bytes.extend_from_slice(b"070701");
+        for field in fields {
+            self.bytes
+                .extend_from_slice(format!("{field:08x}").as_bytes());
+        }
+        self.bytes.extend_from_slice(name.as_bytes());
+        self.bytes.push(0);
+        self.pad();
+        self.bytes.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while self.bytes.len() & 3 != 0 {
+            self.bytes.push(0);
+        }
+    }
+}
