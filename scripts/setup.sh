@@ -49,7 +49,7 @@ install_kata() {
         [ -x "$rel/$bin" ] && install -m 0755 "$rel/$bin" "$BIN_DIR/$bin"
     done
     mkdir -p "$ASSET_DIR" "$DEFAULTS_DIR"
-    kernel=$(bash "$REPO/guest/build-kernel.sh")
+    kernel=$(bash "$REPO/guest/build-kernel.sh" | tail -n 1)
     install -m 0644 "$kernel" "$ASSET_DIR/vmlinux.container"
     bash "$REPO/guest/build-initrd.sh" "$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/kata-agent" \
         "$ASSET_DIR/kata-containers-initrd.img"

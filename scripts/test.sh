@@ -8,6 +8,8 @@ export KATA_TEST_KERNEL=$ASSET_DIR/vmlinux.container
 export KATA_TEST_INITRD=$ASSET_DIR/kata-containers-initrd.img
 export KATA_TEST_VIRTIOFSD=$BIN_DIR/virtiofsd
 export KATA_TEST_VSOCK_DAEMON=$BIN_DIR/vhost-device-vsock
+# The shim containerd starts in the end-to-end tests: the release build setup.sh just made and installed.
+export KATA_TEST_SHIM_DIR=$CARGO_TARGET_DIR/release
 
 cd "$REPO"
 # Two test threads: VM tests under TCG must not run more than two at a time on 2 cores.
