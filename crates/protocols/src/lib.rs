@@ -1,1 +1,19 @@
-//! protocols crate (work in progress).
+//! The kata-rs host <-> agent protocol: `kata.agent.v1.Agent` over ttrpc.
+//!
+//! Both sides use the generated code re-exported here; each side converts between these wire
+//! types and its own internal types in exactly one module (agent: `rpc::convert`, runtime:
+//! `agent::convert`).
+
+#[allow(clippy::all, clippy::unwrap_used, clippy::undocumented_unsafe_blocks, unreachable_pub, missing_debug_implementations)]
+mod generated;
+
+pub use generated::agent;
+pub use generated::agent_ttrpc;
+
+/// Bumped on incompatible changes to `proto/agent.proto`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The vsock port the agent listens on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+pub use ttrpc;

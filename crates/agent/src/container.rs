@@ -1,0 +1,336 @@
+//! One container, run by libcontainer: create, start, exec, signal, pause, update, remove.
+//!
+//! Every libcontainer call is synchronous and runs on the agent's single runtime thread.
+//! That is deliberate: libcontainer forks with a raw `clone3`, which is only safe when no
+//! other thread can hold a libc lock (malloc) at that moment, and it keeps the reaper from
+//! running while libcontainer waits for its own intermediate process.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use libcgroups::common::{CgroupConfig, CgroupManager, ControllerOpt};
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container as LcContainer;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process as OciProcess, Spec};
+
+use crate::io::{ConsoleSocket, IoError, ProcessIo};
+use crate::process::{check_executable, Process, ProcessError};
+use crate::reaper::Reaper;
+use crate::stats::{self, ContainerStats, StatsError};
+
+/// Where libcontainer keeps its state and the agent its bundles.
+pub const STATE_ROOT: &str = "/run/kata-containers/state";
+pub const BUNDLE_ROOT: &str = "/run/kata-containers/bundles";
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("invalid OCI spec")]
+    Spec(#[source] serde_json::Error),
+    #[error("the OCI spec has no process")]
+    NoProcess,
+    #[error("rootfs {0} does not exist in the guest")]
+    NoRootfs(PathBuf),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error(transparent)]
+    Stats(#[from] StatsError),
+    #[error("cannot write {path}")]
+    Write { path: PathBuf, #[source] source: std::io::Error },
+    #[error("libcontainer failed to {op}: {message}")]
+    Libcontainer { op: &'static str, message: String },
+    #[error("libcontainer did not report a pid for the container")]
+    NoPid,
+    #[error("cannot signal process {pid}")]
+    Signal { pid: i32, #[source] source: nix::Error },
+    #[error("invalid signal {0}")]
+    InvalidSignal(u32),
+    #[error("exec id '{0}' is already in use")]
+    ExecExists(String),
+    #[error("no process with exec id '{0}'")]
+    NoSuchExec(String),
+    #[error("cgroup update failed: {0}")]
+    Cgroup(String),
+}
+
+type Result<T> = std::result::Result<T, ContainerError>;
+
+fn lc_err(op: &'static str) -> impl FnOnce(libcontainer::error::LibcontainerError) -> ContainerError {
+    move |e| {
+        let mut message = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            src = s.source();
+        }
+        ContainerError::Libcontainer { op, message }
+    }
+}
+
+/// A container known to the agent.
+#[derive(Debug)]
+pub struct Container {
+    pub id: String,
+    bundle: PathBuf,
+    rootfs: PathBuf,
+    cgroup_dir: PathBuf,
+    init: Arc<Process>,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+}
+
+impl Container {
+    /// Creates the container with its init process waiting to be started.
+    pub fn create(reaper: &Reaper, id: &str, spec_json: &[u8], rootfs: PathBuf) -> Result<Self> {
+        let mut spec: Spec = serde_json::from_slice(spec_json).map_err(ContainerError::Spec)?;
+        if !rootfs.is_dir() {
+            return Err(ContainerError::NoRootfs(rootfs));
+        }
+        let cgroup_rel = format!("/kata/{id}");
+        adapt_spec(&mut spec, &rootfs, &cgroup_rel)?;
+        let process = spec.process().as_ref().ok_or(ContainerError::NoProcess)?;
+        check_process(&rootfs, process)?;
+        let tty = process.terminal().unwrap_or(false);
+
+        let bundle = Path::new(BUNDLE_ROOT).join(id);
+        std::fs::create_dir_all(&bundle).map_err(|source| ContainerError::Write { path: bundle.clone(), source })?;
+        let config = bundle.join("config.json");
+        let json = serde_json::to_vec(&spec).map_err(ContainerError::Spec)?;
+        std::fs::write(&config, json).map_err(|source| ContainerError::Write { path: config.clone(), source })?;
+
+        let (builder, io, console) = with_stdio(ContainerBuilder::new(id.to_string(), SyscallType::default()), &bundle, "init", tty)?;
+        let guard = reaper.build_guard();
+        let container = builder
+            .with_root_path(STATE_ROOT)
+            .map_err(lc_err("set its state root"))?
+            .as_init(&bundle)
+            .with_no_pivot(crate::mount::root_is_initramfs())
+            .with_systemd(false)
+            .with_detach(true)
+            .build()
+            .map_err(lc_err("create the container"))
+            .map_err(|e| with_init_log(e, io.as_ref()))?;
+        let pid = container.pid().ok_or(ContainerError::NoPid)?;
+        let exit = reaper.register(pid);
+        drop(guard);
+        let io = finish_stdio(io, console)?;
+        tracing::info!(id, %pid, tty, "container created");
+        Ok(Self {
+            id: id.to_string(),
+            bundle,
+            rootfs,
+            cgroup_dir: Path::new(CGROUP_ROOT).join(cgroup_rel.trim_start_matches('/')),
+            init: Arc::new(Process::new(pid, io, exit)),
+            execs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn load(&self) -> Result<LcContainer> {
+        LcContainer::load(Path::new(STATE_ROOT).join(&self.id)).map_err(lc_err("load the container state"))
+    }
+
+    pub fn start(&self) -> Result<()> {
+        self.load()?.start().map_err(lc_err("start the container"))
+    }
+
+    /// Runs another process in the running container.
+    pub fn exec(&self, reaper: &Reaper, exec_id: &str, process_json: &[u8]) -> Result<()> {
+        if exec_id.is_empty() || lock(&self.execs).contains_key(exec_id) {
+            return Err(ContainerError::ExecExists(exec_id.to_string()));
+        }
+        let process: OciProcess = serde_json::from_slice(process_json).map_err(ContainerError::Spec)?;
+        check_process(&self.rootfs, &process)?;
+        let tty = process.terminal().unwrap_or(false);
+        let path = self.bundle.join(format!("exec-{exec_id}.json"));
+        std::fs::write(&path, process_json).map_err(|source| ContainerError::Write { path: path.clone(), source })?;
+
+        let (builder, io, console) = with_stdio(ContainerBuilder::new(self.id.clone(), SyscallType::default()), &self.bundle, exec_id, tty)?;
+        let guard = reaper.build_guard();
+        let pid = builder
+            .with_root_path(STATE_ROOT)
+            .map_err(lc_err("set its state root"))?
+            .as_tenant()
+            .with_detach(true)
+            .with_process(Some(&path))
+            .build()
+            .map_err(lc_err("exec the process"))
+            .map_err(|e| with_init_log(e, io.as_ref()))?;
+        let exit = reaper.register(pid);
+        drop(guard);
+        let _ = std::fs::remove_file(&path);
+        let io = finish_stdio(io, console)?;
+        tracing::info!(id = %self.id, exec_id, %pid, tty, "exec started");
+        lock(&self.execs).insert(exec_id.to_string(), Arc::new(Process::new(pid, io, exit)));
+        Ok(())
+    }
+
+    /// The init process for an empty exec id, else the exec.
+    pub fn process(&self, exec_id: &str) -> Result<Arc<Process>> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        lock(&self.execs).get(exec_id).cloned().ok_or_else(|| ContainerError::NoSuchExec(exec_id.to_string()))
+    }
+
+    pub fn signal(&self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let sig = i32::try_from(signal).ok().and_then(|s| Signal::try_from(s).ok()).ok_or(ContainerError::InvalidSignal(signal))?;
+        if all {
+            for pid in stats::pids(&self.cgroup_dir).unwrap_or_default() {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
+            }
+            return Ok(());
+        }
+        let process = self.process(exec_id)?;
+        if process.exit().is_some() {
+            return Ok(());
+        }
+        match nix::sys::signal::kill(process.pid, sig) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(source) => Err(ContainerError::Signal { pid: process.pid.as_raw(), source }),
+        }
+    }
+
+    pub fn pause(&self) -> Result<()> {
+        self.load()?.pause().map_err(lc_err("pause the container"))
+    }
+
+    pub fn resume(&self) -> Result<()> {
+        self.load()?.resume().map_err(lc_err("resume the container"))
+    }
+
+    pub fn update(&self, resources_json: &[u8]) -> Result<()> {
+        let resources: LinuxResources = serde_json::from_slice(resources_json).map_err(ContainerError::Spec)?;
+        let manager = libcgroups::common::create_cgroup_manager(CgroupConfig {
+            cgroup_path: self.cgroup_dir.strip_prefix(CGROUP_ROOT).unwrap_or(&self.cgroup_dir).to_path_buf(),
+            systemd_cgroup: false,
+            container_name: self.id.clone(),
+        })
+        .map_err(|e| ContainerError::Cgroup(e.to_string()))?;
+        manager
+            .apply(&ControllerOpt { resources: &resources, disable_oom_killer: false, oom_score_adj: None, freezer_state: None })
+            .map_err(|e| ContainerError::Cgroup(e.to_string()))
+    }
+
+    pub fn pids(&self) -> Result<Vec<i32>> {
+        Ok(stats::pids(&self.cgroup_dir)?)
+    }
+
+    pub fn stats(&self) -> Result<ContainerStats> {
+        Ok(stats::read(&self.cgroup_dir)?)
+    }
+
+    pub fn cgroup_dir(&self) -> &Path {
+        &self.cgroup_dir
+    }
+
+    /// Kills whatever still runs and deletes the container's state, cgroup and bundle.
+    pub async fn remove(&self) -> Result<()> {
+        if self.init.exit().is_none() {
+            let _ = self.signal("", libc::SIGKILL as u32, true);
+            let _ = nix::sys::signal::kill(self.init.pid, Signal::SIGKILL);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.init.wait()).await;
+        }
+        match self.load() {
+            Ok(mut c) => c.delete(true).map_err(lc_err("delete the container"))?,
+            Err(err) => tracing::warn!(id = %self.id, %err, "no libcontainer state to delete"),
+        }
+        let _ = std::fs::remove_dir_all(&self.bundle);
+        Ok(())
+    }
+}
+
+/// Makes a host-made spec fit the guest: rootfs path, our cgroup, no host namespace paths.
+fn adapt_spec(spec: &mut Spec, rootfs: &Path, cgroup: &str) -> Result<()> {
+    let mut root = spec.root().clone().unwrap_or_default();
+    root.set_path(rootfs.to_path_buf());
+    spec.set_root(Some(root));
+    if let Some(linux) = spec.linux_mut() {
+        // Host cgroup paths mean nothing in the guest; each container gets /kata/<id>.
+        linux.set_cgroups_path(Some(PathBuf::from(cgroup)));
+        if let Some(nss) = linux.namespaces_mut() {
+            // The VM is the pod's network namespace; other host namespace paths do not exist here.
+            nss.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
+            for ns in nss.iter_mut() {
+                ns.set_path(None);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// libcontainer's init reports only "failed syscall" to the parent; the details are in the
+/// log lines it wrote to the process's stderr before dying. Append the error lines.
+fn with_init_log(err: ContainerError, io: Option<&ProcessIo>) -> ContainerError {
+    let ContainerError::Libcontainer { op, mut message } = err else { return err };
+    let log = io.map(|io| io.stderr_so_far()).unwrap_or_default();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    let shown = &errors[errors.len().saturating_sub(3)..];
+    for line in shown {
+        message.push_str(" | ");
+        message.push_str(line.trim());
+    }
+    ContainerError::Libcontainer { op, message }
+}
+
+fn check_process(rootfs: &Path, process: &OciProcess) -> Result<()> {
+    let args = process.args().clone().unwrap_or_default();
+    let env = process.env().clone().unwrap_or_default();
+    check_executable(rootfs, &args, &env, process.cwd())?;
+    Ok(())
+}
+
+type StdioSetup = (ContainerBuilder, Option<ProcessIo>, Option<(ConsoleSocket, PathBuf)>);
+
+fn with_stdio(builder: ContainerBuilder, bundle: &Path, name: &str, tty: bool) -> Result<StdioSetup> {
+    if tty {
+        let path = bundle.join(format!("console-{name}.sock"));
+        let socket = ConsoleSocket::bind(&path)?;
+        let builder = builder.with_console_socket(Some(&path));
+        return Ok((builder, None, Some((socket, path))));
+    }
+    let (io, child) = ProcessIo::pipes()?;
+    let builder = builder.with_stdin(child.stdin).with_stdout(child.stdout).with_stderr(child.stderr);
+    Ok((builder, Some(io), None))
+}
+
+fn finish_stdio(io: Option<ProcessIo>, console: Option<(ConsoleSocket, PathBuf)>) -> Result<ProcessIo> {
+    match (io, console) {
+        (Some(io), _) => Ok(io),
+        (None, Some((socket, path))) => {
+            let master = socket.receive_master();
+            let _ = std::fs::remove_file(path);
+            Ok(ProcessIo::tty(master?)?)
+        }
+        (None, None) => Err(IoError::NoTerminal.into()),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_is_adapted_to_the_guest() {
+        let json = r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"},
+            "linux":{"cgroupsPath":"/kubepods/x","namespaces":[{"type":"network","path":"/var/run/netns/cni-1"},
+            {"type":"pid"},{"type":"ipc","path":"/proc/5/ns/ipc"}]}}"#;
+        let mut spec: Spec = serde_json::from_str(json).expect("spec");
+        adapt_spec(&mut spec, Path::new("/run/kata-containers/shared/c1/rootfs"), "/kata/c1").expect("adapt");
+        assert_eq!(spec.root().as_ref().map(|r| r.path().clone()), Some(PathBuf::from("/run/kata-containers/shared/c1/rootfs")));
+        let linux = spec.linux().as_ref().expect("linux");
+        assert_eq!(linux.cgroups_path().as_deref(), Some(Path::new("/kata/c1")));
+        let nss = linux.namespaces().as_ref().expect("namespaces");
+        assert_eq!(nss.len(), 2);
+        assert!(nss.iter().all(|n| n.path().is_none() && n.typ() != LinuxNamespaceType::Network));
+    }
+}

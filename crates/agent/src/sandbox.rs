@@ -1,0 +1,201 @@
+//! The sandbox: the guest-wide state (hostname, clock, DNS, shared fs) and its containers.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::broadcast;
+
+use crate::container::{Container, ContainerError};
+use crate::mount::{self, MountError, SharedFsKind, DEFAULT_SHARED_MOUNT};
+use crate::reaper::Reaper;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("container '{0}' does not exist")]
+    NoContainer(String),
+    #[error("container '{0}' already exists")]
+    ContainerExists(String),
+    #[error("invalid container id '{0}'")]
+    InvalidId(String),
+    #[error("cannot set the hostname to '{0}'")]
+    Hostname(String, #[source] nix::Error),
+    #[error("cannot set the guest clock")]
+    Clock(#[source] nix::Error),
+    #[error("cannot write /etc/resolv.conf")]
+    Dns(#[source] std::io::Error),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Container(#[from] ContainerError),
+}
+
+type Result<T> = std::result::Result<T, SandboxError>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedFsConfig {
+    pub kind: SharedFsKind,
+    pub tag: String,
+    pub mount_point: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SandboxConfig {
+    pub sandbox_id: String,
+    pub hostname: String,
+    pub dns: Vec<String>,
+    pub shared_fs: Option<SharedFsConfig>,
+    pub host_time: Option<SystemTime>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestDetails {
+    pub kernel_release: String,
+    pub agent_version: String,
+    pub boot_id: String,
+}
+
+#[derive(Debug)]
+pub struct Sandbox {
+    pub reaper: Reaper,
+    /// Guest-wide changes (hostname, clock, resolv.conf) only when we own the machine.
+    is_init: bool,
+    shared_mount: Mutex<PathBuf>,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    oom: broadcast::Sender<String>,
+}
+
+impl Sandbox {
+    pub fn new(reaper: Reaper, is_init: bool) -> Arc<Self> {
+        let (oom, _) = broadcast::channel(64);
+        let sandbox = Arc::new(Self {
+            reaper,
+            is_init,
+            shared_mount: Mutex::new(PathBuf::from(DEFAULT_SHARED_MOUNT)),
+            containers: Mutex::new(HashMap::new()),
+            oom,
+        });
+        tokio::spawn(watch_oom(Arc::downgrade(&sandbox)));
+        sandbox
+    }
+
+    pub fn create(&self, cfg: &SandboxConfig) -> Result<()> {
+        if self.is_init {
+            if !cfg.hostname.is_empty() {
+                nix::unistd::sethostname(&cfg.hostname).map_err(|e| SandboxError::Hostname(cfg.hostname.clone(), e))?;
+            }
+            if let Some(t) = cfg.host_time {
+                set_clock(t)?;
+            }
+            if !cfg.dns.is_empty() {
+                let mut text = cfg.dns.join("\n");
+                text.push('\n');
+                std::fs::write("/etc/resolv.conf", text).map_err(SandboxError::Dns)?;
+            }
+        } else {
+            tracing::info!("not PID 1: leaving hostname, clock and resolv.conf alone");
+        }
+        if let Some(fs) = &cfg.shared_fs {
+            let target = if fs.mount_point.as_os_str().is_empty() { PathBuf::from(DEFAULT_SHARED_MOUNT) } else { fs.mount_point.clone() };
+            mount::mount_shared_fs(&fs.kind, &fs.tag, &target)?;
+            *lock(&self.shared_mount) = target;
+        }
+        tracing::info!(id = %cfg.sandbox_id, hostname = %cfg.hostname, "sandbox created");
+        Ok(())
+    }
+
+    pub fn set_time(&self, t: SystemTime) -> Result<()> {
+        if self.is_init {
+            set_clock(t)?;
+        }
+        Ok(())
+    }
+
+    pub async fn destroy(&self) -> Result<()> {
+        let ids: Vec<String> = lock(&self.containers).keys().cloned().collect();
+        for id in ids {
+            if let Err(err) = self.remove_container(&id).await {
+                tracing::warn!(id, "{}", crate::error_chain(&err));
+            }
+        }
+        let mount_point = lock(&self.shared_mount).clone();
+        mount::unmount(&mount_point)?;
+        Ok(())
+    }
+
+    pub fn create_container(&self, id: &str, spec_json: &[u8], rootfs: &str) -> Result<()> {
+        if id.is_empty() || id.contains('/') || id.starts_with('.') {
+            return Err(SandboxError::InvalidId(id.to_string()));
+        }
+        if lock(&self.containers).contains_key(id) {
+            return Err(SandboxError::ContainerExists(id.to_string()));
+        }
+        let rootfs = self.rootfs_path(id, rootfs);
+        let container = Container::create(&self.reaper, id, spec_json, rootfs)?;
+        lock(&self.containers).insert(id.to_string(), Arc::new(container));
+        Ok(())
+    }
+
+    fn rootfs_path(&self, id: &str, rootfs: &str) -> PathBuf {
+        let shared = lock(&self.shared_mount).clone();
+        if rootfs.is_empty() {
+            shared.join(id).join("rootfs")
+        } else if Path::new(rootfs).is_absolute() {
+            PathBuf::from(rootfs)
+        } else {
+            shared.join(rootfs)
+        }
+    }
+
+    pub fn container(&self, id: &str) -> Result<Arc<Container>> {
+        lock(&self.containers).get(id).cloned().ok_or_else(|| SandboxError::NoContainer(id.to_string()))
+    }
+
+    pub async fn remove_container(&self, id: &str) -> Result<()> {
+        let c = self.container(id)?;
+        c.remove().await?;
+        lock(&self.containers).remove(id);
+        Ok(())
+    }
+
+    pub fn subscribe_oom(&self) -> broadcast::Receiver<String> {
+        self.oom.subscribe()
+    }
+
+    pub fn guest_details(&self) -> GuestDetails {
+        let kernel_release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string();
+        GuestDetails { kernel_release, agent_version: env!("CARGO_PKG_VERSION").to_string(), boot_id }
+    }
+}
+
+fn set_clock(t: SystemTime) -> Result<()> {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let ts = nix::sys::time::TimeSpec::from_duration(d);
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts).map_err(SandboxError::Clock)
+}
+
+/// Polls each container's memory.events and reports new OOM kills. Polling (1 s) keeps this
+/// simple; inotify on memory.events would be the next step if latency matters.
+async fn watch_oom(sandbox: std::sync::Weak<Sandbox>) {
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(sb) = sandbox.upgrade() else { return };
+        let containers: Vec<Arc<Container>> = lock(&sb.containers).values().cloned().collect();
+        seen.retain(|id, _| containers.iter().any(|c| &c.id == id));
+        for c in containers {
+            let kills = crate::stats::oom_kills(c.cgroup_dir());
+            let before = seen.insert(c.id.clone(), kills).unwrap_or(0);
+            if kills > before {
+                tracing::info!(id = %c.id, "OOM kill in container");
+                let _ = sb.oom.send(c.id.clone());
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

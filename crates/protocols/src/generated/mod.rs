@@ -1,0 +1,5 @@
+// @generated
+#![cfg_attr(rustfmt, rustfmt::skip)]
+
+pub mod agent;
+pub mod agent_ttrpc;
