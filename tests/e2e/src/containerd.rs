@@ -93,6 +93,12 @@ pub struct ContainerdOptions {
     pub start_timeout: Duration,
     /// Deadline of a `ctr` call unless one is given.
     pub ctr_timeout: Duration,
+    /// Extra environment for containerd, inherited by the shims it starts (e.g. `KATA_CONF_FILE`).
+    pub env: Vec<(String, String)>,
+    /// A whole `config.toml` used instead of the generated one (e.g. a version 1 config), with `{dir}`
+    /// replaced by the private directory. It must keep root, state and the grpc socket at
+    /// `{dir}/root`, `{dir}/state` and `{dir}/containerd.sock`; `cri` and `extra_config` are ignored.
+    pub config_text: Option<String>,
 }
 
 impl Default for ContainerdOptions {
@@ -108,6 +114,8 @@ impl Default for ContainerdOptions {
             base_dir: None,
             start_timeout: Duration::from_secs(30),
             ctr_timeout: Duration::from_secs(120),
+            env: Vec::new(),
+            config_text: None,
         }
     }
 }
@@ -198,7 +206,10 @@ impl Containerd {
             opt: dir.join("opt"),
         };
         let config_path = dir.join("config.toml");
-        let text = config::render(&layout, opts.cri.as_ref(), opts.debug, &opts.extra_config);
+        let text = match &opts.config_text {
+            Some(text) => text.replace("{dir}", &dir.to_string_lossy()),
+            None => config::render(&layout, opts.cri.as_ref(), opts.debug, &opts.extra_config),
+        };
         let mut this = Self {
             child: None,
             pid: 0,
@@ -227,6 +238,7 @@ impl Containerd {
         cmd.arg("--config")
             .arg(&config_path)
             .env("PATH", shim_path(opts.shim_dir.as_deref()))
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)

@@ -6,7 +6,9 @@
 //! [`skip_unless_containerd!`] macro) first and return early with a printed reason when it says so.
 
 pub mod containerd;
+pub mod cri;
 pub mod image;
+pub mod kata;
 pub mod leaks;
 pub mod process;
 pub mod pty;

@@ -1,0 +1,96 @@
+//! What kata tests need besides containerd: the shim binary, the guest assets and helper daemons, and a
+//! configuration file pointing at them.
+
+use std::path::{Path, PathBuf};
+
+/// Where the parts come from (set by `scripts/test.sh`).
+pub const KERNEL_ENV: &str = "KATA_TEST_KERNEL";
+pub const INITRD_ENV: &str = "KATA_TEST_INITRD";
+pub const VIRTIOFSD_ENV: &str = "KATA_TEST_VIRTIOFSD";
+pub const VSOCK_ENV: &str = "KATA_TEST_VSOCK_DAEMON";
+pub const SHIM_DIR_ENV: &str = "KATA_TEST_SHIM_DIR";
+
+/// Runtime names the how-to uses; both resolve to `containerd-shim-kata-v2`.
+pub const KATA_RUNTIME: &str = "io.containerd.kata.v2";
+pub const KATA_RUN_RUNTIME: &str = "io.containerd.run.kata.v2";
+
+#[derive(Debug, Clone)]
+pub struct KataParts {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub virtiofsd: PathBuf,
+    pub vsock_daemon: PathBuf,
+    /// The directory holding `containerd-shim-kata-v2`.
+    pub shim_dir: PathBuf,
+}
+
+impl KataParts {
+    /// Finds every part, or says which one is missing (the test then skips with that reason).
+    pub fn find() -> Result<Self, String> {
+        let file = |env: &str| -> Result<PathBuf, String> {
+            let p = std::env::var_os(env).map(PathBuf::from).ok_or_else(|| format!("{env} is not set"))?;
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(format!("{env}={} does not exist", p.display()))
+            }
+        };
+        let shim_dir = match std::env::var_os(SHIM_DIR_ENV) {
+            Some(d) => PathBuf::from(d),
+            // Test binaries live in target/<profile>/deps; the shim in target/<profile>.
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent()?.parent().map(Path::to_path_buf))
+                .ok_or("cannot locate the target directory")?,
+        };
+        if !shim_dir.join("containerd-shim-kata-v2").is_file() {
+            return Err(format!(
+                "no containerd-shim-kata-v2 in {} (build it, or set {SHIM_DIR_ENV})",
+                shim_dir.display()
+            ));
+        }
+        Ok(KataParts {
+            kernel: file(KERNEL_ENV)?,
+            initrd: file(INITRD_ENV)?,
+            virtiofsd: file(VIRTIOFSD_ENV)?,
+            vsock_daemon: file(VSOCK_ENV)?,
+            shim_dir,
+        })
+    }
+
+    /// A configuration.toml for these parts (TCG-safe defaults; `accel = "auto"`).
+    pub fn configuration(&self, extra_hypervisor_lines: &str) -> String {
+        format!(
+            "[hypervisor.qemu]\n\
+             path = \"/usr/bin/qemu-system-x86_64\"\n\
+             kernel = \"{}\"\n\
+             initrd = \"{}\"\n\
+             machine_type = \"microvm\"\n\
+             default_memory = 256\n\
+             shared_fs = \"virtio-fs\"\n\
+             virtio_fs_daemon = \"{}\"\n\
+             vsock_daemon = \"{}\"\n\
+             {extra_hypervisor_lines}\n\
+             [agent.kata]\n\
+             dial_timeout = 60\n",
+            self.kernel.display(),
+            self.initrd.display(),
+            self.virtiofsd.display(),
+            self.vsock_daemon.display(),
+        )
+    }
+
+    /// The guest kernel's release, read from the `Linux version ...` banner inside the vmlinux.
+    pub fn kernel_release(&self) -> Option<String> {
+        let bytes = std::fs::read(&self.kernel).ok()?;
+        let marker = b"Linux version ";
+        let at = bytes.windows(marker.len()).position(|w| w == marker)? + marker.len();
+        let end = bytes[at..].iter().position(|b| *b == b' ')? + at;
+        String::from_utf8(bytes[at..end].to_vec()).ok()
+    }
+}
+
+/// The per-sandbox directory kata-rs keeps on the host; must be gone after a test.
+pub fn sandbox_dir(id: &str) -> PathBuf {
+    Path::new("/run/kata-rs").join(id)
+}
