@@ -1,0 +1,405 @@
+//! `AgentClient`: the host side of `kata.agent.v1.Agent`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use protocols::agent as pb;
+use protocols::agent_ttrpc::AgentClient as RpcClient;
+use ttrpc::r#async::{ClientStreamReceiver, ClientStreamSender};
+
+use super::convert::{self, ConvertError};
+use super::transport::{AgentDialer, DialError, HybridVsockDialer};
+use super::types::*;
+
+/// The status code the agent answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpcCode {
+    NotFound,
+    AlreadyExists,
+    InvalidArgument,
+    FailedPrecondition,
+    Unimplemented,
+    DeadlineExceeded,
+    Internal,
+    Other(i32),
+}
+
+impl From<ttrpc::Code> for RpcCode {
+    fn from(c: ttrpc::Code) -> Self {
+        match c {
+            ttrpc::Code::NOT_FOUND => Self::NotFound,
+            ttrpc::Code::ALREADY_EXISTS => Self::AlreadyExists,
+            ttrpc::Code::INVALID_ARGUMENT => Self::InvalidArgument,
+            ttrpc::Code::FAILED_PRECONDITION => Self::FailedPrecondition,
+            ttrpc::Code::UNIMPLEMENTED => Self::Unimplemented,
+            ttrpc::Code::DEADLINE_EXCEEDED => Self::DeadlineExceeded,
+            ttrpc::Code::INTERNAL => Self::Internal,
+            other => Self::Other(other as i32),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error("the agent did not answer within {timeout:?} (last error: {last})")]
+    ConnectTimeout { timeout: Duration, last: String },
+    #[error("agent call {call} failed ({code:?}): {message}")]
+    Rpc { call: &'static str, code: RpcCode, message: String },
+    #[error("agent call {call} timed out after {after:?}")]
+    Timeout { call: &'static str, after: Duration },
+    #[error("agent call {call} failed in transport")]
+    Transport { call: &'static str, #[source] source: ttrpc::Error },
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+}
+
+impl AgentError {
+    /// The agent's status code, when it answered with one.
+    pub fn code(&self) -> Option<RpcCode> {
+        match self {
+            Self::Rpc { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    fn from_ttrpc(call: &'static str, err: ttrpc::Error) -> Self {
+        match err {
+            ttrpc::Error::RpcStatus(s) => {
+                let code = s.code();
+                if code == ttrpc::Code::DEADLINE_EXCEEDED {
+                    return Self::Timeout { call, after: Duration::ZERO };
+                }
+                Self::Rpc { call, code: code.into(), message: s.message().to_string() }
+            }
+            other => Self::Transport { call, source: other },
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, AgentError>;
+
+/// Call timeouts. Calls that wait for the workload (WaitProcess, streams) have none.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Every short call: Check, Signal, Stats, ...
+    pub call: Duration,
+    /// CreateContainer / ExecProcess / StartContainer / RemoveContainer, which fork in the guest.
+    pub container: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self { call: Duration::from_secs(10), container: Duration::from_secs(60) }
+    }
+}
+
+/// A connected client. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct AgentClient {
+    rpc: RpcClient,
+    timeouts: Timeouts,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient").field("timeouts", &self.timeouts).finish_non_exhaustive()
+    }
+}
+
+/// How long one Check attempt may take while the guest boots.
+const CHECK_ATTEMPT: Duration = Duration::from_secs(2);
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+fn ctx(t: Duration) -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(i64::try_from(t.as_nanos()).unwrap_or(i64::MAX))
+}
+
+fn no_timeout() -> ttrpc::context::Context {
+    ttrpc::context::Context::default()
+}
+
+impl AgentClient {
+    /// Connects over hybrid vsock (`uds_path` of vhost-device-vsock or similar) and waits until
+    /// the agent answers Check, retrying until `timeout` passes (the guest may still be booting).
+    pub async fn connect(uds_path: impl Into<PathBuf>, port: u32, timeout: Duration) -> Result<Self> {
+        Self::connect_with(Arc::new(HybridVsockDialer { uds_path: uds_path.into(), port }), timeout).await
+    }
+
+    pub async fn connect_with(dialer: Arc<dyn AgentDialer>, timeout: Duration) -> Result<Self> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::from("no attempt made");
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(AgentError::ConnectTimeout { timeout, last });
+            }
+            let attempt = (deadline - now).min(CHECK_ATTEMPT);
+            match tokio::time::timeout(attempt, Self::try_connect(&*dialer, attempt)).await {
+                Ok(Ok(client)) => return Ok(client),
+                Ok(Err(err)) => last = crate_error_chain(&err),
+                Err(_) => last = format!("Check did not answer within {attempt:?}"),
+            }
+            tokio::time::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now()))).await;
+        }
+    }
+
+    async fn try_connect(dialer: &dyn AgentDialer, attempt: Duration) -> Result<Self> {
+        let socket = dialer.dial().await?;
+        let client = Self { rpc: RpcClient::new(ttrpc::r#async::Client::new(socket)), timeouts: Timeouts::default() };
+        client.rpc.check(ctx(attempt), &pb::Empty::new()).await.map_err(|e| AgentError::from_ttrpc("Check", e))?;
+        Ok(client)
+    }
+
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    pub async fn check(&self) -> Result<AgentVersion> {
+        let v = self.rpc.check(ctx(self.timeouts.call), &pb::Empty::new()).await.map_err(|e| AgentError::from_ttrpc("Check", e))?;
+        Ok(convert::version(v))
+    }
+
+    pub async fn guest_details(&self) -> Result<GuestDetails> {
+        let d = self.rpc.guest_details(ctx(self.timeouts.call), &pb::Empty::new()).await.map_err(|e| AgentError::from_ttrpc("GuestDetails", e))?;
+        Ok(convert::guest_details(d))
+    }
+
+    pub async fn create_sandbox(&self, setup: &SandboxSetup) -> Result<()> {
+        let req = convert::sandbox_request(setup);
+        self.rpc.create_sandbox(ctx(self.timeouts.container), &req).await.map_err(|e| AgentError::from_ttrpc("CreateSandbox", e))?;
+        Ok(())
+    }
+
+    pub async fn destroy_sandbox(&self) -> Result<()> {
+        self.rpc.destroy_sandbox(ctx(self.timeouts.container), &pb::Empty::new()).await.map_err(|e| AgentError::from_ttrpc("DestroySandbox", e))?;
+        Ok(())
+    }
+
+    pub async fn set_guest_time(&self, now: SystemTime) -> Result<()> {
+        let req = pb::SetGuestTimeRequest { host_time_unix_nanos: convert::nanos(now), ..Default::default() };
+        self.rpc.set_guest_time(ctx(self.timeouts.call), &req).await.map_err(|e| AgentError::from_ttrpc("SetGuestTime", e))?;
+        Ok(())
+    }
+
+    /// `oci_spec_json` is the bundle's config.json; `rootfs` is relative to the shared mount
+    /// (or absolute in the guest).
+    pub async fn create_container(&self, container_id: &str, oci_spec_json: &[u8], rootfs: &str) -> Result<()> {
+        let req = pb::CreateContainerRequest { container_id: container_id.into(), oci_spec_json: oci_spec_json.to_vec(), rootfs: rootfs.into(), ..Default::default() };
+        self.rpc.create_container(ctx(self.timeouts.container), &req).await.map_err(|e| AgentError::from_ttrpc("CreateContainer", e))?;
+        Ok(())
+    }
+
+    fn container_req(id: &str) -> pb::ContainerRequest {
+        pb::ContainerRequest { container_id: id.into(), ..Default::default() }
+    }
+
+    pub async fn start_container(&self, container_id: &str) -> Result<()> {
+        self.rpc.start_container(ctx(self.timeouts.container), &Self::container_req(container_id)).await.map_err(|e| AgentError::from_ttrpc("StartContainer", e))?;
+        Ok(())
+    }
+
+    pub async fn remove_container(&self, container_id: &str) -> Result<()> {
+        self.rpc.remove_container(ctx(self.timeouts.container), &Self::container_req(container_id)).await.map_err(|e| AgentError::from_ttrpc("RemoveContainer", e))?;
+        Ok(())
+    }
+
+    pub async fn pause_container(&self, container_id: &str) -> Result<()> {
+        self.rpc.pause_container(ctx(self.timeouts.call), &Self::container_req(container_id)).await.map_err(|e| AgentError::from_ttrpc("PauseContainer", e))?;
+        Ok(())
+    }
+
+    pub async fn resume_container(&self, container_id: &str) -> Result<()> {
+        self.rpc.resume_container(ctx(self.timeouts.call), &Self::container_req(container_id)).await.map_err(|e| AgentError::from_ttrpc("ResumeContainer", e))?;
+        Ok(())
+    }
+
+    /// `linux_resources_json` is an OCI LinuxResources object.
+    pub async fn update_container(&self, container_id: &str, linux_resources_json: &[u8]) -> Result<()> {
+        let req = pb::UpdateContainerRequest { container_id: container_id.into(), linux_resources_json: linux_resources_json.to_vec(), ..Default::default() };
+        self.rpc.update_container(ctx(self.timeouts.call), &req).await.map_err(|e| AgentError::from_ttrpc("UpdateContainer", e))?;
+        Ok(())
+    }
+
+    pub async fn list_processes(&self, container_id: &str) -> Result<Vec<i32>> {
+        let r = self.rpc.list_processes(ctx(self.timeouts.call), &Self::container_req(container_id)).await.map_err(|e| AgentError::from_ttrpc("ListProcesses", e))?;
+        Ok(r.pids)
+    }
+
+    pub async fn stats(&self, container_id: &str) -> Result<ContainerStats> {
+        let r = self.rpc.stats(ctx(self.timeouts.call), &Self::container_req(container_id)).await.map_err(|e| AgentError::from_ttrpc("Stats", e))?;
+        Ok(convert::stats(r))
+    }
+
+    /// `oci_process_json` is an OCI Process object.
+    pub async fn exec_process(&self, container_id: &str, exec_id: &str, oci_process_json: &[u8]) -> Result<()> {
+        let req = pb::ExecProcessRequest { container_id: container_id.into(), exec_id: exec_id.into(), oci_process_json: oci_process_json.to_vec(), ..Default::default() };
+        self.rpc.exec_process(ctx(self.timeouts.container), &req).await.map_err(|e| AgentError::from_ttrpc("ExecProcess", e))?;
+        Ok(())
+    }
+
+    pub async fn signal_process(&self, process: &ProcessRef, signal: u32, all: bool) -> Result<()> {
+        let req = pb::SignalProcessRequest {
+            container_id: process.container_id.clone(),
+            exec_id: process.exec_id.clone().unwrap_or_default(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.rpc.signal_process(ctx(self.timeouts.call), &req).await.map_err(|e| AgentError::from_ttrpc("SignalProcess", e))?;
+        Ok(())
+    }
+
+    /// Waits (without timeout) until the process exits.
+    pub async fn wait_process(&self, process: &ProcessRef) -> Result<ProcessExit> {
+        let r = self.rpc.wait_process(no_timeout(), &convert::process_request(process)).await.map_err(|e| AgentError::from_ttrpc("WaitProcess", e))?;
+        Ok(convert::process_exit(r))
+    }
+
+    /// The process's stdout until EOF. Output written before this call is not lost.
+    pub async fn read_stdout(&self, process: &ProcessRef) -> Result<OutputStream> {
+        let rx = self.rpc.read_stdout(no_timeout(), &convert::process_request(process)).await.map_err(|e| AgentError::from_ttrpc("ReadStdout", e))?;
+        Ok(OutputStream { rx, call: "ReadStdout" })
+    }
+
+    /// The process's stderr until EOF (empty at once for a terminal).
+    pub async fn read_stderr(&self, process: &ProcessRef) -> Result<OutputStream> {
+        let rx = self.rpc.read_stderr(no_timeout(), &convert::process_request(process)).await.map_err(|e| AgentError::from_ttrpc("ReadStderr", e))?;
+        Ok(OutputStream { rx, call: "ReadStderr" })
+    }
+
+    /// Opens a stdin stream to the process.
+    pub async fn stdin(&self, process: &ProcessRef) -> Result<StdinStream> {
+        let tx = self.rpc.write_stdin(no_timeout()).await.map_err(|e| AgentError::from_ttrpc("WriteStdin", e))?;
+        Ok(StdinStream { tx, process: process.clone() })
+    }
+
+    pub async fn close_stdin(&self, process: &ProcessRef) -> Result<()> {
+        self.rpc.close_stdin(ctx(self.timeouts.call), &convert::process_request(process)).await.map_err(|e| AgentError::from_ttrpc("CloseStdin", e))?;
+        Ok(())
+    }
+
+    pub async fn resize_tty(&self, process: &ProcessRef, rows: u32, cols: u32) -> Result<()> {
+        let req = pb::ResizeTtyRequest {
+            container_id: process.container_id.clone(),
+            exec_id: process.exec_id.clone().unwrap_or_default(),
+            rows,
+            cols,
+            ..Default::default()
+        };
+        self.rpc.resize_tty(ctx(self.timeouts.call), &req).await.map_err(|e| AgentError::from_ttrpc("ResizeTty", e))?;
+        Ok(())
+    }
+
+    pub async fn update_interface(&self, iface: &Interface) -> Result<Interface> {
+        let r = self.rpc.update_interface(ctx(self.timeouts.call), &convert::interface_request(iface)).await.map_err(|e| AgentError::from_ttrpc("UpdateInterface", e))?;
+        Ok(convert::interface(r)?)
+    }
+
+    pub async fn update_routes(&self, routes: &[Route]) -> Result<()> {
+        let req = pb::UpdateRoutesRequest { routes: routes.iter().map(convert::route).collect(), ..Default::default() };
+        self.rpc.update_routes(ctx(self.timeouts.call), &req).await.map_err(|e| AgentError::from_ttrpc("UpdateRoutes", e))?;
+        Ok(())
+    }
+
+    pub async fn add_arp_neighbors(&self, neighbors: &[ArpNeighbor]) -> Result<()> {
+        let req = pb::AddArpNeighborsRequest { neighbors: neighbors.iter().map(convert::arp_neighbor).collect(), ..Default::default() };
+        self.rpc.add_arp_neighbors(ctx(self.timeouts.call), &req).await.map_err(|e| AgentError::from_ttrpc("AddArpNeighbors", e))?;
+        Ok(())
+    }
+
+    /// A stream of container ids, one per OOM kill.
+    pub async fn oom_events(&self) -> Result<OomStream> {
+        let rx = self.rpc.oom_events(no_timeout(), &pb::Empty::new()).await.map_err(|e| AgentError::from_ttrpc("OomEvents", e))?;
+        Ok(OomStream { rx })
+    }
+}
+
+fn crate_error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut src = err.source();
+    while let Some(e) = src {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        src = e.source();
+    }
+    s
+}
+
+/// Output of one process stream; `next` returns None at EOF.
+pub struct OutputStream {
+    rx: ClientStreamReceiver<pb::OutputChunk>,
+    call: &'static str,
+}
+
+impl std::fmt::Debug for OutputStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutputStream").field("call", &self.call).finish_non_exhaustive()
+    }
+}
+
+impl OutputStream {
+    pub async fn next(&mut self) -> Result<Option<Vec<u8>>> {
+        let call = self.call;
+        Ok(self.rx.recv().await.map_err(|e| AgentError::from_ttrpc(call, e))?.map(|c| c.data))
+    }
+
+    /// Everything until EOF.
+    pub async fn read_to_end(&mut self) -> Result<Vec<u8>> {
+        let mut all = Vec::new();
+        while let Some(chunk) = self.next().await? {
+            all.extend(chunk);
+        }
+        Ok(all)
+    }
+}
+
+/// Stdin of one process.
+pub struct StdinStream {
+    tx: ClientStreamSender<pb::StdinChunk, pb::Empty>,
+    process: ProcessRef,
+}
+
+impl std::fmt::Debug for StdinStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StdinStream").field("process", &self.process).finish_non_exhaustive()
+    }
+}
+
+impl StdinStream {
+    pub async fn write(&self, data: &[u8]) -> Result<()> {
+        let chunk = pb::StdinChunk {
+            container_id: self.process.container_id.clone(),
+            exec_id: self.process.exec_id.clone().unwrap_or_default(),
+            data: data.to_vec(),
+            ..Default::default()
+        };
+        self.tx.send(&chunk).await.map_err(|e| AgentError::from_ttrpc("WriteStdin", e))
+    }
+
+    /// Ends the stream (stdin of the process stays open; see `AgentClient::close_stdin`).
+    pub async fn finish(mut self) -> Result<()> {
+        self.tx.close_and_recv().await.map_err(|e| AgentError::from_ttrpc("WriteStdin", e))?;
+        Ok(())
+    }
+}
+
+/// OOM events; `next` returns the container id of each OOM kill.
+pub struct OomStream {
+    rx: ClientStreamReceiver<pb::OomEvent>,
+}
+
+impl std::fmt::Debug for OomStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OomStream").finish_non_exhaustive()
+    }
+}
+
+impl OomStream {
+    pub async fn next(&mut self) -> Result<Option<String>> {
+        Ok(self.rx.recv().await.map_err(|e| AgentError::from_ttrpc("OomEvents", e))?.map(|e| e.container_id))
+    }
+}

@@ -1,0 +1,17 @@
+//! The host side of the agent protocol: [`AgentClient`] over an [`AgentDialer`].
+//!
+//! Wire types never leave this module: callers use the types in [`types`], and `convert` is
+//! the only place that maps between the two.
+
+mod client;
+mod convert;
+mod transport;
+pub mod types;
+
+pub use client::{AgentClient, AgentError, OomStream, OutputStream, RpcCode, StdinStream, Timeouts};
+pub use convert::ConvertError;
+pub use transport::{AgentDialer, DialError, HybridVsockDialer};
+pub use types::*;
+
+/// The vsock port the agent listens on.
+pub const AGENT_PORT: u32 = protocols::AGENT_VSOCK_PORT;

@@ -1,0 +1,64 @@
+//! How the host reaches the agent. Only hybrid vsock exists today; the trait keeps the door
+//! open for a virtio-serial port (which, unlike vhost-user vsock, survives VM migration).
+
+use std::fmt::Debug;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use ttrpc::r#async::transport::Socket;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("cannot connect to {path}")]
+    Connect { path: PathBuf, #[source] source: std::io::Error },
+    #[error("hybrid vsock handshake on {path} failed")]
+    Handshake { path: PathBuf, #[source] source: std::io::Error },
+    #[error("hybrid vsock at {path} refused port {port}: {reply:?}")]
+    Refused { path: PathBuf, port: u32, reply: String },
+}
+
+/// Opens one byte stream to the agent's ttrpc server.
+#[async_trait]
+pub trait AgentDialer: Debug + Send + Sync {
+    async fn dial(&self) -> Result<Socket, DialError>;
+}
+
+/// vhost-device-vsock's (and Firecracker's / Cloud Hypervisor's) host-side unix socket:
+/// `CONNECT <port>\n`, answered by `OK <host port>\n`.
+#[derive(Debug, Clone)]
+pub struct HybridVsockDialer {
+    pub uds_path: PathBuf,
+    pub port: u32,
+}
+
+/// The reply line is at most this long; anything longer is not a hybrid vsock server.
+const MAX_REPLY: usize = 64;
+
+#[async_trait]
+impl AgentDialer for HybridVsockDialer {
+    async fn dial(&self) -> Result<Socket, DialError> {
+        let path = self.uds_path.clone();
+        let mut stream = UnixStream::connect(&path).await.map_err(|source| DialError::Connect { path: path.clone(), source })?;
+        let hs = |source| DialError::Handshake { path: path.clone(), source };
+        stream.write_all(format!("CONNECT {}\n", self.port).as_bytes()).await.map_err(hs)?;
+        // Byte by byte, so no ttrpc bytes after the newline are swallowed.
+        let mut reply = Vec::new();
+        loop {
+            let b = stream.read_u8().await.map_err(hs)?;
+            if b == b'\n' {
+                break;
+            }
+            reply.push(b);
+            if reply.len() > MAX_REPLY {
+                break;
+            }
+        }
+        let reply = String::from_utf8_lossy(&reply).into_owned();
+        if !reply.starts_with("OK ") {
+            return Err(DialError::Refused { path, port: self.port, reply });
+        }
+        Ok(Socket::from(stream))
+    }
+}

@@ -1,0 +1,251 @@
+//! One sandbox = one VM: boot it, connect the agent, place container rootfs in the shared directory, tear it
+//! all down again. The shim drives this; nothing here knows about containerd.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hypervisor::{Hypervisor, QemuVm, VmExit, SHARED_FS_TAG};
+use oci_spec::runtime::Spec;
+use tokio::sync::watch;
+use types::config::{self, Config};
+
+use crate::agent::{AgentClient, AgentError, SandboxSetup, SharedFsMount, SharedFsType, AGENT_PORT};
+use crate::mounts::{self, MountSpec, MountSyscalls};
+use crate::paths::{self, SandboxPaths};
+use crate::spec::{self, SpecError};
+use crate::state::{self, SandboxState, StateError};
+use crate::vm_config::{self, VmConfigError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("{0}")]
+    InvalidId(String),
+    #[error(transparent)]
+    VmConfig(#[from] VmConfigError),
+    #[error("create {path}: {source}")]
+    Dir { path: PathBuf, source: std::io::Error },
+    #[error("start the VM: {0}")]
+    Vm(#[source] hypervisor::Error),
+    #[error("the VM has no agent socket (no vsock daemon configured)")]
+    NoAgentSocket,
+    #[error("connect to the agent: {source}; last lines of the guest console:\n{console}")]
+    Connect { source: AgentError, console: String },
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Mount(#[from] mounts::MountError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+}
+
+/// What a sandbox needs to start.
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    pub id: String,
+    /// The effective configuration (annotations already applied).
+    pub config: Config,
+    /// Parent of the per-sandbox directories, normally [`paths::DEFAULT_ROOT`].
+    pub root: PathBuf,
+    pub hostname: String,
+    /// resolv.conf lines for the guest.
+    pub dns: Vec<String>,
+}
+
+/// Where a container's root filesystem comes from on the host.
+#[derive(Debug, Clone)]
+pub enum Rootfs {
+    /// containerd's rootfs mounts (e.g. one overlay); mounted into the shared directory.
+    Mounts(Vec<MountSpec>),
+    /// An already prepared directory (the bundle's `rootfs/`), bind-mounted into the shared directory.
+    Dir(PathBuf),
+}
+
+#[derive(Debug)]
+pub struct Sandbox {
+    id: String,
+    paths: SandboxPaths,
+    vm: Arc<QemuVm>,
+    agent: AgentClient,
+    sys: Arc<dyn MountSyscalls>,
+    vm_exit: watch::Receiver<Option<VmExit>>,
+}
+
+impl std::fmt::Debug for dyn MountSyscalls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MountSyscalls")
+    }
+}
+
+impl Sandbox {
+    /// Boots the VM and connects the agent. On failure everything created so far is torn down.
+    pub async fn start(opts: SandboxOptions, sys: Arc<dyn MountSyscalls>) -> Result<Self, SandboxError> {
+        paths::check_id("sandbox", &opts.id).map_err(SandboxError::InvalidId)?;
+        let sandbox_paths = SandboxPaths::new(&opts.root, &opts.id);
+        if sandbox_paths.root.exists() {
+            // Left over by a crashed shim with the same id: clean it before reuse.
+            state::cleanup(&*sys, &sandbox_paths).await?;
+        }
+        match Self::boot(&opts, &sandbox_paths, sys.clone()).await {
+            Ok(sandbox) => Ok(sandbox),
+            Err(e) => {
+                if let Err(clean) = state::cleanup(&*sys, &sandbox_paths).await {
+                    tracing::warn!("cleanup after failed start of {}: {clean}", opts.id);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot(opts: &SandboxOptions, p: &SandboxPaths, sys: Arc<dyn MountSyscalls>) -> Result<Self, SandboxError> {
+        for dir in [p.root.clone(), p.shared_dir()] {
+            std::fs::create_dir_all(&dir).map_err(|source| SandboxError::Dir { path: dir.clone(), source })?;
+        }
+        mounts::make_shared_mount_point(&*sys, &p.shared_dir())?;
+        let vm = Arc::new(QemuVm::new(vm_config::vm_config(&opts.id, &opts.config, p)?));
+        let mut state = SandboxState { sandbox_id: opts.id.clone(), processes: vec![], shim_pid: Some(std::process::id()) };
+        let started = vm.start().await;
+        // Persist whatever got started, even on failure, so cleanup can find it.
+        state.processes = vm.pids();
+        state.save(&p.state_file())?;
+        if let Err(e) = started {
+            return Err(SandboxError::Vm(e));
+        }
+        let (exit_tx, vm_exit) = watch::channel(None);
+        let watched = vm.clone();
+        tokio::spawn(async move {
+            if let Ok(exit) = watched.wait().await {
+                let _ = exit_tx.send(Some(exit));
+            }
+        });
+        let socket = vm.agent_socket().ok_or(SandboxError::NoAgentSocket)?;
+        let dial_timeout = Duration::from_secs(u64::from(opts.config.agent.dial_timeout.max(1)));
+        let agent = match AgentClient::connect(socket, AGENT_PORT, dial_timeout).await {
+            Ok(agent) => agent,
+            Err(source) => {
+                let console = tail(&vm.console_log(), 20);
+                let _ = vm.stop().await;
+                return Err(SandboxError::Connect { source, console });
+            }
+        };
+        let fs_type = match opts.config.hypervisor.shared_fs {
+            config::SharedFs::VirtioFs => SharedFsType::VirtioFs,
+            config::SharedFs::Virtio9p => SharedFsType::NineP,
+        };
+        let setup = SandboxSetup {
+            sandbox_id: opts.id.clone(),
+            hostname: opts.hostname.clone(),
+            dns: opts.dns.clone(),
+            shared_fs: Some(SharedFsMount { fs_type, tag: SHARED_FS_TAG.to_string(), mount_point: None }),
+            host_time: Some(SystemTime::now()),
+        };
+        if let Err(e) = agent.create_sandbox(&setup).await {
+            let _ = vm.stop().await;
+            return Err(e.into());
+        }
+        Ok(Sandbox { id: opts.id.clone(), paths: p.clone(), vm, agent, sys, vm_exit })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The agent, for process-level calls (exec, signal, wait, IO streams, stats).
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    pub fn vm(&self) -> &Arc<QemuVm> {
+        &self.vm
+    }
+
+    /// Changes to `Some(exit)` when the VM process dies, for whatever reason.
+    pub fn vm_exit(&self) -> watch::Receiver<Option<VmExit>> {
+        self.vm_exit.clone()
+    }
+
+    /// Mounts the rootfs into the shared directory and creates the container in the guest (not started).
+    pub async fn create_container(&self, id: &str, spec: &Spec, rootfs: &Rootfs) -> Result<(), SandboxError> {
+        paths::check_id("container", id).map_err(SandboxError::InvalidId)?;
+        let target = self.paths.container_rootfs(id);
+        match rootfs {
+            Rootfs::Mounts(list) if list.len() == 1 => mounts::mount(&*self.sys, &list[0], &target)?,
+            Rootfs::Mounts(list) => return Err(SpecError::Rootfs(format!("{} rootfs mounts; expected 1", list.len())).into()),
+            Rootfs::Dir(dir) => {
+                let bind = MountSpec { kind: "bind".into(), source: dir.display().to_string(), options: vec!["rbind".into()] };
+                mounts::mount(&*self.sys, &bind, &target)?
+            }
+        }
+        let result = async {
+            let (guest_spec, binds) = spec::for_guest(spec, id)?;
+            for bind in &binds {
+                self.share_bind(bind)?;
+            }
+            self.agent.create_container(id, &guest_spec, &SandboxPaths::guest_rootfs(id)).await?;
+            Ok::<_, SandboxError>(())
+        }
+        .await;
+        if result.is_err() {
+            self.release_container_mounts(id);
+        }
+        result
+    }
+
+    /// Bind-mounts a host path of a volume into the shared directory (a file onto a file, a dir onto a dir).
+    fn share_bind(&self, bind: &spec::SharedBind) -> Result<(), SandboxError> {
+        let target = self.paths.shared_dir().join(&bind.shared_path);
+        if bind.host_source.is_file() {
+            let parent = target.parent().unwrap_or(&target).to_path_buf();
+            std::fs::create_dir_all(&parent).map_err(|source| SandboxError::Dir { path: parent, source })?;
+            std::fs::write(&target, b"").map_err(|source| SandboxError::Dir { path: target.clone(), source })?;
+        }
+        let mut options = vec!["rbind".to_string()];
+        if bind.read_only {
+            options.push("ro".to_string());
+        }
+        let spec = MountSpec { kind: "bind".into(), source: bind.host_source.display().to_string(), options };
+        mounts::mount(&*self.sys, &spec, &target)?;
+        Ok(())
+    }
+
+    /// Removes the container in the guest and its mounts on the host.
+    pub async fn remove_container(&self, id: &str) -> Result<(), SandboxError> {
+        let removed = self.agent.remove_container(id).await;
+        self.release_container_mounts(id);
+        removed.map_err(Into::into)
+    }
+
+    fn release_container_mounts(&self, id: &str) {
+        let dir = self.paths.shared_dir().join(id);
+        for target in mounts::mounts_under(&dir) {
+            if let Err(e) = mounts::unmount(&*self.sys, &target) {
+                tracing::warn!("{e}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Stops the VM and removes everything on the host. Safe to call more than once.
+    pub async fn stop(&self) -> Result<(), SandboxError> {
+        if self.vm_exit.borrow().is_none() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.agent.destroy_sandbox()).await;
+        }
+        let stopped = self.vm.stop().await;
+        state::cleanup(&*self.sys, &self.paths).await?;
+        stopped.map_err(SandboxError::Vm)
+    }
+}
+
+/// The last `n` lines of a text file, or a note saying why there are none.
+pub fn tail(path: &Path, n: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("({}: {e})", path.display()),
+    }
+}

@@ -1,0 +1,128 @@
+//! Rewrites a container's OCI spec from the host's point of view to the guest's.
+//!
+//! Host-only parts are dropped: namespace paths (they name host processes), hooks (they would run host
+//! binaries), and the network namespace (the VM is the pod's network namespace, so containers share it).
+//! Host bind mounts are shared into the guest and their sources rewritten.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
+
+use crate::paths::GUEST_SHARED_DIR;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("invalid rootfs: {0}")]
+    Rootfs(String),
+    #[error("encode the OCI spec: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("mount {destination}: source {} does not exist on the host", path.display())]
+    MissingSource { destination: String, path: PathBuf },
+}
+
+/// A host path to share into the guest for one bind mount of the spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedBind {
+    pub host_source: PathBuf,
+    /// Relative to the sandbox's shared directory.
+    pub shared_path: String,
+    pub read_only: bool,
+}
+
+pub fn is_bind(m: &Mount) -> bool {
+    m.typ().as_deref() == Some("bind")
+        || m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+/// Returns the guest spec (as JSON) and the host paths that must be shared for its bind mounts.
+pub fn for_guest(spec: &Spec, container_id: &str) -> Result<(Vec<u8>, Vec<SharedBind>), SpecError> {
+    let mut spec = spec.clone();
+    spec.set_hooks(None);
+    if let Some(linux) = spec.linux_mut() {
+        if let Some(namespaces) = linux.namespaces_mut() {
+            namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
+            for ns in namespaces.iter_mut() {
+                ns.set_path(None);
+            }
+        }
+        linux.set_cgroups_path(Some(PathBuf::from(format!("/kata/{container_id}"))));
+    }
+    let mut binds = Vec::new();
+    if let Some(list) = spec.mounts_mut() {
+        for (i, m) in list.iter_mut().enumerate() {
+            if !is_bind(m) {
+                continue;
+            }
+            let source = m.source().clone().unwrap_or_default();
+            if !source.exists() {
+                return Err(SpecError::MissingSource { destination: m.destination().display().to_string(), path: source });
+            }
+            let shared_path = format!("{container_id}/mounts/{i}");
+            let read_only = m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == "ro"));
+            m.set_source(Some(Path::new(GUEST_SHARED_DIR).join(&shared_path)));
+            binds.push(SharedBind { host_source: source, shared_path, read_only });
+        }
+    }
+    Ok((serde_json::to_vec(&spec)?, binds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_from(json: serde_json::Value) -> Spec {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn host_only_parts_are_dropped() {
+        let spec = spec_from(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "hooks": {"prestart": [{"path": "/usr/bin/host-hook"}]},
+            "linux": {
+                "cgroupsPath": "system.slice:cri-containerd:abc",
+                "namespaces": [
+                    {"type": "pid"},
+                    {"type": "network", "path": "/var/run/netns/cni-1"},
+                    {"type": "ipc", "path": "/proc/42/ns/ipc"}
+                ]
+            }
+        }));
+        let (json, binds) = for_guest(&spec, "c1").unwrap();
+        assert!(binds.is_empty());
+        let out: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert!(out.get("hooks").is_none() || out["hooks"].is_null());
+        assert_eq!(out["linux"]["cgroupsPath"], "/kata/c1");
+        let ns = out["linux"]["namespaces"].as_array().unwrap();
+        assert_eq!(ns.len(), 2);
+        assert!(ns.iter().all(|n| n.get("path").is_none()), "{ns:?}");
+    }
+
+    #[test]
+    fn bind_mounts_are_shared_and_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec_from(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/data", "type": "bind", "source": dir.path(), "options": ["rbind", "ro"]}
+            ]
+        }));
+        let (json, binds) = for_guest(&spec, "c1").unwrap();
+        assert_eq!(binds, [SharedBind { host_source: dir.path().into(), shared_path: "c1/mounts/1".into(), read_only: true }]);
+        let out: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(out["mounts"][1]["source"], "/run/kata-containers/shared/c1/mounts/1");
+        assert_eq!(out["mounts"][0]["source"], "proc");
+    }
+
+    #[test]
+    fn missing_bind_source_is_named() {
+        let spec = spec_from(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "mounts": [{"destination": "/data", "type": "bind", "source": "/nonexistent/x", "options": ["rbind"]}]
+        }));
+        let err = for_guest(&spec, "c1").unwrap_err().to_string();
+        assert_eq!(err, "mount /data: source /nonexistent/x does not exist on the host");
+    }
+}
