@@ -5,32 +5,22 @@
 //! Runs under TCG; one VM boot serves every step, each printed as it passes.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
+use hypervisor::{Hypervisor, QemuVm, SharedFs, VmConfig};
 use runtime::agent::{AgentClient, ProcessRef, RpcCode, SandboxSetup, SharedFsMount, SharedFsType};
 
 fn env_path(name: &str) -> Option<PathBuf> {
     std::env::var_os(name).map(PathBuf::from).filter(|p| p.exists())
 }
 
-/// A VM and its vsock helper; both are killed by PID when dropped.
+/// The VM under test: the hypervisor crate's `QemuVm` (microvm, virtio-fs, hybrid vsock), the same path the
+/// shim uses.
 struct TestVm {
-    children: Vec<Child>,
+    vm: QemuVm,
     vsock_uds: PathBuf,
     console: PathBuf,
-}
-
-impl Drop for TestVm {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.print_console();
-        }
-        for child in self.children.iter_mut().rev() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 impl TestVm {
@@ -42,59 +32,18 @@ impl TestVm {
     }
 }
 
-fn host_tsc_khz() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = info.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
-    Some((mhz * 1000.0) as u64)
-}
-
-/// Starts vhost-device-vsock and QEMU (microvm, TCG) sharing `share` over 9p as `kataShared`.
-/// The only piece that knows about QEMU: swap it for the hypervisor crate's QemuVm later.
-fn start_vm(dir: &Path, kernel: &Path, initrd: &Path, vsock_daemon: &Path, share: &Path) -> TestVm {
-    let vhost = dir.join("vhost.sock");
-    let uds = dir.join("vsock.sock");
-    let console = dir.join("console.log");
-    let mut vm = TestVm { children: Vec::new(), vsock_uds: uds.clone(), console: console.clone() };
-    let daemon = Command::new(vsock_daemon)
-        .arg("--vm")
-        .arg(format!("guest-cid=3,socket={},uds-path={}", vhost.display(), uds.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("vsock.log")).expect("vsock log"))
-        .spawn()
-        .expect("start vhost-device-vsock");
-    vm.children.push(daemon);
-    let t0 = Instant::now();
-    while !vhost.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "vhost-device-vsock did not create {}", vhost.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut append = String::from("console=ttyS0 reboot=t panic=-1 quiet agent.debug");
-    if let Some(khz) = host_tsc_khz() {
-        append.push_str(&format!(" tsc_early_khz={khz}"));
-    }
-    let qemu = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm,pit=on,pic=off,isa-serial=on,rtc=on,memory-backend=mem"])
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1"])
-        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-        .args(["-chardev", &format!("socket,id=vs,path={}", vhost.display())])
-        .args(["-device", "vhost-user-vsock-device,chardev=vs"])
-        .args(["-fsdev", &format!("local,id=fs0,path={},security_model=none", share.display())])
-        .args(["-device", "virtio-9p-device,fsdev=fs0,mount_tag=kataShared"])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .args(["-serial", &format!("file:{}", console.display())])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", &append])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("qemu.log")).expect("qemu log"))
-        .spawn()
-        .expect("start qemu-system-x86_64");
-    vm.children.push(qemu);
-    vm
+async fn start_vm(dir: &Path, kernel: &Path, initrd: &Path, vsock_daemon: &Path, virtiofsd: &Path, share: &Path) -> TestVm {
+    let mut config = VmConfig::new("agent-vm-test", "/usr/bin/qemu-system-x86_64", kernel, dir.join("vm"));
+    config.initrd = Some(initrd.to_path_buf());
+    config.vsock_daemon = Some(vsock_daemon.to_path_buf());
+    config.kernel_params = vec!["agent.debug".into()];
+    config.shared_fs =
+        SharedFs::VirtioFs { daemon: virtiofsd.to_path_buf(), extra_args: vec![], shared_dir: share.to_path_buf() };
+    let vm = QemuVm::new(config);
+    vm.start().await.expect("VM starts");
+    let vsock_uds = vm.agent_socket().expect("the VM has a vsock device");
+    let console = vm.console_log();
+    TestVm { vm, vsock_uds, console }
 }
 
 /// A busybox rootfs: Debian's static busybox plus one link per applet. The links are made
@@ -176,21 +125,33 @@ fn step(name: &str, t0: Instant) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_runs_containers_in_a_vm() {
-    let (Some(kernel), Some(initrd), Some(daemon)) =
-        (env_path("KATA_TEST_KERNEL"), env_path("KATA_TEST_INITRD"), env_path("KATA_TEST_VSOCK_DAEMON"))
-    else {
-        println!("skipped: set KATA_TEST_KERNEL, KATA_TEST_INITRD and KATA_TEST_VSOCK_DAEMON to existing files");
+    let (Some(kernel), Some(initrd), Some(daemon), Some(virtiofsd)) = (
+        env_path("KATA_TEST_KERNEL"),
+        env_path("KATA_TEST_INITRD"),
+        env_path("KATA_TEST_VSOCK_DAEMON"),
+        env_path("KATA_TEST_VIRTIOFSD"),
+    ) else {
+        println!(
+            "skipped: set KATA_TEST_KERNEL, KATA_TEST_INITRD, KATA_TEST_VSOCK_DAEMON and KATA_TEST_VIRTIOFSD to existing files"
+        );
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let share = dir.path().join("shared");
     make_rootfs(&share.join("rootfs"));
-    let vm = start_vm(dir.path(), &kernel, &initrd, &daemon, &share);
+    let vm = start_vm(dir.path(), &kernel, &initrd, &daemon, &virtiofsd, &share).await;
+    let pids: Vec<u32> = vm.vm.pids().iter().map(|p| p.pid).collect();
     let result = tokio::time::timeout(Duration::from_secs(600), scenario(&vm)).await;
     if !matches!(result, Ok(Ok(()))) {
         vm.print_console();
     }
-    drop(vm);
+    vm.vm.stop().await.expect("VM stops");
+    for pid in pids {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie_or_gone = state.is_empty() || state.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
+        assert!(zombie_or_gone, "VM process {pid} still running after stop");
+    }
+    assert!(!dir.path().join("vm").exists(), "the VM's work dir must be removed by stop");
     match result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => panic!("{e}"),
@@ -211,12 +172,12 @@ async fn scenario(vm: &TestVm) -> Result<(), String> {
             sandbox_id: "sb1".into(),
             hostname: "kata-sandbox".into(),
             dns: vec!["nameserver 10.0.2.3".into()],
-            shared_fs: Some(SharedFsMount { fs_type: SharedFsType::NineP, tag: "kataShared".into(), mount_point: None }),
+            shared_fs: Some(SharedFsMount { fs_type: SharedFsType::VirtioFs, tag: "kataShared".into(), mount_point: None }),
             host_time: Some(SystemTime::now()),
         })
         .await
         .map_err(|e| e.to_string())?;
-    step("create_sandbox (9p share, hostname, clock, dns)", t);
+    step("create_sandbox (virtio-fs share, hostname, clock, dns)", t);
 
     let t = Instant::now();
     let (code, out, err) = run_container(&agent, "echo", &["echo", "hi"]).await;
