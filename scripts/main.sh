@@ -3,3 +3,5 @@
 source "$(dirname "$0")/lib.sh"
 bash "$REPO/scripts/setup.sh"
 step "kata-runtime check" kata-runtime check
+cd "$REPO"
+step "run containers in VMs through containerd" cargo run --release -q -p e2e --bin kata-demo

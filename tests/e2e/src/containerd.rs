@@ -179,6 +179,17 @@ pub struct Containerd {
     ctr_bin: PathBuf,
     ctr_timeout: Duration,
     keep: bool,
+    /// How to launch containerd again (see [`Containerd::restart`]).
+    launch: Launch,
+}
+
+#[derive(Debug, Clone)]
+struct Launch {
+    bin: PathBuf,
+    config_path: PathBuf,
+    path_env: std::ffi::OsString,
+    env: Vec<(String, String)>,
+    start_timeout: Duration,
 }
 
 impl Containerd {
@@ -219,40 +230,57 @@ impl Containerd {
             ctr_bin,
             ctr_timeout: opts.ctr_timeout,
             keep: std::env::var_os(KEEP_ENV).is_some_and(|v| !v.is_empty() && v != "0"),
+            launch: Launch {
+                bin: containerd_bin.clone(),
+                config_path: config_path.clone(),
+                path_env: shim_path(opts.shim_dir.as_deref()),
+                env: opts.env.clone(),
+                start_timeout: opts.start_timeout,
+            },
         };
         // From here on, Drop removes the directory if anything fails.
         fs::write(&config_path, text).map_err(|source| ContainerdError::Write {
             path: config_path.clone(),
             source,
         })?;
-        let log_path = this.log_path();
-        let log = fs::File::create(&log_path).map_err(|source| ContainerdError::Write {
-            path: log_path.clone(),
-            source,
-        })?;
-        let log_err = log.try_clone().map_err(|source| ContainerdError::Write {
-            path: log_path.clone(),
-            source,
-        })?;
-        let mut cmd = Command::new(&containerd_bin);
+        this.spawn()?;
+        this.wait_ready(opts.start_timeout)?;
+        Ok(this)
+    }
+
+    /// Starts the containerd process (log appended) and waits until it answers.
+    fn spawn(&mut self) -> Result<(), ContainerdError> {
+        let log_path = self.log_path();
+        let open_log = || {
+            fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|source| {
+                ContainerdError::Write { path: log_path.clone(), source }
+            })
+        };
+        let (log, log_err) = (open_log()?, open_log()?);
+        let mut cmd = Command::new(&self.launch.bin);
         cmd.arg("--config")
-            .arg(&config_path)
-            .env("PATH", shim_path(opts.shim_dir.as_deref()))
-            .envs(opts.env.iter().map(|(k, v)| (k, v)))
+            .arg(&self.launch.config_path)
+            .env("PATH", &self.launch.path_env)
+            .envs(self.launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
-            .current_dir(&dir)
+            .current_dir(&self.dir)
             // Its own process group: a Ctrl-C meant for the test runner reaches containerd only via Drop.
             .process_group(0);
-        let child = cmd.spawn().map_err(|source| ContainerdError::Spawn {
-            path: containerd_bin.clone(),
-            source,
-        })?;
-        this.pid = child.id();
-        this.child = Some(child);
-        this.wait_ready(opts.start_timeout)?;
-        Ok(this)
+        let child = cmd.spawn().map_err(|source| ContainerdError::Spawn { path: self.launch.bin.clone(), source })?;
+        self.pid = child.id();
+        self.child = Some(child);
+        self.wait_ready(self.launch.start_timeout)
+    }
+
+    /// Stops containerd with SIGTERM (leaving shims and tasks alone, as a service restart does) and starts it
+    /// again on the same state, as `systemctl restart containerd` would.
+    pub fn restart(&mut self) -> Result<(), ContainerdError> {
+        if let Some(mut child) = self.child.take() {
+            let _ = process::terminate_child(&mut child, Duration::from_secs(10));
+        }
+        self.spawn()
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), ContainerdError> {

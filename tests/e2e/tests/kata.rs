@@ -171,7 +171,7 @@ fn interactive_tty_shell() {
 }
 
 #[test]
-fn task_exec_ps_metrics_pause_resume_and_kill() {
+fn task_exec_ps_metrics_pause_resume_kill_and_containerd_restart() {
     let Some(k) = start() else { return };
     let id = unique_id("tasks");
     // PID 1 of a PID namespace only gets signals it handles: trap TERM so SIGTERM ends it with 143.
@@ -202,6 +202,12 @@ fn task_exec_ps_metrics_pause_resume_and_kill() {
     let killed = unique_id("sigkill");
     run_detached(&k, &killed, &["sleep", "300"]);
     wait_status(&k, &killed, "RUNNING", RUN_TIMEOUT);
+    // A containerd restart leaves the task running, and containerd reconnects to its shim.
+    let mut k = k;
+    k.containerd.restart().expect("containerd restarts");
+    wait_status(&k, &killed, "RUNNING", Duration::from_secs(30));
+    let out = ctr_ok(&k, &["task", "exec", "--exec-id", "after-restart", &killed, "echo", "still-here"]);
+    assert_eq!(out, "still-here\n");
     ctr_ok(&k, &["task", "kill", "-s", "SIGKILL", &killed]);
     wait_status(&k, &killed, "STOPPED", Duration::from_secs(60));
     assert_deleted_with_status(&k, &killed, 137);
