@@ -2,7 +2,9 @@
 //!
 //! The runtime maps `types`' configuration onto [`VmConfig`]; nothing here knows about TOML keys.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +35,10 @@ pub struct VmConfig {
     pub work_dir: PathBuf,
     /// Boot without `quiet`, so the whole kernel log lands in the console log.
     pub debug: bool,
+    /// Guest NICs backed by tap devices the caller opened. Open fds cannot be persisted: serialising a config
+    /// leaves them out, and a deserialised config has none.
+    #[serde(skip)]
+    pub net_devices: Vec<NetDevice>,
 }
 
 impl VmConfig {
@@ -58,9 +64,35 @@ impl VmConfig {
             vsock_daemon: None,
             work_dir: work_dir.into(),
             debug: false,
+            net_devices: Vec::new(),
         }
     }
 }
+
+/// A virtio-net NIC whose host side is an open tap device.
+///
+/// The caller opens the tap (`/dev/net/tun`, `IFF_TAP | IFF_NO_PI`, usually `IFF_VNET_HDR`, close-on-exec) in
+/// whatever network namespace it lives in, so QEMU itself never changes namespace. QEMU receives a duplicate of
+/// `fd` at a fixed number, made in the child between fork and exec; the caller's copy keeps `FD_CLOEXEC` and
+/// stays open for as long as any clone of the config (the `QemuVm` holds one) is alive. QEMU probes
+/// `IFF_VNET_HDR` on the fd itself.
+#[derive(Debug, Clone)]
+pub struct NetDevice {
+    /// QEMU's id for the netdev (`net0`): letters, digits, `-`, `_`, `.`, starting with a letter; unique per VM.
+    pub id: String,
+    /// The guest NIC's MAC, `aa:bb:cc:dd:ee:ff` (unicast).
+    pub mac: String,
+    pub fd: Arc<OwnedFd>,
+}
+
+/// Equal when they name the same id and MAC and hold the same open fd (same number in this process).
+impl PartialEq for NetDevice {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id && self.mac == other.mac && self.fd.as_raw_fd() == other.fd.as_raw_fd()
+    }
+}
+
+impl Eq for NetDevice {}
 
 /// QEMU machine type. Devices are virtio-mmio on `microvm` and virtio-pci on `q35`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

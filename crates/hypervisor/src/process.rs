@@ -8,12 +8,15 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
+use nix::fcntl::{fcntl, FcntlArg};
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::unistd::{dup2, Pid};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
@@ -95,12 +98,15 @@ pub(crate) struct ManagedChild {
 }
 
 impl ManagedChild {
-    /// Starts `program args`, stdout and stderr appended to `log`.
+    /// Starts `program args`, stdout and stderr appended to `log`. The child gets `inherit[i]` as fd
+    /// `first_fd + i`; the caller's fds keep their close-on-exec flag (see [`dup_for_exec`]).
     pub(crate) fn spawn(
         role: ProcessRole,
         program: &Path,
         args: &[String],
         log: &Path,
+        inherit: &[Arc<OwnedFd>],
+        first_fd: RawFd,
     ) -> Result<Self> {
         let out = File::options()
             .create(true)
@@ -110,18 +116,28 @@ impl ManagedChild {
         let err = out
             .try_clone()
             .map_err(Error::io(format!("cannot open log file {}", log.display())))?;
-        let mut child = tokio::process::Command::new(program)
+        let mut command = tokio::process::Command::new(program);
+        command
             .args(args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| Error::Spawn {
-                role,
-                program: program.to_owned(),
-                source,
-            })?;
+            .kill_on_drop(true);
+        if !inherit.is_empty() {
+            // The closure sees plain numbers; `inherit` keeps the fds open until `spawn` has returned.
+            let sources: Vec<RawFd> = inherit.iter().map(|fd| fd.as_raw_fd()).collect();
+            let mut staged = vec![0; sources.len()];
+            // SAFETY: the closure runs in the child between fork and exec, and only calls fcntl and dup2, which
+            // are async-signal-safe; it allocates nothing (both Vecs were built before the fork).
+            unsafe {
+                command.pre_exec(move || dup_for_exec(&sources, &mut staged, first_fd));
+            }
+        }
+        let mut child = command.spawn().map_err(|source| Error::Spawn {
+            role,
+            program: program.to_owned(),
+            source,
+        })?;
         let pid = child.id().ok_or_else(|| Error::Io {
             context: format!("{role} exited before its PID could be read"),
             source: std::io::Error::other("no pid"),
@@ -224,6 +240,24 @@ impl ManagedChild {
         self.signal(Signal::SIGKILL);
         self.wait().await
     }
+}
+
+/// In a forked child before exec: makes `sources[i]` available as fd `first + i` without close-on-exec.
+///
+/// Changing the flag in the parent instead would leak the fds into every other child it forks meanwhile. Each
+/// source is first copied above the target range (`F_DUPFD_CLOEXEC` takes the lowest free number at or above
+/// it), so moving one into place can never overwrite another that still has to move, whatever their numbers.
+/// `staged` (as long as `sources`) is scratch space allocated before the fork.
+fn dup_for_exec(sources: &[RawFd], staged: &mut [RawFd], first: RawFd) -> std::io::Result<()> {
+    let above = first + sources.len() as RawFd;
+    for (slot, &source) in staged.iter_mut().zip(sources) {
+        *slot = fcntl(source, FcntlArg::F_DUPFD_CLOEXEC(above))?;
+    }
+    for (i, &fd) in staged.iter().enumerate() {
+        // dup2 clears close-on-exec on the new fd; the staged copy still closes at exec.
+        dup2(fd, first + i as RawFd)?;
+    }
+    Ok(())
 }
 
 pub(crate) async fn wait_exit(mut exit: watch::Receiver<Option<VmExit>>) -> VmExit {
@@ -406,6 +440,8 @@ mod tests {
             Path::new("/bin/sleep"),
             &["30".into()],
             &dir.path().join("sleep.log"),
+            &[],
+            3,
         )
         .expect("spawn sleep");
         assert_eq!(child.info().argv, ["/bin/sleep", "30"]);
@@ -420,6 +456,76 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn inherited_fds_reach_the_child_at_their_numbers_and_stay_cloexec_here() {
+        use nix::fcntl::FdFlag;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = |name: &str, text: &str| -> Arc<OwnedFd> {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            Arc::new(File::open(&path).expect("open").into())
+        };
+        let a = open("a", "first");
+        let b = open("b", "second");
+        // Target range starts at b's own number: moving a into place first would clobber b if done naively.
+        // (dash redirects only single-digit fds, hence /proc/self/fd.)
+        let first = b.as_raw_fd();
+        let script = format!(
+            "cat /proc/self/fd/{first}; echo; cat /proc/self/fd/{}; echo; ls -l /proc/self/fd",
+            first + 1
+        );
+        let log = dir.path().join("sh.log");
+        let child = ManagedChild::spawn(
+            ProcessRole::Qemu,
+            Path::new("/bin/sh"),
+            &["-c".into(), script],
+            &log,
+            &[a.clone(), b.clone()],
+            first,
+        )
+        .expect("spawn sh");
+        let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .expect("sh exits");
+        let out = std::fs::read_to_string(&log).expect("log");
+        assert!(exit.success(), "{exit}: {out}");
+        let mut lines = out.lines();
+        assert_eq!(lines.next(), Some("first"), "{out}");
+        assert_eq!(lines.next(), Some("second"), "{out}");
+        // Exactly the two target fds refer to the files: the staged copies closed at exec.
+        let mut holding: Vec<(i32, String)> = lines
+            .filter_map(|l| l.split_once(" -> "))
+            .filter(|(_, target)| {
+                [dir.path().join("a"), dir.path().join("b")]
+                    .iter()
+                    .any(|p| Path::new(target) == p)
+            })
+            .map(|(left, target)| {
+                let fd = left
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .expect("fd number");
+                (fd, target.rsplit('/').next().unwrap_or_default().to_owned())
+            })
+            .collect();
+        holding.sort();
+        assert_eq!(
+            holding,
+            [(first, "a".to_owned()), (first + 1, "b".to_owned())],
+            "{out}"
+        );
+        for fd in [&a, &b] {
+            let flags = FdFlag::from_bits_truncate(
+                fcntl(fd.as_raw_fd(), FcntlArg::F_GETFD).expect("F_GETFD"),
+            );
+            assert!(
+                flags.contains(FdFlag::FD_CLOEXEC),
+                "the parent's copy lost FD_CLOEXEC"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn dropping_a_managed_child_kills_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let child = ManagedChild::spawn(
@@ -427,6 +533,8 @@ mod tests {
             Path::new("/bin/sleep"),
             &["30".into()],
             &dir.path().join("sleep.log"),
+            &[],
+            3,
         )
         .expect("spawn sleep");
         let pid = child.info().pid;

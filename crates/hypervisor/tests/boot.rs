@@ -1,23 +1,30 @@
 //! Boots real VMs with QEMU under TCG. Needs a guest kernel:
 //!
 //!   KATA_TEST_KERNEL=/var/cache/kata-rs/kernel-*/vmlinux      (required, else the tests skip)
-//!   KATA_TEST_INITRD=...           (optional; default: a throw-away busybox initrd built here)
+//!   KATA_TEST_HV_INITRD=...        (optional; default: a throw-away busybox initrd built here)
 //!   KATA_TEST_VSOCK_DAEMON=.../vhost-device-vsock   KATA_TEST_VIRTIOFSD=.../virtiofsd   (optional)
 //!   KATA_TEST_QEMU=/usr/bin/qemu-system-x86_64      (optional)
 //!
-//! The two tests run at most two VMs at a time. With a custom KATA_TEST_INITRD the guest must print
+//! The tests run at most two VMs at a time. With a custom KATA_TEST_HV_INITRD the guest must print
 //! `KATA_TEST_READY` on the console.
 
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use hypervisor::{
-    cleanup_vm, AccelChoice, Hypervisor, MachineType, QemuVm, SharedFs, VmConfig, VmStatus,
+    cleanup_vm, AccelChoice, Hypervisor, MachineType, NetDevice, QemuVm, SharedFs, VmConfig,
+    VmStatus,
 };
 
 const READY: &str = "KATA_TEST_READY";
+/// An initrd whose init prints [`READY`]; the default busybox one also prints what the tests check.
+const INITRD_ENV: &str = "KATA_TEST_HV_INITRD";
 const SHARED_CONTENT: &str = "hello-from-the-host";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -29,6 +36,17 @@ if mount -t virtiofs kataShared /mnt 2>/dev/null || mount -t 9p -o trans=virtio,
   echo "SHARED:$(cat /mnt/hello.txt)"
 fi
 echo "VIRTIO-IDS:$(cat /sys/bus/virtio/devices/*/device | tr '\n' ' ')"
+for i in /sys/class/net/*; do [ "${i##*/}" = lo ] || echo "NET:${i##*/}=$(cat $i/address)"; done
+for arg in $(cat /proc/cmdline); do
+  case $arg in hvtest.ping_mac=*) ping_mac=${arg#*=};; hvtest.ping_ip=*) ping_ip=${arg#*=};; hvtest.ping_peer=*) ping_peer=${arg#*=};; esac
+done
+if [ -n "$ping_mac" ]; then
+  for i in /sys/class/net/*; do [ "$(cat $i/address)" = "$ping_mac" ] && nic=${i##*/}; done
+  ip link set "$nic" up && ip addr add "$ping_ip" dev "$nic"
+  result=fail
+  for try in 1 2 3 4 5; do ping -c 1 -W 3 "$ping_peer" >/dev/null 2>&1 && { result=ok; break; }; done
+  echo "PING:$nic:$result"
+fi
 echo KATA_TEST_READY
 while true; do sleep 3600; done
 "#;
@@ -50,6 +68,12 @@ struct Assets {
 
 /// The test's assets, or `None` after printing why the test is skipped.
 fn assets(test: &str) -> Option<Assets> {
+    assets_with(test, true)
+}
+
+/// Like [`assets`]; without `custom_initrd_ok` the busybox initrd is built even when KATA_TEST_HV_INITRD is set,
+/// for tests that read what its init prints.
+fn assets_with(test: &str, custom_initrd_ok: bool) -> Option<Assets> {
     let skip = |reason: String| {
         eprintln!("SKIP {test}: {reason}");
         None
@@ -76,21 +100,22 @@ fn assets(test: &str) -> Option<Assets> {
         .prefix("kata-hv-")
         .tempdir_in("/tmp")
         .expect("tempdir");
-    let (initrd, custom_initrd) = match std::env::var_os("KATA_TEST_INITRD") {
+    // Not KATA_TEST_INITRD: scripts/test.sh sets that to the agent initrd, which never prints the marker.
+    let custom = std::env::var_os(INITRD_ENV).filter(|_| custom_initrd_ok);
+    let (initrd, custom_initrd) = match custom {
         Some(i) if Path::new(&i).is_file() => (PathBuf::from(i), true),
         Some(i) => {
             return skip(format!(
-                "KATA_TEST_INITRD={} does not exist",
+                "{INITRD_ENV}={} does not exist",
                 Path::new(&i).display()
             ))
         }
         None => {
             let busybox = Path::new("/bin/busybox");
             if !busybox.is_file() {
-                return skip(
-                    "KATA_TEST_INITRD is not set and /bin/busybox (busybox-static) is missing"
-                        .into(),
-                );
+                return skip(format!(
+                    "{INITRD_ENV} is not set and /bin/busybox (busybox-static) is missing"
+                ));
             }
             let initrd = dir.path().join("initrd.cpio");
             std::fs::write(&initrd, busybox_initrd(busybox)).expect("write initrd");
@@ -404,6 +429,169 @@ async fn qemu_failing_at_start_leaves_nothing_behind() {
     }
     vm.stop().await.expect("stop after a failed start");
     assert!(!work.exists());
+}
+
+/// Guest NICs backed by taps passed by fd, on microvm (virtio-net-device) and q35 (virtio-net-pci): the guest
+/// sees each with its MAC, and a ping from the guest through the first one is answered by the host side of its
+/// tap. The taps live in a network namespace of their own that disappears with the last fd; no traffic
+/// leaves it. Needs root (unshare) and /dev/net/tun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_fds_become_guest_nics_with_their_macs() {
+    let test = "tap_fds_become_guest_nics_with_their_macs";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { nix::libc::geteuid() } != 0 {
+        eprintln!("SKIP {test}: needs root to create a network namespace and taps");
+        return;
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIP {test}: /dev/net/tun is missing");
+        return;
+    }
+    let Some(assets) = assets_with(test, false) else {
+        return;
+    };
+    for (machine, name) in [
+        (MachineType::Microvm, "net-microvm"),
+        (MachineType::Q35, "net-q35"),
+    ] {
+        let _slot = vm_slot().await;
+        // Each VM gets its own namespace, so the two runs cannot see each other's taps.
+        let taps = std::thread::spawn(|| private_netns_taps(&["tap0_hvtest", "tap1_hvtest"]))
+            .join()
+            .expect("netns thread")
+            .expect("taps in a private network namespace");
+        let macs = ["02:00:ca:fe:00:01", "02:00:ca:fe:00:02"];
+        let root = tempfile::Builder::new()
+            .prefix("kata-hv-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let mut config = vm_config(&assets, name, &root.path().join("vm"));
+        config.machine = machine;
+        config.kernel_params.extend([
+            format!("hvtest.ping_mac={}", macs[0]),
+            format!("hvtest.ping_ip={GUEST_IP}/24"),
+            format!("hvtest.ping_peer={HOST_IP}"),
+        ]);
+        config.net_devices = taps
+            .into_iter()
+            .zip(macs)
+            .enumerate()
+            .map(|(i, (fd, mac))| NetDevice {
+                id: format!("net{i}"),
+                mac: mac.into(),
+                fd: Arc::new(fd),
+            })
+            .collect();
+        let vm = QemuVm::new(config);
+        let started = Instant::now();
+        vm.start().await.expect("start");
+        let args = vm.qemu_args().unwrap_or_default();
+        eprintln!(
+            "{test} {machine:?}: net args: {}",
+            args.windows(2)
+                .filter(|w| w[0] == "-netdev" || w[1].starts_with("virtio-net"))
+                .map(|w| format!("{} {}", w[0], w[1]))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let boot = wait_for_console(&vm, READY, started).await;
+        let console = std::fs::read_to_string(vm.console_log()).expect("console");
+        let nics: Vec<(&str, &str)> = console
+            .lines()
+            .filter_map(|l| l.strip_prefix("NET:")?.split_once('='))
+            .collect();
+        eprintln!("{test} {machine:?}: up in {boot:.2?}, guest NICs {nics:?}");
+        let mut seen: Vec<&str> = nics.iter().map(|(_, mac)| *mac).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, macs, "guest NICs {nics:?}; console:\n{console}");
+        assert!(
+            nics.iter().any(|(name, _)| *name == "eth0")
+                && nics.iter().any(|(name, _)| *name == "eth1"),
+            "{nics:?}"
+        );
+        let ping = console
+            .lines()
+            .find_map(|l| l.strip_prefix("PING:"))
+            .unwrap_or("(no PING line)");
+        eprintln!("{test} {machine:?}: guest ping of the tap's host side: {ping}");
+        assert!(
+            ping.ends_with(":ok"),
+            "guest could not ping {HOST_IP} through the tap: {ping}; console:\n{console}"
+        );
+        vm.stop().await.expect("stop");
+        // The VM's config held the last copies of the tap fds: the taps and their namespace are gone now.
+    }
+}
+
+/// Host and guest ends of the ping, inside the test's private namespace only.
+const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 211, 0, 1);
+const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 211, 0, 2);
+
+/// Runs on a thread of its own, which it moves into a new network namespace: creates non-persistent taps
+/// there (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, close-on-exec, as the runtime makes them), the first one up
+/// with [`HOST_IP`]/24. The open fds keep the namespace alive after the thread exits; closing the last one
+/// deletes the tap and, with the last tap, the namespace.
+fn private_netns_taps(names: &[&str]) -> std::io::Result<Vec<OwnedFd>> {
+    use nix::libc;
+    let check = |rc: libc::c_int| {
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    // SAFETY: unshare only changes this thread's namespace; the thread does nothing else afterwards.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNET) })?;
+    let ifreq = |name: &str| {
+        // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        req
+    };
+    let mut taps = Vec::new();
+    for name in names {
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open("/dev/net/tun")?;
+        let mut req = ifreq(name);
+        req.ifr_ifru.ifru_flags =
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        // SAFETY: an open /dev/net/tun fd and a valid ifreq that outlives the call.
+        check(unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &req) })?;
+        taps.push(OwnedFd::from(tun));
+    }
+    // SAFETY: plain socket(2); the result is checked and owned below.
+    let sock =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `sock` is a new fd nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+    let sockaddr = |ip: Ipv4Addr| {
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sockaddr_in and sockaddr have the same size on Linux; the kernel reads it by family.
+        unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+    };
+    let mut req = ifreq(names[0]);
+    req.ifr_ifru.ifru_addr = sockaddr(HOST_IP);
+    // SAFETY: valid socket and ifreq, as above.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFADDR, &req) })?;
+    req.ifr_ifru.ifru_netmask = sockaddr(Ipv4Addr::new(255, 255, 255, 0));
+    // SAFETY: valid socket and ifreq, as above.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFNETMASK, &req) })?;
+    req.ifr_ifru.ifru_flags = libc::IFF_UP as libc::c_short;
+    // SAFETY: valid socket and ifreq, as above.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })?;
+    Ok(taps)
 }
 
 /// Live processes whose command line mentions `path`.

@@ -1,10 +1,14 @@
 //! Pure command-line builders for QEMU and its helper daemons. No I/O: the same inputs give the same
 //! arguments, so every variant is unit-tested without a VM.
 
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use crate::accel::Accel;
 use crate::config::{MachineType, SharedFs, VmConfig, GUEST_CID, SHARED_FS_TAG};
+
+/// QEMU inherits the tap fd of `config.net_devices[i]` as fd `FIRST_INHERITED_FD + i` (right after stdio).
+pub const FIRST_INHERITED_FD: RawFd = 3;
 
 /// Files a VM keeps in its work dir. Names are fixed so crash cleanup and debugging know where to look.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,6 +195,18 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<S
         }
         SharedFs::None => {}
     }
+    for (i, net) in config.net_devices.iter().enumerate() {
+        let fd = FIRST_INHERITED_FD + i as RawFd;
+        // No vnet_hdr=: QEMU refuses it with fd= and probes IFF_VNET_HDR on the fd instead. vhost=off: the
+        // hosts we test on have no /dev/vhost-net, and userspace virtio-net is what VM templating can migrate.
+        args.push2("-netdev", format!("tap,id={},fd={fd},vhost=off", net.id));
+        let device = match bus {
+            Bus::Mmio => format!("virtio-net-device,netdev={},mac={}", net.id, net.mac),
+            // romfile=: direct kernel boot never runs the iPXE option ROM, so do not require it on the host.
+            Bus::Pci => format!("virtio-net-pci,netdev={},mac={},romfile=", net.id, net.mac),
+        };
+        args.push2("-device", device);
+    }
     args.0
 }
 
@@ -260,6 +276,7 @@ fn path_str(path: &Path) -> String {
 mod tests {
     use super::*;
     use crate::accel::AccelChoice;
+    use crate::config::NetDevice;
 
     fn base(machine: MachineType) -> VmConfig {
         let mut c = VmConfig::new(
@@ -428,6 +445,48 @@ mod tests {
                 .iter()
                 .any(|c| c.contains("virtiofs")));
         }
+    }
+
+    fn tap(id: &str, mac: &str) -> NetDevice {
+        let file = std::fs::File::open("/dev/null").expect("open /dev/null");
+        NetDevice {
+            id: id.into(),
+            mac: mac.into(),
+            fd: std::sync::Arc::new(file.into()),
+        }
+    }
+
+    #[test]
+    fn net_devices_get_inherited_fds_in_order() {
+        for (machine, device, extra) in [
+            (MachineType::Microvm, "virtio-net-device", ""),
+            (MachineType::Q35, "virtio-net-pci", ",romfile="),
+        ] {
+            let mut config = base(machine);
+            config.net_devices = vec![
+                tap("net0", "02:00:ca:fe:00:01"),
+                tap("net1", "02:00:ca:fe:00:02"),
+            ];
+            let args = qemu_args(&config, Accel::Tcg, None);
+            assert_eq!(
+                values(&args, "-netdev"),
+                ["tap,id=net0,fd=3,vhost=off", "tap,id=net1,fd=4,vhost=off"]
+            );
+            assert_eq!(
+                values(&args, "-device"),
+                [
+                    format!("{device},netdev=net0,mac=02:00:ca:fe:00:01{extra}"),
+                    format!("{device},netdev=net1,mac=02:00:ca:fe:00:02{extra}"),
+                ]
+            );
+            assert!(!args.iter().any(|a| a.contains("vnet_hdr")));
+        }
+    }
+
+    #[test]
+    fn no_net_devices_no_netdev() {
+        let args = qemu_args(&base(MachineType::Q35), Accel::Tcg, None);
+        assert!(values(&args, "-netdev").is_empty());
     }
 
     #[test]

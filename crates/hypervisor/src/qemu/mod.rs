@@ -4,6 +4,7 @@
 pub mod cmdline;
 mod validate;
 
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -78,6 +79,8 @@ impl Phase {
 struct Plan {
     accel: Accel,
     qemu_args: Vec<String>,
+    /// Inherited by QEMU from fd `FIRST_INHERITED_FD` on, in `qemu_args`' order.
+    qemu_fds: Vec<Arc<OwnedFd>>,
     helpers: Vec<HelperPlan>,
 }
 
@@ -171,6 +174,12 @@ impl QemuVm {
         let plan = Plan {
             accel,
             qemu_args: cmdline::qemu_args(&self.config, accel, tsc_khz),
+            qemu_fds: self
+                .config
+                .net_devices
+                .iter()
+                .map(|net| net.fd.clone())
+                .collect(),
             helpers: helper_plans(&self.config, &self.paths),
         };
         let mut state = self.state();
@@ -224,8 +233,14 @@ impl QemuVm {
         spawned: &mut Spawned,
     ) -> Result<(Arc<ManagedChild>, QmpClient)> {
         for helper in &plan.helpers {
-            let child =
-                ManagedChild::spawn(helper.role, &helper.program, &helper.args, &helper.log)?;
+            let child = ManagedChild::spawn(
+                helper.role,
+                &helper.program,
+                &helper.args,
+                &helper.log,
+                &[],
+                0,
+            )?;
             spawned.helpers.push(Arc::new(child));
         }
         // Both helpers are already running; wait for their sockets together.
@@ -243,6 +258,8 @@ impl QemuVm {
             &self.config.qemu_path,
             &plan.qemu_args,
             &self.paths.qemu_log(),
+            &plan.qemu_fds,
+            cmdline::FIRST_INHERITED_FD,
         )?;
         let qemu = spawned.qemu.insert(Arc::new(qemu)).clone();
         tracing::info!(vm = %self.config.name, pid = qemu.info().pid, accel = %plan.accel, "QEMU started");

@@ -1,5 +1,6 @@
 //! Checks a `VmConfig` before anything is created or spawned, naming what is wrong.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use super::cmdline::VmPaths;
@@ -62,6 +63,7 @@ pub(super) fn validate(config: &VmConfig) -> Result<()> {
         }
         SharedFs::None => {}
     }
+    validate_net_devices(config)?;
     let work = &config.work_dir;
     let Some(work_str) = work.to_str() else {
         return invalid(format!("work dir {} is not UTF-8", work.display()));
@@ -104,6 +106,47 @@ pub(super) fn validate(config: &VmConfig) -> Result<()> {
     Ok(())
 }
 
+fn validate_net_devices(config: &VmConfig) -> Result<()> {
+    let mut seen = HashSet::new();
+    for (i, net) in config.net_devices.iter().enumerate() {
+        let id_ok = net.id.starts_with(|c: char| c.is_ascii_alphabetic())
+            && net.id.len() <= 64
+            && net
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !id_ok {
+            return Err(Error::InvalidConfig(format!(
+                "net_devices[{i}]: id {:?} must start with a letter and hold only letters, digits, '-', '_', '.'",
+                net.id
+            )));
+        }
+        if !seen.insert(net.id.as_str()) {
+            return Err(Error::InvalidConfig(format!(
+                "net_devices[{i}]: id {:?} is used twice",
+                net.id
+            )));
+        }
+        if !is_unicast_mac(&net.mac) {
+            return Err(Error::InvalidConfig(format!(
+                "net_devices[{i}] ({}): MAC {:?} is not a unicast address like 02:00:00:00:00:01",
+                net.id, net.mac
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Six colon-separated hex pairs with the multicast bit clear.
+fn is_unicast_mac(mac: &str) -> bool {
+    let octets: Vec<&str> = mac.split(':').collect();
+    octets.len() == 6
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()))
+        && u8::from_str_radix(octets[0], 16).is_ok_and(|first| first & 1 == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +184,57 @@ mod tests {
             .expect_err("missing shared dir")
             .to_string()
             .contains("nope"));
+    }
+
+    #[test]
+    fn net_devices_need_unique_ids_and_unicast_macs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fd = std::sync::Arc::new(std::os::fd::OwnedFd::from(
+            std::fs::File::open("/dev/null").expect("open"),
+        ));
+        let net = |id: &str, mac: &str| crate::config::NetDevice {
+            id: id.into(),
+            mac: mac.into(),
+            fd: fd.clone(),
+        };
+        let mut c = config(dir.path());
+        c.net_devices = vec![
+            net("net0", "02:00:ca:fe:00:01"),
+            net("net1", "AA:BB:CC:DD:EE:FF"),
+        ];
+        assert!(validate(&c).is_ok());
+        for (devices, expected) in [
+            (
+                vec![
+                    net("net0", "02:00:00:00:00:01"),
+                    net("net0", "02:00:00:00:00:02"),
+                ],
+                "used twice",
+            ),
+            (
+                vec![net("net,0", "02:00:00:00:00:01")],
+                "must start with a letter",
+            ),
+            (
+                vec![net("", "02:00:00:00:00:01")],
+                "must start with a letter",
+            ),
+            (
+                vec![net("net0", "01:00:5e:00:00:01")],
+                "not a unicast address",
+            ),
+            (vec![net("net0", "02:00:00:00:00")], "not a unicast address"),
+            (
+                vec![net("net0", "02:00:00:00:00:0g")],
+                "not a unicast address",
+            ),
+        ] {
+            c.net_devices = devices;
+            let err = validate(&c).expect_err(expected).to_string();
+            assert!(
+                err.contains(expected) && err.contains("net_devices["),
+                "{err}"
+            );
+        }
     }
 }
