@@ -73,6 +73,28 @@ fn log_file() -> std::fs::File {
     }
 }
 
+/// Tells the host that the agent listens: one connection to the host's ready port (see
+/// `protocols::AGENT_READY_PORT`). Retried for a while in case the host is slow to listen.
+async fn announce_ready() {
+    use tokio::io::AsyncWriteExt;
+    const HOST_CID: u32 = 2;
+    let addr = tokio_vsock::VsockAddr::new(HOST_CID, protocols::AGENT_READY_PORT);
+    let mut last = String::new();
+    for _ in 0..300 {
+        match tokio_vsock::VsockStream::connect(addr).await {
+            Ok(mut stream) => {
+                let _ = stream.write_all(b"ready\n").await;
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+                tracing::debug!("announced readiness to the host");
+                return;
+            }
+            Err(err) => last = err.to_string(),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tracing::warn!("could not announce readiness to the host: {last}");
+}
+
 fn listen_address(mut args: impl Iterator<Item = String>) -> String {
     let mut listen = format!("vsock://-1:{}", protocols::AGENT_VSOCK_PORT);
     while let Some(a) = args.next() {
@@ -102,6 +124,9 @@ async fn run(is_init: bool, listen: &str) -> anyhow::Result<()> {
         .register_service(service);
     server.start().await.context("cannot start the ttrpc server")?;
     tracing::info!("kata-agent ready");
+    if is_init {
+        tokio::spawn(announce_ready());
+    }
     if is_init {
         std::future::pending::<()>().await;
     }

@@ -16,4 +16,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The host port the agent connects to (guest -> host, CID 2) once it listens on [`AGENT_VSOCK_PORT`], so
+/// the host dials only when the guest's vsock is up. Dialling earlier queues a request in vhost-device-vsock
+/// that can be lost for good when it arrives before the guest driver is ready.
+pub const AGENT_READY_PORT: u32 = 1025;
+
 pub use ttrpc;

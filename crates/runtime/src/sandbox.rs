@@ -5,13 +5,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use hypervisor::{Hypervisor, QemuVm, VmExit, SHARED_FS_TAG};
+use hypervisor::{Hypervisor, NetDevice, QemuVm, VmExit, SHARED_FS_TAG};
 use oci_spec::runtime::Spec;
 use tokio::sync::watch;
 use types::config::{self, Config};
 
-use crate::agent::{AgentClient, AgentError, SandboxSetup, SharedFsMount, SharedFsType, AGENT_PORT};
+use crate::agent::{AgentClient, AgentError, ReadySignal, SandboxSetup, SharedFsMount, SharedFsType, AGENT_PORT};
 use crate::mounts::{self, MountSpec, MountSyscalls};
+use crate::network::{self, PodNetwork};
 use crate::paths::{self, SandboxPaths};
 use crate::spec::{self, SpecError};
 use crate::state::{self, SandboxState, StateError};
@@ -39,6 +40,8 @@ pub enum SandboxError {
     State(#[from] StateError),
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error("pod network: {0}")]
+    Network(#[from] network::NetworkError),
 }
 
 /// What a sandbox needs to start.
@@ -52,6 +55,8 @@ pub struct SandboxOptions {
     pub hostname: String,
     /// resolv.conf lines for the guest.
     pub dns: Vec<String>,
+    /// The pod's network namespace prepared by CNI; its interfaces are mirrored into the VM.
+    pub netns: Option<PathBuf>,
 }
 
 /// Where a container's root filesystem comes from on the host.
@@ -104,8 +109,26 @@ impl Sandbox {
             std::fs::create_dir_all(&dir).map_err(|source| SandboxError::Dir { path: dir.clone(), source })?;
         }
         mounts::make_shared_mount_point(&*sys, &p.shared_dir())?;
-        let vm = Arc::new(QemuVm::new(vm_config::vm_config(&opts.id, &opts.config, p)?));
-        let mut state = SandboxState { sandbox_id: opts.id.clone(), processes: vec![], shim_pid: Some(std::process::id()) };
+        let mut state = SandboxState {
+            sandbox_id: opts.id.clone(),
+            processes: vec![],
+            shim_pid: Some(std::process::id()),
+            netns: opts.netns.clone(),
+        };
+        state.save(&p.state_file())?;
+        let mut config = vm_config::vm_config(&opts.id, &opts.config, p)?;
+        let mut pod_network = PodNetwork::default();
+        if let Some(netns) = &opts.netns {
+            let setup = network::setup_pod_network(netns).await?;
+            for (i, (tap, iface)) in setup.taps.into_iter().zip(&setup.network.interfaces).enumerate() {
+                config.net_devices.push(NetDevice { id: format!("net{i}"), mac: iface.mac.clone(), fd: Arc::new(tap.fd) });
+            }
+            pod_network = setup.network;
+        }
+        let vm = Arc::new(QemuVm::new(config));
+        vm.prepare().await.map_err(SandboxError::Vm)?;
+        let socket = vm.agent_socket().ok_or(SandboxError::NoAgentSocket)?;
+        let ready = ReadySignal::bind(&socket).map_err(|e| SandboxError::Agent(e.into()))?;
         let started = vm.start().await;
         // Persist whatever got started, even on failure, so cleanup can find it.
         state.processes = vm.pids();
@@ -120,9 +143,8 @@ impl Sandbox {
                 let _ = exit_tx.send(Some(exit));
             }
         });
-        let socket = vm.agent_socket().ok_or(SandboxError::NoAgentSocket)?;
         let dial_timeout = Duration::from_secs(u64::from(opts.config.agent.dial_timeout.max(1)));
-        let agent = match AgentClient::connect(socket, AGENT_PORT, dial_timeout).await {
+        let agent = match AgentClient::connect_when_ready(&ready, socket, AGENT_PORT, dial_timeout).await {
             Ok(agent) => agent,
             Err(source) => {
                 let console = tail(&vm.console_log(), 20);
@@ -141,7 +163,12 @@ impl Sandbox {
             shared_fs: Some(SharedFsMount { fs_type, tag: SHARED_FS_TAG.to_string(), mount_point: None }),
             host_time: Some(SystemTime::now()),
         };
-        if let Err(e) = agent.create_sandbox(&setup).await {
+        let configured = async {
+            agent.create_sandbox(&setup).await?;
+            configure_guest_network(&agent, &pod_network).await
+        }
+        .await;
+        if let Err(e) = configured {
             let _ = vm.stop().await;
             return Err(e.into());
         }
@@ -236,6 +263,23 @@ impl Sandbox {
         state::cleanup(&*self.sys, &self.paths).await?;
         stopped.map_err(SandboxError::Vm)
     }
+}
+
+/// Gives the guest NICs the pod interfaces' addresses, then the routes (kernel-made ones come back by
+/// themselves with the addresses), then the permanent neighbours.
+async fn configure_guest_network(agent: &AgentClient, net: &PodNetwork) -> Result<(), AgentError> {
+    for iface in &net.interfaces {
+        agent.update_interface(&iface.into()).await?;
+    }
+    let routes: Vec<_> = net.routes.iter().filter(|r| !r.kernel).map(Into::into).collect();
+    if !routes.is_empty() {
+        agent.update_routes(&routes).await?;
+    }
+    let neighbors: Vec<_> = net.neighbors.iter().map(Into::into).collect();
+    if !neighbors.is_empty() {
+        agent.add_arp_neighbors(&neighbors).await?;
+    }
+    Ok(())
 }
 
 /// The last `n` lines of a text file, or a note saying why there are none.

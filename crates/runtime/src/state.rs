@@ -23,6 +23,8 @@ pub enum StateError {
     Mount(#[from] mounts::MountError),
     #[error("remove {path}: {source}")]
     Remove { path: PathBuf, source: std::io::Error },
+    #[error("tear down the pod network: {0}")]
+    Network(#[from] crate::network::NetworkError),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +34,9 @@ pub struct SandboxState {
     pub processes: Vec<VmProcess>,
     /// The shim serving this sandbox, so `delete` can tell a live shim from a dead one.
     pub shim_pid: Option<u32>,
+    /// The pod network namespace whose taps and tc filters we added.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 impl SandboxState {
@@ -64,6 +69,9 @@ pub async fn cleanup(sys: &dyn MountSyscalls, paths: &SandboxPaths) -> Result<Cl
     if let Ok(state) = SandboxState::load(&paths.state_file()) {
         let report = hypervisor::cleanup_vm(&state.processes, &paths.vm_dir()).await?;
         summary.killed = report.killed;
+        if let Some(netns) = &state.netns {
+            crate::network::teardown_pod_network(netns).await?;
+        }
     }
     for target in mounts::mounts_under(&paths.root) {
         mounts::unmount(sys, &target)?;
@@ -85,7 +93,7 @@ mod tests {
     fn state_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
-        let state = SandboxState { sandbox_id: "sb".into(), processes: vec![], shim_pid: Some(42) };
+        let state = SandboxState { sandbox_id: "sb".into(), processes: vec![], shim_pid: Some(42), netns: None };
         state.save(&path).unwrap();
         assert_eq!(SandboxState::load(&path).unwrap(), state);
         assert!(!path.with_extension("json.tmp").exists());

@@ -50,6 +50,7 @@ pub fn vm_config(sandbox_id: &str, config: &Config, paths: &SandboxPaths) -> Res
         shared_fs,
         vsock_daemon: Some(PathBuf::from(&hv.vsock_daemon)),
         work_dir: paths.vm_dir(),
+        net_devices: Vec::new(),
         debug: hv.enable_debug || config.runtime.enable_debug,
     })
 }

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use hypervisor::{Hypervisor, QemuVm, SharedFs, VmConfig};
-use runtime::agent::{AgentClient, ProcessRef, RpcCode, SandboxSetup, SharedFsMount, SharedFsType};
+use runtime::agent::{AgentClient, ProcessRef, ReadySignal, RpcCode, SandboxSetup, SharedFsMount, SharedFsType};
 
 fn env_path(name: &str) -> Option<PathBuf> {
     std::env::var_os(name).map(PathBuf::from).filter(|p| p.exists())
@@ -21,6 +21,7 @@ struct TestVm {
     vm: QemuVm,
     vsock_uds: PathBuf,
     console: PathBuf,
+    ready: ReadySignal,
 }
 
 impl TestVm {
@@ -40,10 +41,12 @@ async fn start_vm(dir: &Path, kernel: &Path, initrd: &Path, vsock_daemon: &Path,
     config.shared_fs =
         SharedFs::VirtioFs { daemon: virtiofsd.to_path_buf(), extra_args: vec![], shared_dir: share.to_path_buf() };
     let vm = QemuVm::new(config);
-    vm.start().await.expect("VM starts");
+    vm.prepare().await.expect("VM prepares");
     let vsock_uds = vm.agent_socket().expect("the VM has a vsock device");
+    let ready = ReadySignal::bind(&vsock_uds).expect("listen for the agent's readiness");
+    vm.start().await.expect("VM starts");
     let console = vm.console_log();
-    TestVm { vm, vsock_uds, console }
+    TestVm { vm, vsock_uds, console, ready }
 }
 
 /// A busybox rootfs: Debian's static busybox plus one link per applet. The links are made
@@ -161,7 +164,9 @@ async fn agent_runs_containers_in_a_vm() {
 
 async fn scenario(vm: &TestVm) -> Result<(), String> {
     let t0 = Instant::now();
-    let agent = AgentClient::connect(&vm.vsock_uds, runtime::agent::AGENT_PORT, Duration::from_secs(60)).await.map_err(|e| e.to_string())?;
+    let agent = AgentClient::connect_when_ready(&vm.ready, &vm.vsock_uds, runtime::agent::AGENT_PORT, Duration::from_secs(60))
+        .await
+        .map_err(|e| e.to_string())?;
     step("connect (boot + Check)", t0);
     let details = agent.guest_details().await.map_err(|e| e.to_string())?;
     println!("guest kernel {} agent {} boot {}", details.kernel_release, details.agent_version, details.boot_id);

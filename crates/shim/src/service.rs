@@ -115,16 +115,42 @@ impl KataTask {
         for w in &loaded.warnings {
             log::warn!("configuration: {w}");
         }
+        let netns = runtime::network::pod_netns(spec).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let opts = SandboxOptions {
             id: id.to_string(),
             config: loaded.config,
             root: PathBuf::from(paths::DEFAULT_ROOT),
             hostname: spec.hostname().clone().unwrap_or_default(),
             dns: Vec::new(),
+            netns: netns.path().map(Path::to_path_buf),
         };
+        let debug = opts.config.hypervisor.enable_debug || opts.config.runtime.enable_debug || log::log_enabled!(log::Level::Debug);
         let sandbox = Sandbox::start(opts, Arc::new(Syscalls)).await.map_err(internal)?;
         log::info!("sandbox {id} started");
+        if debug {
+            crate::console::forward(sandbox.vm().console_log(), id.to_string());
+        }
+        self.forward_oom_events(&sandbox);
         Ok(Arc::new(sandbox))
+    }
+
+    /// Publishes TaskOOM for every OOM kill the agent reports, for the life of the sandbox.
+    fn forward_oom_events(&self, sandbox: &Sandbox) {
+        let agent = sandbox.agent().clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let mut stream = match agent.oom_events().await {
+                Ok(s) => s,
+                Err(e) => {
+                    log::warn!("OOM events unavailable: {e}");
+                    return;
+                }
+            };
+            while let Ok(Some(container_id)) = stream.next().await {
+                let ev = task_events::TaskOOM { container_id, ..Default::default() };
+                events.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev));
+            }
+        });
     }
 
     /// Publishes TaskExit and, for an init process, nothing else: containerd deletes the task.

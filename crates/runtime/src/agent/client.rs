@@ -54,6 +54,8 @@ pub enum AgentError {
     Transport { call: &'static str, #[source] source: ttrpc::Error },
     #[error(transparent)]
     Convert(#[from] ConvertError),
+    #[error(transparent)]
+    NotReady(#[from] super::ready::ReadyError),
 }
 
 impl AgentError {
@@ -128,26 +130,54 @@ impl AgentClient {
         Self::connect_with(Arc::new(HybridVsockDialer { uds_path: uds_path.into(), port }), timeout).await
     }
 
+    /// Waits for the agent's readiness signal (bound with [`ReadySignal::bind`] before the VM started), then
+    /// connects; `timeout` bounds both.
+    pub async fn connect_when_ready(
+        ready: &super::ready::ReadySignal,
+        uds_path: impl Into<PathBuf>,
+        port: u32,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let deadline = Instant::now() + timeout;
+        ready.wait(timeout).await?;
+        Self::connect(uds_path, port, deadline.saturating_duration_since(Instant::now())).await
+    }
+
+    /// Dials until the agent answers Check or `timeout` passes.
+    ///
+    /// A dial is never abandoned while its `CONNECT` is pending: vhost-device-vsock queues a connection
+    /// request until the guest's vsock driver takes it, and a request whose host side was closed while still
+    /// queued can wedge every later connection of that VM (seen under heavy load). So the dial waits for the
+    /// daemon's answer ("OK", or the connection closed because nothing listens yet), bounded only by the
+    /// overall deadline; only Check, on an established connection, has a per-attempt timeout.
     pub async fn connect_with(dialer: Arc<dyn AgentDialer>, timeout: Duration) -> Result<Self> {
         let deadline = Instant::now() + timeout;
         let mut last = String::from("no attempt made");
         loop {
-            let now = Instant::now();
-            if now >= deadline {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
                 return Err(AgentError::ConnectTimeout { timeout, last });
             }
-            let attempt = (deadline - now).min(CHECK_ATTEMPT);
-            match tokio::time::timeout(attempt, Self::try_connect(&*dialer, attempt)).await {
-                Ok(Ok(client)) => return Ok(client),
-                Ok(Err(err)) => last = crate_error_chain(&err),
-                Err(_) => last = format!("Check did not answer within {attempt:?}"),
+            match tokio::time::timeout(remaining, dialer.dial()).await {
+                Err(_) => {
+                    last = "the vsock daemon never answered CONNECT".to_string();
+                    continue;
+                }
+                Ok(Err(err)) => last = crate_error_chain(&AgentError::Dial(err)),
+                Ok(Ok(socket)) => {
+                    let attempt = remaining.min(CHECK_ATTEMPT);
+                    match tokio::time::timeout(attempt, Self::check_new(socket, attempt)).await {
+                        Ok(Ok(client)) => return Ok(client),
+                        Ok(Err(err)) => last = crate_error_chain(&err),
+                        Err(_) => last = format!("Check did not answer within {attempt:?}"),
+                    }
+                }
             }
             tokio::time::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now()))).await;
         }
     }
 
-    async fn try_connect(dialer: &dyn AgentDialer, attempt: Duration) -> Result<Self> {
-        let socket = dialer.dial().await?;
+    async fn check_new(socket: ttrpc::r#async::transport::Socket, attempt: Duration) -> Result<Self> {
         let client = Self { rpc: RpcClient::new(ttrpc::r#async::Client::new(socket)), timeouts: Timeouts::default() };
         client.rpc.check(ctx(attempt), &pb::Empty::new()).await.map_err(|e| AgentError::from_ttrpc("Check", e))?;
         Ok(client)

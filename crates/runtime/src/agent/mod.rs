@@ -5,11 +5,13 @@
 
 mod client;
 mod convert;
+mod ready;
 mod transport;
 pub mod types;
 
 pub use client::{AgentClient, AgentError, OomStream, OutputStream, RpcCode, StdinStream, Timeouts};
 pub use convert::ConvertError;
+pub use ready::{ReadyError, ReadySignal};
 pub use transport::{AgentDialer, DialError, HybridVsockDialer};
 pub use types::*;
 

@@ -1,0 +1,865 @@
+//! Kubernetes pods in Kata VMs through containerd's CRI plugin (issue #5): one VM per pod shared by its
+//! containers, the pod's network mirrored into the VM, volumes, exec, logs, stats, every way the how-to
+//! routes a pod to Kata (RuntimeClass handler, untrusted-workload annotation, default runtime; v1 and v2
+//! config formats), and nothing left after the pod is removed.
+//!
+//! Needs root, containerd, runc, busybox-static, containernetworking-plugins, `ip`, `nsenter`, QEMU and the
+//! parts `scripts/test.sh` exports (kernel, agent initrd, helper daemons, the shim); skips with the reason
+//! otherwise. At most one pod VM of this file runs at a time.
+//!
+//! Network safety: the only traffic sent goes from the host to the pod's address on the test's own bridge,
+//! and inside the pod over its loopback; the pod's DNS server is its own loopback.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use e2e::cri::{parse_cri_log, CniNetwork, ContainerSpec, CriClient, PodCleanup, PodSpec};
+use e2e::kata::{sandbox_dir, KataParts, KATA_RUNTIME};
+use e2e::{
+    skip_reason, Containerd, ContainerdOptions, CriOptions, OciImage, BUSYBOX_IMAGE, PAUSE_IMAGE,
+};
+use k8s_cri::v1::ContainerState;
+
+/// Every CRI call may wait for a VM boot or a guest round trip under TCG on a busy machine.
+const CRI_DEADLINE: Duration = Duration::from_secs(90);
+const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+const UNTRUSTED_ANNOTATION: &str = "io.kubernetes.cri.untrusted-workload";
+
+/// One pod VM of this file at a time: the machines have two cores and other tests may run VMs too.
+static VM_LOCK: Mutex<()> = Mutex::new(());
+
+fn vm_lock() -> MutexGuard<'static, ()> {
+    // A test that panicked while holding the lock left nothing shared behind.
+    VM_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Why these tests cannot run here, or the kata parts.
+fn kata_parts() -> Result<KataParts, String> {
+    if let Some(reason) = skip_reason() {
+        return Err(reason);
+    }
+    for plugin in ["bridge", "host-local", "loopback"] {
+        if !Path::new("/usr/lib/cni").join(plugin).exists() {
+            return Err(format!(
+                "/usr/lib/cni/{plugin} is missing (Debian package containernetworking-plugins)"
+            ));
+        }
+    }
+    for program in ["ip", "nsenter"] {
+        if e2e::find_in_path(program.as_ref()).is_none() {
+            return Err(format!("{program} is not installed"));
+        }
+    }
+    if !Path::new(QEMU).is_file() {
+        return Err(format!(
+            "{QEMU} is missing (Debian package qemu-system-x86)"
+        ));
+    }
+    KataParts::find()
+}
+
+macro_rules! parts_or_skip {
+    () => {
+        match kata_parts() {
+            Ok(parts) => parts,
+            Err(reason) => {
+                eprintln!("skipping {}: {reason}", module_path!());
+                return;
+            }
+        }
+    };
+}
+
+/// The kata configuration file the pods use, in a temp dir that lives as long as the value.
+struct KataConf {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl KataConf {
+    fn write(parts: &KataParts) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("configuration.toml");
+        std::fs::write(&path, parts.configuration("")).expect("write configuration");
+        Self { _dir: dir, path }
+    }
+}
+
+/// Soft assertions: every check of the shared pod runs and all failures are reported together, so one
+/// broken feature does not hide the state of the others (or skip the teardown checks).
+#[derive(Default)]
+struct Checks {
+    passed: Vec<&'static str>,
+    failed: Vec<String>,
+}
+
+impl Checks {
+    fn check(&mut self, name: &'static str, ok: bool, detail: impl FnOnce() -> String) {
+        if ok {
+            eprintln!("PASS {name}");
+            self.passed.push(name);
+        } else {
+            let detail = detail();
+            eprintln!("FAIL {name}: {detail}");
+            self.failed.push(format!("{name}: {detail}"));
+        }
+    }
+
+    fn finish(self) {
+        eprintln!(
+            "{} checks passed, {} failed",
+            self.passed.len(),
+            self.failed.len()
+        );
+        assert!(
+            self.failed.is_empty(),
+            "failed checks:\n{}",
+            self.failed.join("\n")
+        );
+    }
+}
+
+fn step<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let value = f();
+    eprintln!("{what}: {:?}", started.elapsed());
+    value
+}
+
+/// The command lines (argv joined by spaces) and PIDs of live QEMU processes naming `id`.
+fn qemu_processes(id: &str) -> Vec<(u32, String)> {
+    processes(|argv| {
+        argv.first().is_some_and(|a| {
+            a.rsplit('/')
+                .next()
+                .unwrap_or(a)
+                .starts_with("qemu-system-")
+        }) && argv.iter().any(|a| a.contains(id))
+    })
+}
+
+/// Live (non-zombie) processes whose argv satisfies `matches`.
+fn processes(matches: impl Fn(&[String]) -> bool) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let argv: Vec<String> = raw
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !argv.is_empty() && matches(&argv) && e2e::process::is_alive(pid) {
+            found.push((pid, argv.join(" ")));
+        }
+    }
+    found
+}
+
+/// Network namespaces under /var/run/netns (containerd 1.6 puts pod namespaces there).
+fn netns_entries() -> BTreeSet<String> {
+    std::fs::read_dir("/var/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Link names in the network namespace at `netns` (the host's when `None`).
+fn links(netns: Option<&Path>) -> Result<Vec<String>, String> {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", ns.display()))
+                .args(["ip", "-o", "link", "show"]);
+            c
+        }
+        None => {
+            let mut c = Command::new("ip");
+            c.args(["-o", "link", "show"]);
+            c
+        }
+    };
+    let out = e2e::process::output_with_timeout(&mut cmd, Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    // "2: eth0@if5: <...": the name is the second field, up to '@' or ':'.
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .collect())
+}
+
+/// Taps kata-rs made (`tapN_kata`) in the host namespace and in every named one.
+fn kata_taps_anywhere() -> Vec<String> {
+    let mut found = Vec::new();
+    let mut spaces: Vec<Option<PathBuf>> = vec![None];
+    spaces.extend(
+        netns_entries()
+            .into_iter()
+            .map(|n| Some(Path::new("/var/run/netns").join(n))),
+    );
+    for ns in spaces {
+        for link in links(ns.as_deref()).unwrap_or_default() {
+            if link.ends_with("_kata") {
+                found.push(format!(
+                    "{link} in {}",
+                    ns.as_deref()
+                        .map_or("the host namespace".into(), |p| p.display().to_string())
+                ));
+            }
+        }
+    }
+    found
+}
+
+/// An HTTP/1.0 GET of `path` from `ip:port`, every step bounded; returns the whole response.
+fn http_get(ip: Ipv4Addr, port: u16, path: &str) -> std::io::Result<String> {
+    let addr = SocketAddr::from((ip, port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn sandbox_state(id: &str) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(sandbox_dir(id).join("state.json")).ok()?).ok()
+}
+
+/// The `[...containerd.runtimes.kata]` table for containerd's v2 config, pointing at `conf`.
+fn kata_runtime_v2(conf: &Path) -> String {
+    format!(
+        r#"[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata]
+  runtime_type = "{KATA_RUNTIME}"
+  privileged_without_host_devices = true
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata.options]
+  ConfigPath = "{}"
+"#,
+        conf.display()
+    )
+}
+
+fn import_images(containerd: &Containerd) {
+    containerd
+        .import(&OciImage::busybox(BUSYBOX_IMAGE).expect("busybox image"))
+        .expect("import busybox");
+    containerd
+        .import(&OciImage::pause(PAUSE_IMAGE).expect("pause image"))
+        .expect("import pause");
+}
+
+fn cri_client(containerd: &Containerd) -> CriClient {
+    let mut cri = CriClient::connect(containerd.address()).expect("CRI client connects");
+    cri.set_deadline(CRI_DEADLINE);
+    cri
+}
+
+/// The main test: one pod VM serves every check that does not need a VM of its own.
+#[test]
+fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
+    let parts = parts_or_skip!();
+    let _vm = vm_lock();
+    let conf = KataConf::write(&parts);
+    let mut net = CniNetwork::create().expect("CNI network config");
+    eprintln!("bridge {} subnet {}", net.bridge(), net.subnet());
+    let containerd = step("containerd with CRI and the kata handler", || {
+        Containerd::start(ContainerdOptions {
+            namespace: "k8s.io".to_owned(),
+            shim_dir: Some(parts.shim_dir.clone()),
+            cri: Some(CriOptions::new(net.conf_dir())),
+            extra_config: kata_runtime_v2(&conf.path),
+            ctr_timeout: CRI_DEADLINE,
+            ..ContainerdOptions::default()
+        })
+        .expect("containerd with CRI starts")
+    });
+    step("images imported", || import_images(&containerd));
+    let cri = cri_client(&containerd);
+    let cleanup = PodCleanup(&cri);
+    let mut checks = Checks::default();
+
+    let host = tempfile::tempdir().expect("temp dir");
+    let (www, ro, rw, logs) = (
+        host.path().join("www"),
+        host.path().join("ro"),
+        host.path().join("rw"),
+        host.path().join("logs"),
+    );
+    for d in [&www, &ro, &rw, &logs] {
+        std::fs::create_dir(d).expect("mkdir");
+    }
+    let page = format!("kata-rs CRI kata test {}\n", e2e::unique_id("page"));
+    std::fs::write(www.join("index.html"), &page).expect("write page");
+    std::fs::write(ro.join("file"), "read-only content\n").expect("write ro file");
+    std::fs::write(rw.join("in"), "from-host\n").expect("write rw file");
+    let host_boot_id =
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("host boot id");
+
+    let netns_before = netns_entries();
+    let pod = PodSpec::new("kata-web", &logs);
+    let pod_config = pod.build();
+    let pod_id = step("RunPodSandbox (kata)", || {
+        cri.run_pod_sandbox(&pod_config, "kata")
+            .unwrap_or_else(|e| {
+                panic!(
+                    "RunPodSandbox with handler kata: {e}\n{}",
+                    containerd.log_tail(60)
+                )
+            })
+    });
+    let qemu = qemu_processes(&pod_id);
+    checks.check(
+        "one QEMU process names the pod sandbox id",
+        qemu.len() == 1,
+        || format!("{qemu:?}"),
+    );
+    let pod_netns: Option<PathBuf> = sandbox_state(&pod_id)
+        .and_then(|s| s["netns"].as_str().map(PathBuf::from))
+        .or_else(|| {
+            match netns_entries()
+                .difference(&netns_before)
+                .collect::<Vec<_>>()[..]
+            {
+                [one] => Some(Path::new("/var/run/netns").join(one)),
+                _ => None,
+            }
+        });
+    eprintln!("pod {pod_id}: netns {pod_netns:?}");
+    let pod_links = pod_netns.as_deref().map(|ns| links(Some(ns)));
+    checks.check(
+        "the pod's network namespace holds a kata tap while the pod runs",
+        matches!(&pod_links, Some(Ok(l)) if l.iter().any(|n| n.ends_with("_kata"))),
+        || format!("links of {pod_netns:?}: {pod_links:?}"),
+    );
+
+    let server = ContainerSpec::new(
+        "httpd",
+        BUSYBOX_IMAGE,
+        &[
+            "sh",
+            "-c",
+            "echo started-$(hostname); echo to-stderr >&2; exec httpd -f -p 8080 -h /www",
+        ],
+    )
+    .mount(&www, "/www", true)
+    .mount(&ro, "/ro", true)
+    .mount(&rw, "/rw", false);
+    let server_id = step("CreateContainer httpd", || {
+        cri.create_container(&pod_id, &server.build(), &pod_config)
+            .unwrap_or_else(|e| panic!("CreateContainer httpd: {e}\n{}", containerd.log_tail(60)))
+    });
+    step("StartContainer httpd", || {
+        cri.start_container(&server_id)
+            .unwrap_or_else(|e| panic!("StartContainer httpd: {e}\n{}", containerd.log_tail(60)))
+    });
+    let client = ContainerSpec::new("client", BUSYBOX_IMAGE, &["sleep", "3600"]);
+    let client_id = step("CreateContainer client", || {
+        cri.create_container(&pod_id, &client.build(), &pod_config)
+            .unwrap_or_else(|e| panic!("CreateContainer client: {e}\n{}", containerd.log_tail(60)))
+    });
+    step("StartContainer client", || {
+        cri.start_container(&client_id)
+            .unwrap_or_else(|e| panic!("StartContainer client: {e}\n{}", containerd.log_tail(60)))
+    });
+    for id in [&server_id, &client_id] {
+        let status = cri.container_status(id).expect("ContainerStatus");
+        checks.check(
+            "containers are running",
+            status.state == ContainerState::ContainerRunning as i32,
+            || format!("{id}: {status:?}"),
+        );
+    }
+    let qemu_now = qemu_processes(&pod_id);
+    checks.check(
+        "still one QEMU for the pod after two containers started",
+        qemu_now == qemu,
+        || format!("before {qemu:?}, now {qemu_now:?}"),
+    );
+
+    // One VM: both containers see the same guest kernel boot, which is not the host's.
+    let boot_ids: Vec<String> = [&server_id, &client_id]
+        .iter()
+        .map(|id| {
+            match cri.exec_sync(
+                id,
+                &["cat", "/proc/sys/kernel/random/boot_id"],
+                EXEC_TIMEOUT,
+            ) {
+                Ok(out) => out.stdout.trim().to_owned(),
+                Err(e) => format!("(ExecSync failed: {e})"),
+            }
+        })
+        .collect();
+    checks.check(
+        "both containers share one guest (same boot id), not the host's",
+        boot_ids[0] == boot_ids[1] && boot_ids[0].len() == 36 && boot_ids[0] != host_boot_id.trim(),
+        || format!("boot ids {boot_ids:?}, host {}", host_boot_id.trim()),
+    );
+
+    // The containers share the pod's network namespace in the guest: localhost reaches the server.
+    let local = poll(Duration::from_secs(30), || {
+        cri.exec_sync(
+            &client_id,
+            &["wget", "-qO-", "http://127.0.0.1:8080/index.html"],
+            EXEC_TIMEOUT,
+        )
+        .ok()
+        .filter(|o| o.exit_code == 0)
+    });
+    checks.check(
+        "the client container reaches the server over localhost",
+        local.as_ref().is_some_and(|o| o.stdout == page),
+        || format!("{local:?}"),
+    );
+
+    // The pod's IP answers from the host: bridge -> veth -> tc redirect -> tap -> VM.
+    let ip = cri.pod_ip(&pod_id);
+    eprintln!("pod IP: {ip:?}");
+    checks.check(
+        "PodSandboxStatus has an IP in the test subnet",
+        ip.as_ref().is_ok_and(|ip| net.contains(*ip)),
+        || format!("{ip:?} (subnet {})", net.subnet()),
+    );
+    if let Ok(ip) = ip {
+        let mut last = String::new();
+        let response = poll(Duration::from_secs(30), || {
+            match http_get(ip, 8080, "/index.html") {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    last = e.to_string();
+                    None
+                }
+            }
+        });
+        checks.check(
+            "TCP from the host to the pod IP reaches httpd in the VM",
+            response
+                .as_ref()
+                .is_some_and(|r| r.starts_with("HTTP/1.") && r.ends_with(&page)),
+            || format!("{ip}:8080: {response:?}, last error: {last}"),
+        );
+    }
+
+    // ExecSync: output and exit codes.
+    let out = cri.exec_sync(&server_id, &["echo", "hi"], EXEC_TIMEOUT);
+    checks.check(
+        "ExecSync echo hi",
+        out.as_ref()
+            .is_ok_and(|o| o.stdout == "hi\n" && o.exit_code == 0),
+        || format!("{out:?}"),
+    );
+    let out = cri.exec_sync(
+        &server_id,
+        &["sh", "-c", "echo err >&2; exit 3"],
+        EXEC_TIMEOUT,
+    );
+    checks.check(
+        "ExecSync exit 3 with stderr",
+        out.as_ref()
+            .is_ok_and(|o| o.exit_code == 3 && o.stderr == "err\n"),
+        || format!("{out:?}"),
+    );
+
+    // Volumes: read-only is readable and not writable; read-write round-trips.
+    let out = cri.exec_sync(&server_id, &["cat", "/ro/file"], EXEC_TIMEOUT);
+    checks.check(
+        "read-only volume is readable",
+        out.as_ref()
+            .is_ok_and(|o| o.stdout == "read-only content\n"),
+        || format!("{out:?}"),
+    );
+    let out = cri.exec_sync(&server_id, &["sh", "-c", "echo x > /ro/new"], EXEC_TIMEOUT);
+    checks.check(
+        "read-only volume is not writable",
+        out.as_ref()
+            .is_ok_and(|o| o.exit_code != 0 && o.stderr.contains("Read-only file system"))
+            && !ro.join("new").exists(),
+        || format!("{out:?}; host file exists: {}", ro.join("new").exists()),
+    );
+    let out = cri.exec_sync(
+        &server_id,
+        &["sh", "-c", "cat /rw/in && echo from-container > /rw/out"],
+        EXEC_TIMEOUT,
+    );
+    let back = std::fs::read_to_string(rw.join("out"));
+    checks.check(
+        "read-write volume round-trips a file",
+        out.as_ref()
+            .is_ok_and(|o| o.stdout == "from-host\n" && o.exit_code == 0)
+            && back.as_deref().is_ok_and(|b| b == "from-container\n"),
+        || format!("{out:?}; host sees {back:?}"),
+    );
+
+    // The CRI log file has both streams of the server's first lines.
+    let log_path = logs.join(&server.log_path);
+    let lines = poll(Duration::from_secs(15), || {
+        let lines = parse_cri_log(&std::fs::read_to_string(&log_path).unwrap_or_default());
+        (lines.len() >= 2).then_some(lines)
+    })
+    .unwrap_or_else(|| parse_cri_log(&std::fs::read_to_string(&log_path).unwrap_or_default()));
+    checks.check(
+        "CRI log file has stdout and stderr lines",
+        lines
+            .iter()
+            .any(|l| l.stream == "stdout" && l.text == format!("started-{}", pod.hostname))
+            && lines
+                .iter()
+                .any(|l| l.stream == "stderr" && l.text == "to-stderr"),
+        || format!("{}: {lines:?}", log_path.display()),
+    );
+
+    // Stats come from the guest's cgroups.
+    let stats = cri.container_stats(&server_id);
+    let (cpu, memory) = stats.as_ref().map_or((0, 0), |s| {
+        (
+            s.cpu
+                .as_ref()
+                .and_then(|c| c.usage_core_nano_seconds.as_ref())
+                .map_or(0, |v| v.value),
+            s.memory
+                .as_ref()
+                .and_then(|m| m.working_set_bytes.as_ref())
+                .map_or(0, |v| v.value),
+        )
+    });
+    checks.check(
+        "ContainerStats cpu and memory are non-zero",
+        cpu > 0 && memory > 0,
+        || format!("{stats:?}"),
+    );
+
+    // Teardown through CRI.
+    // QEMU and its helpers, as the sandbox persisted them (plus the QEMU seen above, in case it did not).
+    let vm_pids: BTreeSet<u32> = sandbox_state(&pod_id)
+        .and_then(|s| s["processes"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p["pid"].as_u64().and_then(|p| u32::try_from(p).ok()))
+        .chain(qemu.iter().map(|(pid, _)| *pid))
+        .collect();
+    let shims = processes(|argv| {
+        argv[0].ends_with("containerd-shim-kata-v2")
+            && argv.windows(2).any(|w| w[0] == "-id" && w[1] == pod_id)
+    });
+    eprintln!("VM processes {vm_pids:?}, shims {shims:?}");
+    for id in [&server_id, &client_id] {
+        let stopped = cri.stop_container(id, Duration::from_secs(10));
+        checks.check("StopContainer", stopped.is_ok(), || {
+            format!("{id}: {stopped:?}")
+        });
+        let removed = cri.remove_container(id);
+        checks.check("RemoveContainer", removed.is_ok(), || {
+            format!("{id}: {removed:?}")
+        });
+    }
+    step("StopPodSandbox", || {
+        cri.stop_pod_sandbox(&pod_id).expect("StopPodSandbox")
+    });
+    step("RemovePodSandbox", || {
+        cri.remove_pod_sandbox(&pod_id).expect("RemovePodSandbox")
+    });
+
+    let left = qemu_processes(&pod_id);
+    checks.check("no QEMU of the pod left", left.is_empty(), || {
+        format!("{left:?}")
+    });
+    let shim_pids: Vec<u32> = shims.iter().map(|(pid, _)| *pid).collect();
+    let all_pids: Vec<u32> = vm_pids.iter().chain(&shim_pids).copied().collect();
+    let alive = e2e::process::wait_gone(&all_pids, Duration::from_secs(30));
+    checks.check(
+        "no QEMU/virtiofsd/vhost-device-vsock/shim process of the pod left",
+        alive.is_empty(),
+        || format!("still alive: {alive:?}"),
+    );
+    let report = containerd
+        .leaks_with_pids(&[&pod_id, &server_id, &client_id], &all_pids)
+        .expect("leak check runs");
+    checks.check(
+        "the leak finder finds nothing (processes, mounts, state)",
+        report.is_empty(),
+        || format!("{report}"),
+    );
+    checks.check(
+        "/run/kata-rs/<pod id> is gone",
+        !sandbox_dir(&pod_id).exists(),
+        || format!("{} left", sandbox_dir(&pod_id).display()),
+    );
+    let new_netns: Vec<String> = netns_entries().difference(&netns_before).cloned().collect();
+    checks.check(
+        "no network namespace left",
+        new_netns.is_empty() && !pod_netns.as_deref().is_some_and(Path::exists),
+        || format!("new entries {new_netns:?}; pod netns {pod_netns:?}"),
+    );
+    let taps = kata_taps_anywhere();
+    checks.check("no kata tap left in any namespace", taps.is_empty(), || {
+        format!("{taps:?}")
+    });
+    if let Ok(ip) = ip {
+        checks.check(
+            "the pod IP no longer answers",
+            http_get(ip, 8080, "/").is_err(),
+            || format!("{ip} still answers"),
+        );
+    }
+
+    drop(cleanup);
+    drop(cri);
+    let report = step("containerd stopped", || containerd.stop());
+    checks.check(
+        "containerd shut down with nothing to clean",
+        report.killed_processes.is_empty() && report.remaining.is_empty(),
+        || format!("{report:?}"),
+    );
+    net.remove().expect("bridge removed");
+    checks.finish();
+}
+
+/// A complete private containerd config of format `version` (paths under `{dir}`, CRI with our pause image
+/// and the test's CNI directory) with the repository's `config/containerd/v<version>/<file>` merged over it,
+/// and every kata runtime's `ConfigPath` pointed at `conf` (the shipped files name /etc/kata-containers).
+fn config_from_repo(version: i64, file: &str, cni_conf_dir: &Path, conf: &Path) -> String {
+    let (cri, opt) = if version == 1 {
+        ("cri", "opt")
+    } else {
+        ("io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt")
+    };
+    let base = format!(
+        r#"version = {version}
+root = "{{dir}}/root"
+state = "{{dir}}/state"
+[grpc]
+  address = "{{dir}}/containerd.sock"
+[ttrpc]
+  address = "{{dir}}/containerd.sock.ttrpc"
+[plugins."{opt}"]
+  path = "{{dir}}/opt"
+[plugins."{cri}"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+[plugins."{cri}".containerd]
+  snapshotter = "overlayfs"
+[plugins."{cri}".cni]
+  bin_dir = "/usr/lib/cni"
+  conf_dir = "{}"
+"#,
+        cni_conf_dir.display()
+    );
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../../config/containerd/v{version}/{file}"));
+    let snippet: toml::Table = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .parse()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut table: toml::Table = base.parse().expect("base config parses");
+    merge(&mut table, snippet);
+    let runtimes = table
+        .get_mut("plugins")
+        .and_then(toml::Value::as_table_mut)
+        .and_then(|t| t.get_mut(cri))
+        .and_then(toml::Value::as_table_mut)
+        .and_then(|t| t.get_mut("containerd"))
+        .and_then(toml::Value::as_table_mut)
+        .and_then(|t| t.get_mut("runtimes"))
+        .and_then(toml::Value::as_table_mut);
+    for runtime in runtimes
+        .into_iter()
+        .flat_map(|r| r.iter_mut().map(|(_, v)| v))
+    {
+        if let Some(path) = runtime
+            .get_mut("options")
+            .and_then(toml::Value::as_table_mut)
+            .and_then(|o| o.get_mut("ConfigPath"))
+        {
+            *path = toml::Value::String(conf.display().to_string());
+        }
+    }
+    toml::to_string(&table).expect("config serializes")
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Starts containerd with the repository's `v<version>/<file>` and runs pods: every `(handler, untrusted)`
+/// in `kata_pods` must boot a VM whose container runs on the guest kernel; every one in `runc_pods` must
+/// not. Everything is removed and checked for leftovers.
+fn routes_pods(version: i64, file: &str, kata_pods: &[(&str, bool)], runc_pods: &[(&str, bool)]) {
+    let parts = parts_or_skip!();
+    let _vm = vm_lock();
+    let conf = KataConf::write(&parts);
+    let net = CniNetwork::create().expect("CNI network config");
+    let text = config_from_repo(version, file, net.conf_dir(), &conf.path);
+    let containerd = Containerd::start(ContainerdOptions {
+        namespace: "k8s.io".to_owned(),
+        shim_dir: Some(parts.shim_dir.clone()),
+        config_text: Some(text),
+        // untrusted_workload_runtime has no options table in the how-to: its shim finds the config here.
+        env: vec![("KATA_CONF_FILE".to_owned(), conf.path.display().to_string())],
+        ctr_timeout: CRI_DEADLINE,
+        ..ContainerdOptions::default()
+    })
+    .unwrap_or_else(|e| panic!("containerd with v{version}/{file}: {e}"));
+    import_images(&containerd);
+    let cri = cri_client(&containerd);
+    let cleanup = PodCleanup(&cri);
+    let release = parts.kernel_release().expect("kernel has a version banner");
+    let logs = tempfile::tempdir().expect("temp dir");
+    let mut checks = Checks::default();
+    let mut ids: Vec<String> = Vec::new();
+    let pods = kata_pods
+        .iter()
+        .map(|p| (p, true))
+        .chain(runc_pods.iter().map(|p| (p, false)));
+    for (n, (&(handler, untrusted), expect_vm)) in pods.enumerate() {
+        let what = format!("v{version}/{file}: handler {handler:?}, untrusted {untrusted}");
+        let mut pod = PodSpec::new(&format!("route{n}"), logs.path());
+        if untrusted {
+            pod.annotations
+                .insert(UNTRUSTED_ANNOTATION.to_owned(), "true".to_owned());
+        }
+        let pod_config = pod.build();
+        let pod_id = step(&format!("RunPodSandbox ({what})"), || {
+            cri.run_pod_sandbox(&pod_config, handler)
+                .unwrap_or_else(|e| {
+                    panic!("RunPodSandbox {what}: {e}\n{}", containerd.log_tail(60))
+                })
+        });
+        let qemu = qemu_processes(&pod_id);
+        eprintln!("{what}: QEMU {qemu:?}");
+        let spec = ContainerSpec::new(&format!("c{n}"), BUSYBOX_IMAGE, &["sleep", "3600"]);
+        let ctr_id = cri
+            .create_container(&pod_id, &spec.build(), &pod_config)
+            .expect("CreateContainer");
+        cri.start_container(&ctr_id).expect("StartContainer");
+        let uname = cri
+            .exec_sync(&ctr_id, &["uname", "-r"], EXEC_TIMEOUT)
+            .map(|o| o.stdout.trim().to_owned());
+        if expect_vm {
+            checks.check(
+                "a kata pod boots one QEMU naming the pod",
+                qemu.len() == 1,
+                || format!("{what}: {qemu:?}"),
+            );
+            checks.check(
+                "its container runs on the guest kernel",
+                uname.as_deref().is_ok_and(|u| u == release),
+                || format!("{what}: uname -r {uname:?}, guest kernel {release}"),
+            );
+        } else {
+            checks.check("a runc pod boots no VM", qemu.is_empty(), || {
+                format!("{what}: {qemu:?}")
+            });
+            checks.check(
+                "its container runs on the host kernel",
+                uname.as_deref().is_ok_and(|u| u != release),
+                || format!("{what}: uname -r {uname:?}"),
+            );
+        }
+        cri.stop_pod_sandbox(&pod_id).expect("StopPodSandbox");
+        cri.remove_pod_sandbox(&pod_id).expect("RemovePodSandbox");
+        let left = poll(Duration::from_secs(30), || {
+            qemu_processes(&pod_id).is_empty().then_some(())
+        });
+        checks.check(
+            "no QEMU left after RemovePodSandbox",
+            left.is_some(),
+            || format!("{what}: {:?}", qemu_processes(&pod_id)),
+        );
+        checks.check(
+            "/run/kata-rs/<pod id> is gone",
+            !sandbox_dir(&pod_id).exists(),
+            || what.clone(),
+        );
+        ids.push(pod_id);
+        ids.push(ctr_id);
+    }
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let report = containerd.leaks(&id_refs).expect("leak check runs");
+    checks.check("the leak finder finds nothing", report.is_empty(), || {
+        format!("{report}")
+    });
+    let taps = kata_taps_anywhere();
+    checks.check("no kata tap left in any namespace", taps.is_empty(), || {
+        format!("{taps:?}")
+    });
+    drop(cleanup);
+    drop(cri);
+    let report = containerd.stop();
+    checks.check(
+        "containerd shut down with nothing to clean",
+        report.killed_processes.is_empty() && report.remaining.is_empty(),
+        || format!("{report:?}"),
+    );
+    drop(net);
+    checks.finish();
+}
+
+#[test]
+fn runtimeclass_handler_routes_pods_v2() {
+    routes_pods(2, "runtimeclass.toml", &[("kata", false)], &[("", false)]);
+}
+
+#[test]
+fn runtimeclass_handler_routes_pods_v1() {
+    routes_pods(1, "runtimeclass.toml", &[("kata", false)], &[("", false)]);
+}
+
+#[test]
+fn untrusted_workload_annotation_routes_pods_v2() {
+    routes_pods(2, "untrusted.toml", &[("", true)], &[("", false)]);
+}
+
+#[test]
+fn untrusted_workload_annotation_routes_pods_v1() {
+    routes_pods(1, "untrusted.toml", &[("", true)], &[("", false)]);
+}
+
+#[test]
+fn default_runtime_kata_routes_pods_v2() {
+    routes_pods(2, "default.toml", &[("", false)], &[]);
+}
