@@ -1,9 +1,24 @@
-//! Shared measurement helpers for the kata-rs benchmarks.
+//! The kata-rs benchmark harness: measurement helpers, the bare QEMU boot floor ([`floor`]), host process
+//! accounting ([`procs`]), containerd log timestamps ([`timeline`]), the benchmark stages ([`stage`],
+//! [`measure`], [`network`]) and the report ([`report`], [`chart`]).
+
+pub mod chart;
+pub mod floor;
+pub mod measure;
+pub mod network;
+pub mod procs;
+pub mod report;
+pub mod stage;
+pub mod timeline;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 
 /// Memory of one process from /proc/<pid>/smaps_rollup, in KiB.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Memory {
     pub rss_kib: u64,
     pub pss_kib: u64,
@@ -42,6 +57,53 @@ pub fn summary(values: &mut [f64]) -> (f64, f64, f64) {
     }
     let median = if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 };
     (median, values[0], values[n - 1])
+}
+
+/// Median, min and max of a sample with its size; what every latency row of the report shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stat {
+    pub n: usize,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    pub fn of(values: &[f64]) -> Option<Stat> {
+        if values.is_empty() {
+            return None;
+        }
+        let mut v = values.to_vec();
+        let (median, min, max) = summary(&mut v);
+        Some(Stat { n: v.len(), median, min, max })
+    }
+}
+
+/// Set by SIGINT/SIGTERM: every stage checks it between steps and returns early, so the guards
+/// (containerd, pods, networks) are dropped and clean up.
+#[derive(Debug, Clone)]
+pub struct Interrupt(Arc<AtomicBool>);
+
+impl Interrupt {
+    pub fn install() -> anyhow::Result<Self> {
+        let flag = Arc::new(AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(signal, flag.clone())?;
+        }
+        Ok(Interrupt(flag))
+    }
+
+    /// An interrupt that never fires (unit tests).
+    pub fn never() -> Self {
+        Interrupt(Arc::new(AtomicBool::new(false)))
+    }
+
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.0.load(Ordering::Relaxed) {
+            anyhow::bail!("interrupted");
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,200 @@
+//! One command for every kata-rs benchmark, kata side by side with runc on the same private containerd and
+//! image: cold start (+ boot breakdown and the bare QEMU floor), exec latency, host memory per idle pod,
+//! start density and rate, shared-filesystem read (virtio-fs, 9p) and host -> pod TCP throughput.
+//! Writes `bench/results/latest.{md,json,png}`.
+//!
+//! usage: bench-all [--quick] [--runs N] [--only floor,cold,exec,memory,density,fs,net] [--out DIR]
+//! Parts from KATA_TEST_KERNEL, KATA_TEST_INITRD, KATA_TEST_VIRTIOFSD, KATA_TEST_VSOCK_DAEMON, KATA_TEST_SHIM_DIR.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bench::floor::{boot_floor, BootParts};
+use bench::measure::{self, MemoryRun};
+use bench::report::{FsRead, Machine, Results, TARGET_IDLE_PODS};
+use bench::stage::{CriStage, Runtime, SharedFsKind, Stage};
+use bench::{chart, network, Interrupt};
+use clap::Parser;
+use e2e::kata::KataParts;
+
+#[derive(Debug, Parser)]
+#[command(about = "kata-rs benchmarks, kata vs runc")]
+struct Args {
+    /// 3 runs per latency instead of 10, one shared-fs and network transfer, density at concurrency 4 only.
+    #[arg(long)]
+    quick: bool,
+    /// Runs per latency measurement (default 10, or 3 with --quick).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Comma-separated stages to run (default all): floor, cold, exec, memory, density, fs, net.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Where latest.md, latest.json and latest.png go.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    out: PathBuf,
+}
+
+const STAGES: &[&str] = &["floor", "cold", "exec", "memory", "density", "fs", "net"];
+
+fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(program).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg").map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+}
+
+fn machine(parts: &KataParts, quick: bool) -> Machine {
+    let kata_runtime = e2e::find_in_path("kata-runtime".as_ref())
+        .or_else(|| Some(parts.shim_dir.join("kata-runtime")).filter(|p| p.is_file()));
+    let accelerator = kata_runtime
+        .and_then(|p| command_output(&p.to_string_lossy(), &["check", "--json"]))
+        .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok())
+        .and_then(|v| v["accelerator"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "unknown (kata-runtime not installed)".to_owned());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_owned()))
+        .unwrap_or_default();
+    Machine {
+        date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+        nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        cpu,
+        host_kernel: command_output("uname", &["-r"]).unwrap_or_default(),
+        accelerator,
+        guest_kernel: parts.kernel_release().unwrap_or_else(|| "unknown".to_owned()),
+        load_before: load(),
+        load_after: String::new(),
+        quick,
+    }
+}
+
+/// Runs one stage; a failure is recorded and the run goes on, an interrupt ends it.
+fn stage<T>(results: &mut Results, name: &str, interrupt: &Interrupt, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+    eprintln!("== {name}");
+    let t0 = Instant::now();
+    let r = f();
+    eprintln!("   ({name}: {:.0} s)", t0.elapsed().as_secs_f64());
+    interrupt.check()?;
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) => {
+            eprintln!("   {name} failed: {e:#}");
+            results.stage_errors.push(format!("{name}: {e:#}"));
+            Ok(None)
+        }
+    }
+}
+
+fn run(args: &Args, parts: &KataParts, interrupt: &Interrupt, results: &mut Results) -> Result<()> {
+    let wants = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
+    let n = args.runs.unwrap_or(if args.quick { 3 } else { 10 });
+    let io_runs = if args.quick { 1 } else { 3 };
+    if wants("floor") {
+        let rt = tokio::runtime::Runtime::new()?;
+        let boot = BootParts::from_kata(parts);
+        if let Some(samples) = stage(results, "bare QEMU boot floor", interrupt, || rt.block_on(boot_floor(n, &boot, interrupt)))? {
+            results.floor = samples;
+        }
+    }
+    if ["cold", "exec", "memory", "density", "fs"].iter().any(|s| wants(s)) {
+        let virtiofs = Stage::start(parts, SharedFsKind::VirtioFs)?;
+        if wants("cold") {
+            results.cold = stage(results, "cold start", interrupt, || measure::cold_start(&virtiofs, n, interrupt))?;
+        }
+        if wants("exec") {
+            results.exec = stage(results, "exec latency", interrupt, || measure::exec_latency(&virtiofs, n, interrupt))?;
+        }
+        if wants("memory") {
+            for runtime in [Runtime::Kata, Runtime::Runc] {
+                let settle = Duration::from_secs(if runtime == Runtime::Kata { 3 } else { 1 });
+                let m: Option<MemoryRun> = stage(results, &format!("idle memory {}", runtime.label()), interrupt, || {
+                    measure::idle_memory(&virtiofs, runtime, &[1, 10, TARGET_IDLE_PODS], settle, interrupt)
+                })?;
+                results.memory.extend(m);
+            }
+        }
+        if wants("density") {
+            let mut runs = vec![(Runtime::Kata, 4), (Runtime::Runc, 4)];
+            if !args.quick {
+                runs.insert(0, (Runtime::Kata, 2));
+            }
+            for (runtime, c) in runs {
+                let d = stage(results, &format!("density {} x{c}", runtime.label()), interrupt, || {
+                    Ok(measure::density(&virtiofs, runtime, c, TARGET_IDLE_PODS, interrupt))
+                })?;
+                results.density.extend(d);
+            }
+        }
+        if wants("fs") {
+            let mib = 64;
+            results.fs_read_mib = mib;
+            let file = measure::make_read_file(mib)?;
+            let host = measure::host_read(&file.path().join("f"), io_runs.max(3));
+            results.fs_read.push(fs_row("host (page cache)", host));
+            let r = measure::container_read(&virtiofs, Runtime::Runc, file.path(), io_runs, 32, interrupt);
+            results.fs_read.push(fs_row("runc container (bind mount, 32 reads)", r));
+            let r = measure::container_read(&virtiofs, Runtime::Kata, file.path(), io_runs, 1, interrupt);
+            results.fs_read.push(fs_row("kata guest, virtio-fs", r));
+            interrupt.check()?;
+            drop(virtiofs);
+            let r = Stage::start(parts, SharedFsKind::NineP)
+                .and_then(|ninep| measure::container_read(&ninep, Runtime::Kata, file.path(), io_runs, 1, interrupt));
+            results.fs_read.push(fs_row("kata guest, 9p", r));
+            interrupt.check()?;
+        }
+    }
+    if wants("net") {
+        let mib = if args.quick { 16 } else { 64 };
+        results.net_mib = mib;
+        let net = stage(results, "network", interrupt, || {
+            let cri = CriStage::start(parts)?;
+            network::tcp_throughput(&cri, mib, io_runs, interrupt)
+        })?;
+        results.net = net.unwrap_or_default();
+    }
+    Ok(())
+}
+
+fn fs_row(label: &str, r: Result<Vec<f64>>) -> FsRead {
+    eprintln!("  fs read {label}: {r:?}");
+    match r {
+        Ok(v) => FsRead { label: label.to_owned(), mb_per_s: v, error: None },
+        Err(e) => FsRead { label: label.to_owned(), mb_per_s: vec![], error: Some(format!("{e:#}")) },
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(bad) = args.only.iter().find(|s| !STAGES.contains(&s.as_str())) {
+        bail!("unknown stage {bad:?} in --only (stages: {})", STAGES.join(", "));
+    }
+    if let Some(reason) = e2e::skip_reason() {
+        bail!("cannot run: {reason}");
+    }
+    let parts = KataParts::find().map_err(|e| anyhow::anyhow!("kata parts: {e}"))?;
+    let interrupt = Interrupt::install()?;
+    let mut results = Results { machine: machine(&parts, args.quick), ..Default::default() };
+    let outcome = run(&args, &parts, &interrupt, &mut results);
+    results.machine.load_after = load();
+    if let Err(e) = &outcome {
+        results.stage_errors.push(format!("run stopped: {e:#}"));
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
+    let md = args.out.join("latest.md");
+    let json = args.out.join("latest.json");
+    let png = args.out.join("latest.png");
+    let text = results.markdown();
+    std::fs::write(&md, &text).with_context(|| format!("write {}", md.display()))?;
+    std::fs::write(&json, serde_json::to_string_pretty(&results)? + "\n").with_context(|| format!("write {}", json.display()))?;
+    let chart = chart::draw(&results, &png);
+    println!("{text}");
+    println!("results: {}\n         {}", md.display(), json.display());
+    match chart {
+        Ok(()) => println!("chart:   {}", png.display()),
+        Err(e) => println!("chart not drawn: {e:#}"),
+    }
+    outcome
+}

@@ -1,0 +1,247 @@
+//! Everything one `bench-all` run measured (saved as JSON) and its Markdown rendering.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::floor::BootSample;
+use crate::measure::{ColdStart, Density, ExecLatency, MemoryRun};
+use crate::network::NetResult;
+use crate::timeline::Breakdown;
+use crate::Stat;
+
+/// Issue 6's targets under TCG.
+pub const TARGET_START_RATIO: f64 = 1.25;
+pub const TARGET_PSS_MIB: f64 = 60.0;
+pub const TARGET_IDLE_PODS: usize = 20;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Machine {
+    pub date: String,
+    pub nproc: usize,
+    pub cpu: String,
+    pub host_kernel: String,
+    pub accelerator: String,
+    pub guest_kernel: String,
+    pub load_before: String,
+    pub load_after: String,
+    pub quick: bool,
+}
+
+/// Shared-filesystem read throughput of one configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FsRead {
+    pub label: String,
+    pub mb_per_s: Vec<f64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Results {
+    pub machine: Machine,
+    pub floor: Vec<BootSample>,
+    pub cold: Option<ColdStart>,
+    pub exec: Option<ExecLatency>,
+    pub memory: Vec<MemoryRun>,
+    pub density: Vec<Density>,
+    pub fs_read_mib: usize,
+    pub fs_read: Vec<FsRead>,
+    pub net_mib: usize,
+    pub net: Vec<NetResult>,
+    /// Stages that failed as a whole, with the reason.
+    pub stage_errors: Vec<String>,
+}
+
+fn stat_cells(s: Option<Stat>) -> String {
+    match s {
+        Some(s) => format!("{:.3} | {:.3} | {:.3} | {}", s.median, s.min, s.max, s.n),
+        None => "n/a | n/a | n/a | 0".to_owned(),
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "n/a".to_owned())
+}
+
+impl Results {
+    pub fn floor_stat(&self) -> Option<Stat> {
+        Stat::of(&self.floor.iter().map(|s| s.agent_s).collect::<Vec<_>>())
+    }
+
+    pub fn cold_stats(&self) -> (Option<Stat>, Option<Stat>) {
+        match &self.cold {
+            Some(c) => (Stat::of(&c.kata_s), Stat::of(&c.runc_s)),
+            None => (None, None),
+        }
+    }
+
+    pub fn exec_stats(&self) -> (Option<Stat>, Option<Stat>) {
+        match &self.exec {
+            Some(e) => (Stat::of(&e.kata_s), Stat::of(&e.runc_s)),
+            None => (None, None),
+        }
+    }
+
+    /// Median of each breakdown phase over the kata cold starts.
+    pub fn breakdown_medians(&self) -> Vec<(&'static str, Option<f64>)> {
+        let runs: &[Breakdown] = self.cold.as_ref().map(|c| c.kata_breakdown.as_slice()).unwrap_or(&[]);
+        let labels = Breakdown::default().phases();
+        (0..labels.len())
+            .map(|i| {
+                let values: Vec<f64> = runs.iter().filter_map(|b| b.phases()[i].1).collect();
+                (labels[i].0, Stat::of(&values).map(|s| s.median))
+            })
+            .collect()
+    }
+
+    /// PSS per pod (MiB) of `runtime` at each step: `(target, running, pss per pod)`.
+    pub fn pss_steps(&self, runtime: &str) -> Vec<(usize, usize, f64)> {
+        self.memory
+            .iter()
+            .filter(|m| m.runtime == runtime)
+            .flat_map(|m| m.steps.iter().map(|s| (s.target, s.running, s.cost.pss_per_pod_mib())))
+            .collect()
+    }
+
+    pub fn markdown(&self) -> String {
+        let m = &self.machine;
+        let mut o = String::new();
+        let _ = writeln!(o, "# kata-rs benchmark results\n");
+        let _ = writeln!(
+            o,
+            "{} · {} CPUs ({}) · accelerator **{}** · host kernel {} · guest kernel {} · load average before {} / after {}{}\n",
+            m.date,
+            m.nproc,
+            m.cpu,
+            m.accelerator,
+            m.host_kernel,
+            m.guest_kernel,
+            m.load_before,
+            m.load_after,
+            if m.quick { " · `--quick`" } else { "" }
+        );
+        let floor = self.floor_stat();
+        let (kata, runc) = self.cold_stats();
+        let _ = writeln!(o, "## Start latency (s)\n");
+        let _ = writeln!(o, "| what | median | min | max | n |\n|---|---|---|---|---|");
+        let _ = writeln!(o, "| `ctr run --rm busybox echo hi`, kata | {} |", stat_cells(kata));
+        let _ = writeln!(o, "| `ctr run --rm busybox echo hi`, runc | {} |", stat_cells(runc));
+        let _ = writeln!(o, "| bare floor: QEMU launch -> agent answers (no containerd) | {} |", stat_cells(floor));
+        let ratio = |a: Option<Stat>, b: Option<Stat>| match (a, b) {
+            (Some(a), Some(b)) if b.median > 0.0 => Some(a.median / b.median),
+            _ => None,
+        };
+        let _ = writeln!(
+            o,
+            "\nkata/runc: **{}x**; kata/floor: **{}x** (target ≤ {TARGET_START_RATIO}x)\n",
+            opt(ratio(kata, runc), 1),
+            opt(ratio(kata, floor), 2)
+        );
+        let _ = writeln!(o, "### Where a kata `ctr run` spends its time (medians from containerd's log, s)\n");
+        let _ = writeln!(o, "| phase | median |\n|---|---|");
+        for (label, v) in self.breakdown_medians() {
+            let _ = writeln!(o, "| {label} | {} |", opt(v, 3));
+        }
+        let _ = writeln!(
+            o,
+            "| *for comparison: bare QEMU launch -> agent answers* | {} |",
+            opt(floor.map(|s| s.median), 3)
+        );
+        let (ek, er) = self.exec_stats();
+        let _ = writeln!(o, "\n## Exec latency: `ctr task exec ... true` (s)\n");
+        let _ = writeln!(o, "| runtime | median | min | max | n |\n|---|---|---|---|---|");
+        let _ = writeln!(o, "| kata | {} |\n| runc | {} |", stat_cells(ek), stat_cells(er));
+        let _ = writeln!(o, "\nkata/runc: **{}x**", opt(ratio(ek, er), 1));
+        let _ = writeln!(o, "\n## Host memory per idle pod (`sleep 3600`), PSS from smaps_rollup (MiB)\n");
+        let _ = writeln!(o, "| pods asked | kata running | kata PSS / pod | runc running | runc PSS / pod |\n|---|---|---|---|---|");
+        let (mk, mr) = (self.pss_steps("kata"), self.pss_steps("runc"));
+        for (i, (target, running, pss)) in mk.iter().enumerate() {
+            let (rr, rp) = mr.get(i).map(|(_, r, p)| (r.to_string(), format!("{p:.1}"))).unwrap_or(("n/a".into(), "n/a".into()));
+            let _ = writeln!(o, "| {target} | {running} | {pss:.1} | {rr} | {rp} |");
+        }
+        if let Some(last) = self.memory.iter().find(|m| m.runtime == "kata").and_then(|m| m.steps.last()) {
+            let pods = last.cost.pods.max(1) as f64;
+            let parts: Vec<String> = last
+                .cost
+                .by_process
+                .iter()
+                .map(|(name, mem)| format!("{name} {:.1}", mem.pss_kib as f64 / 1024.0 / pods))
+                .collect();
+            let _ = writeln!(o, "\nkata per pod at {} pods, by process (MiB PSS): {}", last.cost.pods, parts.join(", "));
+        }
+        for m in &self.memory {
+            if !m.failures.is_empty() {
+                let _ = writeln!(o, "\n{} idle-pod failures: {}", m.runtime, m.failures.join("; "));
+            }
+        }
+        let _ = writeln!(o, "\n## Density: pods started concurrently until {TARGET_IDLE_PODS} or the first failure\n");
+        let _ = writeln!(o, "| runtime | concurrency | started | wall (s) | pods/s | first failure |\n|---|---|---|---|---|---|");
+        for d in &self.density {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {}/{} | {:.1} | {:.2} | {} |",
+                d.runtime,
+                d.concurrency,
+                d.started,
+                d.target,
+                d.wall_s,
+                d.pods_per_s,
+                d.failures.first().map(|f| f.replace('|', "/")).unwrap_or_else(|| "none".to_owned())
+            );
+        }
+        let _ = writeln!(o, "\n## Shared-filesystem read: `dd if=/data/f bs=1M` of a {} MiB bind-mounted file (MB/s)\n", self.fs_read_mib);
+        let _ = writeln!(o, "| where | median | min | max | n |\n|---|---|---|---|---|");
+        for f in &self.fs_read {
+            match &f.error {
+                Some(e) => {
+                    let _ = writeln!(o, "| {} | not available: {} | | | |", f.label, e.replace('|', "/"));
+                }
+                None => {
+                    let _ = writeln!(o, "| {} | {} |", f.label, stat_cells(Stat::of(&f.mb_per_s)));
+                }
+            }
+        }
+        let _ = writeln!(o, "\n## Network: host -> pod TCP, {} MiB into busybox `nc -l` (MB/s)\n", self.net_mib);
+        let _ = writeln!(o, "| runtime | median | min | max | n |\n|---|---|---|---|---|");
+        for n in &self.net {
+            match &n.not_available {
+                Some(why) => {
+                    let _ = writeln!(o, "| {} | not available: {} | | | |", n.runtime, why.replace('|', "/").replace('\n', " "));
+                }
+                None => {
+                    let _ = writeln!(o, "| {} | {} |", n.runtime, stat_cells(Stat::of(&n.mb_per_s)));
+                }
+            }
+        }
+        let _ = writeln!(o, "\n## Issue 6 targets (TCG)\n");
+        let _ = writeln!(o, "| target | now | met |\n|---|---|---|");
+        let r = ratio(kata, floor);
+        let _ = writeln!(o, "| `ctr run` ≤ {TARGET_START_RATIO}x bare boot floor | {}x | {} |", opt(r, 2), yes(r.map(|r| r <= TARGET_START_RATIO)));
+        let pss = mk.iter().rev().find(|(_, running, _)| *running > 0).map(|(_, _, p)| *p);
+        let _ = writeln!(o, "| host PSS per idle pod ≤ {TARGET_PSS_MIB} MB | {} MiB | {} |", opt(pss, 1), yes(pss.map(|p| p * 1.048_576 <= TARGET_PSS_MIB)));
+        let most = mk.iter().map(|(_, r, _)| *r).max();
+        let failed = self.memory.iter().any(|m| m.runtime == "kata" && !m.failures.is_empty());
+        let _ = writeln!(
+            o,
+            "| {TARGET_IDLE_PODS} idle pods at once without failure | {} running{} | {} |",
+            most.map(|m| m.to_string()).unwrap_or_else(|| "n/a".into()),
+            if failed { ", with failures" } else { "" },
+            yes(most.map(|m| m >= TARGET_IDLE_PODS && !failed))
+        );
+        if !self.stage_errors.is_empty() {
+            let _ = writeln!(o, "\n## Stages that failed\n");
+            for e in &self.stage_errors {
+                let _ = writeln!(o, "- {}", e.replace('\n', " "));
+            }
+        }
+        o
+    }
+}
+
+fn yes(v: Option<bool>) -> &'static str {
+    match v {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "n/a",
+    }
+}

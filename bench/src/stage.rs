@@ -1,0 +1,136 @@
+//! The benchmark's private containerds: one per kata configuration (virtio-fs, 9p), with runc beside kata
+//! on the same containerd and image, plus a CRI one with a CNI bridge for the network stage. Everything
+//! is torn down when a [`Stage`] is dropped (containerd's harness removes containers, shims, mounts).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use e2e::cri::CniNetwork;
+use e2e::kata::{KataParts, KATA_RUNTIME};
+use e2e::{Containerd, ContainerdOptions, CriOptions, OciImage, BUSYBOX_IMAGE, PAUSE_IMAGE};
+
+/// containerd's runc runtime, for comparison.
+pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
+/// The CRI handler name that selects kata-rs.
+pub const KATA_HANDLER: &str = "kata";
+
+/// Which shared filesystem the guest uses for rootfs and volumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedFsKind {
+    VirtioFs,
+    NineP,
+}
+
+impl SharedFsKind {
+    pub fn config_value(self) -> &'static str {
+        match self {
+            SharedFsKind::VirtioFs => "virtio-fs",
+            SharedFsKind::NineP => "virtio-9p",
+        }
+    }
+}
+
+/// The runtimes a stage compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    Kata,
+    Runc,
+}
+
+impl Runtime {
+    pub fn ctr_name(self) -> &'static str {
+        match self {
+            Runtime::Kata => KATA_RUNTIME,
+            Runtime::Runc => RUNC_RUNTIME,
+        }
+    }
+
+    pub fn cri_handler(self) -> &'static str {
+        match self {
+            Runtime::Kata => KATA_HANDLER,
+            Runtime::Runc => "runc",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Runtime::Kata => "kata",
+            Runtime::Runc => "runc",
+        }
+    }
+}
+
+/// A private containerd (debug log level, for the event timestamps) with the busybox image imported and
+/// `KATA_CONF_FILE` pointing at a configuration for `parts`.
+#[derive(Debug)]
+pub struct Stage {
+    // Dropped first: containers and shims go before the configuration file they read.
+    pub containerd: Containerd,
+    pub shared_fs: SharedFsKind,
+    conf_dir: tempfile::TempDir,
+}
+
+/// `ctr` calls get this long before being killed: a VM boot under TCG on a loaded machine is slow.
+pub const CTR_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn write_configuration(parts: &KataParts, shared_fs: SharedFsKind) -> Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::Builder::new().prefix("kata-bench-conf-").tempdir()?;
+    let path = dir.path().join("configuration.toml");
+    let text = parts
+        .configuration("")
+        .replace("shared_fs = \"virtio-fs\"", &format!("shared_fs = \"{}\"", shared_fs.config_value()));
+    std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+    Ok((dir, path))
+}
+
+impl Stage {
+    pub fn start(parts: &KataParts, shared_fs: SharedFsKind) -> Result<Stage> {
+        let (conf_dir, conf) = write_configuration(parts, shared_fs)?;
+        let containerd = Containerd::start(ContainerdOptions {
+            shim_dir: Some(parts.shim_dir.clone()),
+            env: vec![("KATA_CONF_FILE".into(), conf.display().to_string())],
+            ctr_timeout: CTR_TIMEOUT,
+            debug: true,
+            ..Default::default()
+        })
+        .context("start containerd")?;
+        containerd.import(&OciImage::busybox(BUSYBOX_IMAGE)?).context("import busybox")?;
+        Ok(Stage { containerd, shared_fs, conf_dir })
+    }
+
+    pub fn conf_dir(&self) -> &std::path::Path {
+        self.conf_dir.path()
+    }
+}
+
+/// A containerd with CRI (namespace `k8s.io`), the handlers `runc` and `kata`, and a private CNI bridge.
+#[derive(Debug)]
+pub struct CriStage {
+    pub containerd: Containerd,
+    _conf_dir: tempfile::TempDir,
+    // Dropped after containerd (fields drop in order): the bridge outlives the pods on it.
+    pub network: CniNetwork,
+}
+
+impl CriStage {
+    pub fn start(parts: &KataParts) -> Result<CriStage> {
+        let network = CniNetwork::create().context("CNI network")?;
+        let (conf_dir, conf) = write_configuration(parts, SharedFsKind::VirtioFs)?;
+        let containerd = Containerd::start(ContainerdOptions {
+            namespace: "k8s.io".to_owned(),
+            shim_dir: Some(parts.shim_dir.clone()),
+            env: vec![("KATA_CONF_FILE".into(), conf.display().to_string())],
+            cri: Some(CriOptions::new(network.conf_dir())),
+            extra_config: format!(
+                "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{KATA_HANDLER}]\n  runtime_type = \"{KATA_RUNTIME}\"\n"
+            ),
+            ctr_timeout: CTR_TIMEOUT,
+            ..Default::default()
+        })
+        .context("start containerd with CRI")?;
+        containerd.import(&OciImage::busybox(BUSYBOX_IMAGE)?).context("import busybox")?;
+        containerd.import(&OciImage::pause(PAUSE_IMAGE)?).context("import pause")?;
+        Ok(CriStage { containerd, _conf_dir: conf_dir, network })
+    }
+}
