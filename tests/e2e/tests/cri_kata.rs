@@ -23,7 +23,7 @@ use e2e::kata::{sandbox_dir, KataParts, KATA_RUNTIME};
 use e2e::{
     skip_reason, Containerd, ContainerdOptions, CriOptions, OciImage, BUSYBOX_IMAGE, PAUSE_IMAGE,
 };
-use k8s_cri::v1::ContainerState;
+use k8s_cri::v1::{ContainerState, LinuxContainerResources};
 
 /// Every CRI call may wait for a VM boot or a guest round trip under TCG on a busy machine.
 const CRI_DEADLINE: Duration = Duration::from_secs(90);
@@ -561,6 +561,34 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
         "ContainerStats cpu and memory are non-zero",
         cpu > 0 && memory > 0,
         || format!("{stats:?}"),
+    );
+
+    // UpdateContainerResources reaches the container's cgroup v2 in the guest.
+    let limit: i64 = 96 * 1024 * 1024;
+    let updated = cri.update_container_resources(
+        &server_id,
+        &LinuxContainerResources { memory_limit_in_bytes: limit, ..Default::default() },
+    );
+    let max = cri.exec_sync(
+        &server_id,
+        &["sh", "-c", "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max"],
+        Duration::from_secs(60),
+    );
+    checks.check(
+        "UpdateContainerResources sets memory.max in the guest",
+        updated.is_ok() && max.as_ref().is_ok_and(|o| o.stdout.trim() == limit.to_string()),
+        || format!("update: {updated:?}; memory.max: {max:?}"),
+    );
+
+    // The pod's hostname and DNS configuration from CRI reach the containers in the VM.
+    let names = cri.exec_sync(&server_id, &["sh", "-c", "hostname; cat /etc/resolv.conf"], Duration::from_secs(60));
+    checks.check(
+        "hostname and resolv.conf come from the pod config",
+        names.as_ref().is_ok_and(|o| {
+            o.stdout.lines().next() == Some(pod.hostname.as_str())
+                && o.stdout.lines().any(|l| l.trim() == "nameserver 127.0.0.1")
+        }),
+        || format!("{names:?}"),
     );
 
     // Teardown through CRI.
