@@ -13,4 +13,4 @@ export KATA_TEST_SHIM_DIR=$CARGO_TARGET_DIR/release
 
 cd "$REPO"
 # Two test threads: VM tests under TCG must not run more than two at a time on 2 cores.
-step "cargo test" cargo test --workspace -- --test-threads=2
+step "cargo test" cargo test --workspace --no-fail-fast -- --test-threads=2

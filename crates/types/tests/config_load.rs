@@ -379,12 +379,15 @@ fn validate_names_file_line_and_key_of_missing_files() {
         qemu.display(),
         kernel.display()
     );
-    let loaded = load_text(&text).expect("loads");
+    let mut loaded = load_text(&text).expect("loads");
+    // The default initrd may well exist on this host (the set-up installs it): point the default-origin value
+    // at a path that cannot, to check how a default is named.
+    let missing = dir.path().join("no-initrd.img");
+    loaded.config.hypervisor.initrd = missing.display().to_string();
     let err = loaded.validate().expect_err("default initrd missing");
     assert_eq!(
         err.to_string(),
-        "(default): hypervisor.qemu.initrd: \
-         /usr/share/kata-containers/kata-containers-initrd.img does not exist"
+        format!("(default): hypervisor.qemu.initrd: {} does not exist", missing.display())
     );
     let text = format!("{text}initrd = \"{}\"\n", initrd.display());
     load_text(&text)
