@@ -437,6 +437,8 @@ pub struct PodSpec {
     pub dns_options: Vec<String>,
     pub annotations: HashMap<String, String>,
     pub labels: HashMap<String, String>,
+    /// A privileged pod (needed for privileged containers).
+    pub privileged: bool,
 }
 
 impl PodSpec {
@@ -473,6 +475,13 @@ impl PodSpec {
             }),
             annotations: self.annotations.clone(),
             labels: self.labels.clone(),
+            linux: self.privileged.then(|| k8s_cri::v1::LinuxPodSandboxConfig {
+                security_context: Some(k8s_cri::v1::LinuxSandboxSecurityContext {
+                    privileged: true,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
@@ -497,6 +506,8 @@ pub struct ContainerSpec {
     pub mounts: Vec<HostMount>,
     /// Relative to the pod's `log_directory`.
     pub log_path: String,
+    /// `securityContext.privileged` (the pod must be privileged too).
+    pub privileged: bool,
 }
 
 impl ContainerSpec {
@@ -552,6 +563,13 @@ impl ContainerSpec {
                 })
                 .collect(),
             log_path: self.log_path.clone(),
+            linux: self.privileged.then(|| k8s_cri::v1::LinuxContainerConfig {
+                security_context: Some(k8s_cri::v1::LinuxContainerSecurityContext {
+                    privileged: true,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }

@@ -891,3 +891,77 @@ fn untrusted_workload_annotation_routes_pods_v1() {
 fn default_runtime_kata_routes_pods_v2() {
     routes_pods(2, "default.toml", &[("", false)], &[]);
 }
+
+/// With `privileged_without_host_devices = true` (the how-to's RuntimeClass setting, used by this file's kata
+/// handler) a privileged container is privileged inside the VM but gets none of the host's devices.
+#[test]
+fn privileged_container_gets_no_host_devices() {
+    let parts = parts_or_skip!();
+    let _vm = vm_lock();
+    let conf = KataConf::write(&parts);
+    let mut net = CniNetwork::create().expect("CNI network config");
+    let containerd = Containerd::start(ContainerdOptions {
+        namespace: "k8s.io".to_owned(),
+        shim_dir: Some(parts.shim_dir.clone()),
+        cri: Some(CriOptions::new(net.conf_dir())),
+        extra_config: kata_runtime_v2(&conf.path),
+        ctr_timeout: CRI_DEADLINE,
+        ..ContainerdOptions::default()
+    })
+    .expect("containerd with CRI starts");
+    import_images(&containerd);
+    let cri = cri_client(&containerd);
+    let cleanup = PodCleanup(&cri);
+    let mut checks = Checks::default();
+    let logs = tempfile::tempdir().expect("temp dir");
+
+    let pod = PodSpec { privileged: true, ..PodSpec::new("kata-privileged", logs.path()) };
+    let pod_config = pod.build();
+    let pod_id = cri
+        .run_pod_sandbox(&pod_config, "kata")
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail(60)));
+    let spec = ContainerSpec { privileged: true, ..ContainerSpec::new("priv", BUSYBOX_IMAGE, &["sleep", "3600"]) };
+    let ctr_id = cri
+        .create_container(&pod_id, &spec.build(), &pod_config)
+        .unwrap_or_else(|e| panic!("CreateContainer privileged: {e}\n{}", containerd.log_tail(60)));
+    cri.start_container(&ctr_id).unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", containerd.log_tail(60)));
+
+    // The host's block devices (e.g. vda): with host devices passed, they would appear in the container's /dev.
+    let host_disks: Vec<String> = std::fs::read_dir("/sys/block")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    let host_disks: Vec<String> = host_disks.into_iter().filter(|d| Path::new("/dev").join(d).exists()).collect();
+    let dev = cri.exec_sync(&ctr_id, &["ls", "/dev"], Duration::from_secs(60));
+    checks.check(
+        "no host block device in the privileged container's /dev",
+        !host_disks.is_empty()
+            && dev.as_ref().is_ok_and(|o| o.exit_code == 0 && o.stdout.lines().all(|l| !host_disks.contains(&l.to_string()))),
+        || format!("host disks {host_disks:?}; container /dev: {dev:?}"),
+    );
+    // Privileged inside the VM: the full capability set (CAP_SYS_ADMIN among them).
+    let caps = cri.exec_sync(&ctr_id, &["sh", "-c", "grep CapEff /proc/self/status"], Duration::from_secs(60));
+    checks.check(
+        "the container is privileged in the guest (all capabilities)",
+        caps.as_ref().is_ok_and(|o| {
+            o.stdout.split_whitespace().nth(1).and_then(|h| u64::from_str_radix(h, 16).ok()).is_some_and(|c| c & (1 << 21) != 0)
+        }),
+        || format!("{caps:?}"),
+    );
+
+    let _ = cri.stop_container(&ctr_id, Duration::from_secs(10));
+    let _ = cri.remove_container(&ctr_id);
+    cri.stop_pod_sandbox(&pod_id).expect("StopPodSandbox");
+    cri.remove_pod_sandbox(&pod_id).expect("RemovePodSandbox");
+    let report = containerd.leaks(&[&pod_id, &ctr_id]).expect("leak check runs");
+    checks.check("nothing of the pod left", report.is_empty() && !sandbox_dir(&pod_id).exists(), || {
+        format!("{report}")
+    });
+    drop(cleanup);
+    drop(cri);
+    let report = containerd.stop();
+    checks.check("containerd shut down with nothing to clean", report.remaining.is_empty(), || {
+        format!("{report:?}")
+    });
+    net.remove().expect("bridge removed");
+    checks.finish();
+}
