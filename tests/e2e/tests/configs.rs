@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use e2e::{Containerd, ContainerdOptions, PAUSE_IMAGE};
+use e2e::config_files::{cri_plugin, merge, private_cri_config};
+use e2e::{Containerd, ContainerdOptions};
 use toml::{Table, Value};
 
 /// The repository's `config/` directory.
@@ -15,11 +16,7 @@ fn config_dir() -> PathBuf {
 
 /// The CRI plugin's table name in each format.
 fn cri_key(version: i64) -> &'static str {
-    if version == 1 {
-        "cri"
-    } else {
-        "io.containerd.grpc.v1.cri"
-    }
+    cri_plugin(version)
 }
 
 /// Every containerd snippet: (format version, file name).
@@ -226,51 +223,11 @@ fn katafc_wrapper_sets_the_config_and_execs_the_shim() {
     assert!(syntax.success());
 }
 
-/// A complete private config of format `version` (paths under `{dir}`, CRI with our pause image, CNI
-/// config in the test directory, `restrict_oom_score_adj`) with `snippet` merged over it.
+/// A complete private config of format `version` (CNI config in the test directory) with `snippet` merged over it.
 fn merged_config(version: i64, snippet: Table) -> String {
-    let cri = cri_key(version);
-    let opt = if version == 1 {
-        "opt"
-    } else {
-        "io.containerd.internal.v1.opt"
-    };
-    let base = format!(
-        r#"version = {version}
-root = "{{dir}}/root"
-state = "{{dir}}/state"
-[grpc]
-  address = "{{dir}}/containerd.sock"
-[ttrpc]
-  address = "{{dir}}/containerd.sock.ttrpc"
-[plugins."{opt}"]
-  path = "{{dir}}/opt"
-[plugins."{cri}"]
-  sandbox_image = "{PAUSE_IMAGE}"
-  restrict_oom_score_adj = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-[plugins."{cri}".containerd]
-  snapshotter = "overlayfs"
-[plugins."{cri}".cni]
-  bin_dir = "/usr/lib/cni"
-  conf_dir = "{{dir}}/cni"
-"#
-    );
-    let mut table: Table = base.parse().expect("base config parses");
+    let mut table = private_cri_config(version, "{dir}/cni");
     merge(&mut table, snippet);
     toml::to_string(&table).expect("config serializes")
-}
-
-fn merge(into: &mut Table, from: Table) {
-    for (key, value) in from {
-        match (into.get_mut(&key), value) {
-            (Some(Value::Table(a)), Value::Table(b)) => merge(a, b),
-            (_, value) => {
-                into.insert(key, value);
-            }
-        }
-    }
 }
 
 /// Pieces of the CRI plugin's "Start cri plugin with config {...}" log line that show the snippet took

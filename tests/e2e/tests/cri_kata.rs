@@ -18,6 +18,7 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use e2e::config_files::{cri_plugin, merge, private_cri_config};
 use e2e::cri::{parse_cri_log, CniNetwork, ContainerSpec, CriClient, PodCleanup, PodSpec};
 use e2e::kata::{sandbox_dir, KataParts, KATA_RUNTIME};
 use e2e::{
@@ -681,42 +682,14 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
 /// and the test's CNI directory) with the repository's `config/containerd/v<version>/<file>` merged over it,
 /// and every kata runtime's `ConfigPath` pointed at `conf` (the shipped files name /etc/kata-containers).
 fn config_from_repo(version: i64, file: &str, cni_conf_dir: &Path, conf: &Path) -> String {
-    let (cri, opt) = if version == 1 {
-        ("cri", "opt")
-    } else {
-        ("io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt")
-    };
-    let base = format!(
-        r#"version = {version}
-root = "{{dir}}/root"
-state = "{{dir}}/state"
-[grpc]
-  address = "{{dir}}/containerd.sock"
-[ttrpc]
-  address = "{{dir}}/containerd.sock.ttrpc"
-[plugins."{opt}"]
-  path = "{{dir}}/opt"
-[plugins."{cri}"]
-  sandbox_image = "{PAUSE_IMAGE}"
-  restrict_oom_score_adj = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  enable_selinux = false
-[plugins."{cri}".containerd]
-  snapshotter = "overlayfs"
-[plugins."{cri}".cni]
-  bin_dir = "/usr/lib/cni"
-  conf_dir = "{}"
-"#,
-        cni_conf_dir.display()
-    );
+    let cri = cri_plugin(version);
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join(format!("../../config/containerd/v{version}/{file}"));
     let snippet: toml::Table = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .parse()
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut table: toml::Table = base.parse().expect("base config parses");
+    let mut table = private_cri_config(version, &cni_conf_dir.display().to_string());
     merge(&mut table, snippet);
     let runtimes = table
         .get_mut("plugins")
@@ -742,16 +715,6 @@ state = "{{dir}}/state"
     toml::to_string(&table).expect("config serializes")
 }
 
-fn merge(into: &mut toml::Table, from: toml::Table) {
-    for (key, value) in from {
-        match (into.get_mut(&key), value) {
-            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
-            (_, value) => {
-                into.insert(key, value);
-            }
-        }
-    }
-}
 
 /// Starts containerd with the repository's `v<version>/<file>` and runs pods: every `(handler, untrusted)`
 /// in `kata_pods` must boot a VM whose container runs on the guest kernel; every one in `runc_pods` must
