@@ -1,7 +1,7 @@
 //! One sandbox = one VM: boot it, connect the agent, place container rootfs in the shared directory, tear it
 //! all down again. The shim drives this; nothing here knows about containerd.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -147,7 +147,7 @@ impl Sandbox {
         let agent = match AgentClient::connect_when_ready(&ready, socket, AGENT_PORT, dial_timeout).await {
             Ok(agent) => agent,
             Err(source) => {
-                let console = tail(&vm.console_log(), 20);
+                let console = hypervisor::tail_lines(&vm.console_log(), 20);
                 let _ = vm.stop().await;
                 return Err(SandboxError::Connect { source, console });
             }
@@ -245,13 +245,7 @@ impl Sandbox {
     }
 
     fn release_container_mounts(&self, id: &str) {
-        let dir = self.paths.shared_dir().join(id);
-        for target in mounts::mounts_under(&dir) {
-            if let Err(e) = mounts::unmount(&*self.sys, &target) {
-                tracing::warn!("{e}");
-            }
-        }
-        let _ = std::fs::remove_dir_all(&dir);
+        release_container_dir(&*self.sys, &self.paths, id);
     }
 
     /// Stops the VM and removes everything on the host. Safe to call more than once.
@@ -263,6 +257,18 @@ impl Sandbox {
         state::cleanup(&*self.sys, &self.paths).await?;
         stopped.map_err(SandboxError::Vm)
     }
+}
+
+/// Unmounts a container's rootfs and volumes from the sandbox's shared directory and removes its directory.
+/// Best effort: also used by `delete` after the shim serving the container died.
+pub fn release_container_dir(sys: &dyn MountSyscalls, paths: &SandboxPaths, container_id: &str) {
+    let dir = paths.shared_dir().join(container_id);
+    for target in mounts::mounts_under(&dir) {
+        if let Err(e) = mounts::unmount(sys, &target) {
+            tracing::warn!("{e}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Gives the guest NICs the pod interfaces' addresses, then the routes (kernel-made ones come back by
@@ -280,16 +286,4 @@ async fn configure_guest_network(agent: &AgentClient, net: &PodNetwork) -> Resul
         agent.add_arp_neighbors(&neighbors).await?;
     }
     Ok(())
-}
-
-/// The last `n` lines of a text file, or a note saying why there are none.
-pub fn tail(path: &Path, n: usize) -> String {
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(n)..].join("\n")
-        }
-        Err(e) => format!("({}: {e})", path.display()),
-    }
 }

@@ -264,18 +264,16 @@ impl Task for KataTask {
         if process.phase() != Phase::Created {
             return Err(status(Code::FAILED_PRECONDITION, format!("process {:?} was already started", req.exec_id)));
         }
-        let pref = if req.exec_id.is_empty() {
+        let pref = process_ref(&req.id, &req.exec_id);
+        if req.exec_id.is_empty() {
             agent.start_container(&req.id).await.map_err(internal)?;
-            ProcessRef::init(&req.id)
         } else {
-            let pref = ProcessRef::exec(&req.id, &req.exec_id);
             let json = process.exec_spec.clone().unwrap_or_default();
             agent.exec_process(&req.id, &req.exec_id, &json).await.map_err(internal)?;
             let copies = io::attach(&agent, &pref, &process.io).await.map_err(internal)?;
             process.outputs = copies.outputs;
             process.stdin = copies.stdin;
-            pref
-        };
+        }
         process.started = true;
         process.spawn_waiter(agent, sandbox.vm_exit(), pref, on_exit);
         if req.exec_id.is_empty() {
@@ -386,7 +384,7 @@ impl Task for KataTask {
         if sandbox.vm_exit().borrow().is_some() {
             return Ok(Empty::new());
         }
-        let pref = if req.exec_id.is_empty() { ProcessRef::init(&req.id) } else { ProcessRef::exec(&req.id, &req.exec_id) };
+        let pref = process_ref(&req.id, &req.exec_id);
         sandbox.agent().signal_process(&pref, req.signal, req.all).await.map_err(internal)?;
         Ok(Empty::new())
     }
@@ -407,7 +405,7 @@ impl Task for KataTask {
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<Empty> {
         let sandbox = self.state.lock().await.sandbox()?;
-        let pref = if req.exec_id.is_empty() { ProcessRef::init(&req.id) } else { ProcessRef::exec(&req.id, &req.exec_id) };
+        let pref = process_ref(&req.id, &req.exec_id);
         sandbox.agent().resize_tty(&pref, req.height, req.width).await.map_err(internal)?;
         Ok(Empty::new())
     }
@@ -419,7 +417,7 @@ impl Task for KataTask {
         if let Some(h) = process.stdin.take() {
             h.abort();
         }
-        let pref = if req.exec_id.is_empty() { ProcessRef::init(&req.id) } else { ProcessRef::exec(&req.id, &req.exec_id) };
+        let pref = process_ref(&req.id, &req.exec_id);
         if let Err(e) = sandbox.agent().close_stdin(&pref).await {
             log::debug!("close stdin of {pref:?}: {e}");
         }
@@ -508,6 +506,15 @@ impl Task for KataTask {
             self.exit.signal();
         }
         Ok(Empty::new())
+    }
+}
+
+/// The agent's name for a task process: the container's init when `exec_id` is empty.
+fn process_ref(container_id: &str, exec_id: &str) -> ProcessRef {
+    if exec_id.is_empty() {
+        ProcessRef::init(container_id)
+    } else {
+        ProcessRef::exec(container_id, exec_id)
     }
 }
 

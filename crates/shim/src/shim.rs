@@ -12,7 +12,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, Flags, StartOpts};
 use containerd_shim_protos::api::DeleteResponse;
 use containerd_shim_protos::protobuf::MessageField;
-use runtime::mounts::{self, Syscalls};
+use runtime::mounts::Syscalls;
 use runtime::paths::{SandboxPaths, DEFAULT_ROOT};
 
 use crate::events::{timestamp, Events};
@@ -118,11 +118,8 @@ impl Shim for KataShim {
             }
         } else {
             let sandbox = options::grouping(&self.id, annotations.as_ref());
-            let dir = SandboxPaths::new(Path::new(DEFAULT_ROOT), &sandbox).shared_dir().join(&self.id);
-            for target in mounts::mounts_under(&dir) {
-                let _ = mounts::unmount(&Syscalls, &target);
-            }
-            let _ = std::fs::remove_dir_all(&dir);
+            let paths = SandboxPaths::new(Path::new(DEFAULT_ROOT), &sandbox);
+            runtime::sandbox::release_container_dir(&Syscalls, &paths, &self.id);
         }
         remove_dead_socket().await;
         Ok(DeleteResponse {
