@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use libcgroups::common::{CgroupConfig, CgroupManager, ControllerOpt};
@@ -26,6 +27,9 @@ use crate::stats::{self, ContainerStats, StatsError};
 pub const STATE_ROOT: &str = "/run/kata-containers/state";
 pub const BUNDLE_ROOT: &str = "/run/kata-containers/bundles";
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// Console sockets live here, not in the bundle: a unix socket path must fit in 108 bytes, and CRI's
+/// 64-character container and exec ids make `<bundle>/console-<exec id>.sock` 171.
+const CONSOLE_DIR: &str = "/run/kata-containers/console";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
@@ -88,6 +92,7 @@ pub struct Container {
 impl Container {
     /// Creates the container with its init process waiting to be started.
     pub fn create(reaper: &Reaper, id: &str, spec_json: &[u8], rootfs: PathBuf) -> Result<Self> {
+        let began = std::time::Instant::now();
         let mut spec: Spec = serde_json::from_slice(spec_json).map_err(ContainerError::Spec)?;
         if !rootfs.is_dir() {
             return Err(ContainerError::NoRootfs(rootfs));
@@ -104,7 +109,8 @@ impl Container {
         let json = serde_json::to_vec(&spec).map_err(ContainerError::Spec)?;
         std::fs::write(&config, json).map_err(|source| ContainerError::Write { path: config.clone(), source })?;
 
-        let (builder, io, console) = with_stdio(ContainerBuilder::new(id.to_string(), SyscallType::default()), &bundle, "init", tty)?;
+        let (builder, io, console) = with_stdio(ContainerBuilder::new(id.to_string(), SyscallType::default()), tty)?;
+        let prepared = began.elapsed();
         let guard = reaper.build_guard();
         let container = builder
             .with_root_path(STATE_ROOT)
@@ -120,7 +126,7 @@ impl Container {
         let exit = reaper.register(pid);
         drop(guard);
         let io = finish_stdio(io, console)?;
-        tracing::info!(id, %pid, tty, "container created");
+        tracing::info!(id, %pid, tty, prepared_ms = prepared.as_millis(), total_ms = began.elapsed().as_millis(), "container created");
         Ok(Self {
             id: id.to_string(),
             bundle,
@@ -150,7 +156,7 @@ impl Container {
         let path = self.bundle.join(format!("exec-{exec_id}.json"));
         std::fs::write(&path, process_json).map_err(|source| ContainerError::Write { path: path.clone(), source })?;
 
-        let (builder, io, console) = with_stdio(ContainerBuilder::new(self.id.clone(), SyscallType::default()), &self.bundle, exec_id, tty)?;
+        let (builder, io, console) = with_stdio(ContainerBuilder::new(self.id.clone(), SyscallType::default()), tty)?;
         let guard = reaper.build_guard();
         let pid = builder
             .with_root_path(STATE_ROOT)
@@ -287,9 +293,9 @@ fn check_process(rootfs: &Path, process: &OciProcess) -> Result<()> {
 
 type StdioSetup = (ContainerBuilder, Option<ProcessIo>, Option<(ConsoleSocket, PathBuf)>);
 
-fn with_stdio(builder: ContainerBuilder, bundle: &Path, name: &str, tty: bool) -> Result<StdioSetup> {
+fn with_stdio(builder: ContainerBuilder, tty: bool) -> Result<StdioSetup> {
     if tty {
-        let path = bundle.join(format!("console-{name}.sock"));
+        let path = console_socket_path()?;
         let socket = ConsoleSocket::bind(&path)?;
         let builder = builder.with_console_socket(Some(&path));
         return Ok((builder, None, Some((socket, path))));
@@ -297,6 +303,14 @@ fn with_stdio(builder: ContainerBuilder, bundle: &Path, name: &str, tty: bool) -
     let (io, child) = ProcessIo::pipes()?;
     let builder = builder.with_stdin(child.stdin).with_stdout(child.stdout).with_stderr(child.stderr);
     Ok((builder, Some(io), None))
+}
+
+/// A fresh, short socket path for receiving one console master.
+fn console_socket_path() -> Result<PathBuf> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = Path::new(CONSOLE_DIR);
+    std::fs::create_dir_all(dir).map_err(|source| ContainerError::Write { path: dir.to_path_buf(), source })?;
+    Ok(dir.join(format!("{}.sock", NEXT.fetch_add(1, Ordering::Relaxed))))
 }
 
 fn finish_stdio(io: Option<ProcessIo>, console: Option<(ConsoleSocket, PathBuf)>) -> Result<ProcessIo> {
