@@ -74,11 +74,17 @@ pub struct Stage {
 /// `ctr` calls get this long before being killed: a VM boot under TCG on a loaded machine is slow.
 pub const CTR_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// Set to put the guest console and the agent's debug log into containerd's log (kept with `KATA_E2E_KEEP=1`),
+/// to see where guest time goes. Slows every kata phase down: do not compare such numbers with normal runs.
+pub const DEBUG_ENV: &str = "KATA_BENCH_DEBUG";
+
 fn write_configuration(parts: &KataParts, shared_fs: SharedFsKind) -> Result<(tempfile::TempDir, PathBuf)> {
+    let debug = std::env::var_os(DEBUG_ENV).is_some_and(|v| !v.is_empty() && v != "0");
     let dir = tempfile::Builder::new().prefix("kata-bench-conf-").tempdir()?;
     let path = dir.path().join("configuration.toml");
     let text = parts
-        .configuration("")
+        .configuration(if debug { "enable_debug = true" } else { "" })
+        .replace("dial_timeout = 60", if debug { "dial_timeout = 60\ndebug = true" } else { "dial_timeout = 60" })
         .replace("shared_fs = \"virtio-fs\"", &format!("shared_fs = \"{}\"", shared_fs.config_value()));
     std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
     Ok((dir, path))

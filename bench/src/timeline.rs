@@ -2,7 +2,8 @@
 //! where one `ctr run` of kata spends its time.
 //!
 //! Lines used (all exist today):
-//! the shim's `shim serving ...`, `QEMU started vm=<id> ...`, `sandbox <id> started`, and containerd's
+//! the shim's `shim serving ...`, `QEMU started vm=<id> ...`, `agent connected <id>`, `sandbox <id> started`,
+//! `container <id> created in the guest`, and containerd's
 //! `event forwarded ... topic=/tasks/create|/tasks/start|/tasks/exit` (debug level; the shim's events).
 
 use chrono::{DateTime, Utc};
@@ -52,9 +53,13 @@ pub struct Breakdown {
     pub to_shim: Option<f64>,
     /// shim serving -> QEMU launched (configuration, helper daemons, QEMU process and QMP).
     pub to_qemu: Option<f64>,
-    /// QEMU launched -> `sandbox started` (guest boot, agent connect, sandbox setup).
+    /// QEMU launched -> `agent connected` (guest boot, agent start, readiness signal, vsock dial).
+    pub to_agent: Option<f64>,
+    /// agent connected -> `sandbox started` (sandbox setup in the guest: shared fs, hostname, network).
     pub to_sandbox: Option<f64>,
-    /// sandbox started -> `/tasks/create` (container created in the guest, IO attached).
+    /// sandbox started -> `container created in the guest` (rootfs mount on the host, libcontainer create).
+    pub to_container: Option<f64>,
+    /// container created -> `/tasks/create` (IO streams attached, event published).
     pub to_task_create: Option<f64>,
     /// `/tasks/create` -> `/tasks/start` (containerd's Start call, the agent starts the process).
     pub to_task_start: Option<f64>,
@@ -74,7 +79,9 @@ impl Breakdown {
         };
         let shim = first(&|l| l.msg.starts_with("shim serving"));
         let qemu = first(&|l| l.msg.starts_with("QEMU started") && l.msg.contains(&format!("vm={id} ")));
+        let agent = first(&|l| l.msg == format!("agent connected {id}"));
         let sandbox = first(&|l| l.msg == format!("sandbox {id} started"));
+        let container = first(&|l| l.msg == format!("container {id} created in the guest"));
         let task_create = first(&topic("/tasks/create"));
         let task_start = first(&topic("/tasks/start"));
         let exit = first(&topic("/tasks/exit"));
@@ -85,8 +92,10 @@ impl Breakdown {
         Breakdown {
             to_shim: secs(Some(start), shim),
             to_qemu: secs(shim, qemu),
-            to_sandbox: secs(qemu, sandbox),
-            to_task_create: secs(sandbox, task_create),
+            to_agent: secs(qemu, agent),
+            to_sandbox: secs(agent, sandbox),
+            to_container: secs(sandbox, container),
+            to_task_create: secs(container, task_create),
             to_task_start: secs(task_create, task_start),
             to_exit: secs(task_start, exit),
             to_end: secs(exit, Some(end)),
@@ -94,12 +103,14 @@ impl Breakdown {
     }
 
     /// `(label, value)` in order, for tables.
-    pub fn phases(&self) -> [(&'static str, Option<f64>); 7] {
+    pub fn phases(&self) -> [(&'static str, Option<f64>); 9] {
         [
             ("`ctr run` -> shim serving (ctr, containerd, snapshot, `shim start`)", self.to_shim),
             ("shim serving -> QEMU launched (config, virtiofsd, vhost-device-vsock, QEMU, QMP)", self.to_qemu),
-            ("QEMU launched -> sandbox started (guest boot, agent connect, sandbox setup)", self.to_sandbox),
-            ("sandbox started -> task created (container create in guest, IO attach)", self.to_task_create),
+            ("QEMU launched -> agent connected (guest boot, agent start, vsock dial)", self.to_agent),
+            ("agent connected -> sandbox started (shared fs, hostname, network in the guest)", self.to_sandbox),
+            ("sandbox started -> container created in the guest (rootfs mount, libcontainer create)", self.to_container),
+            ("container created -> task created (IO streams attached)", self.to_task_create),
             ("task created -> task started (Start call, process start in guest)", self.to_task_start),
             ("task started -> task exit (workload, output)", self.to_exit),
             ("task exit -> `ctr` returned (VM stop, shim delete, cleanup)", self.to_end),
@@ -124,7 +135,9 @@ mod tests {
     fn breakdown_from_log_lines() {
         let log = r#"time="2026-01-01T00:00:00.100Z" level=info msg="shim serving unix:///run/containerd/s/x"
 time="2026-01-01T00:00:00.200Z" level=info msg="QEMU started vm=c1 pid=5 accel=tcg"
+time="2026-01-01T00:00:01.500Z" level=info msg="agent connected c1"
 time="2026-01-01T00:00:01.700Z" level=info msg="sandbox c1 started"
+time="2026-01-01T00:00:01.750Z" level=info msg="container c1 created in the guest"
 time="2026-01-01T00:00:01.800Z" level=debug msg="event forwarded" ns=default topic=/tasks/create type=x
 time="2026-01-01T00:00:01.900Z" level=debug msg="event forwarded" ns=default topic=/tasks/start type=x
 time="2026-01-01T00:00:02.000Z" level=debug msg="event forwarded" ns=default topic=/tasks/exit type=x
@@ -133,7 +146,8 @@ time="2026-01-01T00:00:02.000Z" level=debug msg="event forwarded" ns=default top
         let t = |s: &str| DateTime::parse_from_rfc3339(s).expect("time").with_timezone(&Utc);
         let b = Breakdown::of_run(&lines, "c1", t("2026-01-01T00:00:00Z"), t("2026-01-01T00:00:02.5Z"));
         let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-6);
-        assert!(close(b.to_shim, 0.1) && close(b.to_qemu, 0.1) && close(b.to_sandbox, 1.5));
-        assert!(close(b.to_task_create, 0.1) && close(b.to_task_start, 0.1) && close(b.to_exit, 0.1) && close(b.to_end, 0.5));
+        assert!(close(b.to_shim, 0.1) && close(b.to_qemu, 0.1) && close(b.to_agent, 1.3));
+        assert!(close(b.to_sandbox, 0.2) && close(b.to_container, 0.05) && close(b.to_task_create, 0.05));
+        assert!(close(b.to_task_start, 0.1) && close(b.to_exit, 0.1) && close(b.to_end, 0.5));
     }
 }

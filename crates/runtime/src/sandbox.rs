@@ -152,6 +152,7 @@ impl Sandbox {
                 return Err(SandboxError::Connect { source, console });
             }
         };
+        tracing::info!("agent connected {}", opts.id);
         let fs_type = match opts.config.hypervisor.shared_fs {
             config::SharedFs::VirtioFs => SharedFsType::VirtioFs,
             config::SharedFs::Virtio9p => SharedFsType::NineP,

@@ -215,6 +215,7 @@ impl Task for KataTask {
         };
         let created = async {
             sandbox.create_container(&req.id, &spec, &rootfs(&req)).await.map_err(internal)?;
+            log::info!("container {} created in the guest", req.id);
             io::attach(sandbox.agent(), &ProcessRef::init(&req.id), &io_paths).await.map_err(internal)
         }
         .await;

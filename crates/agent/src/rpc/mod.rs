@@ -93,6 +93,7 @@ impl Agent for AgentService {
     }
 
     async fn create_container(&self, _: &TtrpcContext, req: pb::CreateContainerRequest) -> R<pb::Empty> {
+        tracing::debug!(id = req.container_id, "create container requested");
         self.sandbox.create_container(&req.container_id, &req.oci_spec_json, &req.rootfs).map_err(sandbox_status)?;
         Ok(pb::Empty::new())
     }
