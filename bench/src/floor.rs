@@ -52,6 +52,8 @@ pub async fn boot_once(name: &str, parts: &BootParts, work: &Path) -> Result<Boo
     config.initrd = Some(parts.initrd.clone());
     config.vsock_daemon = Some(parts.vsock_daemon.clone());
     config.shared_fs = SharedFs::VirtioFs { daemon: parts.virtiofsd.clone(), extra_args: vec![], shared_dir: shared };
+    // The same devices a kata pod's VM has (the shipped configuration reclaims freed guest memory).
+    config.free_page_reporting = true;
     let vm = QemuVm::new(config);
     vm.prepare().await.context("prepare the VM")?;
     let socket = vm.agent_socket().context("the VM has no agent socket")?;

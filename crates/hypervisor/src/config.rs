@@ -35,6 +35,9 @@ pub struct VmConfig {
     pub work_dir: PathBuf,
     /// Boot without `quiet`, so the whole kernel log lands in the console log.
     pub debug: bool,
+    /// A virtio-balloon with free page reporting: memory the guest frees is dropped on the host.
+    #[serde(default)]
+    pub free_page_reporting: bool,
     /// Guest NICs backed by tap devices the caller opened. Open fds cannot be persisted: serialising a config
     /// leaves them out, and a deserialised config has none.
     #[serde(skip)]
@@ -64,6 +67,7 @@ impl VmConfig {
             vsock_daemon: None,
             work_dir: work_dir.into(),
             debug: false,
+            free_page_reporting: false,
             net_devices: Vec::new(),
         }
     }

@@ -52,6 +52,7 @@ pub fn vm_config(sandbox_id: &str, config: &Config, paths: &SandboxPaths) -> Res
         work_dir: paths.vm_dir(),
         net_devices: Vec::new(),
         debug: hv.enable_debug || config.runtime.enable_debug,
+        free_page_reporting: hv.reclaim_guest_freed_memory,
     })
 }
 

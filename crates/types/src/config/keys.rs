@@ -51,7 +51,6 @@ pub(crate) const KATA_IGNORED_KEYS: &[&str] = &[
     "hypervisor.qemu.pcie_root_port",
     "hypervisor.qemu.pcie_switch_port",
     "hypervisor.qemu.pflashes",
-    "hypervisor.qemu.reclaim_guest_freed_memory",
     "hypervisor.qemu.rootfs_type",
     "hypervisor.qemu.rootless",
     "hypervisor.qemu.rx_rate_limiter_max_rate",

@@ -78,6 +78,10 @@ pub struct HypervisorConfig {
     pub valid_vsock_daemon_paths: Vec<String>,
     /// Log the guest console (Kata has the same key with the same meaning).
     pub enable_debug: bool,
+    /// Give the host back the memory the guest frees (virtio-balloon free page reporting). Kata has the
+    /// same key but defaults it to false; kata-rs defaults to true, because an idle pod's host memory is
+    /// mostly pages the guest touched once while booting.
+    pub reclaim_guest_freed_memory: bool,
 }
 
 impl Default for HypervisorConfig {
@@ -102,6 +106,7 @@ impl Default for HypervisorConfig {
             vsock_daemon: DEFAULT_VSOCK_DAEMON.to_owned(),
             valid_vsock_daemon_paths: Vec::new(),
             enable_debug: false,
+            reclaim_guest_freed_memory: true,
         }
     }
 }
@@ -344,6 +349,6 @@ mod tests {
         assert!(keys.contains(&"hypervisor.qemu.kernel".to_owned()));
         assert!(keys.contains(&"agent.kata.dial_timeout".to_owned()));
         assert!(keys.contains(&"factory.template_path".to_owned()));
-        assert_eq!(keys.len(), 19 + 2 + 4 + 2);
+        assert_eq!(keys.len(), 20 + 2 + 4 + 2);
     }
 }
