@@ -1,7 +1,9 @@
 //! A blocking CRI client for tests (the `k8s-cri` v1 API over containerd's unix socket, with its own
-//! single-threaded tokio runtime), builders for pod and container configs, a reader for CRI log files, and
-//! [`CniNetwork`] (in `cri/network.rs`): a private bridge network (the how-to's `10-mynet.conf` with a
-//! per-test bridge name, subnet and IPAM state directory) that is removed again when the test ends.
+//! single-threaded tokio runtime), builders for pod and container configs and a reader for CRI log files.
+//! Beside it:
+//! - `cri/network.rs`: [`CniNetwork`], a private bridge network (the how-to's `10-mynet.conf` with a
+//!   per-test bridge name, subnet and IPAM state directory) that is removed again when the test ends;
+//! - `cri/kata_pod.rs`: running kata pods and checking that removing one leaves nothing behind.
 
 use std::collections::HashMap;
 use std::io;
@@ -22,9 +24,14 @@ use k8s_cri::v1::{
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
+mod kata_pod;
 mod network;
 
-pub use network::{bridge_conf, loopback_conf, CniNetwork};
+pub use kata_pod::{
+    kata_handler_config, kata_pod_parts, kata_taps_anywhere, qemu_processes, start_containerd,
+    vm_lock, KataPodFootprint, QEMU,
+};
+pub use network::{bridge_conf, cni_skip_reason, loopback_conf, CniNetwork};
 
 /// Errors of the CRI client and the CNI network helper.
 #[derive(Debug, thiserror::Error)]
@@ -404,6 +411,12 @@ impl CriClient {
         })
         .map(drop)
     }
+}
+
+/// Imports the images pods use: busybox ([`crate::BUSYBOX_IMAGE`]) and the pause image.
+pub fn import_pod_images(containerd: &crate::Containerd) -> Result<(), crate::ContainerdError> {
+    containerd.import(&crate::OciImage::busybox(crate::BUSYBOX_IMAGE)?)?;
+    containerd.import(&crate::OciImage::pause(crate::PAUSE_IMAGE)?)
 }
 
 /// Removes every pod through CRI when dropped, so a failing test still runs CNI DEL. Create it after
