@@ -4,6 +4,7 @@
 //! - `cri/network.rs`: [`CniNetwork`], a private bridge network (the how-to's `10-mynet.conf` with a
 //!   per-test bridge name, subnet and IPAM state directory) that is removed again when the test ends;
 //! - `cri/stream.rs`: [`StreamSession`], the websocket client for the URLs `Exec` and `Attach` return;
+//! - `cri/stream_checks.rs`: the streaming checks the runc and kata tests share;
 //! - `cri/kata_pod.rs`: running kata pods and checking that removing one leaves nothing behind.
 
 use std::collections::HashMap;
@@ -29,6 +30,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 mod kata_pod;
 mod network;
 mod stream;
+mod stream_checks;
 
 pub use kata_pod::{
     kata_handler_config, kata_pod_parts, kata_taps_anywhere, qemu_processes, start_containerd,
@@ -36,6 +38,7 @@ pub use kata_pod::{
 };
 pub use network::{bridge_conf, cni_skip_reason, loopback_conf, CniNetwork};
 pub use stream::{StreamError, StreamSession, StreamStatus, Streams};
+pub use stream_checks::{attach_target, check_streaming};
 
 /// Errors of the CRI client and the CNI network helper.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,6 @@
-//! Proves the CRI client and the test CNI network with containerd's runc handler, so that the kata CRI
-//! tests only swap the handler. Needs root, the Debian containerd, runc, busybox-static and
-//! containernetworking-plugins packages and `ip`; skips with a reason otherwise.
+//! Proves the CRI client (streaming Exec and Attach too) and the test CNI network with containerd's runc
+//! handler, so that the kata CRI tests only swap the handler. Needs root, the Debian containerd, runc,
+//! busybox-static and containernetworking-plugins packages and `ip`; skips with a reason otherwise.
 //!
 //! Network safety: the only traffic sent goes from the host to the pod's address on the test's own
 //! bridge; the pod's DNS server is its own loopback.
@@ -9,10 +9,10 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use e2e::checks::step;
+use e2e::checks::{step, Checks};
 use e2e::cri::{
-    cni_skip_reason, import_pod_images, parse_cri_log, CniNetwork, ContainerSpec, CriClient,
-    PodCleanup, PodSpec,
+    attach_target, check_streaming, cni_skip_reason, import_pod_images, parse_cri_log, CniNetwork,
+    ContainerSpec, CriClient, PodCleanup, PodSpec,
 };
 use e2e::leaks::netns_entries;
 use e2e::{skip_unless_containerd, Containerd, ContainerdOptions, CriOptions, BUSYBOX_IMAGE};
@@ -267,6 +267,21 @@ fn pod_with_http_server_exec_logs_stats_and_volumes() {
         "from-container\n"
     );
 
+    // Streaming Exec and Attach (crictl exec -it, crictl attach) through containerd's streaming server.
+    let attach_spec = attach_target("attach", BUSYBOX_IMAGE);
+    let attach_id = cri
+        .create_container(&pod_id, &attach_spec.build(), &pod_config)
+        .expect("CreateContainer attach target");
+    cri.start_container(&attach_id)
+        .expect("StartContainer attach target");
+    let mut checks = Checks::default();
+    step("streaming Exec and Attach", || {
+        check_streaming(&cri, &ctr_id, &attach_id, EXEC_TIMEOUT, &mut checks)
+    });
+    checks.finish();
+    cri.remove_container(&attach_id)
+        .expect("RemoveContainer attach target");
+
     // Teardown through CRI.
     step("StopContainer", || {
         cri.stop_container(&ctr_id, Duration::from_secs(5))
@@ -293,7 +308,7 @@ fn pod_with_http_server_exec_logs_stats_and_volumes() {
     );
 
     let report = containerd
-        .leaks(&[&pod_id, &ctr_id])
+        .leaks(&[&pod_id, &ctr_id, &attach_id])
         .expect("leak check runs");
     assert!(report.is_empty(), "leaked:\n{report}");
     let new_netns: Vec<String> = netns_entries().difference(&netns_before).cloned().collect();
