@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use e2e::checks::{step, Checks};
 use e2e::cri::{
-    attach_target, check_streaming, cni_skip_reason, import_pod_images, parse_cri_log, CniNetwork,
-    ContainerSpec, CriClient, PodCleanup, PodSpec,
+    attach_target, check_attach, check_exec_streams, cni_skip_reason, import_pod_images,
+    parse_cri_log, CniNetwork, ContainerSpec, CriClient, PodCleanup, PodSpec,
 };
 use e2e::leaks::netns_entries;
 use e2e::{skip_unless_containerd, Containerd, ContainerdOptions, CriOptions, BUSYBOX_IMAGE};
@@ -268,19 +268,30 @@ fn pod_with_http_server_exec_logs_stats_and_volumes() {
     );
 
     // Streaming Exec and Attach (crictl exec -it, crictl attach) through containerd's streaming server.
-    let attach_spec = attach_target("attach", BUSYBOX_IMAGE);
-    let attach_id = cri
-        .create_container(&pod_id, &attach_spec.build(), &pod_config)
-        .expect("CreateContainer attach target");
-    cri.start_container(&attach_id)
-        .expect("StartContainer attach target");
+    let attach_ids: Vec<String> = [("attach", false), ("attach-tty", true)]
+        .iter()
+        .map(|&(name, tty)| {
+            let spec = attach_target(name, BUSYBOX_IMAGE, tty);
+            let id = cri
+                .create_container(&pod_id, &spec.build(), &pod_config)
+                .expect("CreateContainer attach target");
+            cri.start_container(&id)
+                .expect("StartContainer attach target");
+            id
+        })
+        .collect();
+    let (attach_id, attach_tty_id) = (&attach_ids[0], &attach_ids[1]);
     let mut checks = Checks::default();
     step("streaming Exec and Attach", || {
-        check_streaming(&cri, &ctr_id, &attach_id, EXEC_TIMEOUT, &mut checks)
+        check_exec_streams(&cri, &ctr_id, EXEC_TIMEOUT, &mut checks);
+        check_attach(&cri, attach_id, false, EXEC_TIMEOUT, &mut checks);
+        check_attach(&cri, attach_tty_id, true, EXEC_TIMEOUT, &mut checks);
     });
     checks.finish();
-    cri.remove_container(&attach_id)
-        .expect("RemoveContainer attach target");
+    for id in [attach_id, attach_tty_id] {
+        cri.remove_container(id)
+            .expect("RemoveContainer attach target");
+    }
 
     // Teardown through CRI.
     step("StopContainer", || {
@@ -308,7 +319,7 @@ fn pod_with_http_server_exec_logs_stats_and_volumes() {
     );
 
     let report = containerd
-        .leaks(&[&pod_id, &ctr_id, &attach_id])
+        .leaks(&[&pod_id, &ctr_id, attach_id, attach_tty_id])
         .expect("leak check runs");
     assert!(report.is_empty(), "leaked:\n{report}");
     let new_netns: Vec<String> = netns_entries().difference(&netns_before).cloned().collect();

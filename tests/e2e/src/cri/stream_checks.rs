@@ -1,36 +1,31 @@
-//! The CRI streaming checks the runc and kata tests share: `Exec` with stdin, with a tty (resize, exit
-//! code) and with separate stderr, and `Attach` to a container's main process, each through the streaming
-//! server's websocket as `crictl exec -it` and `crictl attach` use it.
+//! The CRI streaming checks the runc and kata tests share ([`check_exec_streams`], [`check_attach`]):
+//! `Exec` with stdin, with a tty (resize, exit code) and with separate stderr, and `Attach` to a
+//! container's main process with and without a tty, each through the streaming server's websocket as
+//! `crictl exec -it` and `crictl attach` use it.
 
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::ContainerState;
 
 use super::{ContainerSpec, CriClient, StreamSession, StreamStatus, Streams};
-use crate::checks::{poll, Checks};
+use crate::checks::{error_chain, poll, Checks};
 
-/// A container for [`check_streaming`]'s attach: `sh` reading commands from its stdin, no tty.
-pub fn attach_target(name: &str, image: &str) -> ContainerSpec {
+/// A container for [`check_attach`]: `sh` reading commands from its stdin, on a
+/// terminal if `tty`.
+pub fn attach_target(name: &str, image: &str, tty: bool) -> ContainerSpec {
     ContainerSpec {
         stdin: true,
+        tty,
         ..ContainerSpec::new(name, image, &["sh"])
     }
 }
 
-/// Streams through `Exec` in the running container `exec_in` and `Attach` to `attach_to` (made from
-/// [`attach_target`], still running; it has exited when this returns). Every read waits at most
-/// `timeout`.
-pub fn check_streaming(
-    cri: &CriClient,
-    exec_in: &str,
-    attach_to: &str,
-    timeout: Duration,
-    checks: &mut Checks,
-) {
-    exec_with_stdin(cri, exec_in, timeout, checks);
-    exec_with_separate_stderr(cri, exec_in, timeout, checks);
-    exec_with_tty(cri, exec_in, timeout, checks);
-    attach(cri, attach_to, timeout, checks);
+/// Streams through `Exec` in the running container `id`: stdin, stderr apart, a tty. Every read waits
+/// at most `timeout`.
+pub fn check_exec_streams(cri: &CriClient, id: &str, timeout: Duration, checks: &mut Checks) {
+    exec_with_stdin(cri, id, timeout, checks);
+    exec_with_separate_stderr(cri, id, timeout, checks);
+    exec_with_tty(cri, id, timeout, checks);
 }
 
 /// `Exec` then connect to its URL.
@@ -42,26 +37,41 @@ fn open_exec(
 ) -> Result<StreamSession, String> {
     let url = cri
         .exec(id, cmd, streams)
-        .map_err(|e| format!("Exec {cmd:?}: {e}"))?;
-    StreamSession::connect(&url).map_err(|e| format!("connect to {url}: {e}"))
+        .map_err(|e| format!("Exec {cmd:?}: {}", error_chain(&e)))?;
+    StreamSession::connect(&url).map_err(|e| format!("connect to {url}: {}", error_chain(&e)))
 }
 
-fn exec_with_stdin(cri: &CriClient, id: &str, timeout: Duration, checks: &mut Checks) {
+/// What a stream carried: stdout, stderr and the final status.
+type Ended = (String, String, Option<StreamStatus>);
+
+/// Runs `cmd` through a streaming `Exec`, sends `input` on its stdin if given and reads to the end.
+fn exec_to_end(
+    cri: &CriClient,
+    id: &str,
+    cmd: &[&str],
+    input: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Ended, String> {
     let streams = Streams {
-        stdin: true,
+        stdin: input.is_some(),
         stdout: true,
         stderr: true,
         tty: false,
     };
-    let result =
-        open_exec(cri, id, &["sh", "-c", "read l; echo got:$l"], streams).and_then(|mut s| {
-            s.send_stdin(b"hello-stream\n")
-                .map_err(|e| format!("send stdin: {e}"))?;
-            let end = s
-                .wait_end(timeout)
-                .map_err(|e| format!("read: {e}; {}", s.describe()))?;
-            Ok((s.stdout(), s.stderr(), end))
-        });
+    let mut s = open_exec(cri, id, cmd, streams)?;
+    if let Some(input) = input {
+        s.send_stdin(input)
+            .map_err(|e| format!("send stdin: {}", error_chain(&e)))?;
+    }
+    let end = s
+        .wait_end(timeout)
+        .map_err(|e| format!("read: {}; {}", error_chain(&e), s.describe()))?;
+    Ok((s.stdout(), s.stderr(), end))
+}
+
+fn exec_with_stdin(cri: &CriClient, id: &str, timeout: Duration, checks: &mut Checks) {
+    let cmd = ["sh", "-c", "read l; echo got:$l"];
+    let result = exec_to_end(cri, id, &cmd, Some(b"hello-stream\n"), timeout);
     checks.check(
         "streaming Exec without tty passes a stdin line to the process and its stdout back",
         result.as_ref().is_ok_and(|(out, _, end)| {
@@ -75,19 +85,8 @@ fn exec_with_stdin(cri: &CriClient, id: &str, timeout: Duration, checks: &mut Ch
 }
 
 fn exec_with_separate_stderr(cri: &CriClient, id: &str, timeout: Duration, checks: &mut Checks) {
-    let streams = Streams {
-        stdin: false,
-        stdout: true,
-        stderr: true,
-        tty: false,
-    };
     let cmd = ["sh", "-c", "echo out; echo err >&2; exit 3"];
-    let result = open_exec(cri, id, &cmd, streams).and_then(|mut s| {
-        let end = s
-            .wait_end(timeout)
-            .map_err(|e| format!("read: {e}; {}", s.describe()))?;
-        Ok((s.stdout(), s.stderr(), end))
-    });
+    let result = exec_to_end(cri, id, &cmd, None, timeout);
     checks.check(
         "streaming Exec keeps stderr apart from stdout and reports exit code 3",
         result.as_ref().is_ok_and(|(out, err, end)| {
@@ -119,14 +118,14 @@ fn exec_with_tty(cri: &CriClient, id: &str, timeout: Duration, checks: &mut Chec
     let deadline = Instant::now() + timeout;
     let resized = session
         .resize(100, 40)
-        .map_err(|e| e.to_string())
+        .map_err(|e| error_chain(&e))
         .and_then(|()| loop {
             session
                 .send_stdin(b"stty size\n")
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| error_chain(&e))?;
             let seen = session
                 .read_until(Duration::from_secs(2), |s| s.stdout().contains("40 100"))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| error_chain(&e))?;
             if seen {
                 break Ok(());
             }
@@ -159,33 +158,46 @@ fn exec_with_tty(cri: &CriClient, id: &str, timeout: Duration, checks: &mut Chec
     );
 }
 
-fn attach(cri: &CriClient, id: &str, timeout: Duration, checks: &mut Checks) {
+/// Attaches to `sh` in the running container `id` (made from [`attach_target`] with the same `tty`), runs
+/// a command and `exit 5`; the container has exited when this returns. Every read waits at most
+/// `timeout`.
+pub fn check_attach(cri: &CriClient, id: &str, tty: bool, timeout: Duration, checks: &mut Checks) {
     let streams = Streams {
         stdin: true,
         stdout: true,
-        stderr: true,
-        tty: false,
+        stderr: !tty,
+        tty,
     };
     let session = cri
         .attach(id, streams)
-        .map_err(|e| format!("Attach: {e}"))
-        .and_then(|url| StreamSession::connect(&url).map_err(|e| format!("connect to {url}: {e}")));
+        .map_err(|e| format!("Attach: {}", error_chain(&e)))
+        .and_then(|url| {
+            StreamSession::connect(&url)
+                .map_err(|e| format!("connect to {url}: {}", error_chain(&e)))
+        });
     let mut session = match session {
         Ok(s) => s,
         Err(e) => {
-            checks.check("streaming Attach connects", false, || e);
+            checks.check("streaming Attach connects", false, || {
+                format!("tty {tty}: {e}")
+            });
             return;
         }
     };
+    // A terminal echoes the command line: only the shell's arithmetic makes "attached-42".
     let echoed = session
-        .send_stdin(b"echo attached\n")
-        .and_then(|()| session.read_until(timeout, |s| s.stdout().contains("attached\n")));
+        .send_stdin(b"echo attached-$((40+2))\n")
+        .and_then(|()| session.read_until(timeout, |s| s.stdout().contains("attached-42")));
     checks.check(
-        "streaming Attach: a command sent to the main process's stdin answers on stdout",
+        pick(
+            tty,
+            "streaming Attach: a command sent to the main process's stdin answers on stdout",
+            "streaming Attach on a tty: a command sent to the main process answers",
+        ),
         matches!(echoed, Ok(true)),
         || {
             format!(
-                "expected stdout \"attached\\n\" within {timeout:?}: {echoed:?}; {}",
+                "tty {tty}: expected stdout \"attached-42\" within {timeout:?}: {echoed:?}; {}",
                 session.describe()
             )
         },
@@ -196,11 +208,15 @@ fn attach(cri: &CriClient, id: &str, timeout: Duration, checks: &mut Checks) {
     // containerd ends an attach with status Success whatever the exit code: that comes from
     // ContainerStatus below.
     checks.check(
-        "streaming Attach ends when the main process exits",
+        pick(
+            tty,
+            "streaming Attach ends when the main process exits",
+            "streaming Attach on a tty ends when the main process exits",
+        ),
         matches!(end, Ok(Some(_))) && session.is_closed(),
         || {
             format!(
-                "expected a final status and a close within {timeout:?}; got {end:?}; {}",
+                "tty {tty}: expected a final status and a close within {timeout:?}; got {end:?}; {}",
                 session.describe()
             )
         },
@@ -215,16 +231,29 @@ fn attach(cri: &CriClient, id: &str, timeout: Duration, checks: &mut Checks) {
         done.then_some(())
     });
     checks.check(
-        "the attached container is reported exited with code 5",
+        pick(
+            tty,
+            "the attached container is reported exited with code 5",
+            "the attached tty container is reported exited with code 5",
+        ),
         exited.is_some()
             && last
                 .as_ref()
                 .is_some_and(|s| s.as_ref().is_ok_and(|s| s.exit_code == 5)),
         || {
             format!(
-                "expected CONTAINER_EXITED with exit code 5 within {timeout:?}; last \
+                "tty {tty}: expected CONTAINER_EXITED with exit code 5 within {timeout:?}; last \
                  ContainerStatus {last:?}"
             )
         },
     );
+}
+
+/// The check name for the case at hand.
+fn pick(tty: bool, without_tty: &'static str, with_tty: &'static str) -> &'static str {
+    if tty {
+        with_tty
+    } else {
+        without_tty
+    }
 }
