@@ -1,7 +1,11 @@
 //! A blocking CRI client for tests (the `k8s-cri` v1 API over containerd's unix socket, with its own
-//! single-threaded tokio runtime), builders for pod and container configs, a reader for CRI log files, and
-//! [`CniNetwork`] (in `cri/network.rs`): a private bridge network (the how-to's `10-mynet.conf` with a
-//! per-test bridge name, subnet and IPAM state directory) that is removed again when the test ends.
+//! single-threaded tokio runtime), builders for pod and container configs and a reader for CRI log files.
+//! Beside it:
+//! - `cri/network.rs`: [`CniNetwork`], a private bridge network (the how-to's `10-mynet.conf` with a
+//!   per-test bridge name, subnet and IPAM state directory) that is removed again when the test ends;
+//! - `cri/stream.rs`: [`StreamSession`], the websocket client for the URLs `Exec` and `Attach` return;
+//! - `cri/stream_checks.rs`: the streaming checks the runc and kata tests share;
+//! - `cri/kata_pod.rs`: running kata pods and checking that removing one leaves nothing behind.
 
 use std::collections::HashMap;
 use std::io;
@@ -13,18 +17,28 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerStats, ContainerStatsFilter, ContainerStatus,
-    CreateContainerRequest, DnsConfig, ExecSyncRequest, ImageSpec, KeyValue,
-    LinuxContainerResources, ListContainerStatsRequest, ListImagesRequest, ListPodSandboxRequest,
-    Mount, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatus, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest, UpdateContainerResourcesRequest, VersionRequest, VersionResponse,
+    AttachRequest, ContainerConfig, ContainerMetadata, ContainerStats, ContainerStatsFilter,
+    ContainerStatus, CreateContainerRequest, DnsConfig, ExecRequest, ExecSyncRequest, ImageSpec,
+    KeyValue, LinuxContainerResources, ListContainerStatsRequest, ListImagesRequest,
+    ListPodSandboxRequest, Mount, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatus,
+    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest, VersionRequest,
+    VersionResponse,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
+mod kata_pod;
 mod network;
+mod stream;
+mod stream_checks;
 
-pub use network::{bridge_conf, loopback_conf, CniNetwork};
+pub use kata_pod::{
+    kata_handler_config, kata_pod_parts, kata_taps_anywhere, qemu_processes, start_containerd,
+    vm_lock, KataPodFootprint, QEMU,
+};
+pub use network::{bridge_conf, cni_skip_reason, loopback_conf, CniNetwork};
+pub use stream::{StreamError, StreamSession, StreamStatus, Streams};
+pub use stream_checks::{attach_target, check_attach, check_exec_streams};
 
 /// Errors of the CRI client and the CNI network helper.
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +300,41 @@ impl CriClient {
         })
     }
 
+    /// `Exec` of `cmd` in container `id` with `streams`: the streaming server's URL for
+    /// [`StreamSession::connect`] (its token is single-use and expires after a minute).
+    pub fn exec(&self, id: &str, cmd: &[&str], streams: Streams) -> Result<String, CriError> {
+        let mut c = self.runtime.clone();
+        let request = ExecRequest {
+            container_id: id.to_owned(),
+            cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+            tty: streams.tty,
+            stdin: streams.stdin,
+            stdout: streams.stdout,
+            stderr: streams.stderr,
+        };
+        let r = self.call("Exec", self.deadline, async move { c.exec(request).await })?;
+        Ok(r.url)
+    }
+
+    /// `Attach` to the main process of container `id` (`streams.tty` must match the container's config):
+    /// the streaming server's URL for [`StreamSession::connect`].
+    pub fn attach(&self, id: &str, streams: Streams) -> Result<String, CriError> {
+        let mut c = self.runtime.clone();
+        let request = AttachRequest {
+            container_id: id.to_owned(),
+            stdin: streams.stdin,
+            tty: streams.tty,
+            stdout: streams.stdout,
+            stderr: streams.stderr,
+        };
+        let r = self.call(
+            "Attach",
+            self.deadline,
+            async move { c.attach(request).await },
+        )?;
+        Ok(r.url)
+    }
+
     pub fn container_stats(&self, id: &str) -> Result<ContainerStats, CriError> {
         let mut c = self.runtime.clone();
         let request = k8s_cri::v1::ContainerStatsRequest {
@@ -406,6 +455,12 @@ impl CriClient {
     }
 }
 
+/// Imports the images pods use: busybox ([`crate::BUSYBOX_IMAGE`]) and the pause image.
+pub fn import_pod_images(containerd: &crate::Containerd) -> Result<(), crate::ContainerdError> {
+    containerd.import(&crate::OciImage::busybox(crate::BUSYBOX_IMAGE)?)?;
+    containerd.import(&crate::OciImage::pause(crate::PAUSE_IMAGE)?)
+}
+
 /// Removes every pod through CRI when dropped, so a failing test still runs CNI DEL. Create it after
 /// the [`crate::Containerd`] it talks to, so that it is dropped first.
 #[derive(Debug)]
@@ -508,6 +563,12 @@ pub struct ContainerSpec {
     pub log_path: String,
     /// `securityContext.privileged` (the pod must be privileged too).
     pub privileged: bool,
+    /// Keep the main process's stdin open for `Attach`.
+    pub stdin: bool,
+    /// Close that stdin when the first attach ends.
+    pub stdin_once: bool,
+    /// Run the main process on a terminal (stderr merges into stdout).
+    pub tty: bool,
 }
 
 impl ContainerSpec {
@@ -563,6 +624,9 @@ impl ContainerSpec {
                 })
                 .collect(),
             log_path: self.log_path.clone(),
+            stdin: self.stdin,
+            stdin_once: self.stdin_once,
+            tty: self.tty,
             linux: self.privileged.then(|| k8s_cri::v1::LinuxContainerConfig {
                 security_context: Some(k8s_cri::v1::LinuxContainerSecurityContext {
                     privileged: true,

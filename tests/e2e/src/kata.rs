@@ -90,7 +90,29 @@ impl KataParts {
     }
 }
 
+/// A configuration file for [`KataParts`] in a temporary directory that lives as long as the value.
+#[derive(Debug)]
+pub struct KataConf {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl KataConf {
+    /// Writes `parts.configuration("")`.
+    pub fn write(parts: &KataParts) -> std::io::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("configuration.toml");
+        std::fs::write(&path, parts.configuration(""))?;
+        Ok(Self { _dir: dir, path })
+    }
+}
+
 /// The per-sandbox directory kata-rs keeps on the host; must be gone after a test.
 pub fn sandbox_dir(id: &str) -> PathBuf {
     Path::new("/run/kata-rs").join(id)
+}
+
+/// The sandbox's persisted `state.json` (its network namespace, the PIDs of QEMU and the helpers).
+pub fn sandbox_state(id: &str) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(sandbox_dir(id).join("state.json")).ok()?).ok()
 }

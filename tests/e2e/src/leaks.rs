@@ -1,10 +1,13 @@
 //! Finding what a test left behind: processes, mounts and state directories. Tests call this after a
-//! container is gone and assert the report is empty.
+//! container is gone and assert the report is empty. Also the host views tests compare before and after
+//! a pod: processes by argv, network namespaces and the links in them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
 
 use crate::process::{stat_ppid, stat_state};
 
@@ -230,6 +233,70 @@ fn mentions_id(text: &str, id: &str) -> bool {
 fn program_name(cmdline: &str) -> &str {
     let argv0 = cmdline.split(' ').next().unwrap_or_default();
     argv0.rsplit('/').next().unwrap_or(argv0)
+}
+
+/// Live (non-zombie) processes whose argv satisfies `matches`, as PID and argv joined by spaces.
+pub fn processes(matches: impl Fn(&[String]) -> bool) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let argv: Vec<String> = raw
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !argv.is_empty() && matches(&argv) && crate::process::is_alive(pid) {
+            found.push((pid, argv.join(" ")));
+        }
+    }
+    found
+}
+
+/// Where containerd 1.6 puts pod network namespaces.
+pub const NETNS_DIR: &str = "/var/run/netns";
+
+/// The names of the network namespaces in [`NETNS_DIR`].
+pub fn netns_entries() -> BTreeSet<String> {
+    fs::read_dir(NETNS_DIR)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Link names in the network namespace at `netns` (the host's when `None`).
+pub fn links(netns: Option<&Path>) -> Result<Vec<String>, String> {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", ns.display()))
+                .args(["ip", "-o", "link", "show"]);
+            c
+        }
+        None => {
+            let mut c = Command::new("ip");
+            c.args(["-o", "link", "show"]);
+            c
+        }
+    };
+    let out = crate::process::output_with_timeout(&mut cmd, Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    // "2: eth0@if5: <...": the name is the second field, up to '@' or ':'.
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .collect())
 }
 
 /// One mount from /proc/self/mountinfo.

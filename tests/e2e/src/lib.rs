@@ -5,6 +5,7 @@
 //! Tests using it need root and the Debian `containerd` package; they call [`skip_reason`] (or the
 //! [`skip_unless_containerd!`] macro) first and return early with a printed reason when it says so.
 
+pub mod checks;
 pub mod config_files;
 pub mod containerd;
 pub mod cri;

@@ -10,226 +10,26 @@
 //! Network safety: the only traffic sent goes from the host to the pod's address on the test's own bridge,
 //! and inside the pod over its loopback; the pod's DNS server is its own loopback.
 
-use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
+use e2e::checks::{check_clean_stop, poll, step, Checks};
 use e2e::config_files::{cri_plugin, merge, private_cri_config};
-use e2e::cri::{parse_cri_log, CniNetwork, ContainerSpec, CriClient, PodCleanup, PodSpec};
-use e2e::kata::{sandbox_dir, KataParts, KATA_RUNTIME};
-use e2e::{
-    skip_reason, Containerd, ContainerdOptions, CriOptions, OciImage, BUSYBOX_IMAGE, PAUSE_IMAGE,
+use e2e::cri::{
+    import_pod_images, kata_taps_anywhere, parse_cri_log, qemu_processes, start_containerd,
+    vm_lock, CniNetwork, ContainerSpec, CriClient, KataPodFootprint, PodCleanup, PodSpec,
 };
+use e2e::kata::{sandbox_dir, KataConf};
+use e2e::leaks::{links, netns_entries};
+use e2e::{kata_pod_parts_or_skip, Containerd, ContainerdOptions, BUSYBOX_IMAGE};
 use k8s_cri::v1::{ContainerState, LinuxContainerResources};
 
 /// Every CRI call may wait for a VM boot or a guest round trip under TCG on a busy machine.
 const CRI_DEADLINE: Duration = Duration::from_secs(90);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
-const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 const UNTRUSTED_ANNOTATION: &str = "io.kubernetes.cri.untrusted-workload";
-
-/// One pod VM of this file at a time: the machines have two cores and other tests may run VMs too.
-static VM_LOCK: Mutex<()> = Mutex::new(());
-
-fn vm_lock() -> MutexGuard<'static, ()> {
-    // A test that panicked while holding the lock left nothing shared behind.
-    VM_LOCK
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Why these tests cannot run here, or the kata parts.
-fn kata_parts() -> Result<KataParts, String> {
-    if let Some(reason) = skip_reason() {
-        return Err(reason);
-    }
-    for plugin in ["bridge", "host-local", "loopback"] {
-        if !Path::new("/usr/lib/cni").join(plugin).exists() {
-            return Err(format!(
-                "/usr/lib/cni/{plugin} is missing (Debian package containernetworking-plugins)"
-            ));
-        }
-    }
-    for program in ["ip", "nsenter"] {
-        if e2e::find_in_path(program.as_ref()).is_none() {
-            return Err(format!("{program} is not installed"));
-        }
-    }
-    if !Path::new(QEMU).is_file() {
-        return Err(format!(
-            "{QEMU} is missing (Debian package qemu-system-x86)"
-        ));
-    }
-    KataParts::find()
-}
-
-macro_rules! parts_or_skip {
-    () => {
-        match kata_parts() {
-            Ok(parts) => parts,
-            Err(reason) => {
-                eprintln!("skipping {}: {reason}", module_path!());
-                return;
-            }
-        }
-    };
-}
-
-/// The kata configuration file the pods use, in a temp dir that lives as long as the value.
-struct KataConf {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-}
-
-impl KataConf {
-    fn write(parts: &KataParts) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("configuration.toml");
-        std::fs::write(&path, parts.configuration("")).expect("write configuration");
-        Self { _dir: dir, path }
-    }
-}
-
-/// Soft assertions: every check of the shared pod runs and all failures are reported together, so one
-/// broken feature does not hide the state of the others (or skip the teardown checks).
-#[derive(Default)]
-struct Checks {
-    passed: Vec<&'static str>,
-    failed: Vec<String>,
-}
-
-impl Checks {
-    fn check(&mut self, name: &'static str, ok: bool, detail: impl FnOnce() -> String) {
-        if ok {
-            eprintln!("PASS {name}");
-            self.passed.push(name);
-        } else {
-            let detail = detail();
-            eprintln!("FAIL {name}: {detail}");
-            self.failed.push(format!("{name}: {detail}"));
-        }
-    }
-
-    fn finish(self) {
-        eprintln!(
-            "{} checks passed, {} failed",
-            self.passed.len(),
-            self.failed.len()
-        );
-        assert!(
-            self.failed.is_empty(),
-            "failed checks:\n{}",
-            self.failed.join("\n")
-        );
-    }
-}
-
-fn step<T>(what: &str, f: impl FnOnce() -> T) -> T {
-    let started = Instant::now();
-    let value = f();
-    eprintln!("{what}: {:?}", started.elapsed());
-    value
-}
-
-/// The command lines (argv joined by spaces) and PIDs of live QEMU processes naming `id`.
-fn qemu_processes(id: &str) -> Vec<(u32, String)> {
-    processes(|argv| {
-        argv.first().is_some_and(|a| {
-            a.rsplit('/')
-                .next()
-                .unwrap_or(a)
-                .starts_with("qemu-system-")
-        }) && argv.iter().any(|a| a.contains(id))
-    })
-}
-
-/// Live (non-zombie) processes whose argv satisfies `matches`.
-fn processes(matches: impl Fn(&[String]) -> bool) -> Vec<(u32, String)> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let argv: Vec<String> = raw
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if !argv.is_empty() && matches(&argv) && e2e::process::is_alive(pid) {
-            found.push((pid, argv.join(" ")));
-        }
-    }
-    found
-}
-
-/// Network namespaces under /var/run/netns (containerd 1.6 puts pod namespaces there).
-fn netns_entries() -> BTreeSet<String> {
-    std::fs::read_dir("/var/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Link names in the network namespace at `netns` (the host's when `None`).
-fn links(netns: Option<&Path>) -> Result<Vec<String>, String> {
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net={}", ns.display()))
-                .args(["ip", "-o", "link", "show"]);
-            c
-        }
-        None => {
-            let mut c = Command::new("ip");
-            c.args(["-o", "link", "show"]);
-            c
-        }
-    };
-    let out = e2e::process::output_with_timeout(&mut cmd, Duration::from_secs(10))
-        .map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    // "2: eth0@if5: <...": the name is the second field, up to '@' or ':'.
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
-        .collect())
-}
-
-/// Taps kata-rs made (`tapN_kata`) in the host namespace and in every named one.
-fn kata_taps_anywhere() -> Vec<String> {
-    let mut found = Vec::new();
-    let mut spaces: Vec<Option<PathBuf>> = vec![None];
-    spaces.extend(
-        netns_entries()
-            .into_iter()
-            .map(|n| Some(Path::new("/var/run/netns").join(n))),
-    );
-    for ns in spaces {
-        for link in links(ns.as_deref()).unwrap_or_default() {
-            if link.ends_with("_kata") {
-                found.push(format!(
-                    "{link} in {}",
-                    ns.as_deref()
-                        .map_or("the host namespace".into(), |p| p.display().to_string())
-                ));
-            }
-        }
-    }
-    found
-}
 
 /// An HTTP/1.0 GET of `path` from `ip:port`, every step bounded; returns the whole response.
 fn http_get(ip: Ipv4Addr, port: u16, path: &str) -> std::io::Result<String> {
@@ -243,47 +43,6 @@ fn http_get(ip: Ipv4Addr, port: u16, path: &str) -> std::io::Result<String> {
     Ok(response)
 }
 
-/// Polls `f` until it returns `Some` or `timeout` passes.
-fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn sandbox_state(id: &str) -> Option<serde_json::Value> {
-    serde_json::from_slice(&std::fs::read(sandbox_dir(id).join("state.json")).ok()?).ok()
-}
-
-/// The `[...containerd.runtimes.kata]` table for containerd's v2 config, pointing at `conf`.
-fn kata_runtime_v2(conf: &Path) -> String {
-    format!(
-        r#"[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata]
-  runtime_type = "{KATA_RUNTIME}"
-  privileged_without_host_devices = true
-
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata.options]
-  ConfigPath = "{}"
-"#,
-        conf.display()
-    )
-}
-
-fn import_images(containerd: &Containerd) {
-    containerd
-        .import(&OciImage::busybox(BUSYBOX_IMAGE).expect("busybox image"))
-        .expect("import busybox");
-    containerd
-        .import(&OciImage::pause(PAUSE_IMAGE).expect("pause image"))
-        .expect("import pause");
-}
-
 fn cri_client(containerd: &Containerd) -> CriClient {
     let mut cri = CriClient::connect(containerd.address()).expect("CRI client connects");
     cri.set_deadline(CRI_DEADLINE);
@@ -293,23 +52,18 @@ fn cri_client(containerd: &Containerd) -> CriClient {
 /// The main test: one pod VM serves every check that does not need a VM of its own.
 #[test]
 fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
-    let parts = parts_or_skip!();
+    let parts = kata_pod_parts_or_skip!();
     let _vm = vm_lock();
-    let conf = KataConf::write(&parts);
+    let conf = KataConf::write(&parts).expect("kata configuration written");
     let mut net = CniNetwork::create().expect("CNI network config");
     eprintln!("bridge {} subnet {}", net.bridge(), net.subnet());
     let containerd = step("containerd with CRI and the kata handler", || {
-        Containerd::start(ContainerdOptions {
-            namespace: "k8s.io".to_owned(),
-            shim_dir: Some(parts.shim_dir.clone()),
-            cri: Some(CriOptions::new(net.conf_dir())),
-            extra_config: kata_runtime_v2(&conf.path),
-            ctr_timeout: CRI_DEADLINE,
-            ..ContainerdOptions::default()
-        })
-        .expect("containerd with CRI starts")
+        start_containerd(&parts, &conf.path, &net, CRI_DEADLINE)
+            .expect("containerd with CRI starts")
     });
-    step("images imported", || import_images(&containerd));
+    step("images imported", || {
+        import_pod_images(&containerd).expect("images imported")
+    });
     let cri = cri_client(&containerd);
     let cleanup = PodCleanup(&cri);
     let mut checks = Checks::default();
@@ -343,23 +97,13 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
                 )
             })
     });
-    let qemu = qemu_processes(&pod_id);
+    let footprint = KataPodFootprint::take(&pod_id, netns_before);
+    let (qemu, pod_netns) = (&footprint.qemu, &footprint.netns);
     checks.check(
         "one QEMU process names the pod sandbox id",
         qemu.len() == 1,
         || format!("{qemu:?}"),
     );
-    let pod_netns: Option<PathBuf> = sandbox_state(&pod_id)
-        .and_then(|s| s["netns"].as_str().map(PathBuf::from))
-        .or_else(|| {
-            match netns_entries()
-                .difference(&netns_before)
-                .collect::<Vec<_>>()[..]
-            {
-                [one] => Some(Path::new("/var/run/netns").join(one)),
-                _ => None,
-            }
-        });
     eprintln!("pod {pod_id}: netns {pod_netns:?}");
     let pod_links = pod_netns.as_deref().map(|ns| links(Some(ns)));
     checks.check(
@@ -408,7 +152,7 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
     let qemu_now = qemu_processes(&pod_id);
     checks.check(
         "still one QEMU for the pod after two containers started",
-        qemu_now == qemu,
+        qemu_now == *qemu,
         || format!("before {qemu:?}, now {qemu_now:?}"),
     );
 
@@ -593,71 +337,7 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
     );
 
     // Teardown through CRI.
-    // QEMU and its helpers, as the sandbox persisted them (plus the QEMU seen above, in case it did not).
-    let vm_pids: BTreeSet<u32> = sandbox_state(&pod_id)
-        .and_then(|s| s["processes"].as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|p| p["pid"].as_u64().and_then(|p| u32::try_from(p).ok()))
-        .chain(qemu.iter().map(|(pid, _)| *pid))
-        .collect();
-    let shims = processes(|argv| {
-        argv[0].ends_with("containerd-shim-kata-v2")
-            && argv.windows(2).any(|w| w[0] == "-id" && w[1] == pod_id)
-    });
-    eprintln!("VM processes {vm_pids:?}, shims {shims:?}");
-    for id in [&server_id, &client_id] {
-        let stopped = cri.stop_container(id, Duration::from_secs(10));
-        checks.check("StopContainer", stopped.is_ok(), || {
-            format!("{id}: {stopped:?}")
-        });
-        let removed = cri.remove_container(id);
-        checks.check("RemoveContainer", removed.is_ok(), || {
-            format!("{id}: {removed:?}")
-        });
-    }
-    step("StopPodSandbox", || {
-        cri.stop_pod_sandbox(&pod_id).expect("StopPodSandbox")
-    });
-    step("RemovePodSandbox", || {
-        cri.remove_pod_sandbox(&pod_id).expect("RemovePodSandbox")
-    });
-
-    let left = qemu_processes(&pod_id);
-    checks.check("no QEMU of the pod left", left.is_empty(), || {
-        format!("{left:?}")
-    });
-    let shim_pids: Vec<u32> = shims.iter().map(|(pid, _)| *pid).collect();
-    let all_pids: Vec<u32> = vm_pids.iter().chain(&shim_pids).copied().collect();
-    let alive = e2e::process::wait_gone(&all_pids, Duration::from_secs(30));
-    checks.check(
-        "no QEMU/virtiofsd/vhost-device-vsock/shim process of the pod left",
-        alive.is_empty(),
-        || format!("still alive: {alive:?}"),
-    );
-    let report = containerd
-        .leaks_with_pids(&[&pod_id, &server_id, &client_id], &all_pids)
-        .expect("leak check runs");
-    checks.check(
-        "the leak finder finds nothing (processes, mounts, state)",
-        report.is_empty(),
-        || format!("{report}"),
-    );
-    checks.check(
-        "/run/kata-rs/<pod id> is gone",
-        !sandbox_dir(&pod_id).exists(),
-        || format!("{} left", sandbox_dir(&pod_id).display()),
-    );
-    let new_netns: Vec<String> = netns_entries().difference(&netns_before).cloned().collect();
-    checks.check(
-        "no network namespace left",
-        new_netns.is_empty() && !pod_netns.as_deref().is_some_and(Path::exists),
-        || format!("new entries {new_netns:?}; pod netns {pod_netns:?}"),
-    );
-    let taps = kata_taps_anywhere();
-    checks.check("no kata tap left in any namespace", taps.is_empty(), || {
-        format!("{taps:?}")
-    });
+    footprint.remove_and_check(&cri, &containerd, &[&server_id, &client_id], &mut checks);
     if let Ok(ip) = ip {
         checks.check(
             "the pod IP no longer answers",
@@ -668,12 +348,7 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
 
     drop(cleanup);
     drop(cri);
-    let report = step("containerd stopped", || containerd.stop());
-    checks.check(
-        "containerd shut down with nothing to clean",
-        report.killed_processes.is_empty() && report.remaining.is_empty(),
-        || format!("{report:?}"),
-    );
+    check_clean_stop(containerd, &mut checks);
     net.remove().expect("bridge removed");
     checks.finish();
 }
@@ -720,9 +395,9 @@ fn config_from_repo(version: i64, file: &str, cni_conf_dir: &Path, conf: &Path) 
 /// in `kata_pods` must boot a VM whose container runs on the guest kernel; every one in `runc_pods` must
 /// not. Everything is removed and checked for leftovers.
 fn routes_pods(version: i64, file: &str, kata_pods: &[(&str, bool)], runc_pods: &[(&str, bool)]) {
-    let parts = parts_or_skip!();
+    let parts = kata_pod_parts_or_skip!();
     let _vm = vm_lock();
-    let conf = KataConf::write(&parts);
+    let conf = KataConf::write(&parts).expect("kata configuration written");
     let net = CniNetwork::create().expect("CNI network config");
     let text = config_from_repo(version, file, net.conf_dir(), &conf.path);
     let containerd = Containerd::start(ContainerdOptions {
@@ -735,7 +410,7 @@ fn routes_pods(version: i64, file: &str, kata_pods: &[(&str, bool)], runc_pods: 
         ..ContainerdOptions::default()
     })
     .unwrap_or_else(|e| panic!("containerd with v{version}/{file}: {e}"));
-    import_images(&containerd);
+    import_pod_images(&containerd).expect("images imported");
     let cri = cri_client(&containerd);
     let cleanup = PodCleanup(&cri);
     let release = parts.kernel_release().expect("kernel has a version banner");
@@ -820,12 +495,7 @@ fn routes_pods(version: i64, file: &str, kata_pods: &[(&str, bool)], runc_pods: 
     });
     drop(cleanup);
     drop(cri);
-    let report = containerd.stop();
-    checks.check(
-        "containerd shut down with nothing to clean",
-        report.killed_processes.is_empty() && report.remaining.is_empty(),
-        || format!("{report:?}"),
-    );
+    check_clean_stop(containerd, &mut checks);
     drop(net);
     checks.finish();
 }
@@ -859,20 +529,13 @@ fn default_runtime_kata_routes_pods_v2() {
 /// handler) a privileged container is privileged inside the VM but gets none of the host's devices.
 #[test]
 fn privileged_container_gets_no_host_devices() {
-    let parts = parts_or_skip!();
+    let parts = kata_pod_parts_or_skip!();
     let _vm = vm_lock();
-    let conf = KataConf::write(&parts);
+    let conf = KataConf::write(&parts).expect("kata configuration written");
     let mut net = CniNetwork::create().expect("CNI network config");
-    let containerd = Containerd::start(ContainerdOptions {
-        namespace: "k8s.io".to_owned(),
-        shim_dir: Some(parts.shim_dir.clone()),
-        cri: Some(CriOptions::new(net.conf_dir())),
-        extra_config: kata_runtime_v2(&conf.path),
-        ctr_timeout: CRI_DEADLINE,
-        ..ContainerdOptions::default()
-    })
-    .expect("containerd with CRI starts");
-    import_images(&containerd);
+    let containerd = start_containerd(&parts, &conf.path, &net, CRI_DEADLINE)
+        .expect("containerd with CRI starts");
+    import_pod_images(&containerd).expect("images imported");
     let cri = cri_client(&containerd);
     let cleanup = PodCleanup(&cri);
     let mut checks = Checks::default();

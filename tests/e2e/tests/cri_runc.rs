@@ -1,49 +1,24 @@
-//! Proves the CRI client and the test CNI network with containerd's runc handler, so that the kata CRI
-//! tests only swap the handler. Needs root, the Debian containerd, runc, busybox-static and
-//! containernetworking-plugins packages and `ip`; skips with a reason otherwise.
+//! Proves the CRI client (streaming Exec and Attach too) and the test CNI network with containerd's runc
+//! handler, so that the kata CRI tests only swap the handler. Needs root, the Debian containerd, runc,
+//! busybox-static and containernetworking-plugins packages and `ip`; skips with a reason otherwise.
 //!
 //! Network safety: the only traffic sent goes from the host to the pod's address on the test's own
 //! bridge; the pod's DNS server is its own loopback.
 
-use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use e2e::cri::{parse_cri_log, CniNetwork, ContainerSpec, CriClient, PodCleanup, PodSpec};
-use e2e::{
-    skip_unless_containerd, Containerd, ContainerdOptions, CriOptions, OciImage, BUSYBOX_IMAGE,
-    PAUSE_IMAGE,
+use e2e::checks::{step, Checks};
+use e2e::cri::{
+    attach_target, check_attach, check_exec_streams, cni_skip_reason, import_pod_images,
+    parse_cri_log, CniNetwork, ContainerSpec, CriClient, PodCleanup, PodSpec,
 };
+use e2e::leaks::netns_entries;
+use e2e::{skip_unless_containerd, Containerd, ContainerdOptions, CriOptions, BUSYBOX_IMAGE};
 use k8s_cri::v1::{ContainerState, LinuxContainerResources};
 
 const EXEC_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn cni_skip_reason() -> Option<String> {
-    for plugin in ["bridge", "host-local", "loopback"] {
-        if !Path::new("/usr/lib/cni").join(plugin).exists() {
-            return Some(format!(
-                "/usr/lib/cni/{plugin} is missing (Debian package containernetworking-plugins)"
-            ));
-        }
-    }
-    if e2e::find_in_path("ip".as_ref()).is_none() {
-        return Some("ip is not installed (Debian package iproute2)".to_owned());
-    }
-    None
-}
-
-/// Network namespaces under /var/run/netns (containerd 1.6 puts pod namespaces there).
-fn netns_entries() -> BTreeSet<String> {
-    std::fs::read_dir("/var/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// An HTTP/1.0 GET of `path` from `ip:port`, every step bounded; returns the whole response.
 fn http_get(ip: Ipv4Addr, port: u16, path: &str) -> std::io::Result<String> {
@@ -55,13 +30,6 @@ fn http_get(ip: Ipv4Addr, port: u16, path: &str) -> std::io::Result<String> {
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     Ok(response)
-}
-
-fn step<T>(what: &str, f: impl FnOnce() -> T) -> T {
-    let started = Instant::now();
-    let value = f();
-    eprintln!("{what}: {:?}", started.elapsed());
-    value
 }
 
 #[test]
@@ -87,12 +55,7 @@ fn pod_with_http_server_exec_logs_stats_and_volumes() {
         "CAP_SYS_RESOURCE is dropped here: the CRI config needs restrict_oom_score_adj"
     );
     step("busybox and pause images built and imported", || {
-        containerd
-            .import(&OciImage::busybox(BUSYBOX_IMAGE).expect("busybox image"))
-            .expect("import busybox");
-        containerd
-            .import(&OciImage::pause(PAUSE_IMAGE).expect("pause image"))
-            .expect("import pause");
+        import_pod_images(&containerd).expect("images imported")
     });
     let cri = CriClient::connect(containerd.address()).expect("CRI client connects");
     let cleanup = PodCleanup(&cri);
@@ -304,6 +267,32 @@ fn pod_with_http_server_exec_logs_stats_and_volumes() {
         "from-container\n"
     );
 
+    // Streaming Exec and Attach (crictl exec -it, crictl attach) through containerd's streaming server.
+    let attach_ids: Vec<String> = [("attach", false), ("attach-tty", true)]
+        .iter()
+        .map(|&(name, tty)| {
+            let spec = attach_target(name, BUSYBOX_IMAGE, tty);
+            let id = cri
+                .create_container(&pod_id, &spec.build(), &pod_config)
+                .expect("CreateContainer attach target");
+            cri.start_container(&id)
+                .expect("StartContainer attach target");
+            id
+        })
+        .collect();
+    let (attach_id, attach_tty_id) = (&attach_ids[0], &attach_ids[1]);
+    let mut checks = Checks::default();
+    step("streaming Exec and Attach", || {
+        check_exec_streams(&cri, &ctr_id, EXEC_TIMEOUT, &mut checks);
+        check_attach(&cri, attach_id, false, EXEC_TIMEOUT, &mut checks);
+        check_attach(&cri, attach_tty_id, true, EXEC_TIMEOUT, &mut checks);
+    });
+    checks.finish();
+    for id in [attach_id, attach_tty_id] {
+        cri.remove_container(id)
+            .expect("RemoveContainer attach target");
+    }
+
     // Teardown through CRI.
     step("StopContainer", || {
         cri.stop_container(&ctr_id, Duration::from_secs(5))
@@ -330,7 +319,7 @@ fn pod_with_http_server_exec_logs_stats_and_volumes() {
     );
 
     let report = containerd
-        .leaks(&[&pod_id, &ctr_id])
+        .leaks(&[&pod_id, &ctr_id, attach_id, attach_tty_id])
         .expect("leak check runs");
     assert!(report.is_empty(), "leaked:\n{report}");
     let new_netns: Vec<String> = netns_entries().difference(&netns_before).cloned().collect();

@@ -38,6 +38,21 @@ pub fn loopback_conf() -> serde_json::Value {
     serde_json::json!({ "cniVersion": "0.2.0", "name": "lo", "type": "loopback" })
 }
 
+/// Why the test CNI network cannot be set up here (a plugin or `ip` missing), or `None`.
+pub fn cni_skip_reason() -> Option<String> {
+    for plugin in ["bridge", "host-local", "loopback"] {
+        if !Path::new("/usr/lib/cni").join(plugin).exists() {
+            return Some(format!(
+                "/usr/lib/cni/{plugin} is missing (Debian package containernetworking-plugins)"
+            ));
+        }
+    }
+    if crate::find_in_path("ip".as_ref()).is_none() {
+        return Some("ip is not installed (Debian package iproute2)".to_owned());
+    }
+    None
+}
+
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 /// A private CNI configuration directory holding the how-to's bridge network with a bridge name and a
