@@ -40,7 +40,7 @@ build_kata() {
     cargo build --release --workspace --exclude kata-agent
     RUSTFLAGS="-C target-feature=+crt-static" \
         LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
-        cargo build --release -p kata-agent --target x86_64-unknown-linux-gnu
+        cargo build --profile guest -p kata-agent --target x86_64-unknown-linux-gnu
 }
 
 install_kata() {
@@ -51,7 +51,7 @@ install_kata() {
     mkdir -p "$ASSET_DIR" "$DEFAULTS_DIR"
     kernel=$(bash "$REPO/guest/build-kernel.sh" | tail -n 1)
     install -m 0644 "$kernel" "$ASSET_DIR/vmlinux.container"
-    bash "$REPO/guest/build-initrd.sh" "$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/kata-agent" \
+    bash "$REPO/guest/build-initrd.sh" "$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/guest/kata-agent" \
         "$ASSET_DIR/kata-containers-initrd.img"
     install -m 0644 "$REPO/crates/types/configuration-qemu.toml" "$DEFAULTS_DIR/configuration-qemu.toml"
     ln -sf configuration-qemu.toml "$DEFAULTS_DIR/configuration.toml"
