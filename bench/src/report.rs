@@ -63,6 +63,11 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "n/a".to_owned())
 }
 
+/// A ratio as `12.3x`, or `n/a` when one side was not measured.
+fn times(v: Option<f64>, digits: usize) -> String {
+    v.map(|v| format!("{v:.digits$}x")).unwrap_or_else(|| "n/a".to_owned())
+}
+
 impl Results {
     pub fn floor_stat(&self) -> Option<Stat> {
         Stat::of(&self.floor.iter().map(|s| s.agent_s).collect::<Vec<_>>())
@@ -133,9 +138,9 @@ impl Results {
         };
         let _ = writeln!(
             o,
-            "\nkata/runc: **{}x**; kata/floor: **{}x** (target ≤ {TARGET_START_RATIO}x)\n",
-            opt(ratio(kata, runc), 1),
-            opt(ratio(kata, floor), 2)
+            "\nkata/runc: **{}**; kata/floor: **{}** (target ≤ {TARGET_START_RATIO}x)\n",
+            times(ratio(kata, runc), 1),
+            times(ratio(kata, floor), 2)
         );
         let _ = writeln!(o, "### Where a kata `ctr run` spends its time (medians from containerd's log, s)\n");
         let _ = writeln!(o, "| phase | median |\n|---|---|");
@@ -151,7 +156,7 @@ impl Results {
         let _ = writeln!(o, "\n## Exec latency: `ctr task exec ... true` (s)\n");
         let _ = writeln!(o, "| runtime | median | min | max | n |\n|---|---|---|---|---|");
         let _ = writeln!(o, "| kata | {} |\n| runc | {} |", stat_cells(ek), stat_cells(er));
-        let _ = writeln!(o, "\nkata/runc: **{}x**", opt(ratio(ek, er), 1));
+        let _ = writeln!(o, "\nkata/runc: **{}**", times(ratio(ek, er), 1));
         let _ = writeln!(o, "\n## Host memory per idle pod (`sleep 3600`), PSS from smaps_rollup (MiB)\n");
         let _ = writeln!(o, "| pods asked | kata running | kata PSS / pod | runc running | runc PSS / pod |\n|---|---|---|---|---|");
         let (mk, mr) = (self.pss_steps("kata"), self.pss_steps("runc"));
@@ -216,7 +221,7 @@ impl Results {
         let _ = writeln!(o, "\n## Issue 6 targets (TCG)\n");
         let _ = writeln!(o, "| target | now | met |\n|---|---|---|");
         let r = ratio(kata, floor);
-        let _ = writeln!(o, "| `ctr run` ≤ {TARGET_START_RATIO}x bare boot floor | {}x | {} |", opt(r, 2), yes(r.map(|r| r <= TARGET_START_RATIO)));
+        let _ = writeln!(o, "| `ctr run` ≤ {TARGET_START_RATIO}x bare boot floor | {} | {} |", times(r, 2), yes(r.map(|r| r <= TARGET_START_RATIO)));
         let pss = mk.iter().rev().find(|(_, running, _)| *running > 0).map(|(_, _, p)| *p);
         let _ = writeln!(o, "| host PSS per idle pod ≤ {TARGET_PSS_MIB} MB | {} MiB | {} |", opt(pss, 1), yes(pss.map(|p| p * 1.048_576 <= TARGET_PSS_MIB)));
         let most = mk.iter().map(|(_, r, _)| *r).max();

@@ -3,7 +3,7 @@
 //!
 //! Lines used (all exist today):
 //! the shim's `shim serving ...`, `QEMU started vm=<id> ...`, `agent connected <id>`, `sandbox <id> started`,
-//! `container <id> created in the guest`, and containerd's
+//! `container <id> created in the guest`, `sandbox <id> stopping`, `sandbox <id> stopped`, and containerd's
 //! `event forwarded ... topic=/tasks/create|/tasks/start|/tasks/exit` (debug level; the shim's events).
 
 use chrono::{DateTime, Utc};
@@ -65,7 +65,11 @@ pub struct Breakdown {
     pub to_task_start: Option<f64>,
     /// `/tasks/start` -> `/tasks/exit` (the workload runs and its output is copied).
     pub to_exit: Option<f64>,
-    /// `/tasks/exit` -> `ctr` returned (VM stopped, shim deleted, snapshot removed).
+    /// `/tasks/exit` -> `sandbox stopping` (ctr's Delete reaches the shim).
+    pub to_stopping: Option<f64>,
+    /// `sandbox stopping` -> `sandbox stopped` (QEMU and its helpers gone, mounts and state removed).
+    pub to_stopped: Option<f64>,
+    /// `sandbox stopped` -> `ctr` returned (shim exits, containerd's cleanup, snapshot removed).
     pub to_end: Option<f64>,
 }
 
@@ -82,6 +86,8 @@ impl Breakdown {
         let agent = first(&|l| l.msg == format!("agent connected {id}"));
         let sandbox = first(&|l| l.msg == format!("sandbox {id} started"));
         let container = first(&|l| l.msg == format!("container {id} created in the guest"));
+        let stopping = first(&|l| l.msg == format!("sandbox {id} stopping"));
+        let stopped = first(&|l| l.msg == format!("sandbox {id} stopped"));
         let task_create = first(&topic("/tasks/create"));
         let task_start = first(&topic("/tasks/start"));
         let exit = first(&topic("/tasks/exit"));
@@ -98,12 +104,14 @@ impl Breakdown {
             to_task_create: secs(container, task_create),
             to_task_start: secs(task_create, task_start),
             to_exit: secs(task_start, exit),
-            to_end: secs(exit, Some(end)),
+            to_stopping: secs(exit, stopping),
+            to_stopped: secs(stopping, stopped),
+            to_end: secs(stopped, Some(end)),
         }
     }
 
     /// `(label, value)` in order, for tables.
-    pub fn phases(&self) -> [(&'static str, Option<f64>); 9] {
+    pub fn phases(&self) -> [(&'static str, Option<f64>); 11] {
         [
             ("`ctr run` -> shim serving (ctr, containerd, snapshot, `shim start`)", self.to_shim),
             ("shim serving -> QEMU launched (config, virtiofsd, vhost-device-vsock, QEMU, QMP)", self.to_qemu),
@@ -113,7 +121,9 @@ impl Breakdown {
             ("container created -> task created (IO streams attached)", self.to_task_create),
             ("task created -> task started (Start call, process start in guest)", self.to_task_start),
             ("task started -> task exit (workload, output)", self.to_exit),
-            ("task exit -> `ctr` returned (VM stop, shim delete, cleanup)", self.to_end),
+            ("task exit -> sandbox stopping (ctr's Delete reaches the shim)", self.to_stopping),
+            ("sandbox stopping -> stopped (QEMU and helpers gone, mounts and state removed)", self.to_stopped),
+            ("sandbox stopped -> `ctr` returned (shim exit, containerd cleanup, snapshot removal)", self.to_end),
         ]
     }
 }
@@ -141,6 +151,8 @@ time="2026-01-01T00:00:01.750Z" level=info msg="container c1 created in the gues
 time="2026-01-01T00:00:01.800Z" level=debug msg="event forwarded" ns=default topic=/tasks/create type=x
 time="2026-01-01T00:00:01.900Z" level=debug msg="event forwarded" ns=default topic=/tasks/start type=x
 time="2026-01-01T00:00:02.000Z" level=debug msg="event forwarded" ns=default topic=/tasks/exit type=x
+time="2026-01-01T00:00:02.100Z" level=info msg="sandbox c1 stopping"
+time="2026-01-01T00:00:02.300Z" level=info msg="sandbox c1 stopped"
 "#;
         let lines = parse(log);
         let t = |s: &str| DateTime::parse_from_rfc3339(s).expect("time").with_timezone(&Utc);
@@ -148,6 +160,7 @@ time="2026-01-01T00:00:02.000Z" level=debug msg="event forwarded" ns=default top
         let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-6);
         assert!(close(b.to_shim, 0.1) && close(b.to_qemu, 0.1) && close(b.to_agent, 1.3));
         assert!(close(b.to_sandbox, 0.2) && close(b.to_container, 0.05) && close(b.to_task_create, 0.05));
-        assert!(close(b.to_task_start, 0.1) && close(b.to_exit, 0.1) && close(b.to_end, 0.5));
+        assert!(close(b.to_task_start, 0.1) && close(b.to_exit, 0.1));
+        assert!(close(b.to_stopping, 0.1) && close(b.to_stopped, 0.2) && close(b.to_end, 0.2));
     }
 }

@@ -311,14 +311,16 @@ impl Task for KataTask {
         }
         let exit = container.init.exit();
         let is_sandbox = container.is_sandbox;
-        if let Some(sandbox) = &sandbox {
+        if let Some(sandbox) = sandbox.as_ref().filter(|_| !is_sandbox) {
             if let Err(e) = sandbox.remove_container(&req.id).await {
                 log::warn!("remove container {}: {e}", req.id);
             }
         }
         state.containers.remove(&req.id);
         if is_sandbox {
+            // The sandbox's own container goes with the VM: no guest round trip to remove it first.
             if let Some(sandbox) = state.sandbox.take() {
+                log::info!("sandbox {} stopping", req.id);
                 sandbox.stop().await.map_err(internal)?;
                 log::info!("sandbox {} stopped", req.id);
             }
