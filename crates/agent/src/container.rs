@@ -37,6 +37,8 @@ pub enum ContainerError {
     Spec(#[source] serde_json::Error),
     #[error("the OCI spec has no process")]
     NoProcess,
+    #[error("the OCI spec was not prepared for the guest (the host's runtime::spec::for_guest does that): {0}")]
+    NotForGuest(String),
     #[error("rootfs {0} does not exist in the guest")]
     NoRootfs(PathBuf),
     #[error(transparent)]
@@ -98,7 +100,7 @@ impl Container {
             return Err(ContainerError::NoRootfs(rootfs));
         }
         let cgroup_rel = format!("/kata/{id}");
-        adapt_spec(&mut spec, &rootfs, &cgroup_rel)?;
+        prepare_spec(&mut spec, &rootfs, &cgroup_rel)?;
         let process = spec.process().as_ref().ok_or(ContainerError::NoProcess)?;
         check_process(&rootfs, process)?;
         let tty = process.terminal().unwrap_or(false);
@@ -252,21 +254,29 @@ impl Container {
 }
 
 /// Makes a host-made spec fit the guest: rootfs path, our cgroup, no host namespace paths.
-fn adapt_spec(spec: &mut Spec, rootfs: &Path, cgroup: &str) -> Result<()> {
+/// Points the spec at the container's rootfs in the guest. The host has already replaced everything that only
+/// means something on the host (`runtime::spec::for_guest`); a spec that still joins host namespaces, asks for
+/// its own network namespace (the VM is the pod's) or names another cgroup is refused, not silently rewritten.
+fn prepare_spec(spec: &mut Spec, rootfs: &Path, cgroup: &str) -> Result<()> {
+    let linux = spec.linux().as_ref().ok_or_else(|| ContainerError::NotForGuest("no linux section".into()))?;
+    match linux.cgroups_path() {
+        Some(path) if path == Path::new(cgroup) => {}
+        other => {
+            let found = other.as_ref().map_or("none".to_string(), |p| p.display().to_string());
+            return Err(ContainerError::NotForGuest(format!("cgroupsPath is {found}, expected {cgroup}")));
+        }
+    }
+    for ns in linux.namespaces().iter().flatten() {
+        if ns.typ() == LinuxNamespaceType::Network {
+            return Err(ContainerError::NotForGuest("it asks for a network namespace; the VM is the pod's".into()));
+        }
+        if let Some(path) = ns.path() {
+            return Err(ContainerError::NotForGuest(format!("the {:?} namespace joins host path {}", ns.typ(), path.display())));
+        }
+    }
     let mut root = spec.root().clone().unwrap_or_default();
     root.set_path(rootfs.to_path_buf());
     spec.set_root(Some(root));
-    if let Some(linux) = spec.linux_mut() {
-        // Host cgroup paths mean nothing in the guest; each container gets /kata/<id>.
-        linux.set_cgroups_path(Some(PathBuf::from(cgroup)));
-        if let Some(nss) = linux.namespaces_mut() {
-            // The VM is the pod's network namespace; other host namespace paths do not exist here.
-            nss.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
-            for ns in nss.iter_mut() {
-                ns.set_path(None);
-            }
-        }
-    }
     Ok(())
 }
 
@@ -334,17 +344,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spec_is_adapted_to_the_guest() {
+    fn guest_spec_gets_its_rootfs() {
         let json = r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"},
-            "linux":{"cgroupsPath":"/kubepods/x","namespaces":[{"type":"network","path":"/var/run/netns/cni-1"},
-            {"type":"pid"},{"type":"ipc","path":"/proc/5/ns/ipc"}]}}"#;
+            "linux":{"cgroupsPath":"/kata/c1","namespaces":[{"type":"pid"},{"type":"ipc"}]}}"#;
         let mut spec: Spec = serde_json::from_str(json).expect("spec");
-        adapt_spec(&mut spec, Path::new("/run/kata-containers/shared/c1/rootfs"), "/kata/c1").expect("adapt");
+        prepare_spec(&mut spec, Path::new("/run/kata-containers/shared/c1/rootfs"), "/kata/c1").expect("prepare");
         assert_eq!(spec.root().as_ref().map(|r| r.path().clone()), Some(PathBuf::from("/run/kata-containers/shared/c1/rootfs")));
-        let linux = spec.linux().as_ref().expect("linux");
-        assert_eq!(linux.cgroups_path().as_deref(), Some(Path::new("/kata/c1")));
-        let nss = linux.namespaces().as_ref().expect("namespaces");
-        assert_eq!(nss.len(), 2);
-        assert!(nss.iter().all(|n| n.path().is_none() && n.typ() != LinuxNamespaceType::Network));
+    }
+
+    #[test]
+    fn host_specs_are_refused_with_the_reason() {
+        let cases = [
+            (r#"{"cgroupsPath":"/kubepods/x","namespaces":[{"type":"pid"}]}"#, "cgroupsPath is /kubepods/x, expected /kata/c1"),
+            (r#"{"namespaces":[{"type":"pid"}]}"#, "cgroupsPath is none, expected /kata/c1"),
+            (r#"{"cgroupsPath":"/kata/c1","namespaces":[{"type":"network","path":"/var/run/netns/cni-1"}]}"#, "network namespace"),
+            (r#"{"cgroupsPath":"/kata/c1","namespaces":[{"type":"ipc","path":"/proc/5/ns/ipc"}]}"#, "joins host path /proc/5/ns/ipc"),
+        ];
+        for (linux, expected) in cases {
+            let json = format!(r#"{{"ociVersion":"1.0.2","root":{{"path":"rootfs"}},"linux":{linux}}}"#);
+            let mut spec: Spec = serde_json::from_str(&json).expect("spec");
+            let err = prepare_spec(&mut spec, Path::new("/r"), "/kata/c1").expect_err(linux).to_string();
+            assert!(err.contains(expected) && err.contains("for_guest"), "{linux}: {err}");
+        }
     }
 }

@@ -84,7 +84,9 @@ fn process_json(args: &[&str], terminal: bool) -> serde_json::Value {
     })
 }
 
-fn spec_json(args: &[&str], terminal: bool) -> Vec<u8> {
+/// A host-style spec (a network namespace path, no cgroupsPath), turned into the guest's by the same
+/// `runtime::spec::for_guest` the shim uses: the agent refuses specs that were not.
+fn spec_json(id: &str, args: &[&str], terminal: bool) -> Vec<u8> {
     let spec = serde_json::json!({
         "ociVersion": "1.0.2",
         "process": process_json(args, terminal),
@@ -103,12 +105,13 @@ fn spec_json(args: &[&str], terminal: bool) -> Vec<u8> {
             "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"]
         }
     });
-    serde_json::to_vec(&spec).expect("spec json")
+    let spec: oci_spec::runtime::Spec = serde_json::from_value(spec).expect("spec");
+    runtime::spec::for_guest(&spec, id).expect("guest spec").0
 }
 
 /// Creates, starts and waits for a container, returning (exit status, stdout, stderr).
 async fn run_container(agent: &AgentClient, id: &str, args: &[&str]) -> (i32, String, String) {
-    agent.create_container(id, &spec_json(args, false), "rootfs").await.unwrap_or_else(|e| panic!("create {id}: {e}"));
+    agent.create_container(id, &spec_json(id, args, false), "rootfs").await.unwrap_or_else(|e| panic!("create {id}: {e}"));
     let p = ProcessRef::init(id);
     let mut out = agent.read_stdout(&p).await.expect("stdout stream");
     let mut err = agent.read_stderr(&p).await.expect("stderr stream");
@@ -196,7 +199,7 @@ async fn scenario(vm: &TestVm) -> Result<(), String> {
 
     // A long-running container for signals, exec, tty and stats.
     let t = Instant::now();
-    agent.create_container("long", &spec_json(&["sleep", "1000"], false), "rootfs").await.map_err(|e| e.to_string())?;
+    agent.create_container("long", &spec_json("long", &["sleep", "1000"], false), "rootfs").await.map_err(|e| e.to_string())?;
     agent.start_container("long").await.map_err(|e| e.to_string())?;
     let exec_out = {
         let proc = process_json(&["sh", "-c", "echo from-exec; hostname; exit 5"], false);
@@ -244,7 +247,7 @@ async fn scenario(vm: &TestVm) -> Result<(), String> {
 
     let t = Instant::now();
     let err = agent
-        .create_container("missing", &spec_json(&["no-such-binary", "x"], false), "rootfs")
+        .create_container("missing", &spec_json("missing", &["no-such-binary", "x"], false), "rootfs")
         .await
         .expect_err("missing binary must fail");
     let msg = err.to_string();
