@@ -397,6 +397,18 @@ fn validate_names_file_line_and_key_of_missing_files() {
 }
 
 #[test]
+fn templating_is_refused_not_ignored() {
+    let loaded = load_text("[factory]\nenable_template = true\n").expect("loads");
+    let err = loaded.validate().expect_err("templating").to_string();
+    assert!(
+        err.contains(
+            "/etc/kata-containers/configuration.toml:2: factory.enable_template: VM templating is not implemented"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn an_image_replaces_the_default_initrd() {
     let loaded = load_text("[hypervisor.qemu]\nimage = \"/i.img\"\n").expect("loads");
     assert_eq!(loaded.config.hypervisor.initrd, "");

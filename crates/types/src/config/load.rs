@@ -299,6 +299,13 @@ impl LoadedConfig {
             )),
             _ => {}
         }
+        if self.config.factory.enable_template {
+            problems.push(format!(
+                "{}: factory.enable_template: VM templating is not implemented in kata-rs yet; set it to false \
+                 (each pod then boots its own VM)",
+                self.origin("factory.enable_template")
+            ));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
