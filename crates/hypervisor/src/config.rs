@@ -10,6 +10,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::accel::AccelChoice;
 
+/// TCG translation buffer when the configuration does not say (QEMU's own default is 1 GiB). Booting and
+/// starting one container translate ~47 MiB of guest code: with 32 MiB the buffer is flushed during the first
+/// container create and everything is translated again (ctr run 1.46 vs 1.34 s, exec 0.117 vs 0.097 s; an
+/// idle pod costs 15 MiB less). 16 MiB makes every exec 3x slower.
+pub const DEFAULT_TCG_TB_SIZE_MIB: u32 = 64;
+
+fn default_tcg_tb_size_mib() -> u32 {
+    DEFAULT_TCG_TB_SIZE_MIB
+}
+
 /// Everything needed to boot one VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -38,6 +48,9 @@ pub struct VmConfig {
     /// A virtio-balloon with free page reporting: memory the guest frees is dropped on the host.
     #[serde(default)]
     pub free_page_reporting: bool,
+    /// TCG translation buffer in MiB (`-accel tcg,tb-size=`); unused under KVM.
+    #[serde(default = "default_tcg_tb_size_mib")]
+    pub tcg_tb_size_mib: u32,
     /// Guest NICs backed by tap devices the caller opened. Open fds cannot be persisted: serialising a config
     /// leaves them out, and a deserialised config has none.
     #[serde(skip)]
@@ -68,6 +81,7 @@ impl VmConfig {
             work_dir: work_dir.into(),
             debug: false,
             free_page_reporting: false,
+            tcg_tb_size_mib: DEFAULT_TCG_TB_SIZE_MIB,
             net_devices: Vec::new(),
         }
     }

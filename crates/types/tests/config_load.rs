@@ -397,6 +397,20 @@ fn validate_names_file_line_and_key_of_missing_files() {
 }
 
 #[test]
+fn tcg_tb_size_out_of_range_is_refused() {
+    for bad in [0, 2048] {
+        let loaded = load_text(&format!("[hypervisor.qemu]\ntcg_tb_size = {bad}\n")).expect("loads");
+        let err = loaded.validate().expect_err("out of range").to_string();
+        assert!(
+            err.contains(&format!(
+                "/etc/kata-containers/configuration.toml:2: hypervisor.qemu.tcg_tb_size: {bad} MiB is outside 1-1024"
+            )),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn templating_is_refused_not_ignored() {
     let loaded = load_text("[factory]\nenable_template = true\n").expect("loads");
     let err = loaded.validate().expect_err("templating").to_string();

@@ -85,10 +85,6 @@ pub fn kernel_params(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> V
     params
 }
 
-/// TCG translation buffer size in MiB. Measured with the benchmarks (default 1 GiB vs capped): a boot touches
-/// ~32 MiB of it whatever the cap; 16 MiB saves another ~18 MiB per VM but makes `ctr task exec` 3x slower
-/// (0.33 s vs 0.11 s: new processes keep flushing the buffer); 32 and 64 MiB exec as fast as the default.
-pub const TCG_TB_SIZE_MIB: u32 = 32;
 
 /// QEMU's arguments (without the program itself) for `config` running with `accel`. `tsc_khz` is the host TSC
 /// frequency; it is passed to the guest only under TCG.
@@ -115,7 +111,7 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<S
             Accel::Kvm => "kvm".to_string(),
             // TCG's translation buffer defaults to 1 GiB and a booted guest fills tens of MiB of it: the
             // largest part of an idle VM's host memory. A small guest runs as fast with a capped buffer.
-            Accel::Tcg => format!("tcg,tb-size={TCG_TB_SIZE_MIB}"),
+            Accel::Tcg => format!("tcg,tb-size={}", config.tcg_tb_size_mib),
         },
     );
     args.push2(
@@ -332,7 +328,7 @@ mod tests {
             values(&args, "-machine"),
             ["microvm,pit=on,pic=off,isa-serial=on,rtc=on,memory-backend=mem"]
         );
-        assert_eq!(values(&args, "-accel"), ["tcg,tb-size=32"]);
+        assert_eq!(values(&args, "-accel"), ["tcg,tb-size=64"]);
         assert_eq!(values(&args, "-cpu"), ["max"]);
         assert_eq!(values(&args, "-smp"), ["2"]);
         assert_eq!(values(&args, "-m"), ["512M"]);

@@ -299,6 +299,13 @@ impl LoadedConfig {
             )),
             _ => {}
         }
+        if !(1..=1024).contains(&hv.tcg_tb_size) {
+            problems.push(format!(
+                "{}: hypervisor.qemu.tcg_tb_size: {} MiB is outside 1-1024",
+                self.origin("hypervisor.qemu.tcg_tb_size"),
+                hv.tcg_tb_size
+            ));
+        }
         if self.config.factory.enable_template {
             problems.push(format!(
                 "{}: factory.enable_template: VM templating is not implemented in kata-rs yet; set it to false \

@@ -82,6 +82,9 @@ pub struct HypervisorConfig {
     /// same key but defaults it to false; kata-rs defaults to true, because an idle pod's host memory is
     /// mostly pages the guest touched once while booting.
     pub reclaim_guest_freed_memory: bool,
+    /// kata-rs extension: QEMU's TCG translation buffer in MiB when there is no KVM (1-1024). Larger is faster
+    /// (less retranslation) and costs host memory as the guest runs more code; see docs/performance.md.
+    pub tcg_tb_size: u32,
 }
 
 impl Default for HypervisorConfig {
@@ -107,6 +110,7 @@ impl Default for HypervisorConfig {
             valid_vsock_daemon_paths: Vec::new(),
             enable_debug: false,
             reclaim_guest_freed_memory: true,
+            tcg_tb_size: 64,
         }
     }
 }
@@ -349,6 +353,6 @@ mod tests {
         assert!(keys.contains(&"hypervisor.qemu.kernel".to_owned()));
         assert!(keys.contains(&"agent.kata.dial_timeout".to_owned()));
         assert!(keys.contains(&"factory.template_path".to_owned()));
-        assert_eq!(keys.len(), 20 + 2 + 4 + 2);
+        assert_eq!(keys.len(), 21 + 2 + 4 + 2);
     }
 }
