@@ -18,28 +18,7 @@ pub enum NetworkError {
     Netlink { op: String, #[source] source: rtnetlink::Error },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IpNet {
-    pub addr: IpAddr,
-    pub prefix_len: u8,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Interface {
-    pub name: String,
-    pub mac: String,
-    pub mtu: u32,
-    pub addresses: Vec<IpNet>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Route {
-    /// None for the default route.
-    pub destination: Option<IpNet>,
-    pub gateway: Option<IpAddr>,
-    pub device: String,
-    pub source: Option<IpAddr>,
-}
+pub use protocols::net::{Interface, IpNet, Route};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArpNeighbor {

@@ -1,14 +1,16 @@
 //! The kata-rs host <-> agent protocol: `kata.agent.v1.Agent` over ttrpc.
 //!
 //! Both sides use the generated code re-exported here; each side converts between these wire
-//! types and its own internal types in exactly one module (agent: `rpc::convert`, runtime:
-//! `agent::convert`).
+//! types and its internal types in exactly one module (agent: `rpc::convert`, runtime:
+//! `agent::convert`). The network description is the same on both sides, so it lives in [`net`].
 
 #[allow(clippy::all, clippy::unwrap_used, clippy::undocumented_unsafe_blocks, unreachable_pub, missing_debug_implementations)]
 mod generated;
 
 pub use generated::agent;
 pub use generated::agent_ttrpc;
+
+pub mod net;
 
 /// Bumped on incompatible changes to `proto/agent.proto`.
 pub const PROTOCOL_VERSION: u32 = 1;
