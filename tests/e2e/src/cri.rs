@@ -31,6 +31,7 @@ mod kata_pod;
 mod network;
 mod stream;
 mod stream_checks;
+mod web;
 
 pub use kata_pod::{
     kata_handler_config, kata_pod_parts, kata_taps_anywhere, qemu_processes, start_containerd,
@@ -39,6 +40,7 @@ pub use kata_pod::{
 pub use network::{bridge_conf, cni_skip_reason, loopback_conf, CniNetwork};
 pub use stream::{StreamError, StreamSession, StreamStatus, Streams};
 pub use stream_checks::{attach_target, check_attach, check_exec_streams};
+pub use web::WebVolumes;
 
 /// Errors of the CRI client and the CNI network helper.
 #[derive(Debug, thiserror::Error)]

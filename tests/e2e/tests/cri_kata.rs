@@ -19,7 +19,7 @@ use e2e::checks::{check_clean_stop, poll, step, Checks};
 use e2e::config_files::{cri_plugin, merge, private_cri_config};
 use e2e::cri::{
     import_pod_images, kata_taps_anywhere, parse_cri_log, qemu_processes, start_containerd,
-    vm_lock, CniNetwork, ContainerSpec, CriClient, KataPodFootprint, PodCleanup, PodSpec,
+    vm_lock, CniNetwork, ContainerSpec, CriClient, KataPodFootprint, PodCleanup, PodSpec, WebVolumes,
 };
 use e2e::kata::{sandbox_dir, KataConf};
 use e2e::leaks::{links, netns_entries};
@@ -68,25 +68,13 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
     let cleanup = PodCleanup(&cri);
     let mut checks = Checks::default();
 
-    let host = tempfile::tempdir().expect("temp dir");
-    let (www, ro, rw, logs) = (
-        host.path().join("www"),
-        host.path().join("ro"),
-        host.path().join("rw"),
-        host.path().join("logs"),
-    );
-    for d in [&www, &ro, &rw, &logs] {
-        std::fs::create_dir(d).expect("mkdir");
-    }
-    let page = format!("kata-rs CRI kata test {}\n", e2e::unique_id("page"));
-    std::fs::write(www.join("index.html"), &page).expect("write page");
-    std::fs::write(ro.join("file"), "read-only content\n").expect("write ro file");
-    std::fs::write(rw.join("in"), "from-host\n").expect("write rw file");
+    let volumes = WebVolumes::create("kata").expect("host volumes");
+    let WebVolumes { ro, rw, logs, page, .. } = &volumes;
     let host_boot_id =
         std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("host boot id");
 
     let netns_before = netns_entries();
-    let pod = PodSpec::new("kata-web", &logs);
+    let pod = PodSpec::new("kata-web", logs);
     let pod_config = pod.build();
     let pod_id = step("RunPodSandbox (kata)", || {
         cri.run_pod_sandbox(&pod_config, "kata")
@@ -112,18 +100,7 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
         || format!("links of {pod_netns:?}: {pod_links:?}"),
     );
 
-    let server = ContainerSpec::new(
-        "httpd",
-        BUSYBOX_IMAGE,
-        &[
-            "sh",
-            "-c",
-            "echo started-$(hostname); echo to-stderr >&2; exec httpd -f -p 8080 -h /www",
-        ],
-    )
-    .mount(&www, "/www", true)
-    .mount(&ro, "/ro", true)
-    .mount(&rw, "/rw", false);
+    let server = volumes.httpd();
     let server_id = step("CreateContainer httpd", || {
         cri.create_container(&pod_id, &server.build(), &pod_config)
             .unwrap_or_else(|e| panic!("CreateContainer httpd: {e}\n{}", containerd.log_tail(60)))
@@ -188,7 +165,7 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
     });
     checks.check(
         "the client container reaches the server over localhost",
-        local.as_ref().is_some_and(|o| o.stdout == page),
+        local.as_ref().is_some_and(|o| o.stdout == *page),
         || format!("{local:?}"),
     );
 
@@ -215,7 +192,7 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
             "TCP from the host to the pod IP reaches httpd in the VM",
             response
                 .as_ref()
-                .is_some_and(|r| r.starts_with("HTTP/1.") && r.ends_with(&page)),
+                .is_some_and(|r| r.starts_with("HTTP/1.") && r.ends_with(page.as_str())),
             || format!("{ip}:8080: {response:?}, last error: {last}"),
         );
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use e2e::checks::{step, Checks};
 use e2e::cri::{
     attach_target, check_attach, check_exec_streams, cni_skip_reason, import_pod_images,
-    parse_cri_log, CniNetwork, ContainerSpec, CriClient, PodCleanup, PodSpec,
+    parse_cri_log, CniNetwork, CriClient, PodCleanup, PodSpec, WebVolumes,
 };
 use e2e::leaks::netns_entries;
 use e2e::{skip_unless_containerd, Containerd, ContainerdOptions, CriOptions, BUSYBOX_IMAGE};
@@ -69,21 +69,11 @@ fn pod_with_http_server_exec_logs_stats_and_volumes() {
     assert!(images.iter().any(|i| i == BUSYBOX_IMAGE), "{images:?}");
 
     // Host side: a document to serve, a read-only and a read-write volume, the pod's log directory.
-    let host = tempfile::tempdir().expect("temp dir");
-    let www = host.path().join("www");
-    let ro = host.path().join("ro");
-    let rw = host.path().join("rw");
-    let logs = host.path().join("logs");
-    for d in [&www, &ro, &rw, &logs] {
-        std::fs::create_dir(d).expect("mkdir");
-    }
-    let page = format!("kata-rs CRI test {}\n", e2e::unique_id("page"));
-    std::fs::write(www.join("index.html"), &page).expect("write page");
-    std::fs::write(ro.join("file"), "read-only content\n").expect("write ro file");
-    std::fs::write(rw.join("in"), "from-host\n").expect("write rw file");
+    let volumes = WebVolumes::create("runc").expect("host volumes");
+    let WebVolumes { ro, rw, logs, page, .. } = &volumes;
 
     let netns_before = netns_entries();
-    let pod = PodSpec::new("web", &logs);
+    let pod = PodSpec::new("web", logs);
     let pod_config = pod.build();
     let pod_id = step("RunPodSandbox (runc)", || {
         cri.run_pod_sandbox(&pod_config, "runc")
@@ -98,18 +88,7 @@ fn pod_with_http_server_exec_logs_stats_and_volumes() {
         net.bridge()
     );
 
-    let spec = ContainerSpec::new(
-        "httpd",
-        BUSYBOX_IMAGE,
-        &[
-            "sh",
-            "-c",
-            "echo started-$(hostname); echo to-stderr >&2; exec httpd -f -p 8080 -h /www",
-        ],
-    )
-    .mount(&www, "/www", true)
-    .mount(&ro, "/ro", true)
-    .mount(&rw, "/rw", false);
+    let spec = volumes.httpd();
     let ctr_id = step("CreateContainer", || {
         cri.create_container(&pod_id, &spec.build(), &pod_config)
             .expect("CreateContainer")
@@ -143,7 +122,7 @@ fn pod_with_http_server_exec_logs_stats_and_volumes() {
         status_line.starts_with("HTTP/1.") && status_line.contains(" 200 "),
         "{response}"
     );
-    assert!(response.ends_with(&page), "{response}");
+    assert!(response.ends_with(page.as_str()), "{response}");
 
     let out = step("ExecSync echo hi", || {
         cri.exec_sync(&ctr_id, &["echo", "hi"], EXEC_TIMEOUT)
