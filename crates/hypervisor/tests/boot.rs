@@ -36,6 +36,7 @@ if mount -t virtiofs kataShared /mnt 2>/dev/null || mount -t 9p -o trans=virtio,
   echo "SHARED:$(cat /mnt/hello.txt)"
 fi
 echo "VIRTIO-IDS:$(cat /sys/bus/virtio/devices/*/device | tr '\n' ' ')"
+for d in /sys/bus/virtio/drivers/virtio_balloon/virtio*; do [ -e "$d" ] && echo "BALLOON:$(cat $d/features)"; done
 for i in /sys/class/net/*; do [ "${i##*/}" = lo ] || echo "NET:${i##*/}=$(cat $i/address)"; done
 for arg in $(cat /proc/cmdline); do
   case $arg in hvtest.ping_mac=*) ping_mac=${arg#*=};; hvtest.ping_ip=*) ping_ip=${arg#*=};; hvtest.ping_peer=*) ping_peer=${arg#*=};; esac
@@ -184,6 +185,15 @@ async fn wait_for_console(vm: &QemuVm, marker: &str, started: Instant) -> Durati
     }
 }
 
+/// The guest's balloon driver is bound and negotiated free page reporting (feature bit 5,
+/// `VIRTIO_BALLOON_F_REPORTING`; sysfs prints the features as a string of 0/1, bit 0 first).
+fn assert_free_page_reporting(console: &str) {
+    let features = console.lines().find_map(|l| l.strip_prefix("BALLOON:")).unwrap_or_else(|| {
+        panic!("no virtio_balloon device bound in the guest; console:\n{console}")
+    });
+    assert_eq!(features.chars().nth(5), Some('1'), "free page reporting not negotiated: features {features}");
+}
+
 fn alive(pid: u32) -> bool {
     // A zombie still has a /proc entry but is dead.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -209,6 +219,7 @@ async fn microvm_boots_pauses_resumes_and_stops() {
         .expect("tempdir");
     let work = root.path().join("vm");
     let mut config = vm_config(&assets, "microvm-test", &work);
+    config.free_page_reporting = true;
     config.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
     config.shared_fs = match helper(test, "KATA_TEST_VIRTIOFSD") {
         Some(daemon) => SharedFs::VirtioFs {
@@ -260,6 +271,7 @@ async fn microvm_boots_pauses_resumes_and_stops() {
                 "no virtio-fs device in the guest: {ids}"
             );
         }
+        assert_free_page_reporting(&console);
     }
     let pids = vm.pids();
     let expected = 1
@@ -314,6 +326,7 @@ async fn q35_with_9p_boots_and_crash_cleanup_kills_it() {
     let work = root.path().join("vm");
     let mut config = vm_config(&assets, "q35-test", &work);
     config.machine = MachineType::Q35;
+    config.free_page_reporting = true;
     config.shared_fs = SharedFs::Virtio9p {
         shared_dir: shared_dir(root.path()),
     };
@@ -330,6 +343,7 @@ async fn q35_with_9p_boots_and_crash_cleanup_kills_it() {
             console.contains(&format!("SHARED:{SHARED_CONTENT}")),
             "9p share not readable; console:\n{console}"
         );
+        assert_free_page_reporting(&console);
     }
 
     // What the shim would have persisted before dying.
