@@ -87,6 +87,11 @@ fn process_json(args: &[&str], terminal: bool) -> serde_json::Value {
 /// A host-style spec (a network namespace path, no cgroupsPath), turned into the guest's by the same
 /// `runtime::spec::for_guest` the shim uses: the agent refuses specs that were not.
 fn spec_json(id: &str, args: &[&str], terminal: bool) -> Vec<u8> {
+    spec_json_with(id, args, terminal, serde_json::json!({}))
+}
+
+/// [`spec_json`] with `resources` as the spec's `linux.resources`.
+fn spec_json_with(id: &str, args: &[&str], terminal: bool, resources: serde_json::Value) -> Vec<u8> {
     let spec = serde_json::json!({
         "ociVersion": "1.0.2",
         "process": process_json(args, terminal),
@@ -101,6 +106,7 @@ fn spec_json(id: &str, args: &[&str], terminal: bool) -> Vec<u8> {
         ],
         "linux": {
             "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network", "path": "/var/run/netns/host-only"}],
+            "resources": resources,
             "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
             "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"]
         }
@@ -238,12 +244,41 @@ async fn scenario(vm: &TestVm) -> Result<(), String> {
     step("stats + list_processes", t);
 
     let t = Instant::now();
+    let proc = process_json(&["cat"], false);
+    agent.exec_process("long", "cat1", &serde_json::to_vec(&proc).expect("json")).await.map_err(|e| e.to_string())?;
+    let p = ProcessRef::exec("long", "cat1");
+    let mut out = agent.read_stdout(&p).await.map_err(|e| e.to_string())?;
+    let stdin = agent.stdin(&p).await.map_err(|e| e.to_string())?;
+    stdin.write(b"piped\n").await.map_err(|e| e.to_string())?;
+    stdin.finish().await.map_err(|e| e.to_string())?;
+    // cat ends only when its stdin pipe is closed in the guest.
+    agent.close_stdin(&p).await.map_err(|e| e.to_string())?;
+    let exit = agent.wait_process(&p).await.map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.read_to_end().await.map_err(|e| e.to_string())?).into_owned();
+    assert_eq!((exit.status, text.as_str()), (0, "piped\n"), "cat after CloseStdin");
+    step("stdin pipe + CloseStdin -> cat echoes and exits 0", t);
+
+    let t = Instant::now();
     let init = ProcessRef::init("long");
     agent.signal_process(&init, 9, false).await.map_err(|e| e.to_string())?;
     let exit = agent.wait_process(&init).await.map_err(|e| e.to_string())?;
     assert_eq!(exit.status, 137);
     agent.remove_container("long").await.map_err(|e| e.to_string())?;
     step("SIGKILL -> exit 137", t);
+
+    let t = Instant::now();
+    let mut ooms = agent.oom_events().await.map_err(|e| e.to_string())?;
+    // A 64 MiB dd buffer in a 16 MiB cgroup: the guest kernel OOM-kills it.
+    let limit = serde_json::json!({"memory": {"limit": 16 * 1024 * 1024}});
+    let spec = spec_json_with("oom", &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"], false, limit);
+    agent.create_container("oom", &spec, "rootfs").await.map_err(|e| e.to_string())?;
+    agent.start_container("oom").await.map_err(|e| e.to_string())?;
+    let exit = agent.wait_process(&ProcessRef::init("oom")).await.map_err(|e| e.to_string())?;
+    assert_eq!(exit.status, 137, "dd over the memory limit must be killed");
+    let event = tokio::time::timeout(Duration::from_secs(30), ooms.next()).await;
+    assert!(matches!(&event, Ok(Ok(Some(id))) if id == "oom"), "OOM event: {event:?}");
+    agent.remove_container("oom").await.map_err(|e| e.to_string())?;
+    step("memory limit exceeded -> killed (137) and an OOM event names the container", t);
 
     let t = Instant::now();
     let err = agent
