@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use e2e::cri::{ContainerSpec, CriClient, PodCleanup, PodSpec};
+use e2e::checks::error_chain;
 use e2e::BUSYBOX_IMAGE;
 use serde::{Deserialize, Serialize};
 
@@ -58,12 +59,12 @@ fn transfer(ip: Ipv4Addr, mib: usize, deadline: Duration) -> Result<f64> {
 fn one_runtime(cri: &CriClient, runtime: Runtime, mib: usize, runs: usize, interrupt: &Interrupt) -> Result<Vec<f64>, String> {
     let logs = tempfile::tempdir().map_err(|e| e.to_string())?;
     let pod = PodSpec::new(&format!("net-{}", runtime.label()), logs.path()).build();
-    let pod_id = cri.run_pod_sandbox(&pod, runtime.cri_handler()).map_err(|e| format!("RunPodSandbox: {}", chain(&e)))?;
+    let pod_id = cri.run_pod_sandbox(&pod, runtime.cri_handler()).map_err(|e| format!("RunPodSandbox: {}", error_chain(&e)))?;
     let result = (|| {
-        let ip = cri.pod_ip(&pod_id).map_err(|e| format!("no pod IP: {}", chain(&e)))?;
+        let ip = cri.pod_ip(&pod_id).map_err(|e| format!("no pod IP: {}", error_chain(&e)))?;
         let spec = ContainerSpec::new("sink", BUSYBOX_IMAGE, &["sh", "-c", &format!("while :; do nc -l -p {PORT} >/dev/null; done")]);
-        let id = cri.create_container(&pod_id, &spec.build(), &pod).map_err(|e| format!("CreateContainer: {}", chain(&e)))?;
-        cri.start_container(&id).map_err(|e| format!("StartContainer: {}", chain(&e)))?;
+        let id = cri.create_container(&pod_id, &spec.build(), &pod).map_err(|e| format!("CreateContainer: {}", error_chain(&e)))?;
+        cri.start_container(&id).map_err(|e| format!("StartContainer: {}", error_chain(&e)))?;
         let mut out = Vec::new();
         for _ in 0..runs {
             interrupt.check().map_err(|e| e.to_string())?;
@@ -74,17 +75,6 @@ fn one_runtime(cri: &CriClient, runtime: Runtime, mib: usize, runs: usize, inter
     let _ = cri.stop_pod_sandbox(&pod_id);
     let _ = cri.remove_pod_sandbox(&pod_id);
     result
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 /// runc first (proves the network), then kata; a kata failure is recorded, not raised.

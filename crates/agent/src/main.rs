@@ -17,17 +17,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-/// "outer: middle: inner" for an error and its sources.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut src = err.source();
-    while let Some(e) = src {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        src = e.source();
-    }
-    s
-}
+pub use protocols::error_chain;
 
 fn main() {
     let is_init = std::process::id() == 1;

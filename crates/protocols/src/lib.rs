@@ -24,3 +24,16 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 pub const AGENT_READY_PORT: u32 = 1025;
 
 pub use ttrpc;
+
+/// `err` and its sources, `: `-separated ("outer: middle: inner"). Library errors do not repeat their source in
+/// their own message, and both sides put the whole cause into logs and RPC statuses.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

@@ -72,15 +72,5 @@ pub fn check_clean_stop(containerd: crate::Containerd, checks: &mut Checks) {
     );
 }
 
-/// `error` and its sources, `: `-separated: library errors do not repeat their source in their own
-/// message, and a failure message must show the cause (e.g. the gRPC status behind a CRI call).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
-}
+/// A failure message must show the cause (e.g. the gRPC status behind a CRI call).
+pub use protocols::error_chain;

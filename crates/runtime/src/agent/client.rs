@@ -163,12 +163,12 @@ impl AgentClient {
                     last = "the vsock daemon never answered CONNECT".to_string();
                     continue;
                 }
-                Ok(Err(err)) => last = crate_error_chain(&AgentError::Dial(err)),
+                Ok(Err(err)) => last = protocols::error_chain(&AgentError::Dial(err)),
                 Ok(Ok(socket)) => {
                     let attempt = remaining.min(CHECK_ATTEMPT);
                     match tokio::time::timeout(attempt, Self::check_new(socket, attempt)).await {
                         Ok(Ok(client)) => return Ok(client),
-                        Ok(Err(err)) => last = crate_error_chain(&err),
+                        Ok(Err(err)) => last = protocols::error_chain(&err),
                         Err(_) => last = format!("Check did not answer within {attempt:?}"),
                     }
                 }
@@ -348,16 +348,6 @@ impl AgentClient {
     }
 }
 
-fn crate_error_chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut src = err.source();
-    while let Some(e) = src {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        src = e.source();
-    }
-    s
-}
 
 /// Output of one process stream; `next` returns None at EOF.
 pub struct OutputStream {
