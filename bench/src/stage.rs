@@ -82,10 +82,13 @@ fn write_configuration(parts: &KataParts, shared_fs: SharedFsKind) -> Result<(te
     let debug = std::env::var_os(DEBUG_ENV).is_some_and(|v| !v.is_empty() && v != "0");
     let dir = tempfile::Builder::new().prefix("kata-bench-conf-").tempdir()?;
     let path = dir.path().join("configuration.toml");
-    let text = parts
+    let mut text = parts
         .configuration(if debug { "enable_debug = true" } else { "" })
-        .replace("dial_timeout = 60", if debug { "dial_timeout = 60\ndebug = true" } else { "dial_timeout = 60" })
         .replace("shared_fs = \"virtio-fs\"", &format!("shared_fs = \"{}\"", shared_fs.config_value()));
+    if debug {
+        // `[agent.kata]` is the configuration's last section.
+        text.push_str("debug = true\n");
+    }
     std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
     Ok((dir, path))
 }
