@@ -99,7 +99,7 @@ impl Container {
         if !rootfs.is_dir() {
             return Err(ContainerError::NoRootfs(rootfs));
         }
-        let cgroup_rel = format!("/kata/{id}");
+        let cgroup_rel = protocols::container_cgroup(id);
         prepare_spec(&mut spec, &rootfs, &cgroup_rel)?;
         let process = spec.process().as_ref().ok_or(ContainerError::NoProcess)?;
         check_process(&rootfs, process)?;
@@ -253,7 +253,6 @@ impl Container {
     }
 }
 
-/// Makes a host-made spec fit the guest: rootfs path, our cgroup, no host namespace paths.
 /// Points the spec at the container's rootfs in the guest. The host has already replaced everything that only
 /// means something on the host (`runtime::spec::for_guest`); a spec that still joins host namespaces, asks for
 /// its own network namespace (the VM is the pod's) or names another cgroup is refused, not silently rewritten.

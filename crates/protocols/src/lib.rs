@@ -25,6 +25,12 @@ pub const AGENT_READY_PORT: u32 = 1025;
 
 pub use ttrpc;
 
+/// The guest cgroup of a container: the host writes it into the spec's `cgroupsPath`, the agent refuses any
+/// other.
+pub fn container_cgroup(container_id: &str) -> String {
+    format!("/kata/{container_id}")
+}
+
 /// `err` and its sources, `: `-separated ("outer: middle: inner"). Library errors do not repeat their source in
 /// their own message, and both sides put the whole cause into logs and RPC statuses.
 pub fn error_chain(err: &dyn std::error::Error) -> String {

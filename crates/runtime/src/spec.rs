@@ -45,7 +45,7 @@ pub fn for_guest(spec: &Spec, container_id: &str) -> Result<(Vec<u8>, Vec<Shared
                 ns.set_path(None);
             }
         }
-        linux.set_cgroups_path(Some(PathBuf::from(format!("/kata/{container_id}"))));
+        linux.set_cgroups_path(Some(PathBuf::from(protocols::container_cgroup(container_id))));
     }
     let mut binds = Vec::new();
     if let Some(list) = spec.mounts_mut() {
