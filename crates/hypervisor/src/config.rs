@@ -7,15 +7,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use types::config::DEFAULT_TCG_TB_SIZE_MIB;
 
 use crate::accel::AccelChoice;
 
-/// TCG translation buffer when the configuration does not say (QEMU's own default is 1 GiB). Booting and
-/// starting one container translate ~47 MiB of guest code: with 32 MiB the buffer is flushed during the first
-/// container create and everything is translated again (ctr run 1.46 vs 1.34 s, exec 0.117 vs 0.097 s; an
-/// idle pod costs 15 MiB less). 16 MiB makes every exec 3x slower.
-pub const DEFAULT_TCG_TB_SIZE_MIB: u32 = 64;
-
+/// The same default as the configuration's, so a VM built without one (tests, the bench floor) matches pods.
 fn default_tcg_tb_size_mib() -> u32 {
     DEFAULT_TCG_TB_SIZE_MIB
 }

@@ -21,7 +21,7 @@ pub use origin::{Origin, Setting};
 pub use schema::{
     Accel, AgentConfig, Config, FactoryConfig, HypervisorConfig, InterNetworkingModel,
     RuntimeConfig, SharedFs, DEFAULT_DIAL_TIMEOUT_SECS, DEFAULT_HYPERVISOR_PATH, DEFAULT_INITRD,
-    DEFAULT_KERNEL, DEFAULT_TEMPLATE_PATH, DEFAULT_VIRTIO_FS_DAEMON, DEFAULT_VSOCK_DAEMON,
+    DEFAULT_KERNEL, DEFAULT_TCG_TB_SIZE_MIB, DEFAULT_TEMPLATE_PATH, DEFAULT_VIRTIO_FS_DAEMON, DEFAULT_VSOCK_DAEMON,
 };
 
 /// The configuration file kata-rs installs as `configuration.toml`.

@@ -18,6 +18,11 @@ pub const DEFAULT_VIRTIO_FS_DAEMON: &str = "/usr/local/bin/virtiofsd";
 pub const DEFAULT_VSOCK_DAEMON: &str = "/usr/local/bin/vhost-device-vsock";
 /// Default agent dial timeout in seconds: Kata's `configuration-qemu.toml` ships `dial_timeout = 45`.
 pub const DEFAULT_DIAL_TIMEOUT_SECS: u32 = 45;
+/// TCG translation buffer (`hypervisor.qemu.tcg_tb_size`) when the configuration does not say; QEMU's own
+/// default is 1 GiB. Booting and starting one container translate ~47 MiB of guest code: with 32 MiB the buffer
+/// is flushed during the first container create and everything is translated again (ctr run 1.46 vs 1.34 s,
+/// exec 0.117 vs 0.097 s; an idle pod costs 15 MiB less). 16 MiB makes every exec 3x slower.
+pub const DEFAULT_TCG_TB_SIZE_MIB: u32 = 64;
 /// Default VM template location (Kata's).
 pub const DEFAULT_TEMPLATE_PATH: &str = "/run/vc/vm/template";
 
@@ -110,7 +115,7 @@ impl Default for HypervisorConfig {
             valid_vsock_daemon_paths: Vec::new(),
             enable_debug: false,
             reclaim_guest_freed_memory: true,
-            tcg_tb_size: 64,
+            tcg_tb_size: DEFAULT_TCG_TB_SIZE_MIB,
         }
     }
 }
