@@ -554,14 +554,8 @@ mod tests {
         std::fs::create_dir(&work).expect("mkdir");
         std::fs::write(work.join("console.log"), "x").expect("write");
 
-        let mut ours = std::process::Command::new("/bin/sleep")
-            .arg("30")
-            .spawn()
-            .expect("spawn");
-        let mut stranger = std::process::Command::new("/bin/sleep")
-            .arg("31")
-            .spawn()
-            .expect("spawn");
+        let mut ours = spawn_sleep("30");
+        let mut stranger = spawn_sleep("31");
         let persisted = [
             VmProcess {
                 role: ProcessRole::Qemu,
@@ -591,6 +585,20 @@ mod tests {
         );
         stranger.kill().expect("kill stranger");
         stranger.wait().expect("reap stranger");
+    }
+
+    /// `/bin/sleep <secs>`, returned once its command line shows it. `spawn` returns when the vfork'ed child
+    /// has started exec, but the kernel sets the new argv range a moment later: until then
+    /// /proc/<pid>/cmdline is empty and the process would not (yet) be recognised as ours.
+    fn spawn_sleep(secs: &str) -> std::process::Child {
+        let child = std::process::Command::new("/bin/sleep").arg(secs).spawn().expect("spawn");
+        let want = vec!["/bin/sleep".to_string(), secs.to_string()];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while proc_argv(child.id()).as_ref() != Some(&want) {
+            assert!(std::time::Instant::now() < deadline, "sleep {secs} never showed its argv");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child
     }
 
     fn libc_sigterm() -> i32 {
