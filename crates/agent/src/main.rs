@@ -8,9 +8,11 @@ mod io;
 mod mount;
 mod network;
 mod process;
+mod random;
 mod reaper;
 mod rpc;
 mod sandbox;
+mod serial;
 mod stats;
 
 use std::sync::Arc;
@@ -34,7 +36,11 @@ fn main() {
         .with_ansi(false)
         .init();
 
-    let listen = listen_address(std::env::args().skip(1));
+    let listen = if is_init && cmdline.split_whitespace().any(|w| w == protocols::AGENT_SERIAL_PARAM) {
+        Listen::Serial
+    } else {
+        Listen::Address(listen_address(std::env::args().skip(1)))
+    };
     // One thread only: libcontainer forks with raw clone3 (see container.rs).
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -97,8 +103,20 @@ fn listen_address(mut args: impl Iterator<Item = String>) -> String {
     listen
 }
 
-async fn run(is_init: bool, listen: &str) -> anyhow::Result<()> {
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), pid1 = is_init, listen, "kata-agent starting");
+/// Where the ttrpc server takes connections.
+enum Listen {
+    /// A ttrpc address: vsock by default, `--listen unix://...` for debugging.
+    Address(String),
+    /// The virtio-serial port `protocols::AGENT_SERIAL_PORT` (kernel parameter `protocols::AGENT_SERIAL_PARAM`).
+    Serial,
+}
+
+async fn run(is_init: bool, listen: &Listen) -> anyhow::Result<()> {
+    let shown = match listen {
+        Listen::Address(addr) => addr.as_str(),
+        Listen::Serial => protocols::AGENT_SERIAL_PORT,
+    };
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), pid1 = is_init, listen = shown, "kata-agent starting");
     let reaper = reaper::Reaper::default();
     tokio::spawn(reaper.clone().run(is_init));
     if is_init {
@@ -108,13 +126,19 @@ async fn run(is_init: bool, listen: &str) -> anyhow::Result<()> {
     }
     let sandbox = sandbox::Sandbox::new(reaper, is_init);
     let service = protocols::agent_ttrpc::create_agent(Arc::new(rpc::AgentService::new(sandbox)));
-    let mut server = ttrpc::r#async::Server::new()
-        .bind(listen)
-        .with_context(|| format!("cannot listen on {listen}"))?
-        .register_service(service);
+    let server = ttrpc::r#async::Server::new();
+    let server = match listen {
+        Listen::Address(addr) => server.bind(addr).with_context(|| format!("cannot listen on {addr}"))?,
+        Listen::Serial => {
+            let port = serial::find_port(protocols::AGENT_SERIAL_PORT).await?;
+            server.add_listener(serial::listener(&port).with_context(|| format!("cannot open {}", port.display()))?)
+        }
+    };
+    let mut server = server.register_service(service);
     server.start().await.context("cannot start the ttrpc server")?;
     tracing::info!("kata-agent ready");
-    if is_init {
+    // Over vsock the host waits for a sign of life before it dials; over serial it just writes.
+    if is_init && matches!(listen, Listen::Address(_)) {
         tokio::spawn(announce_ready());
     }
     if is_init {

@@ -23,6 +23,8 @@ pub enum SandboxError {
     Hostname(String, #[source] nix::Error),
     #[error("cannot set the guest clock")]
     Clock(#[source] nix::Error),
+    #[error("cannot reseed the guest's random number generator")]
+    Entropy(#[source] std::io::Error),
     #[error("cannot write /etc/resolv.conf")]
     Dns(#[source] std::io::Error),
     #[error(transparent)]
@@ -47,6 +49,8 @@ pub struct SandboxConfig {
     pub dns: Vec<String>,
     pub shared_fs: Option<SharedFsConfig>,
     pub host_time: Option<SystemTime>,
+    /// Host randomness to reseed the guest's generator with (see `reseed_random`).
+    pub entropy: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +86,9 @@ impl Sandbox {
 
     pub fn create(&self, cfg: &SandboxConfig) -> Result<()> {
         if self.is_init {
+            if !cfg.entropy.is_empty() {
+                crate::random::reseed(&cfg.entropy).map_err(SandboxError::Entropy)?;
+            }
             if !cfg.hostname.is_empty() {
                 nix::unistd::sethostname(&cfg.hostname).map_err(|e| SandboxError::Hostname(cfg.hostname.clone(), e))?;
             }

@@ -23,6 +23,13 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// that can be lost for good when it arrives before the guest driver is ready.
 pub const AGENT_READY_PORT: u32 = 1025;
 
+/// The name of the virtio-serial port that carries the agent's ttrpc when the VM has no vsock (VMs made from
+/// a template: vhost-user devices cannot be migrated).
+pub const AGENT_SERIAL_PORT: &str = "agent.channel.0";
+
+/// The kernel parameter that tells the agent to serve on [`AGENT_SERIAL_PORT`] instead of vsock.
+pub const AGENT_SERIAL_PARAM: &str = "agent.transport=serial";
+
 pub use ttrpc;
 
 /// The guest cgroup of a container: the host writes it into the spec's `cgroupsPath`, the agent refuses any

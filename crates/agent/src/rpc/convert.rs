@@ -39,15 +39,16 @@ pub fn sandbox_config(req: pb::CreateSandboxRequest) -> Result<SandboxConfig, Co
         None => None,
         Some(fs) => {
             let kind = match fs.type_.enum_value() {
-                Ok(pb::SharedFsType::SHARED_FS_TYPE_VIRTIOFS) => SharedFsKind::VirtioFs,
-                Ok(pb::SharedFsType::SHARED_FS_TYPE_NINEP) => SharedFsKind::NineP,
-                Ok(pb::SharedFsType::SHARED_FS_TYPE_NONE) if fs.tag.is_empty() => return sandbox_without_fs(req.sandbox_id, req.hostname, req.dns, req.host_time_unix_nanos),
+                Ok(pb::SharedFsType::SHARED_FS_TYPE_VIRTIOFS) => Some(SharedFsKind::VirtioFs),
+                Ok(pb::SharedFsType::SHARED_FS_TYPE_NINEP) => Some(SharedFsKind::NineP),
+                Ok(pb::SharedFsType::SHARED_FS_TYPE_NONE) if fs.tag.is_empty() => None,
                 _ => return Err(ConvertError::SharedFsType),
             };
-            if fs.tag.is_empty() {
-                return Err(invalid("shared_fs.tag", ""));
+            match kind {
+                None => None,
+                Some(_) if fs.tag.is_empty() => return Err(invalid("shared_fs.tag", "")),
+                Some(kind) => Some(SharedFsConfig { kind, tag: fs.tag, mount_point: PathBuf::from(fs.mount_point) }),
             }
-            Some(SharedFsConfig { kind, tag: fs.tag, mount_point: PathBuf::from(fs.mount_point) })
         }
     };
     Ok(SandboxConfig {
@@ -56,11 +57,8 @@ pub fn sandbox_config(req: pb::CreateSandboxRequest) -> Result<SandboxConfig, Co
         dns: req.dns,
         shared_fs,
         host_time: time_from_nanos(req.host_time_unix_nanos),
+        entropy: req.entropy,
     })
-}
-
-fn sandbox_without_fs(sandbox_id: String, hostname: String, dns: Vec<String>, t: i64) -> Result<SandboxConfig, ConvertError> {
-    Ok(SandboxConfig { sandbox_id, hostname, dns, shared_fs: None, host_time: time_from_nanos(t) })
 }
 
 pub fn guest_details(d: GuestDetails) -> pb::GuestDetails {

@@ -597,6 +597,8 @@ pub struct CreateSandboxRequest {
     pub shared_fs: ::protobuf::MessageField<SharedFs>,
     // @@protoc_insertion_point(field:kata.agent.v1.CreateSandboxRequest.host_time_unix_nanos)
     pub host_time_unix_nanos: i64,
+    // @@protoc_insertion_point(field:kata.agent.v1.CreateSandboxRequest.entropy)
+    pub entropy: ::std::vec::Vec<u8>,
     // special fields
     // @@protoc_insertion_point(special_field:kata.agent.v1.CreateSandboxRequest.special_fields)
     pub special_fields: ::protobuf::SpecialFields,
@@ -614,7 +616,7 @@ impl CreateSandboxRequest {
     }
 
     fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
-        let mut fields = ::std::vec::Vec::with_capacity(5);
+        let mut fields = ::std::vec::Vec::with_capacity(6);
         let mut oneofs = ::std::vec::Vec::with_capacity(0);
         fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
             "sandbox_id",
@@ -640,6 +642,11 @@ impl CreateSandboxRequest {
             "host_time_unix_nanos",
             |m: &CreateSandboxRequest| { &m.host_time_unix_nanos },
             |m: &mut CreateSandboxRequest| { &mut m.host_time_unix_nanos },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "entropy",
+            |m: &CreateSandboxRequest| { &m.entropy },
+            |m: &mut CreateSandboxRequest| { &mut m.entropy },
         ));
         ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<CreateSandboxRequest>(
             "CreateSandboxRequest",
@@ -674,6 +681,9 @@ impl ::protobuf::Message for CreateSandboxRequest {
                 40 => {
                     self.host_time_unix_nanos = is.read_int64()?;
                 },
+                50 => {
+                    self.entropy = is.read_bytes()?;
+                },
                 tag => {
                     ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
                 },
@@ -702,6 +712,9 @@ impl ::protobuf::Message for CreateSandboxRequest {
         if self.host_time_unix_nanos != 0 {
             my_size += ::protobuf::rt::int64_size(5, self.host_time_unix_nanos);
         }
+        if !self.entropy.is_empty() {
+            my_size += ::protobuf::rt::bytes_size(6, &self.entropy);
+        }
         my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
         self.special_fields.cached_size().set(my_size as u32);
         my_size
@@ -722,6 +735,9 @@ impl ::protobuf::Message for CreateSandboxRequest {
         }
         if self.host_time_unix_nanos != 0 {
             os.write_int64(5, self.host_time_unix_nanos)?;
+        }
+        if !self.entropy.is_empty() {
+            os.write_bytes(6, &self.entropy)?;
         }
         os.write_unknown_fields(self.special_fields.unknown_fields())?;
         ::std::result::Result::Ok(())
@@ -745,6 +761,7 @@ impl ::protobuf::Message for CreateSandboxRequest {
         self.dns.clear();
         self.shared_fs.clear();
         self.host_time_unix_nanos = 0;
+        self.entropy.clear();
         self.special_fields.clear();
     }
 
@@ -755,6 +772,7 @@ impl ::protobuf::Message for CreateSandboxRequest {
             dns: ::std::vec::Vec::new(),
             shared_fs: ::protobuf::MessageField::none(),
             host_time_unix_nanos: 0,
+            entropy: ::std::vec::Vec::new(),
             special_fields: ::protobuf::SpecialFields::new(),
         };
         &instance
@@ -4398,59 +4416,60 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     \x03\x20\x01(\tR\x06bootId\"n\n\x08SharedFs\x12/\n\x04type\x18\x01\x20\
     \x01(\x0e2\x1b.kata.agent.v1.SharedFsTypeR\x04type\x12\x10\n\x03tag\x18\
     \x02\x20\x01(\tR\x03tag\x12\x1f\n\x0bmount_point\x18\x03\x20\x01(\tR\nmo\
-    untPoint\"\xca\x01\n\x14CreateSandboxRequest\x12\x1d\n\nsandbox_id\x18\
+    untPoint\"\xe4\x01\n\x14CreateSandboxRequest\x12\x1d\n\nsandbox_id\x18\
     \x01\x20\x01(\tR\tsandboxId\x12\x1a\n\x08hostname\x18\x02\x20\x01(\tR\
     \x08hostname\x12\x10\n\x03dns\x18\x03\x20\x03(\tR\x03dns\x124\n\tshared_\
     fs\x18\x04\x20\x01(\x0b2\x17.kata.agent.v1.SharedFsR\x08sharedFs\x12/\n\
-    \x14host_time_unix_nanos\x18\x05\x20\x01(\x03R\x11hostTimeUnixNanos\"F\n\
-    \x13SetGuestTimeRequest\x12/\n\x14host_time_unix_nanos\x18\x01\x20\x01(\
-    \x03R\x11hostTimeUnixNanos\"w\n\x16CreateContainerRequest\x12!\n\x0ccont\
-    ainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\"\n\roci_spec_json\x18\
-    \x02\x20\x01(\x0cR\x0bociSpecJson\x12\x16\n\x06rootfs\x18\x03\x20\x01(\t\
-    R\x06rootfs\"5\n\x10ContainerRequest\x12!\n\x0ccontainer_id\x18\x01\x20\
-    \x01(\tR\x0bcontainerId\"m\n\x16UpdateContainerRequest\x12!\n\x0ccontain\
-    er_id\x18\x01\x20\x01(\tR\x0bcontainerId\x120\n\x14linux_resources_json\
-    \x18\x02\x20\x01(\x0cR\x12linuxResourcesJson\"!\n\x0bProcessList\x12\x12\
-    \n\x04pids\x18\x01\x20\x03(\x05R\x04pids\"z\n\x12ExecProcessRequest\x12!\
-    \n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_\
-    id\x18\x02\x20\x01(\tR\x06execId\x12(\n\x10oci_process_json\x18\x03\x20\
-    \x01(\x0cR\x0eociProcessJson\"L\n\x0eProcessRequest\x12!\n\x0ccontainer_\
-    id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\
-    \x01(\tR\x06execId\"|\n\x14SignalProcessRequest\x12!\n\x0ccontainer_id\
-    \x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01\
-    (\tR\x06execId\x12\x16\n\x06signal\x18\x03\x20\x01(\rR\x06signal\x12\x10\
-    \n\x03all\x18\x04\x20\x01(\x08R\x03all\"_\n\x0bProcessExit\x12\x1f\n\x0b\
-    exit_status\x18\x01\x20\x01(\x05R\nexitStatus\x12/\n\x14exited_at_unix_n\
-    anos\x18\x02\x20\x01(\x03R\x11exitedAtUnixNanos\"!\n\x0bOutputChunk\x12\
-    \x12\n\x04data\x18\x01\x20\x01(\x0cR\x04data\"\\\n\nStdinChunk\x12!\n\
-    \x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\
-    \x18\x02\x20\x01(\tR\x06execId\x12\x12\n\x04data\x18\x03\x20\x01(\x0cR\
-    \x04data\"v\n\x10ResizeTtyRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01\
-    (\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\
-    \x12\x12\n\x04rows\x18\x03\x20\x01(\rR\x04rows\x12\x12\n\x04cols\x18\x04\
-    \x20\x01(\rR\x04cols\"g\n\x08CpuStats\x12\x1d\n\nusage_usec\x18\x01\x20\
-    \x01(\x04R\tusageUsec\x12\x1b\n\tuser_usec\x18\x02\x20\x01(\x04R\x08user\
-    Usec\x12\x1f\n\x0bsystem_usec\x18\x03\x20\x01(\x04R\nsystemUsec\"\xac\
-    \x01\n\x0bMemoryStats\x12\x14\n\x05usage\x18\x01\x20\x01(\x04R\x05usage\
-    \x12\x14\n\x05limit\x18\x02\x20\x01(\x04R\x05limit\x128\n\x04stat\x18\
-    \x03\x20\x03(\x0b2$.kata.agent.v1.MemoryStats.StatEntryR\x04stat\x1a7\n\
-    \tStatEntry\x12\x10\n\x03key\x18\x01\x20\x01(\tR\x03key\x12\x14\n\x05val\
-    ue\x18\x02\x20\x01(\x04R\x05value:\x028\x01\";\n\tPidsStats\x12\x18\n\
-    \x07current\x18\x01\x20\x01(\x04R\x07current\x12\x14\n\x05limit\x18\x02\
-    \x20\x01(\x04R\x05limit\"I\n\x07IoStats\x12\x1d\n\nread_bytes\x18\x01\
-    \x20\x01(\x04R\treadBytes\x12\x1f\n\x0bwrite_bytes\x18\x02\x20\x01(\x04R\
-    \nwriteBytes\"\xc5\x01\n\x0eContainerStats\x12)\n\x03cpu\x18\x01\x20\x01\
-    (\x0b2\x17.kata.agent.v1.CpuStatsR\x03cpu\x122\n\x06memory\x18\x02\x20\
-    \x01(\x0b2\x1a.kata.agent.v1.MemoryStatsR\x06memory\x12,\n\x04pids\x18\
-    \x03\x20\x01(\x0b2\x18.kata.agent.v1.PidsStatsR\x04pids\x12&\n\x02io\x18\
-    \x04\x20\x01(\x0b2\x16.kata.agent.v1.IoStatsR\x02io\"D\n\tIpAddress\x12\
-    \x18\n\x07address\x18\x01\x20\x01(\tR\x07address\x12\x1d\n\nprefix_len\
-    \x18\x02\x20\x01(\rR\tprefixLen\"{\n\tInterface\x12\x12\n\x04name\x18\
-    \x01\x20\x01(\tR\x04name\x12\x10\n\x03mac\x18\x02\x20\x01(\tR\x03mac\x12\
-    \x10\n\x03mtu\x18\x03\x20\x01(\rR\x03mtu\x126\n\taddresses\x18\x04\x20\
-    \x03(\x0b2\x18.kata.agent.v1.IpAddressR\taddresses\"s\n\x05Route\x12\x20\
-    \n\x0bdestination\x18\x01\x20\x01(\tR\x0bdestination\x12\x18\n\x07gatewa\
-    y\x18\x02\x20\x01(\tR\x07gateway\x12\x16\n\x06device\x18\x03\x20\x01(\tR\
+    \x14host_time_unix_nanos\x18\x05\x20\x01(\x03R\x11hostTimeUnixNanos\x12\
+    \x18\n\x07entropy\x18\x06\x20\x01(\x0cR\x07entropy\"F\n\x13SetGuestTimeR\
+    equest\x12/\n\x14host_time_unix_nanos\x18\x01\x20\x01(\x03R\x11hostTimeU\
+    nixNanos\"w\n\x16CreateContainerRequest\x12!\n\x0ccontainer_id\x18\x01\
+    \x20\x01(\tR\x0bcontainerId\x12\"\n\roci_spec_json\x18\x02\x20\x01(\x0cR\
+    \x0bociSpecJson\x12\x16\n\x06rootfs\x18\x03\x20\x01(\tR\x06rootfs\"5\n\
+    \x10ContainerRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bconta\
+    inerId\"m\n\x16UpdateContainerRequest\x12!\n\x0ccontainer_id\x18\x01\x20\
+    \x01(\tR\x0bcontainerId\x120\n\x14linux_resources_json\x18\x02\x20\x01(\
+    \x0cR\x12linuxResourcesJson\"!\n\x0bProcessList\x12\x12\n\x04pids\x18\
+    \x01\x20\x03(\x05R\x04pids\"z\n\x12ExecProcessRequest\x12!\n\x0ccontaine\
+    r_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\
+    \x01(\tR\x06execId\x12(\n\x10oci_process_json\x18\x03\x20\x01(\x0cR\x0eo\
+    ciProcessJson\"L\n\x0eProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\
+    \x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06exec\
+    Id\"|\n\x14SignalProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\
+    \tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\
+    \x12\x16\n\x06signal\x18\x03\x20\x01(\rR\x06signal\x12\x10\n\x03all\x18\
+    \x04\x20\x01(\x08R\x03all\"_\n\x0bProcessExit\x12\x1f\n\x0bexit_status\
+    \x18\x01\x20\x01(\x05R\nexitStatus\x12/\n\x14exited_at_unix_nanos\x18\
+    \x02\x20\x01(\x03R\x11exitedAtUnixNanos\"!\n\x0bOutputChunk\x12\x12\n\
+    \x04data\x18\x01\x20\x01(\x0cR\x04data\"\\\n\nStdinChunk\x12!\n\x0cconta\
+    iner_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\
+    \x20\x01(\tR\x06execId\x12\x12\n\x04data\x18\x03\x20\x01(\x0cR\x04data\"\
+    v\n\x10ResizeTtyRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bco\
+    ntainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12\x12\n\
+    \x04rows\x18\x03\x20\x01(\rR\x04rows\x12\x12\n\x04cols\x18\x04\x20\x01(\
+    \rR\x04cols\"g\n\x08CpuStats\x12\x1d\n\nusage_usec\x18\x01\x20\x01(\x04R\
+    \tusageUsec\x12\x1b\n\tuser_usec\x18\x02\x20\x01(\x04R\x08userUsec\x12\
+    \x1f\n\x0bsystem_usec\x18\x03\x20\x01(\x04R\nsystemUsec\"\xac\x01\n\x0bM\
+    emoryStats\x12\x14\n\x05usage\x18\x01\x20\x01(\x04R\x05usage\x12\x14\n\
+    \x05limit\x18\x02\x20\x01(\x04R\x05limit\x128\n\x04stat\x18\x03\x20\x03(\
+    \x0b2$.kata.agent.v1.MemoryStats.StatEntryR\x04stat\x1a7\n\tStatEntry\
+    \x12\x10\n\x03key\x18\x01\x20\x01(\tR\x03key\x12\x14\n\x05value\x18\x02\
+    \x20\x01(\x04R\x05value:\x028\x01\";\n\tPidsStats\x12\x18\n\x07current\
+    \x18\x01\x20\x01(\x04R\x07current\x12\x14\n\x05limit\x18\x02\x20\x01(\
+    \x04R\x05limit\"I\n\x07IoStats\x12\x1d\n\nread_bytes\x18\x01\x20\x01(\
+    \x04R\treadBytes\x12\x1f\n\x0bwrite_bytes\x18\x02\x20\x01(\x04R\nwriteBy\
+    tes\"\xc5\x01\n\x0eContainerStats\x12)\n\x03cpu\x18\x01\x20\x01(\x0b2\
+    \x17.kata.agent.v1.CpuStatsR\x03cpu\x122\n\x06memory\x18\x02\x20\x01(\
+    \x0b2\x1a.kata.agent.v1.MemoryStatsR\x06memory\x12,\n\x04pids\x18\x03\
+    \x20\x01(\x0b2\x18.kata.agent.v1.PidsStatsR\x04pids\x12&\n\x02io\x18\x04\
+    \x20\x01(\x0b2\x16.kata.agent.v1.IoStatsR\x02io\"D\n\tIpAddress\x12\x18\
+    \n\x07address\x18\x01\x20\x01(\tR\x07address\x12\x1d\n\nprefix_len\x18\
+    \x02\x20\x01(\rR\tprefixLen\"{\n\tInterface\x12\x12\n\x04name\x18\x01\
+    \x20\x01(\tR\x04name\x12\x10\n\x03mac\x18\x02\x20\x01(\tR\x03mac\x12\x10\
+    \n\x03mtu\x18\x03\x20\x01(\rR\x03mtu\x126\n\taddresses\x18\x04\x20\x03(\
+    \x0b2\x18.kata.agent.v1.IpAddressR\taddresses\"s\n\x05Route\x12\x20\n\
+    \x0bdestination\x18\x01\x20\x01(\tR\x0bdestination\x12\x18\n\x07gateway\
+    \x18\x02\x20\x01(\tR\x07gateway\x12\x16\n\x06device\x18\x03\x20\x01(\tR\
     \x06device\x12\x16\n\x06source\x18\x04\x20\x01(\tR\x06source\"C\n\x13Upd\
     ateRoutesRequest\x12,\n\x06routes\x18\x01\x20\x03(\x0b2\x14.kata.agent.v\
     1.RouteR\x06routes\"V\n\x0bArpNeighbor\x12\x1d\n\nip_address\x18\x01\x20\
