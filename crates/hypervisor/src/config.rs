@@ -34,8 +34,15 @@ pub struct VmConfig {
     pub kernel_params: Vec<String>,
     pub accel: AccelChoice,
     pub shared_fs: SharedFs,
-    /// `vhost-device-vsock`; `None` boots without an agent transport (tests, probes).
+    /// `vhost-device-vsock`; `None` boots without a vsock (tests, probes, VMs made from a template).
     pub vsock_daemon: Option<PathBuf>,
+    /// A virtio-serial port with this name, served by QEMU itself on [`crate::VmPaths::agent_serial_socket`]:
+    /// the agent transport of VMs made from a template, which can have no vhost-user device.
+    #[serde(default)]
+    pub agent_serial_port: Option<String>,
+    /// Where guest RAM lives.
+    #[serde(default)]
+    pub memory: GuestMemory,
     /// Private per-VM directory for sockets and logs. Created by `prepare`, removed by `stop`.
     /// Keep it short: unix socket paths inside it must fit in 107 bytes.
     pub work_dir: PathBuf,
@@ -74,6 +81,8 @@ impl VmConfig {
             accel: AccelChoice::Auto,
             shared_fs: SharedFs::None,
             vsock_daemon: None,
+            agent_serial_port: None,
+            memory: GuestMemory::Memfd,
             work_dir: work_dir.into(),
             debug: false,
             free_page_reporting: false,
@@ -81,6 +90,22 @@ impl VmConfig {
             net_devices: Vec::new(),
         }
     }
+}
+
+/// Where guest RAM lives. A template VM and its clones share one file: the template writes its memory there,
+/// each clone maps it copy-on-write, so the pages a clone only reads are in host memory once for all clones.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "type")]
+pub enum GuestMemory {
+    /// An anonymous shared memfd, which vhost-user daemons can map.
+    #[default]
+    Memfd,
+    /// A template being made: RAM is the (shared) `file`, which holds the guest's memory once it is saved with
+    /// [`crate::QemuVm::save_template`].
+    Template { file: PathBuf },
+    /// A clone of a template: its memory `file` mapped privately, and its device state loaded from `state`
+    /// when the VM starts, instead of a boot.
+    Clone { file: PathBuf, state: PathBuf },
 }
 
 /// A virtio-net NIC whose host side is an open tap device.

@@ -52,6 +52,8 @@ pub enum Error {
         qemu_tail: String,
         console_tail: String,
     },
+    #[error("VM template: {0}")]
+    Migration(String),
     #[error("QMP request failed")]
     Qmp(#[from] QmpError),
 }

@@ -16,7 +16,7 @@ pub mod qmp;
 pub mod tsc;
 
 pub use accel::{detect_accel, resolve_accel, Accel, AccelChoice, AccelReport, KvmStatus};
-pub use config::{MachineType, NetDevice, SharedFs, VmConfig, SHARED_FS_TAG};
+pub use config::{GuestMemory, MachineType, NetDevice, SharedFs, VmConfig, SHARED_FS_TAG};
 pub use error::{Error, Result};
 pub use process::{cleanup_vm, tail_lines, CleanupReport, ProcessRole, VmExit, VmProcess};
 pub use qemu::QemuVm;

@@ -5,7 +5,7 @@ use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use crate::accel::Accel;
-use crate::config::{MachineType, SharedFs, VmConfig, GUEST_CID, SHARED_FS_TAG};
+use crate::config::{GuestMemory, MachineType, SharedFs, VmConfig, GUEST_CID, SHARED_FS_TAG};
 
 /// QEMU inherits the tap fd of `config.net_devices[i]` as fd `FIRST_INHERITED_FD + i` (right after stdio).
 pub const FIRST_INHERITED_FD: RawFd = 3;
@@ -42,6 +42,10 @@ impl VmPaths {
     pub fn agent_socket(&self) -> PathBuf {
         self.work_dir.join("kata.sock")
     }
+    /// The agent's virtio-serial port, when the VM has one (QEMU listens).
+    pub fn agent_serial_socket(&self) -> PathBuf {
+        self.work_dir.join("agent-serial.sock")
+    }
     pub fn vsock_daemon_log(&self) -> PathBuf {
         self.work_dir.join("vhost-device-vsock.log")
     }
@@ -53,12 +57,13 @@ impl VmPaths {
         self.work_dir.join("virtiofsd.log")
     }
     /// Every socket the VM's processes create.
-    pub fn sockets(&self) -> [PathBuf; 4] {
+    pub fn sockets(&self) -> [PathBuf; 5] {
         [
             self.qmp_socket(),
             self.vhost_vsock_socket(),
             self.agent_socket(),
             self.virtiofsd_socket(),
+            self.agent_serial_socket(),
         ]
     }
     /// The sockets plus virtiofsd's pid file (`<socket>.pid`): what must go on every exit path, since a stale
@@ -123,12 +128,12 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<S
     );
     args.push2("-smp", config.vcpus.to_string());
     args.push2("-m", &mem);
-    // vhost-user daemons map guest memory, so it must be a shareable file descriptor.
-    args.push2(
-        "-object",
-        format!("memory-backend-memfd,id=mem,size={mem},share=on"),
-    );
+    args.push2("-object", memory_backend(&config.memory, &mem));
     args.push_all(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    if let GuestMemory::Clone { .. } = config.memory {
+        // The state is loaded over QMP once QEMU is up (`migrate-incoming`), with the capability it needs.
+        args.push2("-incoming", "defer");
+    }
     if config.machine == MachineType::Microvm {
         // QEMU defaults virtio-mmio to the legacy (virtio 0.9) register layout for old guests. Our kernel speaks
         // virtio 1.x, the layout the vhost-user backends and other VMMs (Firecracker, Cloud Hypervisor) use.
@@ -175,6 +180,17 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<S
             "-device",
             format!("vhost-user-vsock-{},chardev=vsock", bus.suffix()),
         );
+    }
+    if let Some(name) = &config.agent_serial_port {
+        args.push2("-device", format!("virtio-serial-{},max_ports=2", bus.suffix()));
+        args.push2(
+            "-chardev",
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                path_str(&paths.agent_serial_socket())
+            ),
+        );
+        args.push2("-device", format!("virtserialport,chardev=agent,name={name}"));
     }
     match &config.shared_fs {
         SharedFs::VirtioFs { .. } => {
@@ -224,6 +240,35 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<S
         args.push2("-device", device);
     }
     args.0
+}
+
+/// The `-object` for guest RAM.
+fn memory_backend(memory: &GuestMemory, size: &str) -> String {
+    match memory {
+        // vhost-user daemons map guest memory, so it must be a shareable file descriptor.
+        GuestMemory::Memfd => format!("memory-backend-memfd,id=mem,size={size},share=on"),
+        // Shared: the guest's writes land in the file, which is the template's memory once saved.
+        GuestMemory::Template { file } => format!(
+            "memory-backend-file,id=mem,size={size},mem-path={},share=on",
+            path_str(file)
+        ),
+        // Private: the clone reads the template's pages and gets its own copy of a page when it writes one.
+        GuestMemory::Clone { file, .. } => format!(
+            "memory-backend-file,id=mem,size={size},mem-path={},share=off",
+            path_str(file)
+        ),
+    }
+}
+
+/// The `migrate-incoming` URI that loads a clone's saved device state. Paths are checked to need no quoting
+/// (see `validate`).
+pub fn incoming_uri(state: &Path) -> String {
+    format!("exec:cat {}", path_str(state))
+}
+
+/// The `migrate` URI that saves a template's device state.
+pub fn outgoing_uri(state: &Path) -> String {
+    format!("exec:cat > {}", path_str(state))
 }
 
 /// Arguments for the per-VM `vhost-device-vsock`.
@@ -485,6 +530,37 @@ mod tests {
             mac: mac.into(),
             fd: std::sync::Arc::new(file.into()),
         }
+    }
+
+    #[test]
+    fn agent_serial_port_on_the_machine_bus() {
+        for (machine, bus) in [(MachineType::Microvm, "virtio-serial-device"), (MachineType::Q35, "virtio-serial-pci")] {
+            let mut config = base(machine);
+            config.agent_serial_port = Some("agent.channel.0".into());
+            let args = qemu_args(&config, Accel::Tcg, None);
+            assert_eq!(
+                values(&args, "-device"),
+                [format!("{bus},max_ports=2"), "virtserialport,chardev=agent,name=agent.channel.0".to_string()]
+            );
+            assert!(values(&args, "-chardev")
+                .contains(&"socket,id=agent,path=/run/vm1/agent-serial.sock,server=on,wait=off"));
+        }
+    }
+
+    #[test]
+    fn template_and_clone_memory() {
+        let mut config = base(MachineType::Microvm);
+        config.memory = GuestMemory::Template { file: "/t/memory".into() };
+        let args = qemu_args(&config, Accel::Tcg, None);
+        assert_eq!(values(&args, "-object"), ["memory-backend-file,id=mem,size=512M,mem-path=/t/memory,share=on"]);
+        assert!(values(&args, "-incoming").is_empty());
+
+        config.memory = GuestMemory::Clone { file: "/t/memory".into(), state: "/t/state".into() };
+        let args = qemu_args(&config, Accel::Tcg, None);
+        assert_eq!(values(&args, "-object"), ["memory-backend-file,id=mem,size=512M,mem-path=/t/memory,share=off"]);
+        assert_eq!(values(&args, "-incoming"), ["defer"]);
+        assert_eq!(incoming_uri(Path::new("/t/state")), "exec:cat /t/state");
+        assert_eq!(outgoing_uri(Path::new("/t/state")), "exec:cat > /t/state");
     }
 
     #[test]

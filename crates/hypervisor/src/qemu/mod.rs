@@ -14,7 +14,7 @@ use futures_util::future::join_all;
 use tokio::time::Instant;
 
 use crate::accel::{detect_accel, resolve_accel, Accel, AccelChoice};
-use crate::config::{SharedFs, VmConfig};
+use crate::config::{GuestMemory, SharedFs, VmConfig};
 use crate::error::{Error, Result};
 use crate::process::{tail_lines, wait_exit, ManagedChild, ProcessRole, VmExit, VmProcess};
 use crate::qmp::{QmpClient, QmpError};
@@ -28,6 +28,9 @@ const HELPER_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 const QMP_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on every QMP command.
 const QMP_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long loading a clone's state or saving a template's may take. Only device state moves (guest RAM
+/// stays in the template's file), which takes milliseconds; the margin is for a loaded host.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long QEMU gets to exit after `quit` before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(10);
 /// How long a helper gets after SIGTERM before SIGKILL.
@@ -264,7 +267,78 @@ impl QemuVm {
         let qemu = spawned.qemu.insert(Arc::new(qemu)).clone();
         tracing::info!(vm = %self.config.name, pid = qemu.info().pid, accel = %plan.accel, "QEMU started");
         let qmp = self.connect_qmp(&qemu, &spawned.helpers).await?;
+        if let GuestMemory::Clone { state, .. } = &self.config.memory {
+            self.load_state(&qemu, &qmp, state).await?;
+        }
         Ok((qemu, qmp))
+    }
+
+    /// Loads a clone's device state and resumes the guest. Guest RAM is not in the stream (`x-ignore-shared`):
+    /// it is the template's file, already mapped. The template was saved paused, so the clone loads paused.
+    async fn load_state(&self, qemu: &ManagedChild, qmp: &QmpClient, state: &Path) -> Result<()> {
+        qmp.execute("migrate-set-capabilities", Some(ignore_shared())).await?;
+        qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": cmdline::incoming_uri(state) })))
+            .await?;
+        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        loop {
+            if let Some(status) = qemu.exited() {
+                return Err(self.qemu_exited(status));
+            }
+            match qmp.query_status().await {
+                Ok(s) if s.status == "running" => return Ok(()),
+                Ok(s) if s.status == "paused" => {
+                    qmp.cont().await?;
+                    return Ok(());
+                }
+                Ok(s) if s.status != "inmigrate" => {
+                    return Err(Error::Migration(format!("loading {} left the VM {}", state.display(), s.status)))
+                }
+                Ok(_) => {}
+                // QEMU exits when the state does not load; that explains more than the broken socket.
+                Err(e) => match qemu.wait_timeout(Duration::from_millis(500)).await {
+                    Some(status) => return Err(self.qemu_exited(status)),
+                    None => return Err(e.into()),
+                },
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Migration(format!("loading {} took over {MIGRATION_TIMEOUT:?}", state.display())));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Saves a template: pauses the guest and writes its device state to `state`. Its RAM is already in the
+    /// memory file. The VM stays paused; stop it afterwards.
+    pub async fn save_template(&self, state: &Path) -> Result<()> {
+        let _lifecycle = self.lifecycle.lock().await;
+        if !matches!(self.config.memory, GuestMemory::Template { .. }) {
+            return Err(Error::InvalidConfig("only a VM with template memory can be saved as a template".into()));
+        }
+        let qmp = self.qmp("save")?;
+        qmp.stop().await?;
+        qmp.execute("migrate-set-capabilities", Some(ignore_shared())).await?;
+        qmp.execute("migrate", Some(serde_json::json!({ "uri": cmdline::outgoing_uri(state) }))).await?;
+        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        loop {
+            let info = qmp.execute("query-migrate", None).await?;
+            match info.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    let why = info.get("error-desc").and_then(|s| s.as_str()).unwrap_or("no reason given");
+                    return Err(Error::Migration(format!("saving to {} failed: {why}", state.display())));
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Migration(format!("saving to {} took over {MIGRATION_TIMEOUT:?}", state.display())));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The agent's virtio-serial socket, when the VM has that port.
+    pub fn agent_serial_socket(&self) -> Option<PathBuf> {
+        self.config.agent_serial_port.as_ref().map(|_| self.paths.agent_serial_socket())
     }
 
     async fn connect_qmp(
@@ -495,6 +569,11 @@ impl Spawned {
         )
         .await;
     }
+}
+
+/// Guest RAM is shared with the template's file, so migration skips it.
+fn ignore_shared() -> serde_json::Value {
+    serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
 }
 
 /// When QEMU exits on its own (guest power-off, crash), the helpers have nothing left to serve.

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use super::cmdline::VmPaths;
-use crate::config::{SharedFs, VmConfig};
+use crate::config::{GuestMemory, SharedFs, VmConfig};
 use crate::error::{Error, Result};
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
@@ -64,6 +64,7 @@ pub(super) fn validate(config: &VmConfig) -> Result<()> {
         SharedFs::None => {}
     }
     validate_net_devices(config)?;
+    validate_memory(config)?;
     let work = &config.work_dir;
     let Some(work_str) = work.to_str() else {
         return invalid(format!("work dir {} is not UTF-8", work.display()));
@@ -104,6 +105,46 @@ pub(super) fn validate(config: &VmConfig) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Template files go into QEMU options and a shell command line (`exec:cat`), so they must need no quoting;
+/// a clone's memory is private, so no vhost-user daemon could see it.
+fn validate_memory(config: &VmConfig) -> Result<()> {
+    let plain = |what: &str, path: &Path| -> Result<()> {
+        let ok = path.is_absolute()
+            && path.to_str().is_some_and(|s| {
+                s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'))
+            });
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::InvalidConfig(format!(
+                "{what} {} must be an absolute path of letters, digits, '/', '-', '_' and '.'",
+                path.display()
+            )))
+        }
+    };
+    match &config.memory {
+        GuestMemory::Memfd => Ok(()),
+        GuestMemory::Template { file } => plain("template memory file", file),
+        GuestMemory::Clone { file, state } => {
+            plain("template memory file", file)?;
+            plain("template state file", state)?;
+            for (what, path) in [("template memory file", file), ("template state file", state)] {
+                if !path.is_file() {
+                    return Err(Error::InvalidConfig(format!("{what} {} does not exist", path.display())));
+                }
+            }
+            if config.vsock_daemon.is_some() || matches!(config.shared_fs, SharedFs::VirtioFs { .. }) {
+                return Err(Error::InvalidConfig(
+                    "a VM cloned from a template cannot use vhost-user devices (vsock daemon, virtio-fs): \
+                     its memory is private to its QEMU"
+                        .into(),
+                ));
+            }
+            Ok(())
+        }
+    }
 }
 
 fn validate_net_devices(config: &VmConfig) -> Result<()> {
@@ -184,6 +225,29 @@ mod tests {
             .expect_err("missing shared dir")
             .to_string()
             .contains("nope"));
+    }
+
+    #[test]
+    fn clone_needs_its_files_plain_paths_and_no_vhost_user() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (file, state) = (dir.path().join("memory"), dir.path().join("state"));
+        let mut c = config(dir.path());
+        c.memory = GuestMemory::Clone { file: file.clone(), state: state.clone() };
+        let err = validate(&c).expect_err("missing files").to_string();
+        assert!(err.contains("template memory file") && err.contains("does not exist"), "{err}");
+
+        std::fs::write(&file, b"").expect("memory");
+        std::fs::write(&state, b"").expect("state");
+        assert!(validate(&c).is_ok());
+
+        c.vsock_daemon = Some(PathBuf::from("/bin/true"));
+        let err = validate(&c).expect_err("vhost-user vsock").to_string();
+        assert!(err.contains("cannot use vhost-user devices"), "{err}");
+
+        let mut c = config(dir.path());
+        c.memory = GuestMemory::Template { file: dir.path().join("a b") };
+        let err = validate(&c).expect_err("space in path").to_string();
+        assert!(err.contains("must be an absolute path of letters"), "{err}");
     }
 
     #[test]
