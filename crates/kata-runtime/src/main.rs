@@ -2,6 +2,7 @@
 
 mod check;
 mod env;
+mod factory;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +34,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage the VM template pods are cloned from (`[factory] enable_template`).
+    Factory {
+        #[command(subcommand)]
+        command: factory::FactoryCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -40,6 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { json } => check::run(cli.config, json),
         Command::Env { json } => env::run(cli.config, json),
+        Command::Factory { command } => factory::run(cli.config, command),
     };
     match result {
         Ok(code) => code,

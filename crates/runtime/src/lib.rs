@@ -2,6 +2,7 @@
 //! the [`agent`] client, and shares container filesystems into the VM. No containerd types here.
 
 pub mod agent;
+pub mod factory;
 pub mod mounts;
 pub mod network;
 pub mod paths;

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use types::config::{self, Config};
 
 use crate::agent::{AgentClient, AgentError, ReadySignal, SandboxSetup, SharedFsMount, SharedFsType, AGENT_PORT};
+use crate::factory::{self, FactoryError};
 use crate::mounts::{self, MountSpec, MountSyscalls};
 use crate::network::{self, PodNetwork};
 use crate::paths::{self, SandboxPaths};
@@ -40,6 +41,8 @@ pub enum SandboxError {
     State(#[from] StateError),
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error("VM template: {0}")]
+    Template(#[from] FactoryError),
     #[error("pod network: {0}")]
     Network(#[from] network::NetworkError),
 }
@@ -125,10 +128,26 @@ impl Sandbox {
             }
             pod_network = setup.network;
         }
+        let dial_timeout = Duration::from_secs(u64::from(opts.config.agent.dial_timeout.max(1)));
+        if opts.config.factory.enable_template {
+            if config.net_devices.is_empty() {
+                let root = PathBuf::from(&opts.config.factory.template_path);
+                factory::ensure(&root, &config, dial_timeout).await?.clone_into(&mut config);
+            } else {
+                // A clone has exactly the template's devices, and the template has no NIC.
+                tracing::info!("sandbox {} has a network: booting it without the VM template", opts.id);
+            }
+        }
         let vm = Arc::new(QemuVm::new(config));
         vm.prepare().await.map_err(SandboxError::Vm)?;
-        let socket = vm.agent_socket().ok_or(SandboxError::NoAgentSocket)?;
-        let ready = ReadySignal::bind(&socket).map_err(|e| SandboxError::Agent(e.into()))?;
+        let transport = match (vm.agent_serial_socket(), vm.agent_socket()) {
+            (Some(serial), _) => Transport::Serial(serial),
+            (None, Some(socket)) => {
+                let ready = ReadySignal::bind(&socket).map_err(|e| SandboxError::Agent(e.into()))?;
+                Transport::Vsock(socket, ready)
+            }
+            (None, None) => return Err(SandboxError::NoAgentSocket),
+        };
         let started = vm.start().await;
         // Persist whatever got started, even on failure, so cleanup can find it.
         state.processes = vm.pids();
@@ -143,8 +162,11 @@ impl Sandbox {
                 let _ = exit_tx.send(Some(exit));
             }
         });
-        let dial_timeout = Duration::from_secs(u64::from(opts.config.agent.dial_timeout.max(1)));
-        let agent = match AgentClient::connect_when_ready(&ready, socket, AGENT_PORT, dial_timeout).await {
+        let connected = match &transport {
+            Transport::Serial(path) => AgentClient::connect_serial(path, dial_timeout).await,
+            Transport::Vsock(socket, ready) => AgentClient::connect_when_ready(ready, socket, AGENT_PORT, dial_timeout).await,
+        };
+        let agent = match connected {
             Ok(agent) => agent,
             Err(source) => {
                 let console = hypervisor::tail_lines(&vm.console_log(), 20);
@@ -163,6 +185,7 @@ impl Sandbox {
             dns: opts.dns.clone(),
             shared_fs: Some(SharedFsMount { fs_type, tag: SHARED_FS_TAG.to_string(), mount_point: None }),
             host_time: Some(SystemTime::now()),
+            entropy: host_entropy(),
         };
         let configured = async {
             agent.create_sandbox(&setup).await?;
@@ -269,6 +292,29 @@ pub fn release_container_dir(sys: &dyn MountSyscalls, paths: &SandboxPaths, cont
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// How the host reaches this sandbox's agent.
+enum Transport {
+    /// QEMU's socket for the agent's virtio-serial port.
+    Serial(PathBuf),
+    /// vhost-device-vsock's hybrid vsock socket, and the agent's readiness signal beside it.
+    Vsock(PathBuf, ReadySignal),
+}
+
+/// 64 bytes from the host's generator for the guest to reseed with. A clone of a template would otherwise
+/// share the template's random state with every other clone. Reading /dev/urandom does not fail on Linux;
+/// if it somehow does, the guest keeps its own state and the error is logged.
+fn host_entropy() -> Vec<u8> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; 64];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)) {
+        Ok(()) => bytes,
+        Err(e) => {
+            tracing::warn!("cannot read /dev/urandom for the guest: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// Gives the guest NICs the pod interfaces' addresses, then the routes (kernel-made ones come back by

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use hypervisor::{AccelChoice, MachineType, SharedFs, VmConfig};
+use hypervisor::{AccelChoice, GuestMemory, MachineType, SharedFs, VmConfig};
 use types::config::{self, Config};
 
 use crate::paths::SandboxPaths;
@@ -32,6 +32,12 @@ pub fn vm_config(sandbox_id: &str, config: &Config, paths: &SandboxPaths) -> Res
     if config.agent.debug {
         kernel_params.push("agent.debug".to_string());
     }
+    // A VM made from a template has no vsock (vhost-user cannot migrate), so the agent is on virtio-serial;
+    // pods that boot on their own with templating on (those with a network) use the same guest setup.
+    let templated = config.factory.enable_template;
+    if templated {
+        kernel_params.push(protocols::AGENT_SERIAL_PARAM.to_string());
+    }
     let initrd = (!hv.initrd.is_empty()).then(|| PathBuf::from(&hv.initrd));
     Ok(VmConfig {
         name: sandbox_id.to_string(),
@@ -48,7 +54,9 @@ pub fn vm_config(sandbox_id: &str, config: &Config, paths: &SandboxPaths) -> Res
             config::Accel::Tcg => AccelChoice::Tcg,
         },
         shared_fs,
-        vsock_daemon: Some(PathBuf::from(&hv.vsock_daemon)),
+        vsock_daemon: (!templated).then(|| PathBuf::from(&hv.vsock_daemon)),
+        agent_serial_port: templated.then(|| protocols::AGENT_SERIAL_PORT.to_string()),
+        memory: GuestMemory::Memfd,
         work_dir: paths.vm_dir(),
         net_devices: Vec::new(),
         debug: hv.enable_debug || config.runtime.enable_debug,
@@ -95,6 +103,16 @@ mod tests {
         let vm = vm_config("s", &c, &paths).unwrap();
         assert!(matches!(vm.shared_fs, SharedFs::Virtio9p { .. }));
         assert_eq!(vm.kernel_params, ["a=1", "b", "agent.debug"]);
+    }
+
+    #[test]
+    fn templating_puts_the_agent_on_virtio_serial() {
+        let c = config("[hypervisor.qemu]\nshared_fs = \"virtio-9p\"\n[factory]\nenable_template = true\n");
+        let vm = vm_config("s", &c, &SandboxPaths::new(Path::new("/r"), "s")).unwrap();
+        assert_eq!(vm.vsock_daemon, None);
+        assert_eq!(vm.agent_serial_port.as_deref(), Some("agent.channel.0"));
+        assert!(vm.kernel_params.contains(&"agent.transport=serial".to_string()));
+        assert_eq!(vm.memory, GuestMemory::Memfd, "the sandbox makes it a clone once the template exists");
     }
 
     #[test]

@@ -411,15 +411,27 @@ fn tcg_tb_size_out_of_range_is_refused() {
 }
 
 #[test]
-fn templating_is_refused_not_ignored() {
+fn templating_needs_an_initrd_and_9p() {
     let loaded = load_text("[factory]\nenable_template = true\n").expect("loads");
-    let err = loaded.validate().expect_err("templating").to_string();
+    let err = loaded.validate().expect_err("templating with virtio-fs").to_string();
     assert!(
         err.contains(
-            "/etc/kata-containers/configuration.toml:2: factory.enable_template: VM templating is not implemented"
+            "/etc/kata-containers/configuration.toml:2: factory.enable_template: needs hypervisor.qemu.shared_fs = \"virtio-9p\""
         ),
         "{err}"
     );
+    let loaded = load_text(
+        "[hypervisor.qemu]\nshared_fs = \"virtio-9p\"\nimage = \"/i.img\"\n[factory]\nenable_template = true\ntemplate_path = \"run/t\"\n",
+    )
+    .expect("loads");
+    let err = loaded.validate().expect_err("templating with an image").to_string();
+    assert!(err.contains("factory.enable_template: needs hypervisor.qemu.initrd"), "{err}");
+    assert!(err.contains("factory.template_path: \"run/t\" must be an absolute path"), "{err}");
+
+    let loaded = load_text("[hypervisor.qemu]\nshared_fs = \"virtio-9p\"\n[factory]\nenable_template = true\n").expect("loads");
+    if let Err(err) = loaded.validate() {
+        assert!(!err.to_string().contains("factory."), "{err}");
+    }
 }
 
 #[test]

@@ -9,7 +9,7 @@ use protocols::agent_ttrpc::AgentClient as RpcClient;
 use ttrpc::r#async::{ClientStreamReceiver, ClientStreamSender};
 
 use super::convert::{self, ConvertError};
-use super::transport::{AgentDialer, DialError, HybridVsockDialer};
+use super::transport::{AgentDialer, DialError, HybridVsockDialer, SerialDialer};
 use super::types::*;
 
 /// The status code the agent answered with.
@@ -130,6 +130,12 @@ impl AgentClient {
         Self::connect_with(Arc::new(HybridVsockDialer { uds_path: uds_path.into(), port }), timeout).await
     }
 
+    /// Connects over the agent's virtio-serial port (QEMU's socket at `path`) and waits until the agent
+    /// answers Check, at most `timeout`.
+    pub async fn connect_serial(path: impl Into<PathBuf>, timeout: Duration) -> Result<Self> {
+        Self::connect_with(Arc::new(SerialDialer { path: path.into() }), timeout).await
+    }
+
     /// Waits for the agent's readiness signal (bound with [`ReadySignal::bind`] before the VM started), then
     /// connects; `timeout` bounds both.
     pub async fn connect_when_ready(
@@ -165,7 +171,7 @@ impl AgentClient {
                 }
                 Ok(Err(err)) => last = protocols::error_chain(&AgentError::Dial(err)),
                 Ok(Ok(socket)) => {
-                    let attempt = remaining.min(CHECK_ATTEMPT);
+                    let attempt = if dialer.single_session() { remaining } else { remaining.min(CHECK_ATTEMPT) };
                     match tokio::time::timeout(attempt, Self::check_new(socket, attempt)).await {
                         Ok(Ok(client)) => return Ok(client),
                         Ok(Err(err)) => last = protocols::error_chain(&err),

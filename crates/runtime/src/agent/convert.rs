@@ -44,6 +44,7 @@ pub fn sandbox_request(s: &SandboxSetup) -> pb::CreateSandboxRequest {
             })
             .into(),
         host_time_unix_nanos: s.host_time.map(nanos).unwrap_or(0),
+        entropy: s.entropy.clone(),
         ..Default::default()
     }
 }
@@ -131,9 +132,11 @@ mod tests {
             dns: vec!["nameserver 1.1.1.1".into()],
             shared_fs: Some(SharedFsMount { fs_type: SharedFsType::NineP, tag: "kataShared".into(), mount_point: Some(PathBuf::from("/mnt")) }),
             host_time: Some(UNIX_EPOCH + Duration::from_secs(2)),
+            entropy: vec![7; 32],
         };
         let r = sandbox_request(&s);
         assert_eq!(r.host_time_unix_nanos, 2_000_000_000);
+        assert_eq!(r.entropy, vec![7; 32]);
         assert_eq!(r.shared_fs.type_.enum_value(), Ok(pb::SharedFsType::SHARED_FS_TYPE_NINEP));
         assert_eq!(r.shared_fs.mount_point, "/mnt");
         assert_eq!(sandbox_request(&SandboxSetup::default()).shared_fs.into_option(), None);

@@ -1,5 +1,5 @@
-//! How the host reaches the agent. Only hybrid vsock exists today; the trait keeps the door
-//! open for a virtio-serial port (which, unlike vhost-user vsock, survives VM migration).
+//! How the host reaches the agent: hybrid vsock (vhost-device-vsock's unix socket), or the virtio-serial port
+//! that VMs made from a template use (unlike vhost-user vsock it survives migration).
 
 use std::fmt::Debug;
 use std::path::PathBuf;
@@ -23,6 +23,33 @@ pub enum DialError {
 #[async_trait]
 pub trait AgentDialer: Debug + Send + Sync {
     async fn dial(&self) -> Result<Socket, DialError>;
+
+    /// True when a stream, once open, must not be dropped and dialled again while the agent has not answered:
+    /// bytes already sent would be half a request to the next session.
+    fn single_session(&self) -> bool {
+        false
+    }
+}
+
+/// QEMU's end of the agent's virtio-serial port. QEMU accepts at once and holds what is written until the
+/// agent reads it, so one stream carries the first Check however long the guest takes.
+#[derive(Debug, Clone)]
+pub struct SerialDialer {
+    pub path: PathBuf,
+}
+
+#[async_trait]
+impl AgentDialer for SerialDialer {
+    async fn dial(&self) -> Result<Socket, DialError> {
+        let stream = UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| DialError::Connect { path: self.path.clone(), source })?;
+        Ok(Socket::from(stream))
+    }
+
+    fn single_session(&self) -> bool {
+        true
+    }
 }
 
 /// vhost-device-vsock's (and Firecracker's / Cloud Hypervisor's) host-side unix socket:

@@ -41,6 +41,8 @@ pub struct SandboxSetup {
     pub shared_fs: Option<SharedFsMount>,
     /// None leaves the guest clock alone.
     pub host_time: Option<SystemTime>,
+    /// Host randomness the guest reseeds its generator with; empty sends none.
+    pub entropy: Vec<u8>,
 }
 
 /// A process in a container: `exec_id` None is the container's init.

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::keys::{canonical_key, is_ignored_kata_key};
 use super::origin::{Origin, Setting};
 use super::parse::parse_file;
-use super::schema::Config;
+use super::schema::{Config, SharedFs};
 use super::ConfigError;
 
 /// The standard locations, in the order they are tried after ConfigPath and KATA_CONF_FILE.
@@ -307,16 +307,42 @@ impl LoadedConfig {
             ));
         }
         if self.config.factory.enable_template {
-            problems.push(format!(
-                "{}: factory.enable_template: VM templating is not implemented in kata-rs yet; set it to false \
-                 (each pod then boots its own VM)",
-                self.origin("factory.enable_template")
-            ));
+            self.validate_template(&mut problems);
         }
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Invalid { problems })
+        }
+    }
+}
+
+impl LoadedConfig {
+    /// VM templating as Kata has it: the template holds the guest's kernel and initrd in memory, so it needs an
+    /// initrd (not an image), and clones have private memory, which rules out virtio-fs (vhost-user).
+    fn validate_template(&self, problems: &mut Vec<String>) {
+        let hv = &self.config.hypervisor;
+        let origin = self.origin("factory.enable_template");
+        if hv.initrd.is_empty() {
+            problems.push(format!(
+                "{origin}: factory.enable_template: needs hypervisor.qemu.initrd (a template cannot hold an image)"
+            ));
+        }
+        if hv.shared_fs != SharedFs::Virtio9p {
+            problems.push(format!(
+                "{origin}: factory.enable_template: needs hypervisor.qemu.shared_fs = \"virtio-9p\" ({}): \
+                 virtio-fs cannot serve a VM cloned from a template",
+                self.origin("hypervisor.qemu.shared_fs")
+            ));
+        }
+        let path = &self.config.factory.template_path;
+        let plain = path.starts_with('/')
+            && path.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'));
+        if !plain {
+            problems.push(format!(
+                "{}: factory.template_path: {path:?} must be an absolute path of letters, digits, '/', '-', '_' and '.'",
+                self.origin("factory.template_path")
+            ));
         }
     }
 }

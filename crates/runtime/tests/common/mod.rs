@@ -1,0 +1,100 @@
+//! Helpers shared by the VM tests: a busybox rootfs, guest specs made the way the shim makes them, and
+//! running one container to completion.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use runtime::agent::{AgentClient, ProcessRef};
+
+pub fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name).map(PathBuf::from).filter(|p| p.exists())
+}
+
+/// A busybox rootfs: Debian's static busybox plus one link per applet. The links are made
+/// here, relative, because `busybox --install -s DIR` would point them at the host path.
+pub fn make_rootfs(root: &Path) {
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir bin");
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("copy busybox");
+    let list = Command::new("/bin/busybox").arg("--list").output().expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| *a != "busybox") {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
+    }
+    for d in ["proc", "sys", "dev", "tmp", "etc"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").expect("passwd");
+    std::fs::write(root.join("etc/group"), "root:x:0:\n").expect("group");
+}
+
+pub const CAPS: &[&str] = &[
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
+    "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+];
+
+pub fn process_json(args: &[&str], terminal: bool) -> serde_json::Value {
+    serde_json::json!({
+        "terminal": terminal,
+        "user": {"uid": 0, "gid": 0},
+        "args": args,
+        "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+        "cwd": "/",
+        "capabilities": {"bounding": CAPS, "effective": CAPS, "permitted": CAPS},
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+        "noNewPrivileges": true
+    })
+}
+
+/// A host-style spec (a network namespace path, no cgroupsPath), turned into the guest's by the same
+/// `runtime::spec::for_guest` the shim uses: the agent refuses specs that were not.
+pub fn spec_json(id: &str, args: &[&str], terminal: bool) -> Vec<u8> {
+    spec_json_with(id, args, terminal, serde_json::json!({}))
+}
+
+/// [`spec_json`] with `resources` as the spec's `linux.resources`.
+pub fn spec_json_with(id: &str, args: &[&str], terminal: bool, resources: serde_json::Value) -> Vec<u8> {
+    let spec = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": process_json(args, terminal),
+        "root": {"path": "rootfs", "readonly": false},
+        "hostname": "kata-test",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network", "path": "/var/run/netns/host-only"}],
+            "resources": resources,
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+            "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"]
+        }
+    });
+    let spec: oci_spec::runtime::Spec = serde_json::from_value(spec).expect("spec");
+    runtime::spec::for_guest(&spec, id).expect("guest spec").0
+}
+
+/// Creates, starts and waits for a container, returning (exit status, stdout, stderr).
+pub async fn run_container(agent: &AgentClient, id: &str, args: &[&str]) -> (i32, String, String) {
+    agent.create_container(id, &spec_json(id, args, false), "rootfs").await.unwrap_or_else(|e| panic!("create {id}: {e}"));
+    let p = ProcessRef::init(id);
+    let mut out = agent.read_stdout(&p).await.expect("stdout stream");
+    let mut err = agent.read_stderr(&p).await.expect("stderr stream");
+    let outs = tokio::spawn(async move { out.read_to_end().await });
+    let errs = tokio::spawn(async move { err.read_to_end().await });
+    agent.start_container(id).await.unwrap_or_else(|e| panic!("start {id}: {e}"));
+    let exit = agent.wait_process(&p).await.expect("wait");
+    let stdout = String::from_utf8_lossy(&outs.await.expect("join").expect("stdout")).into_owned();
+    let stderr = String::from_utf8_lossy(&errs.await.expect("join").expect("stderr")).into_owned();
+    agent.remove_container(id).await.unwrap_or_else(|e| panic!("remove {id}: {e}"));
+    (exit.status, stdout, stderr)
+}
+
+pub fn step(name: &str, t0: Instant) {
+    println!("PASS {name} ({:.2}s)", t0.elapsed().as_secs_f64());
+}
+

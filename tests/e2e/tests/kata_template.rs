@@ -1,0 +1,158 @@
+//! VM templating through containerd: with `[factory] enable_template = true` (and 9p, as Kata requires), the
+//! first pod makes the template, later pods are clones of it, and `kata-runtime factory` manages it. Needs
+//! what `kata.rs` needs; skips with the reason when something is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use e2e::kata::{sandbox_dir, KataParts, KATA_RUNTIME};
+use e2e::{skip_reason, unique_id, Containerd, ContainerdOptions, OciImage, RunOptions, BUSYBOX_IMAGE};
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `kata-runtime --config CONF factory ARGS`, from the directory that holds the shim.
+fn factory(parts: &KataParts, conf: &Path, args: &[&str]) -> Output {
+    Command::new(parts.shim_dir.join("kata-runtime"))
+        .arg("--config")
+        .arg(conf)
+        .arg("factory")
+        .args(args)
+        .output()
+        .expect("kata-runtime runs")
+}
+
+fn factory_ok(parts: &KataParts, conf: &Path, args: &[&str]) -> String {
+    let out = factory(parts, conf, args);
+    assert!(out.status.success(), "kata-runtime factory {args:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// The QEMU command line of a running sandbox (its first recorded process).
+fn qemu_cmdline(id: &str) -> Vec<String> {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sandbox_dir(id).join("state.json")).expect("state")).expect("JSON");
+    let pid = state["processes"][0]["pid"].as_u64().expect("QEMU pid");
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("QEMU cmdline");
+    raw.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
+}
+
+/// QEMU processes whose command line names a file under `dir`.
+fn qemu_using(dir: &Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
+    e2e::leaks::processes(|argv| {
+        argv.first().is_some_and(|a| a.contains("qemu-system")) && argv.iter().any(|a| a.contains(&needle))
+    })
+    .into_iter()
+    .map(|(pid, _)| pid)
+    .collect()
+}
+
+#[test]
+fn pods_are_clones_of_one_template() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipping: {reason}");
+        return;
+    }
+    let parts = match KataParts::find() {
+        Ok(p) => p,
+        Err(reason) => {
+            eprintln!("skipping: {reason}");
+            return;
+        }
+    };
+    if !parts.shim_dir.join("kata-runtime").is_file() {
+        eprintln!("skipping: no kata-runtime beside the shim in {}", parts.shim_dir.display());
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let templates: PathBuf = dir.path().join("templates");
+    let conf = dir.path().join("configuration.toml");
+    let text_conf = parts.configuration("").replace("shared_fs = \"virtio-fs\"", "shared_fs = \"virtio-9p\"")
+        + &format!("[factory]\nenable_template = true\ntemplate_path = \"{}\"\n", templates.display());
+    std::fs::write(&conf, text_conf).expect("write configuration");
+    let containerd = Containerd::start(ContainerdOptions {
+        shim_dir: Some(parts.shim_dir.clone()),
+        env: vec![("KATA_CONF_FILE".into(), conf.display().to_string())],
+        ctr_timeout: RUN_TIMEOUT,
+        ..Default::default()
+    })
+    .expect("containerd starts");
+    containerd.import(&OciImage::busybox(BUSYBOX_IMAGE).expect("busybox image")).expect("import busybox");
+    let run = |id: &str, cmd: &[&str]| {
+        let opts = RunOptions { timeout: RUN_TIMEOUT, ..RunOptions::runtime(KATA_RUNTIME) };
+        containerd.run(&opts, BUSYBOX_IMAGE, id, cmd).expect("ctr run")
+    };
+
+    // No template yet: the first pod makes it.
+    assert!(factory_ok(&parts, &conf, &["status"]).starts_with("no VM template"));
+    let first = unique_id("tmpl-first");
+    let out = run(&first, &["echo", "hi"]);
+    assert_eq!(text(&out.stdout), "hi\n", "{}\n{}", text(&out.stderr), containerd.log_tail(60));
+    let status = factory_ok(&parts, &conf, &["status"]);
+    assert_eq!(status.lines().count(), 1, "{status}");
+    assert!(status.contains(" ready "), "{status}");
+    assert!(qemu_using(&templates).is_empty(), "the template VM must be gone once saved");
+
+    // Later pods are clones, each with its own hostname, clock and random state.
+    let (a, b) = (unique_id("tmpl-a"), unique_id("tmpl-b"));
+    let detached = RunOptions { rm: false, extra_flags: vec!["-d".into()], timeout: RUN_TIMEOUT, ..RunOptions::runtime(KATA_RUNTIME) };
+    for id in [&a, &b] {
+        let out = containerd.run(&detached, BUSYBOX_IMAGE, id, &["sleep", "600"]).expect("ctr run -d");
+        assert!(out.status.success(), "{}\n{}", text(&out.stderr), containerd.log_tail(60));
+        let cmdline = qemu_cmdline(id);
+        assert!(cmdline.windows(2).any(|w| w[0] == "-incoming" && w[1] == "defer"), "{id} is a clone: {cmdline:?}");
+        assert!(cmdline.iter().any(|a| a.contains("share=off") && a.contains(&templates.display().to_string())), "{cmdline:?}");
+    }
+    let probe = |id: &str| {
+        let out = containerd
+            .ctr(&["task", "exec", "--exec-id", "probe", id, "sh", "-c", "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s"])
+            .expect("ctr task exec");
+        assert!(out.status.success(), "exec in {id}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let (pa, pb) = (probe(&a), probe(&b));
+    assert_ne!(pa.lines().next(), pb.lines().next(), "clones share a random state: {pa} / {pb}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    for p in [&pa, &pb] {
+        let guest: u64 = p.lines().nth(1).and_then(|s| s.parse().ok()).expect("date");
+        assert!(now.abs_diff(guest) < 30, "guest clock {guest}, host {now}");
+    }
+    for id in [&a, &b] {
+        containerd.ctr(&["task", "kill", "-s", "KILL", id]).expect("kill");
+    }
+    for id in [&a, &b] {
+        let deadline = std::time::Instant::now() + RUN_TIMEOUT;
+        while !containerd.ctr(&["task", "rm", id]).expect("task rm").status.success() {
+            assert!(std::time::Instant::now() < deadline, "task {id} did not stop");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        containerd.ctr(&["container", "rm", id]).expect("container rm");
+    }
+
+    // `factory destroy` removes it; `factory init` makes it ahead of the next pod.
+    let removed = factory_ok(&parts, &conf, &["destroy"]);
+    assert!(removed.starts_with("removed "), "{removed}");
+    assert!(!templates.exists());
+    let made = factory_ok(&parts, &conf, &["init"]);
+    assert!(Path::new(made.trim()).join("state").is_file(), "{made}");
+    let again = unique_id("tmpl-again");
+    let out = run(&again, &["echo", "again"]);
+    assert_eq!(text(&out.stdout), "again\n", "{}", text(&out.stderr));
+
+    let ids = [first.as_str(), a.as_str(), b.as_str(), again.as_str()];
+    let report = containerd.leaks(&ids).expect("leak check");
+    assert!(report.is_empty(), "leaked:\n{report}");
+    for id in ids {
+        assert!(!sandbox_dir(id).exists(), "{} left behind", sandbox_dir(id).display());
+    }
+    factory_ok(&parts, &conf, &["destroy"]);
+    assert!(qemu_using(dir.path()).is_empty());
+    let report = containerd.stop();
+    assert!(report.killed_processes.is_empty(), "{report:?}");
+    assert!(report.remaining.is_empty(), "left after shutdown:\n{}", report.remaining);
+}
