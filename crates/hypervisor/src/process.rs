@@ -107,6 +107,7 @@ impl ManagedChild {
         log: &Path,
         inherit: &[Arc<OwnedFd>],
         first_fd: RawFd,
+        no_huge_pages: bool,
     ) -> Result<Self> {
         let out = File::options()
             .create(true)
@@ -131,6 +132,18 @@ impl ManagedChild {
             // are async-signal-safe; it allocates nothing (both Vecs were built before the fork).
             unsafe {
                 command.pre_exec(move || dup_for_exec(&sources, &mut staged, first_fd));
+            }
+        }
+        if no_huge_pages {
+            // SAFETY: the closure runs in the child between fork and exec and only calls prctl, which is
+            // async-signal-safe; the setting survives exec.
+            unsafe {
+                command.pre_exec(|| {
+                    if nix::libc::prctl(nix::libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
             }
         }
         let mut child = command.spawn().map_err(|source| Error::Spawn {
@@ -442,6 +455,7 @@ mod tests {
             &dir.path().join("sleep.log"),
             &[],
             3,
+            false,
         )
         .expect("spawn sleep");
         assert_eq!(child.info().argv, ["/bin/sleep", "30"]);
@@ -481,6 +495,7 @@ mod tests {
             &log,
             &[a.clone(), b.clone()],
             first,
+            false,
         )
         .expect("spawn sh");
         let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
@@ -535,6 +550,7 @@ mod tests {
             &dir.path().join("sleep.log"),
             &[],
             3,
+            false,
         )
         .expect("spawn sleep");
         let pid = child.info().pid;

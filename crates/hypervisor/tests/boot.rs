@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use hypervisor::{
+    ProcessRole,
     cleanup_vm, AccelChoice, Hypervisor, MachineType, NetDevice, QemuVm, SharedFs, VmConfig,
     VmStatus,
 };
@@ -279,6 +280,10 @@ async fn microvm_boots_pauses_resumes_and_stops() {
         + usize::from(matches!(vm.config().shared_fs, SharedFs::VirtioFs { .. }));
     assert_eq!(pids.len(), expected, "{pids:?}");
     assert!(pids.iter().all(|p| alive(p.pid)));
+    // Under TCG QEMU runs without transparent huge pages (its translation buffer would take 2 MiB steps).
+    let qemu = pids.iter().find(|p| p.role == ProcessRole::Qemu).expect("QEMU pid");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", qemu.pid)).expect("QEMU status");
+    assert!(status.contains("THP_enabled:\t0"), "QEMU has huge pages on: {status}");
     if let Some(socket) = vm.agent_socket() {
         assert!(socket.exists(), "agent socket {} missing", socket.display());
     }
