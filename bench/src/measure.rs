@@ -75,6 +75,25 @@ pub fn cold_start(stage: &Stage, n: usize, interrupt: &Interrupt) -> Result<Cold
     Ok(r)
 }
 
+/// One timed `ctr run --rm busybox echo hi` of kata (with templating, the first one makes the template).
+pub fn first_run(stage: &Stage) -> Result<f64> {
+    let id = unique_id("first-kata");
+    let (secs, out) = ctr_run(stage, Runtime::Kata, &id, false, &[], &["echo", "hi"])?;
+    if text(&out.stdout) != "hi" {
+        bail!("unexpected output {:?}", text(&out.stdout));
+    }
+    Ok(secs)
+}
+
+/// MiB the VM templates under `dir` hold (allocated blocks of their sparse memory files): page cache or
+/// tmpfs that every clone shares, beside what the clones' PSS already counts of it.
+pub fn template_mib(dir: &Path) -> f64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0.0 };
+    entries.flatten().filter_map(|e| std::fs::metadata(e.path().join("memory")).ok()).map(|m| (m.blocks() * 512) as f64).sum::<f64>()
+        / 1048576.0
+}
+
 /// Starts detached `sleep 3600` containers `ids` with at most `concurrency` `ctr run -d` at a time;
 /// stops at the first failure (already running starts finish). Returns the ids started, the failures and
 /// the wall time.
@@ -139,6 +158,19 @@ pub struct MemoryRun {
 
 /// Starts idle pods 2 at a time up to each of `targets`, letting them settle, then sums their host PSS.
 pub fn idle_memory(stage: &Stage, runtime: Runtime, targets: &[usize], settle: std::time::Duration, interrupt: &Interrupt) -> Result<MemoryRun> {
+    idle_memory_with(stage, runtime, targets, settle, interrupt, || 0.0).map(|(run, _)| run)
+}
+
+/// [`idle_memory`], also returning what `extra` reads with the most pods running (before they go).
+pub fn idle_memory_with(
+    stage: &Stage,
+    runtime: Runtime,
+    targets: &[usize],
+    settle: std::time::Duration,
+    interrupt: &Interrupt,
+    extra: impl Fn() -> f64,
+) -> Result<(MemoryRun, f64)> {
+    let mut extra_value = 0.0;
     let mut run = MemoryRun { runtime: runtime.label().to_owned(), ..Default::default() };
     let mut running: Vec<String> = Vec::new();
     let result = (|| -> Result<()> {
@@ -159,6 +191,7 @@ pub fn idle_memory(stage: &Stage, runtime: Runtime, targets: &[usize], settle: s
                 cost.pss_per_pod_mib()
             );
             run.steps.push(MemoryStep { target, running: running.len(), cost });
+            extra_value = extra();
             if !run.failures.is_empty() {
                 break;
             }
@@ -166,7 +199,7 @@ pub fn idle_memory(stage: &Stage, runtime: Runtime, targets: &[usize], settle: s
         Ok(())
     })();
     delete_pods(stage, &running, 2);
-    result.map(|()| run)
+    result.map(|()| (run, extra_value))
 }
 
 /// How fast pods start when `concurrency` are started at a time, until `target` or the first failure.

@@ -48,8 +48,24 @@ pub struct Results {
     pub fs_read: Vec<FsRead>,
     pub net_mib: usize,
     pub net: Vec<NetResult>,
+    /// The same start, memory and density measurements with pods cloned from a VM template.
+    #[serde(default)]
+    pub template: Option<TemplateResults>,
     /// Stages that failed as a whole, with the reason.
     pub stage_errors: Vec<String>,
+}
+
+/// Measurements with `[factory] enable_template = true` (and 9p, which templating needs).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TemplateResults {
+    /// The first `ctr run`, which boots and saves the template.
+    pub first_s: Option<f64>,
+    /// Clone starts, interleaved with runc.
+    pub cold: Option<ColdStart>,
+    pub memory: Option<MemoryRun>,
+    /// MiB the template files hold (shared by every clone), read with the most pods running.
+    pub template_mib: f64,
+    pub density: Option<Density>,
 }
 
 fn stat_cells(s: Option<Stat>) -> String {
@@ -89,7 +105,14 @@ impl Results {
 
     /// Median of each breakdown phase over the kata cold starts.
     pub fn breakdown_medians(&self) -> Vec<(&'static str, Option<f64>)> {
-        let runs: &[Breakdown] = self.cold.as_ref().map(|c| c.kata_breakdown.as_slice()).unwrap_or(&[]);
+        breakdown_medians(self.cold.as_ref())
+    }
+}
+
+/// Median of each breakdown phase over the kata starts of `cold`.
+fn breakdown_medians(cold: Option<&ColdStart>) -> Vec<(&'static str, Option<f64>)> {
+    {
+        let runs: &[Breakdown] = cold.map(|c| c.kata_breakdown.as_slice()).unwrap_or(&[]);
         let labels = Breakdown::default().phases();
         (0..labels.len())
             .map(|i| {
@@ -98,7 +121,9 @@ impl Results {
             })
             .collect()
     }
+}
 
+impl Results {
     /// PSS per pod (MiB) of `runtime` at each step: `(target, running, pss per pod)`.
     pub fn pss_steps(&self, runtime: &str) -> Vec<(usize, usize, f64)> {
         self.memory
@@ -132,10 +157,6 @@ impl Results {
         let _ = writeln!(o, "| `ctr run --rm busybox echo hi`, kata | {} |", stat_cells(kata));
         let _ = writeln!(o, "| `ctr run --rm busybox echo hi`, runc | {} |", stat_cells(runc));
         let _ = writeln!(o, "| bare floor: QEMU launch -> agent answers (no containerd) | {} |", stat_cells(floor));
-        let ratio = |a: Option<Stat>, b: Option<Stat>| match (a, b) {
-            (Some(a), Some(b)) if b.median > 0.0 => Some(a.median / b.median),
-            _ => None,
-        };
         let _ = writeln!(
             o,
             "\nkata/runc: **{}**; kata/floor: **{}** (target ≤ {TARGET_START_RATIO}x)\n",
@@ -218,6 +239,9 @@ impl Results {
                 }
             }
         }
+        if let Some(t) = &self.template {
+            template_markdown(&mut o, t, floor);
+        }
         let _ = writeln!(o, "\n## Issue 6 targets (TCG)\n");
         let _ = writeln!(o, "| target | now | met |\n|---|---|---|");
         let r = ratio(kata, floor);
@@ -233,6 +257,32 @@ impl Results {
             if failed { ", with failures" } else { "" },
             yes(most.map(|m| m >= TARGET_IDLE_PODS && !failed))
         );
+        if let Some(t) = &self.template {
+            let clone = t.cold.as_ref().and_then(|c| Stat::of(&c.kata_s));
+            let r = ratio(clone, floor);
+            let _ = writeln!(
+                o,
+                "| with templating: `ctr run` ≤ {TARGET_START_RATIO}x bare boot floor | {} | {} |",
+                times(r, 2),
+                yes(r.map(|r| r <= TARGET_START_RATIO))
+            );
+            let total = t.memory.as_ref().and_then(|m| m.steps.iter().rev().find(|s| s.running > 0)).map(|s| {
+                s.cost.pss_per_pod_mib() + t.template_mib / s.running as f64
+            });
+            let _ = writeln!(
+                o,
+                "| with templating: host memory per idle pod ≤ {TARGET_PSS_MIB} MB (PSS + template share) | {} MiB | {} |",
+                opt(total, 1),
+                yes(total.map(|p| p * 1.048_576 <= TARGET_PSS_MIB))
+            );
+            let most = t.memory.as_ref().map(|m| (m.steps.iter().map(|s| s.running).max().unwrap_or(0), !m.failures.is_empty()));
+            let _ = writeln!(
+                o,
+                "| with templating: {TARGET_IDLE_PODS} idle pods at once without failure | {} | {} |",
+                most.map(|(n, f)| format!("{n} running{}", if f { ", with failures" } else { "" })).unwrap_or_else(|| "n/a".into()),
+                yes(most.map(|(n, f)| n >= TARGET_IDLE_PODS && !f))
+            );
+        }
         if !self.stage_errors.is_empty() {
             let _ = writeln!(o, "\n## Stages that failed\n");
             for e in &self.stage_errors {
@@ -240,6 +290,79 @@ impl Results {
             }
         }
         o
+    }
+}
+
+fn ratio(a: Option<Stat>, b: Option<Stat>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b.median > 0.0 => Some(a.median / b.median),
+        _ => None,
+    }
+}
+
+/// The templating section: clone start, its breakdown, memory per idle clone with the template's share, density.
+fn template_markdown(o: &mut String, t: &TemplateResults, floor: Option<Stat>) {
+    let _ = writeln!(o, "\n## With VM templating (`[factory] enable_template = true`, virtio-9p)\n");
+    let _ = writeln!(
+        o,
+        "The first pod boots the template VM and saves it ({} s for that `ctr run`). Every later pod is a clone: QEMU maps \
+         the template's memory copy-on-write and loads its device state instead of booting.\n",
+        opt(t.first_s, 3)
+    );
+    let (kata, runc) = match &t.cold {
+        Some(c) => (Stat::of(&c.kata_s), Stat::of(&c.runc_s)),
+        None => (None, None),
+    };
+    let _ = writeln!(o, "| what | median | min | max | n |\n|---|---|---|---|---|");
+    let _ = writeln!(o, "| `ctr run --rm busybox echo hi`, kata clone | {} |", stat_cells(kata));
+    let _ = writeln!(o, "| `ctr run --rm busybox echo hi`, runc (interleaved) | {} |", stat_cells(runc));
+    let _ = writeln!(
+        o,
+        "\nclone/runc: **{}**; clone/bare boot floor: **{}** (target ≤ {TARGET_START_RATIO}x)\n",
+        times(ratio(kata, runc), 1),
+        times(ratio(kata, floor), 2)
+    );
+    let _ = writeln!(o, "### Where a clone's `ctr run` spends its time (medians, s)\n");
+    let _ = writeln!(o, "| phase | median |\n|---|---|");
+    for (label, v) in breakdown_medians(t.cold.as_ref()) {
+        let label = label.replace("guest boot, agent start, vsock dial", "state load, agent answers on virtio-serial");
+        let _ = writeln!(o, "| {label} | {} |", opt(v, 3));
+    }
+    let _ = writeln!(o, "\n### Host memory per idle clone (MiB)\n");
+    let _ = writeln!(
+        o,
+        "PSS counts the template pages a clone maps, shared among the clones that map them. The template files hold \
+         {:.1} MiB in all; the last column adds an equal share of them to each pod, so nothing is left out.\n",
+        t.template_mib
+    );
+    let _ = writeln!(o, "| pods asked | running | PSS / pod | template files / pod | total / pod |\n|---|---|---|---|---|");
+    if let Some(m) = &t.memory {
+        for step in &m.steps {
+            let pss = step.cost.pss_per_pod_mib();
+            let share = t.template_mib / step.running.max(1) as f64;
+            let _ = writeln!(o, "| {} | {} | {pss:.1} | {share:.1} | {:.1} |", step.target, step.running, pss + share);
+        }
+        if let Some(last) = m.steps.last() {
+            let pods = last.cost.pods.max(1) as f64;
+            let parts: Vec<String> =
+                last.cost.by_process.iter().map(|(name, mem)| format!("{name} {:.1}", mem.pss_kib as f64 / 1024.0 / pods)).collect();
+            let _ = writeln!(o, "\nper clone at {} pods, by process (MiB PSS): {}", last.cost.pods, parts.join(", "));
+        }
+        if !m.failures.is_empty() {
+            let _ = writeln!(o, "\nidle clone failures: {}", m.failures.join("; "));
+        }
+    }
+    if let Some(d) = &t.density {
+        let _ = writeln!(
+            o,
+            "\nDensity: {}/{} clones started {} at a time in {:.1} s, **{:.2} pods/s**; first failure: {}.",
+            d.started,
+            d.target,
+            d.concurrency,
+            d.wall_s,
+            d.pods_per_s,
+            d.failures.first().map(|f| f.replace('|', "/")).unwrap_or_else(|| "none".to_owned())
+        );
     }
 }
 

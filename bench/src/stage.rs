@@ -2,7 +2,7 @@
 //! on the same containerd and image, plus a CRI one with a CNI bridge for the network stage. Everything
 //! is torn down when a [`Stage`] is dropped (containerd's harness removes containers, shims, mounts).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -69,6 +69,8 @@ pub struct Stage {
     pub containerd: Containerd,
     pub shared_fs: SharedFsKind,
     conf_dir: tempfile::TempDir,
+    /// With VM templating: where the templates are kept (removed with the stage).
+    template_dir: Option<tempfile::TempDir>,
 }
 
 /// `ctr` calls get this long before being killed: a VM boot under TCG on a loaded machine is slow.
@@ -78,16 +80,27 @@ pub const CTR_TIMEOUT: Duration = Duration::from_secs(180);
 /// to see where guest time goes. Slows every kata phase down: do not compare such numbers with normal runs.
 pub const DEBUG_ENV: &str = "KATA_BENCH_DEBUG";
 
-fn write_configuration(parts: &KataParts, shared_fs: SharedFsKind) -> Result<(tempfile::TempDir, PathBuf)> {
+/// Extra `[hypervisor.qemu]` lines for every kata configuration of a run, to measure one setting against
+/// the defaults (e.g. `KATA_BENCH_HYPERVISOR='tcg_tb_size = 32'`).
+pub const HYPERVISOR_ENV: &str = "KATA_BENCH_HYPERVISOR";
+
+fn write_configuration(parts: &KataParts, shared_fs: SharedFsKind, template: Option<&Path>) -> Result<(tempfile::TempDir, PathBuf)> {
     let debug = std::env::var_os(DEBUG_ENV).is_some_and(|v| !v.is_empty() && v != "0");
     let dir = tempfile::Builder::new().prefix("kata-bench-conf-").tempdir()?;
     let path = dir.path().join("configuration.toml");
+    let mut extra = std::env::var(HYPERVISOR_ENV).unwrap_or_default();
+    if debug {
+        extra.push_str("\nenable_debug = true");
+    }
     let mut text = parts
-        .configuration(if debug { "enable_debug = true" } else { "" })
+        .configuration(&extra)
         .replace("shared_fs = \"virtio-fs\"", &format!("shared_fs = \"{}\"", shared_fs.config_value()));
     if debug {
         // `[agent.kata]` is the configuration's last section.
         text.push_str("debug = true\n");
+    }
+    if let Some(dir) = template {
+        text.push_str(&format!("[factory]\nenable_template = true\ntemplate_path = \"{}\"\n", dir.display()));
     }
     std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
     Ok((dir, path))
@@ -95,7 +108,20 @@ fn write_configuration(parts: &KataParts, shared_fs: SharedFsKind) -> Result<(te
 
 impl Stage {
     pub fn start(parts: &KataParts, shared_fs: SharedFsKind) -> Result<Stage> {
-        let (conf_dir, conf) = write_configuration(parts, shared_fs)?;
+        Self::start_with(parts, shared_fs, None)
+    }
+
+    /// Pods cloned from a VM template (`[factory] enable_template`, which needs 9p). The first kata pod makes
+    /// the template.
+    pub fn templated(parts: &KataParts) -> Result<Stage> {
+        // Under /run, where Kata keeps templates by default.
+        let dir = tempfile::Builder::new().prefix("kata-bench-template-").tempdir_in("/run")?;
+        Self::start_with(parts, SharedFsKind::NineP, Some(dir))
+    }
+
+    fn start_with(parts: &KataParts, shared_fs: SharedFsKind, template_dir: Option<tempfile::TempDir>) -> Result<Stage> {
+        let templates = template_dir.as_ref().map(|d| d.path().join("templates"));
+        let (conf_dir, conf) = write_configuration(parts, shared_fs, templates.as_deref())?;
         let containerd = Containerd::start(ContainerdOptions {
             shim_dir: Some(parts.shim_dir.clone()),
             env: vec![("KATA_CONF_FILE".into(), conf.display().to_string())],
@@ -105,11 +131,16 @@ impl Stage {
         })
         .context("start containerd")?;
         containerd.import(&OciImage::busybox(BUSYBOX_IMAGE)?).context("import busybox")?;
-        Ok(Stage { containerd, shared_fs, conf_dir })
+        Ok(Stage { containerd, shared_fs, conf_dir, template_dir })
     }
 
-    pub fn conf_dir(&self) -> &std::path::Path {
+    pub fn conf_dir(&self) -> &Path {
         self.conf_dir.path()
+    }
+
+    /// Where this stage's VM templates are, when it clones pods from one.
+    pub fn templates(&self) -> Option<PathBuf> {
+        self.template_dir.as_ref().map(|d| d.path().join("templates"))
     }
 }
 
@@ -125,7 +156,7 @@ pub struct CriStage {
 impl CriStage {
     pub fn start(parts: &KataParts) -> Result<CriStage> {
         let network = CniNetwork::create().context("CNI network")?;
-        let (conf_dir, conf) = write_configuration(parts, SharedFsKind::VirtioFs)?;
+        let (conf_dir, conf) = write_configuration(parts, SharedFsKind::VirtioFs, None)?;
         let containerd = Containerd::start(ContainerdOptions {
             namespace: "k8s.io".to_owned(),
             shim_dir: Some(parts.shim_dir.clone()),

@@ -1,9 +1,10 @@
 //! One command for every kata-rs benchmark, kata side by side with runc on the same private containerd and
 //! image: cold start (+ boot breakdown and the bare QEMU floor), exec latency, host memory per idle pod,
-//! start density and rate, shared-filesystem read (virtio-fs, 9p) and host -> pod TCP throughput.
+//! start density and rate, shared-filesystem read (virtio-fs, 9p), host -> pod TCP throughput, and start,
+//! memory and density again with pods cloned from a VM template.
 //! Writes `bench/results/latest.{md,json,png}`.
 //!
-//! usage: bench-all [--quick] [--runs N] [--only floor,cold,exec,memory,density,fs,net] [--out DIR]
+//! usage: bench-all [--quick] [--runs N] [--only floor,cold,exec,memory,density,fs,net,template] [--out DIR]
 //! Parts from KATA_TEST_KERNEL, KATA_TEST_INITRD, KATA_TEST_VIRTIOFSD, KATA_TEST_VSOCK_DAEMON, KATA_TEST_SHIM_DIR.
 
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bench::floor::{boot_floor, BootParts};
 use bench::measure::{self, MemoryRun};
-use bench::report::{FsRead, Machine, Results, TARGET_IDLE_PODS};
+use bench::report::{FsRead, Machine, Results, TemplateResults, TARGET_IDLE_PODS};
 use bench::stage::{CriStage, Runtime, SharedFsKind, Stage};
 use bench::{chart, network, Interrupt};
 use clap::Parser;
@@ -27,7 +28,7 @@ struct Args {
     /// Runs per latency measurement (default 10, or 3 with --quick).
     #[arg(long)]
     runs: Option<usize>,
-    /// Comma-separated stages to run (default all): floor, cold, exec, memory, density, fs, net.
+    /// Comma-separated stages to run (default all): floor, cold, exec, memory, density, fs, net, template.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where latest.md, latest.json and latest.png go.
@@ -35,7 +36,7 @@ struct Args {
     out: PathBuf,
 }
 
-const STAGES: &[&str] = &["floor", "cold", "exec", "memory", "density", "fs", "net"];
+const STAGES: &[&str] = &["floor", "cold", "exec", "memory", "density", "fs", "net", "template"];
 
 fn command_output(program: &str, args: &[&str]) -> Option<String> {
     let out = std::process::Command::new(program).args(args).output().ok()?;
@@ -146,6 +147,9 @@ fn run(args: &Args, parts: &KataParts, interrupt: &Interrupt, results: &mut Resu
             interrupt.check()?;
         }
     }
+    if wants("template") {
+        results.template = stage(results, "VM templating", interrupt, || templating(parts, n, args.quick, interrupt))?;
+    }
     if wants("net") {
         let mib = if args.quick { 16 } else { 64 };
         results.net_mib = mib;
@@ -156,6 +160,23 @@ fn run(args: &Args, parts: &KataParts, interrupt: &Interrupt, results: &mut Resu
         results.net = net.unwrap_or_default();
     }
     Ok(())
+}
+
+/// Start latency, idle memory and density again, with pods cloned from a VM template.
+fn templating(parts: &KataParts, n: usize, quick: bool, interrupt: &Interrupt) -> Result<TemplateResults> {
+    let stage = Stage::templated(parts)?;
+    let templates = stage.templates().context("templated stage")?;
+    let mut t = TemplateResults { first_s: Some(measure::first_run(&stage)?), ..Default::default() };
+    interrupt.check()?;
+    t.cold = Some(measure::cold_start(&stage, n, interrupt)?);
+    let memory = measure::idle_memory_with(&stage, Runtime::Kata, &[1, 10, TARGET_IDLE_PODS], Duration::from_secs(3), interrupt, || {
+        measure::template_mib(&templates)
+    })?;
+    t.template_mib = memory.1;
+    t.memory = Some(memory.0);
+    interrupt.check()?;
+    t.density = Some(measure::density(&stage, Runtime::Kata, 4, if quick { 10 } else { TARGET_IDLE_PODS }, interrupt));
+    Ok(t)
 }
 
 fn fs_row(label: &str, r: Result<Vec<f64>>) -> FsRead {
