@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
-use hypervisor::{GuestMemory, Hypervisor, QemuVm, SharedFs, VmConfig};
+use hypervisor::{GuestMemory, Hypervisor, QemuVm, SharedFs, VmConfig, VmProcess};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::agent::AgentClient;
@@ -20,6 +20,9 @@ const MEMORY: &str = "memory";
 const STATE: &str = "state";
 /// The configuration it was made from, for people (`kata-runtime factory status`).
 const CONFIG: &str = "config.json";
+/// The template VM's processes while it runs, so a shim that dies making it leaves nothing running: the
+/// next one to take the lock ends them by PID.
+const PROCESSES: &str = "processes.json";
 /// A template being made is `<key>.new` until it is complete.
 const NEW_SUFFIX: &str = ".new";
 /// Serialises making templates between shims.
@@ -83,7 +86,7 @@ pub async fn ensure(root: &Path, config: &VmConfig, timeout: Duration) -> Result
     }
     let started = std::time::Instant::now();
     let new_dir = root.join(format!("{key}{NEW_SUFFIX}"));
-    let _ = std::fs::remove_dir_all(&new_dir); // left by a shim that died making it; we hold the lock
+    remove_unfinished(&new_dir).await; // left by a shim that died making it; we hold the lock
     let made = make(&new_dir, &key, config, timeout).await;
     if let Err(e) = made {
         let _ = std::fs::remove_dir_all(&new_dir);
@@ -92,6 +95,23 @@ pub async fn ensure(root: &Path, config: &VmConfig, timeout: Duration) -> Result
     std::fs::rename(&new_dir, &template.dir).map_err(io("cannot move the new template to", &template.dir))?;
     tracing::info!(dir = %template.dir.display(), took = ?started.elapsed(), "VM template made");
     Ok(template)
+}
+
+/// Ends the processes of a template VM whose maker died (recorded in `PROCESSES`; each is checked to be the
+/// one started before it is killed) and removes its directory.
+async fn remove_unfinished(dir: &Path) {
+    if let Ok(bytes) = std::fs::read(dir.join(PROCESSES)) {
+        if let Ok(processes) = serde_json::from_slice::<Vec<VmProcess>>(&bytes) {
+            match hypervisor::cleanup_vm(&processes, &dir.join("vm")).await {
+                Ok(report) if !report.killed.is_empty() => {
+                    tracing::warn!(dir = %dir.display(), killed = ?report.killed, "ended an unfinished template VM")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(dir = %dir.display(), "cleaning an unfinished template VM: {e}"),
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 fn is_complete(dir: &Path) -> bool {
@@ -116,13 +136,18 @@ async fn make(dir: &Path, key: &str, config: &VmConfig, timeout: Duration) -> Re
         tracing::warn!("stopping the template VM: {e}");
     }
     result?;
+    let _ = std::fs::remove_file(dir.join(PROCESSES));
     let text = serde_json::to_vec_pretty(&normalized(config)).unwrap_or_default();
     let path = dir.join(CONFIG);
     std::fs::write(&path, text).map_err(io("cannot write", &path))
 }
 
 async fn boot_and_save(vm: &QemuVm, dir: &Path, timeout: Duration) -> Result<()> {
-    vm.start().await.map_err(FactoryError::Vm)?;
+    let started = vm.start().await;
+    let processes = serde_json::to_vec(&vm.pids()).unwrap_or_default();
+    let path = dir.join(PROCESSES);
+    std::fs::write(&path, processes).map_err(io("cannot write", &path))?;
+    started.map_err(FactoryError::Vm)?;
     let socket = vm.agent_serial_socket().ok_or(FactoryError::NoSerialPort)?;
     match AgentClient::connect_serial(&socket, timeout).await {
         Ok(agent) => drop(agent),
@@ -217,7 +242,10 @@ pub async fn destroy(root: &Path) -> Result<Vec<PathBuf>> {
     let _lock = lock(&lock_file).await?;
     let removed: Vec<PathBuf> = list(root).into_iter().map(|t| t.dir).collect();
     for dir in &removed {
-        std::fs::remove_dir_all(dir).map_err(io("cannot remove", dir))?;
+        remove_unfinished(dir).await;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(io("cannot remove", dir))?;
+        }
     }
     let _ = std::fs::remove_file(&lock_file);
     let _ = std::fs::remove_dir(root);
@@ -250,6 +278,28 @@ mod tests {
         let before = key(&a);
         std::fs::write(dir.path().join("vmlinux"), b"kernel two").unwrap();
         assert_ne!(key(&a), before, "a rebuilt kernel needs a new template");
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_template_left_by_a_dead_maker_is_ended_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let new_dir = dir.path().join(format!("abcd{NEW_SUFFIX}"));
+        std::fs::create_dir_all(new_dir.join("vm")).unwrap();
+        // Stands in for the orphaned template QEMU (not our child once "its shim died": we only know its PID).
+        let mut child = std::process::Command::new("/bin/sleep").arg("300").spawn().unwrap();
+        let argv = vec!["/bin/sleep".to_string(), "300".to_string()];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read(format!("/proc/{}/cmdline", child.id())).unwrap_or_default() != b"/bin/sleep\x00300\x00" {
+            assert!(std::time::Instant::now() < deadline, "the child never showed its argv");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let recorded = vec![VmProcess { role: hypervisor::ProcessRole::Qemu, pid: child.id(), argv, start_time: None }];
+        std::fs::write(new_dir.join(PROCESSES), serde_json::to_vec(&recorded).unwrap()).unwrap();
+
+        remove_unfinished(&new_dir).await;
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "the recorded process was killed: {status:?}");
+        assert!(!new_dir.exists());
     }
 
     #[tokio::test]
