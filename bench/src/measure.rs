@@ -46,6 +46,13 @@ pub struct ColdStart {
     pub failures: Vec<String>,
 }
 
+impl ColdStart {
+    /// (kata, runc) median/min/max.
+    pub fn stats(&self) -> (Option<crate::Stat>, Option<crate::Stat>) {
+        (crate::Stat::of(&self.kata_s), crate::Stat::of(&self.runc_s))
+    }
+}
+
 pub fn cold_start(stage: &Stage, n: usize, interrupt: &Interrupt) -> Result<ColdStart> {
     let mut r = ColdStart::default();
     for _ in 0..n {

@@ -90,10 +90,7 @@ impl Results {
     }
 
     pub fn cold_stats(&self) -> (Option<Stat>, Option<Stat>) {
-        match &self.cold {
-            Some(c) => (Stat::of(&c.kata_s), Stat::of(&c.runc_s)),
-            None => (None, None),
-        }
+        self.cold.as_ref().map(ColdStart::stats).unwrap_or_default()
     }
 
     pub fn exec_stats(&self) -> (Option<Stat>, Option<Stat>) {
@@ -258,7 +255,7 @@ impl Results {
             yes(most.map(|m| m >= TARGET_IDLE_PODS && !failed))
         );
         if let Some(t) = &self.template {
-            let clone = t.cold.as_ref().and_then(|c| Stat::of(&c.kata_s));
+            let clone = t.cold.as_ref().map(ColdStart::stats).unwrap_or_default().0;
             let r = ratio(clone, floor);
             let _ = writeln!(
                 o,
@@ -309,10 +306,7 @@ fn template_markdown(o: &mut String, t: &TemplateResults, floor: Option<Stat>) {
          the template's memory copy-on-write and loads its device state instead of booting.\n",
         opt(t.first_s, 3)
     );
-    let (kata, runc) = match &t.cold {
-        Some(c) => (Stat::of(&c.kata_s), Stat::of(&c.runc_s)),
-        None => (None, None),
-    };
+    let (kata, runc) = t.cold.as_ref().map(ColdStart::stats).unwrap_or_default();
     let _ = writeln!(o, "| what | median | min | max | n |\n|---|---|---|---|---|");
     let _ = writeln!(o, "| `ctr run --rm busybox echo hi`, kata clone | {} |", stat_cells(kata));
     let _ = writeln!(o, "| `ctr run --rm busybox echo hi`, runc (interleaved) | {} |", stat_cells(runc));

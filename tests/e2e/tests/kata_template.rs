@@ -134,6 +134,13 @@ fn pods_are_clones_of_one_template() {
         containerd.ctr(&["container", "rm", id]).expect("container rm");
     }
 
+    // Bulk output crosses the agent's virtio-serial port intact (1.3 MB, well past the port's buffers).
+    let bulk = unique_id("tmpl-bulk");
+    let out = run(&bulk, &["seq", "1", "200000"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.lines().count(), 200000, "stderr: {}", text(&out.stderr));
+    assert_eq!(stdout.lines().last(), Some("200000"));
+
     // `factory destroy` removes it; `factory init` makes it ahead of the next pod.
     let removed = factory_ok(&parts, &conf, &["destroy"]);
     assert!(removed.starts_with("removed "), "{removed}");
@@ -144,7 +151,7 @@ fn pods_are_clones_of_one_template() {
     let out = run(&again, &["echo", "again"]);
     assert_eq!(text(&out.stdout), "again\n", "{}", text(&out.stderr));
 
-    let ids = [first.as_str(), a.as_str(), b.as_str(), again.as_str()];
+    let ids = [first.as_str(), a.as_str(), b.as_str(), bulk.as_str(), again.as_str()];
     let report = containerd.leaks(&ids).expect("leak check");
     assert!(report.is_empty(), "leaked:\n{report}");
     for id in ids {
