@@ -367,3 +367,44 @@ fn yes(v: Option<bool>) -> &'static str {
         None => "n/a",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::measure::MemoryStep;
+    use crate::procs::PodsCost;
+    use crate::Memory;
+
+    fn step(running: usize, pss_mib_per_pod: f64) -> MemoryStep {
+        let pss_kib = (pss_mib_per_pod * 1024.0) as u64 * running as u64;
+        let cost = PodsCost { pods: running, processes: running, total: Memory { rss_kib: pss_kib, pss_kib }, ..Default::default() };
+        MemoryStep { target: running, running, cost }
+    }
+
+    #[test]
+    fn templating_adds_the_template_share_to_each_pod_and_judges_the_total() {
+        let template = TemplateResults {
+            first_s: Some(1.7),
+            cold: Some(ColdStart { kata_s: vec![0.5, 0.6, 0.55], runc_s: vec![0.1; 3], ..Default::default() }),
+            memory: Some(MemoryRun { runtime: "kata".into(), steps: vec![step(1, 90.0), step(20, 52.0)], ..Default::default() }),
+            template_mib: 48.0,
+            density: None,
+        };
+        let results = Results {
+            floor: vec![BootSample { qemu_up_s: 0.1, agent_s: 1.0, memory: Memory::default() }],
+            template: Some(template.clone()),
+            ..Default::default()
+        };
+        let md = results.markdown();
+        assert!(md.contains("| 1 | 1 | 90.0 | 48.0 | 138.0 |"), "{md}");
+        assert!(md.contains("| 20 | 20 | 52.0 | 2.4 | 54.4 |"), "{md}");
+        assert!(md.contains("clone/bare boot floor: **0.55x**"), "{md}");
+        assert!(md.contains("(PSS + template share) | 54.4 MiB | yes |"), "{md}");
+
+        // 58 MiB PSS + 2.4 share = 60.4 MiB = 63.3 MB: over the 60 MB target.
+        let mut over = template;
+        over.memory = Some(MemoryRun { runtime: "kata".into(), steps: vec![step(20, 58.0)], ..Default::default() });
+        let md = Results { template: Some(over), ..Default::default() }.markdown();
+        assert!(md.contains("(PSS + template share) | 60.4 MiB | **no** |"), "{md}");
+    }
+}
