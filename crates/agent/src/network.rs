@@ -73,11 +73,16 @@ async fn link_index(h: &Handle, name: &str) -> Result<u32, NetworkError> {
     Ok(find_link(h, name, "").await?.0)
 }
 
-/// Renames, sets the MTU, replaces the addresses of and brings up one interface.
+/// Renames, sets the MTU (and the MAC, when found by `device_mac`), replaces the addresses of and brings up
+/// one interface.
 pub async fn update_interface(iface: &Interface) -> Result<Interface, NetworkError> {
     let h = handle().await?;
-    let (index, current) = find_link(&h, &iface.name, &iface.mac).await?;
+    let lookup = if iface.device_mac.is_empty() { &iface.mac } else { &iface.device_mac };
+    let (index, current) = find_link(&h, &iface.name, lookup).await?;
     let mut msg = LinkUnspec::new_with_index(index).down();
+    if !iface.device_mac.is_empty() && iface.device_mac != iface.mac {
+        msg = msg.address(parse_mac(&iface.mac)?.to_vec());
+    }
     if !iface.name.is_empty() && iface.name != current {
         msg = msg.name(iface.name.clone());
     }

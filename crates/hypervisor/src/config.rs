@@ -121,13 +121,16 @@ pub struct NetDevice {
     pub id: String,
     /// The guest NIC's MAC, `aa:bb:cc:dd:ee:ff` (unicast).
     pub mac: String,
-    pub fd: Arc<OwnedFd>,
+    /// The tap device; `None` leaves the NIC without a host side (`-netdev hubport` on a hub of its own),
+    /// as a template VM has it: clones get the same NIC with their pod's tap.
+    pub fd: Option<Arc<OwnedFd>>,
 }
 
 /// Equal when they name the same id and MAC and hold the same open fd (same number in this process).
 impl PartialEq for NetDevice {
     fn eq(&self, other: &Self) -> bool {
-        self.id == other.id && self.mac == other.mac && self.fd.as_raw_fd() == other.fd.as_raw_fd()
+        let fd = |n: &NetDevice| n.fd.as_ref().map(|fd| fd.as_raw_fd());
+        self.id == other.id && self.mac == other.mac && fd(self) == fd(other)
     }
 }
 

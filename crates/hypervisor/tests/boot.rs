@@ -498,7 +498,7 @@ async fn tap_fds_become_guest_nics_with_their_macs() {
             .map(|(i, (fd, mac))| NetDevice {
                 id: format!("net{i}"),
                 mac: mac.into(),
-                fd: Arc::new(fd),
+                fd: Some(Arc::new(fd)),
             })
             .collect();
         let vm = QemuVm::new(config);

@@ -31,7 +31,9 @@ pub fn run(config_path: Option<PathBuf>, command: FactoryCommand) -> Result<Exit
             }
             loaded.validate()?;
             let scratch = std::env::temp_dir().join(format!("kata-runtime-factory-{}", std::process::id()));
-            let vm = runtime::vm_config::vm_config("template", &loaded.config, &SandboxPaths::new(&scratch, "template"))?;
+            let mut vm = runtime::vm_config::vm_config("template", &loaded.config, &SandboxPaths::new(&scratch, "template"))?;
+            // What a pod's VM has when it is cloned (see runtime::sandbox), so the shim finds this template.
+            vm.net_devices = vec![runtime::factory::template_nic(None)];
             let timeout = Duration::from_secs(u64::from(loaded.config.agent.dial_timeout.max(1)));
             let template = tokio_runtime()?.block_on(runtime::factory::ensure(&root, &vm, timeout))?;
             println!("{}", template.dir.display());

@@ -17,6 +17,8 @@ pub struct Interface {
     pub mac: String,
     pub mtu: u32,
     pub addresses: Vec<IpNet>,
+    /// The MAC the guest NIC has now, when it is not `mac` yet (a VM cloned from a template); empty otherwise.
+    pub device_mac: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
-use hypervisor::{GuestMemory, Hypervisor, QemuVm, SharedFs, VmConfig, VmProcess};
+use hypervisor::{GuestMemory, Hypervisor, NetDevice, QemuVm, SharedFs, VmConfig, VmProcess};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::agent::AgentClient;
@@ -48,6 +48,16 @@ type Result<T> = std::result::Result<T, FactoryError>;
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> FactoryError {
     let path = path.to_path_buf();
     move |source| FactoryError::Io { what, path, source }
+}
+
+/// The MAC of the template's NIC. Every clone starts with it; the agent then gives the NIC the pod's MAC.
+/// Locally administered, unicast.
+pub const TEMPLATE_NIC_MAC: &str = "02:6b:61:74:61:00";
+
+/// The one NIC of a template and its clones: on `tap` in a pod with a network, without a host side in a
+/// template or a pod without one.
+pub fn template_nic(tap: Option<std::sync::Arc<std::os::fd::OwnedFd>>) -> NetDevice {
+    NetDevice { id: "net0".to_string(), mac: TEMPLATE_NIC_MAC.to_string(), fd: tap }
 }
 
 /// A complete template.
@@ -129,7 +139,10 @@ async fn make(dir: &Path, key: &str, config: &VmConfig, timeout: Duration) -> Re
     if let SharedFs::Virtio9p { shared_dir } = &mut c.shared_fs {
         *shared_dir = shared;
     }
-    c.net_devices.clear();
+    // The same NICs as the clones, without their taps.
+    for nic in &mut c.net_devices {
+        nic.fd = None;
+    }
     let vm = QemuVm::new(c);
     let result = boot_and_save(&vm, dir, timeout).await;
     if let Err(e) = vm.stop().await {
@@ -177,6 +190,10 @@ fn normalized(config: &VmConfig) -> VmConfig {
 /// modification time of QEMU, the kernel and the initrd.
 pub fn key(config: &VmConfig) -> String {
     let mut text = serde_json::to_string(&normalized(config)).unwrap_or_default();
+    // NICs are not serialised (they hold fds); their ids and MACs shape the guest.
+    for nic in &config.net_devices {
+        text.push_str(&format!("|nic:{}:{}", nic.id, nic.mac));
+    }
     for file in [Some(&config.qemu_path), Some(&config.kernel), config.initrd.as_ref()].into_iter().flatten() {
         let (len, mtime) = std::fs::metadata(file)
             .map(|m| (m.len(), m.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).unwrap_or_default()))

@@ -121,21 +121,25 @@ impl Sandbox {
         state.save(&p.state_file())?;
         let mut config = vm_config::vm_config(&opts.id, &opts.config, p)?;
         let mut pod_network = PodNetwork::default();
+        let mut taps = Vec::new();
         if let Some(netns) = &opts.netns {
             let setup = network::setup_pod_network(netns).await?;
-            for (i, (tap, iface)) in setup.taps.into_iter().zip(&setup.network.interfaces).enumerate() {
-                config.net_devices.push(NetDevice { id: format!("net{i}"), mac: iface.mac.clone(), fd: Arc::new(tap.fd) });
-            }
+            taps = setup.taps;
             pod_network = setup.network;
         }
         let dial_timeout = Duration::from_secs(u64::from(opts.config.agent.dial_timeout.max(1)));
-        if opts.config.factory.enable_template {
-            if config.net_devices.is_empty() {
-                let root = PathBuf::from(&opts.config.factory.template_path);
-                factory::ensure(&root, &config, dial_timeout).await?.clone_into(&mut config);
-            } else {
-                // A clone has exactly the template's devices, and the template has no NIC.
-                tracing::info!("sandbox {} has a network: booting it without the VM template", opts.id);
+        // A clone has exactly the template's devices, and the template has one NIC.
+        let clone = opts.config.factory.enable_template && taps.len() <= 1;
+        if clone {
+            config.net_devices = vec![factory::template_nic(taps.pop().map(|tap| Arc::new(tap.fd)))];
+            let root = PathBuf::from(&opts.config.factory.template_path);
+            factory::ensure(&root, &config, dial_timeout).await?.clone_into(&mut config);
+        } else {
+            if opts.config.factory.enable_template {
+                tracing::info!("sandbox {} has {} network interfaces, the VM template one: booting it", opts.id, taps.len());
+            }
+            for (i, (tap, iface)) in taps.into_iter().zip(&pod_network.interfaces).enumerate() {
+                config.net_devices.push(NetDevice { id: format!("net{i}"), mac: iface.mac.clone(), fd: Some(Arc::new(tap.fd)) });
             }
         }
         let vm = Arc::new(QemuVm::new(config));
@@ -189,7 +193,9 @@ impl Sandbox {
         };
         let configured = async {
             agent.create_sandbox(&setup).await?;
-            configure_guest_network(&agent, &pod_network).await
+            // A clone's NIC still has the template's MAC; the agent gives it the pod's.
+            let device_mac = if clone { factory::TEMPLATE_NIC_MAC } else { "" };
+            configure_guest_network(&agent, &pod_network, device_mac).await
         }
         .await;
         if let Err(e) = configured {
@@ -319,9 +325,11 @@ fn host_entropy() -> Vec<u8> {
 
 /// Gives the guest NICs the pod interfaces' addresses, then the routes (kernel-made ones come back by
 /// themselves with the addresses), then the permanent neighbours.
-async fn configure_guest_network(agent: &AgentClient, net: &PodNetwork) -> Result<(), AgentError> {
+async fn configure_guest_network(agent: &AgentClient, net: &PodNetwork, device_mac: &str) -> Result<(), AgentError> {
     for iface in &net.interfaces {
-        agent.update_interface(&iface.into()).await?;
+        let mut iface: crate::agent::Interface = iface.into();
+        iface.device_mac = device_mac.to_string();
+        agent.update_interface(&iface).await?;
     }
     let routes: Vec<_> = net.routes.iter().filter(|r| !r.kernel).map(Into::into).collect();
     if !routes.is_empty() {

@@ -92,16 +92,22 @@ fn ip_net(addr: &str, prefix_len: u32, what: &'static str) -> Result<IpNet, Conv
 
 pub fn interface(i: pb::Interface) -> Result<Interface, ConvertError> {
     let addresses = i.addresses.iter().map(|a| ip_net(&a.address, a.prefix_len, "interface address")).collect::<Result<_, _>>()?;
-    if !i.mac.is_empty() {
-        network::parse_mac(&i.mac)?;
+    for mac in [&i.mac, &i.device_mac] {
+        if !mac.is_empty() {
+            network::parse_mac(mac)?;
+        }
     }
-    Ok(Interface { name: i.name, mac: i.mac, mtu: i.mtu, addresses })
+    if !i.device_mac.is_empty() && i.mac.is_empty() {
+        return Err(invalid("interface: device_mac without mac", i.device_mac));
+    }
+    Ok(Interface { name: i.name, mac: i.mac, mtu: i.mtu, addresses, device_mac: i.device_mac })
 }
 
 pub fn interface_to_pb(i: Interface) -> pb::Interface {
     pb::Interface {
         name: i.name,
         mac: i.mac,
+        device_mac: i.device_mac,
         mtu: i.mtu,
         addresses: i
             .addresses
@@ -179,6 +185,10 @@ mod tests {
         assert_eq!(interface_to_pb(conv), i);
         let bad = pb::IpAddress { address: "10.0.0.2".into(), prefix_len: 33, ..Default::default() };
         assert!(interface(pb::Interface { addresses: vec![bad], ..Default::default() }).is_err());
+        let cloned = pb::Interface { device_mac: "02:6b:61:74:61:00".into(), ..i.clone() };
+        assert_eq!(interface_to_pb(interface(cloned.clone()).expect("clone's iface")), cloned);
+        let no_mac = pb::Interface { mac: String::new(), ..cloned };
+        assert!(interface(no_mac).unwrap_err().to_string().contains("device_mac without mac"));
         let r = route(pb::Route { destination: "10.0.0.0/8".into(), gateway: "10.0.0.1".into(), ..Default::default() }).expect("route");
         assert_eq!(r.destination.map(|d| d.prefix_len), Some(8));
         assert!(route(pb::Route { destination: "default".into(), ..Default::default() }).expect("default").destination.is_none());

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use crate::accel::Accel;
 use crate::config::{GuestMemory, MachineType, SharedFs, VmConfig, GUEST_CID, SHARED_FS_TAG};
 
-/// QEMU inherits the tap fd of `config.net_devices[i]` as fd `FIRST_INHERITED_FD + i` (right after stdio).
+/// QEMU inherits the tap fds of `config.net_devices`, in order, from this fd on (right after stdio); NICs
+/// without a tap take no fd.
 pub const FIRST_INHERITED_FD: RawFd = 3;
 
 /// Files a VM keeps in its work dir. Names are fixed so crash cleanup and debugging know where to look.
@@ -227,11 +228,19 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<S
         }
         SharedFs::None => {}
     }
+    let mut next_fd = FIRST_INHERITED_FD;
     for (i, net) in config.net_devices.iter().enumerate() {
-        let fd = FIRST_INHERITED_FD + i as RawFd;
-        // No vnet_hdr=: QEMU refuses it with fd= and probes IFF_VNET_HDR on the fd instead. vhost=off: the
-        // hosts we test on have no /dev/vhost-net, and userspace virtio-net is what VM templating can migrate.
-        args.push2("-netdev", format!("tap,id={},fd={fd},vhost=off", net.id));
+        match &net.fd {
+            Some(_) => {
+                // No vnet_hdr=: QEMU refuses it with fd= and probes IFF_VNET_HDR on the fd instead. vhost=off: the
+                // hosts we test on have no /dev/vhost-net, and userspace virtio-net is what VM templating can
+                // migrate.
+                args.push2("-netdev", format!("tap,id={},fd={next_fd},vhost=off", net.id));
+                next_fd += 1;
+            }
+            // A hub with this one port: frames go nowhere.
+            None => args.push2("-netdev", format!("hubport,id={},hubid={}", net.id, 1000 + i)),
+        }
         let device = match bus {
             Bus::Mmio => format!("virtio-net-device,netdev={},mac={}", net.id, net.mac),
             // romfile=: direct kernel boot never runs the iPXE option ROM, so do not require it on the host.
@@ -528,7 +537,7 @@ mod tests {
         NetDevice {
             id: id.into(),
             mac: mac.into(),
-            fd: std::sync::Arc::new(file.into()),
+            fd: Some(std::sync::Arc::new(file.into())),
         }
     }
 
@@ -588,6 +597,17 @@ mod tests {
             );
             assert!(!args.iter().any(|a| a.contains("vnet_hdr")));
         }
+    }
+
+    #[test]
+    fn a_nic_without_tap_is_on_a_hub_of_its_own_and_takes_no_fd() {
+        let mut config = base(MachineType::Microvm);
+        let mut unplugged = tap("net0", "02:00:ca:fe:00:01");
+        unplugged.fd = None;
+        config.net_devices = vec![unplugged, tap("net1", "02:00:ca:fe:00:02")];
+        let args = qemu_args(&config, Accel::Tcg, None);
+        assert_eq!(values(&args, "-netdev"), ["hubport,id=net0,hubid=1000", "tap,id=net1,fd=3,vhost=off"]);
+        assert_eq!(values(&args, "-device")[0], "virtio-net-device,netdev=net0,mac=02:00:ca:fe:00:01");
     }
 
     #[test]

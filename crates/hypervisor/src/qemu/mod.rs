@@ -181,7 +181,7 @@ impl QemuVm {
                 .config
                 .net_devices
                 .iter()
-                .map(|net| net.fd.clone())
+                .filter_map(|net| net.fd.clone())
                 .collect(),
             helpers: helper_plans(&self.config, &self.paths),
         };

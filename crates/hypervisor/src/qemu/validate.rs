@@ -259,7 +259,7 @@ mod tests {
         let net = |id: &str, mac: &str| crate::config::NetDevice {
             id: id.into(),
             mac: mac.into(),
-            fd: fd.clone(),
+            fd: Some(fd.clone()),
         };
         let mut c = config(dir.path());
         c.net_devices = vec![

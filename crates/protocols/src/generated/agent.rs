@@ -3473,6 +3473,8 @@ pub struct Interface {
     pub mtu: u32,
     // @@protoc_insertion_point(field:kata.agent.v1.Interface.addresses)
     pub addresses: ::std::vec::Vec<IpAddress>,
+    // @@protoc_insertion_point(field:kata.agent.v1.Interface.device_mac)
+    pub device_mac: ::std::string::String,
     // special fields
     // @@protoc_insertion_point(special_field:kata.agent.v1.Interface.special_fields)
     pub special_fields: ::protobuf::SpecialFields,
@@ -3490,7 +3492,7 @@ impl Interface {
     }
 
     fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
-        let mut fields = ::std::vec::Vec::with_capacity(4);
+        let mut fields = ::std::vec::Vec::with_capacity(5);
         let mut oneofs = ::std::vec::Vec::with_capacity(0);
         fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
             "name",
@@ -3511,6 +3513,11 @@ impl Interface {
             "addresses",
             |m: &Interface| { &m.addresses },
             |m: &mut Interface| { &mut m.addresses },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "device_mac",
+            |m: &Interface| { &m.device_mac },
+            |m: &mut Interface| { &mut m.device_mac },
         ));
         ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<Interface>(
             "Interface",
@@ -3542,6 +3549,9 @@ impl ::protobuf::Message for Interface {
                 34 => {
                     self.addresses.push(is.read_message()?);
                 },
+                42 => {
+                    self.device_mac = is.read_string()?;
+                },
                 tag => {
                     ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
                 },
@@ -3567,6 +3577,9 @@ impl ::protobuf::Message for Interface {
             let len = value.compute_size();
             my_size += 1 + ::protobuf::rt::compute_raw_varint64_size(len) + len;
         };
+        if !self.device_mac.is_empty() {
+            my_size += ::protobuf::rt::string_size(5, &self.device_mac);
+        }
         my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
         self.special_fields.cached_size().set(my_size as u32);
         my_size
@@ -3585,6 +3598,9 @@ impl ::protobuf::Message for Interface {
         for v in &self.addresses {
             ::protobuf::rt::write_message_field_with_cached_size(4, v, os)?;
         };
+        if !self.device_mac.is_empty() {
+            os.write_string(5, &self.device_mac)?;
+        }
         os.write_unknown_fields(self.special_fields.unknown_fields())?;
         ::std::result::Result::Ok(())
     }
@@ -3606,6 +3622,7 @@ impl ::protobuf::Message for Interface {
         self.mac.clear();
         self.mtu = 0;
         self.addresses.clear();
+        self.device_mac.clear();
         self.special_fields.clear();
     }
 
@@ -3615,6 +3632,7 @@ impl ::protobuf::Message for Interface {
             mac: ::std::string::String::new(),
             mtu: 0,
             addresses: ::std::vec::Vec::new(),
+            device_mac: ::std::string::String::new(),
             special_fields: ::protobuf::SpecialFields::new(),
         };
         &instance
@@ -4464,54 +4482,54 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     \x20\x01(\x0b2\x18.kata.agent.v1.PidsStatsR\x04pids\x12&\n\x02io\x18\x04\
     \x20\x01(\x0b2\x16.kata.agent.v1.IoStatsR\x02io\"D\n\tIpAddress\x12\x18\
     \n\x07address\x18\x01\x20\x01(\tR\x07address\x12\x1d\n\nprefix_len\x18\
-    \x02\x20\x01(\rR\tprefixLen\"{\n\tInterface\x12\x12\n\x04name\x18\x01\
-    \x20\x01(\tR\x04name\x12\x10\n\x03mac\x18\x02\x20\x01(\tR\x03mac\x12\x10\
-    \n\x03mtu\x18\x03\x20\x01(\rR\x03mtu\x126\n\taddresses\x18\x04\x20\x03(\
-    \x0b2\x18.kata.agent.v1.IpAddressR\taddresses\"s\n\x05Route\x12\x20\n\
-    \x0bdestination\x18\x01\x20\x01(\tR\x0bdestination\x12\x18\n\x07gateway\
-    \x18\x02\x20\x01(\tR\x07gateway\x12\x16\n\x06device\x18\x03\x20\x01(\tR\
-    \x06device\x12\x16\n\x06source\x18\x04\x20\x01(\tR\x06source\"C\n\x13Upd\
-    ateRoutesRequest\x12,\n\x06routes\x18\x01\x20\x03(\x0b2\x14.kata.agent.v\
-    1.RouteR\x06routes\"V\n\x0bArpNeighbor\x12\x1d\n\nip_address\x18\x01\x20\
-    \x01(\tR\tipAddress\x12\x10\n\x03mac\x18\x02\x20\x01(\tR\x03mac\x12\x16\
-    \n\x06device\x18\x03\x20\x01(\tR\x06device\"R\n\x16AddArpNeighborsReques\
-    t\x128\n\tneighbors\x18\x01\x20\x03(\x0b2\x1a.kata.agent.v1.ArpNeighborR\
-    \tneighbors\"-\n\x08OomEvent\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\
-    \x0bcontainerId*^\n\x0cSharedFsType\x12\x17\n\x13SHARED_FS_TYPE_NONE\x10\
-    \0\x12\x1b\n\x17SHARED_FS_TYPE_VIRTIOFS\x10\x01\x12\x18\n\x14SHARED_FS_T\
-    YPE_NINEP\x10\x022\x8d\x0e\n\x05Agent\x125\n\x05Check\x12\x14.kata.agent\
-    .v1.Empty\x1a\x16.kata.agent.v1.Version\x12A\n\x0cGuestDetails\x12\x14.k\
-    ata.agent.v1.Empty\x1a\x1b.kata.agent.v1.GuestDetails\x12J\n\rCreateSand\
-    box\x12#.kata.agent.v1.CreateSandboxRequest\x1a\x14.kata.agent.v1.Empty\
-    \x12<\n\x0eDestroySandbox\x12\x14.kata.agent.v1.Empty\x1a\x14.kata.agent\
-    .v1.Empty\x12H\n\x0cSetGuestTime\x12\".kata.agent.v1.SetGuestTimeRequest\
-    \x1a\x14.kata.agent.v1.Empty\x12N\n\x0fCreateContainer\x12%.kata.agent.v\
-    1.CreateContainerRequest\x1a\x14.kata.agent.v1.Empty\x12G\n\x0eStartCont\
-    ainer\x12\x1f.kata.agent.v1.ContainerRequest\x1a\x14.kata.agent.v1.Empty\
-    \x12H\n\x0fRemoveContainer\x12\x1f.kata.agent.v1.ContainerRequest\x1a\
-    \x14.kata.agent.v1.Empty\x12G\n\x0ePauseContainer\x12\x1f.kata.agent.v1.\
-    ContainerRequest\x1a\x14.kata.agent.v1.Empty\x12H\n\x0fResumeContainer\
-    \x12\x1f.kata.agent.v1.ContainerRequest\x1a\x14.kata.agent.v1.Empty\x12N\
-    \n\x0fUpdateContainer\x12%.kata.agent.v1.UpdateContainerRequest\x1a\x14.\
-    kata.agent.v1.Empty\x12L\n\rListProcesses\x12\x1f.kata.agent.v1.Containe\
-    rRequest\x1a\x1a.kata.agent.v1.ProcessList\x12G\n\x05Stats\x12\x1f.kata.\
-    agent.v1.ContainerRequest\x1a\x1d.kata.agent.v1.ContainerStats\x12F\n\
-    \x0bExecProcess\x12!.kata.agent.v1.ExecProcessRequest\x1a\x14.kata.agent\
-    .v1.Empty\x12J\n\rSignalProcess\x12#.kata.agent.v1.SignalProcessRequest\
-    \x1a\x14.kata.agent.v1.Empty\x12H\n\x0bWaitProcess\x12\x1d.kata.agent.v1\
-    .ProcessRequest\x1a\x1a.kata.agent.v1.ProcessExit\x12I\n\nReadStdout\x12\
-    \x1d.kata.agent.v1.ProcessRequest\x1a\x1a.kata.agent.v1.OutputChunk0\x01\
-    \x12I\n\nReadStderr\x12\x1d.kata.agent.v1.ProcessRequest\x1a\x1a.kata.ag\
-    ent.v1.OutputChunk0\x01\x12?\n\nWriteStdin\x12\x19.kata.agent.v1.StdinCh\
-    unk\x1a\x14.kata.agent.v1.Empty(\x01\x12A\n\nCloseStdin\x12\x1d.kata.age\
-    nt.v1.ProcessRequest\x1a\x14.kata.agent.v1.Empty\x12B\n\tResizeTty\x12\
-    \x1f.kata.agent.v1.ResizeTtyRequest\x1a\x14.kata.agent.v1.Empty\x12E\n\
-    \x0fUpdateInterface\x12\x18.kata.agent.v1.Interface\x1a\x18.kata.agent.v\
-    1.Interface\x12H\n\x0cUpdateRoutes\x12\".kata.agent.v1.UpdateRoutesReque\
-    st\x1a\x14.kata.agent.v1.Empty\x12N\n\x0fAddArpNeighbors\x12%.kata.agent\
-    .v1.AddArpNeighborsRequest\x1a\x14.kata.agent.v1.Empty\x12<\n\tOomEvents\
-    \x12\x14.kata.agent.v1.Empty\x1a\x17.kata.agent.v1.OomEvent0\x01b\x06pro\
-    to3\
+    \x02\x20\x01(\rR\tprefixLen\"\x9a\x01\n\tInterface\x12\x12\n\x04name\x18\
+    \x01\x20\x01(\tR\x04name\x12\x10\n\x03mac\x18\x02\x20\x01(\tR\x03mac\x12\
+    \x10\n\x03mtu\x18\x03\x20\x01(\rR\x03mtu\x126\n\taddresses\x18\x04\x20\
+    \x03(\x0b2\x18.kata.agent.v1.IpAddressR\taddresses\x12\x1d\n\ndevice_mac\
+    \x18\x05\x20\x01(\tR\tdeviceMac\"s\n\x05Route\x12\x20\n\x0bdestination\
+    \x18\x01\x20\x01(\tR\x0bdestination\x12\x18\n\x07gateway\x18\x02\x20\x01\
+    (\tR\x07gateway\x12\x16\n\x06device\x18\x03\x20\x01(\tR\x06device\x12\
+    \x16\n\x06source\x18\x04\x20\x01(\tR\x06source\"C\n\x13UpdateRoutesReque\
+    st\x12,\n\x06routes\x18\x01\x20\x03(\x0b2\x14.kata.agent.v1.RouteR\x06ro\
+    utes\"V\n\x0bArpNeighbor\x12\x1d\n\nip_address\x18\x01\x20\x01(\tR\tipAd\
+    dress\x12\x10\n\x03mac\x18\x02\x20\x01(\tR\x03mac\x12\x16\n\x06device\
+    \x18\x03\x20\x01(\tR\x06device\"R\n\x16AddArpNeighborsRequest\x128\n\tne\
+    ighbors\x18\x01\x20\x03(\x0b2\x1a.kata.agent.v1.ArpNeighborR\tneighbors\
+    \"-\n\x08OomEvent\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontaine\
+    rId*^\n\x0cSharedFsType\x12\x17\n\x13SHARED_FS_TYPE_NONE\x10\0\x12\x1b\n\
+    \x17SHARED_FS_TYPE_VIRTIOFS\x10\x01\x12\x18\n\x14SHARED_FS_TYPE_NINEP\
+    \x10\x022\x8d\x0e\n\x05Agent\x125\n\x05Check\x12\x14.kata.agent.v1.Empty\
+    \x1a\x16.kata.agent.v1.Version\x12A\n\x0cGuestDetails\x12\x14.kata.agent\
+    .v1.Empty\x1a\x1b.kata.agent.v1.GuestDetails\x12J\n\rCreateSandbox\x12#.\
+    kata.agent.v1.CreateSandboxRequest\x1a\x14.kata.agent.v1.Empty\x12<\n\
+    \x0eDestroySandbox\x12\x14.kata.agent.v1.Empty\x1a\x14.kata.agent.v1.Emp\
+    ty\x12H\n\x0cSetGuestTime\x12\".kata.agent.v1.SetGuestTimeRequest\x1a\
+    \x14.kata.agent.v1.Empty\x12N\n\x0fCreateContainer\x12%.kata.agent.v1.Cr\
+    eateContainerRequest\x1a\x14.kata.agent.v1.Empty\x12G\n\x0eStartContaine\
+    r\x12\x1f.kata.agent.v1.ContainerRequest\x1a\x14.kata.agent.v1.Empty\x12\
+    H\n\x0fRemoveContainer\x12\x1f.kata.agent.v1.ContainerRequest\x1a\x14.ka\
+    ta.agent.v1.Empty\x12G\n\x0ePauseContainer\x12\x1f.kata.agent.v1.Contain\
+    erRequest\x1a\x14.kata.agent.v1.Empty\x12H\n\x0fResumeContainer\x12\x1f.\
+    kata.agent.v1.ContainerRequest\x1a\x14.kata.agent.v1.Empty\x12N\n\x0fUpd\
+    ateContainer\x12%.kata.agent.v1.UpdateContainerRequest\x1a\x14.kata.agen\
+    t.v1.Empty\x12L\n\rListProcesses\x12\x1f.kata.agent.v1.ContainerRequest\
+    \x1a\x1a.kata.agent.v1.ProcessList\x12G\n\x05Stats\x12\x1f.kata.agent.v1\
+    .ContainerRequest\x1a\x1d.kata.agent.v1.ContainerStats\x12F\n\x0bExecPro\
+    cess\x12!.kata.agent.v1.ExecProcessRequest\x1a\x14.kata.agent.v1.Empty\
+    \x12J\n\rSignalProcess\x12#.kata.agent.v1.SignalProcessRequest\x1a\x14.k\
+    ata.agent.v1.Empty\x12H\n\x0bWaitProcess\x12\x1d.kata.agent.v1.ProcessRe\
+    quest\x1a\x1a.kata.agent.v1.ProcessExit\x12I\n\nReadStdout\x12\x1d.kata.\
+    agent.v1.ProcessRequest\x1a\x1a.kata.agent.v1.OutputChunk0\x01\x12I\n\nR\
+    eadStderr\x12\x1d.kata.agent.v1.ProcessRequest\x1a\x1a.kata.agent.v1.Out\
+    putChunk0\x01\x12?\n\nWriteStdin\x12\x19.kata.agent.v1.StdinChunk\x1a\
+    \x14.kata.agent.v1.Empty(\x01\x12A\n\nCloseStdin\x12\x1d.kata.agent.v1.P\
+    rocessRequest\x1a\x14.kata.agent.v1.Empty\x12B\n\tResizeTty\x12\x1f.kata\
+    .agent.v1.ResizeTtyRequest\x1a\x14.kata.agent.v1.Empty\x12E\n\x0fUpdateI\
+    nterface\x12\x18.kata.agent.v1.Interface\x1a\x18.kata.agent.v1.Interface\
+    \x12H\n\x0cUpdateRoutes\x12\".kata.agent.v1.UpdateRoutesRequest\x1a\x14.\
+    kata.agent.v1.Empty\x12N\n\x0fAddArpNeighbors\x12%.kata.agent.v1.AddArpN\
+    eighborsRequest\x1a\x14.kata.agent.v1.Empty\x12<\n\tOomEvents\x12\x14.ka\
+    ta.agent.v1.Empty\x1a\x17.kata.agent.v1.OomEvent0\x01b\x06proto3\
 ";
 
 /// `FileDescriptorProto` object which was a source for this generated file

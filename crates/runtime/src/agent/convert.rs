@@ -82,6 +82,7 @@ pub fn interface_request(i: &Interface) -> pb::Interface {
     pb::Interface {
         name: i.name.clone(),
         mac: i.mac.clone(),
+        device_mac: i.device_mac.clone(),
         mtu: i.mtu,
         addresses: i
             .addresses
@@ -102,7 +103,7 @@ pub fn interface(i: pb::Interface) -> Result<Interface, ConvertError> {
             Ok(IpNet { addr, prefix_len })
         })
         .collect::<Result<_, ConvertError>>()?;
-    Ok(Interface { name: i.name, mac: i.mac, mtu: i.mtu, addresses })
+    Ok(Interface { name: i.name, mac: i.mac, mtu: i.mtu, addresses, device_mac: i.device_mac })
 }
 
 pub fn route(r: &Route) -> pb::Route {
@@ -169,6 +170,7 @@ mod tests {
             mac: "02:00:00:00:00:01".into(),
             mtu: 1500,
             addresses: vec![IpNet { addr: "10.0.0.2".parse().expect("ip"), prefix_len: 24 }],
+            device_mac: "02:6b:61:74:61:00".into(),
         };
         assert_eq!(interface(interface_request(&i)).expect("iface"), i);
         let r = Route { destination: Some(IpNet { addr: "10.1.0.0".parse().expect("ip"), prefix_len: 16 }), gateway: Some("10.0.0.1".parse().expect("ip")), device: "eth0".into(), source: None };

@@ -77,6 +77,7 @@ impl From<&NetInterface> for agent::Interface {
             mac: i.mac.clone(),
             mtu: i.mtu,
             addresses: i.addresses.iter().copied().map(Into::into).collect(),
+            device_mac: String::new(),
         }
     }
 }
