@@ -13,7 +13,8 @@ use types::config::ConfigSearch;
 
 #[derive(Debug, Subcommand)]
 pub enum FactoryCommand {
-    /// Make the VM template for the current configuration (a no-op when it exists).
+    /// Make the VM templates for the current configuration, for pods without and with a network (a no-op
+    /// for those that exist).
     Init,
     /// List the templates and the memory each holds.
     Status,
@@ -31,12 +32,17 @@ pub fn run(config_path: Option<PathBuf>, command: FactoryCommand) -> Result<Exit
             }
             loaded.validate()?;
             let scratch = std::env::temp_dir().join(format!("kata-runtime-factory-{}", std::process::id()));
-            let mut vm = runtime::vm_config::vm_config("template", &loaded.config, &SandboxPaths::new(&scratch, "template"))?;
-            // What a pod's VM has when it is cloned (see runtime::sandbox), so the shim finds this template.
-            vm.net_devices = vec![runtime::factory::template_nic(None)];
+            let vm = runtime::vm_config::vm_config("template", &loaded.config, &SandboxPaths::new(&scratch, "template"))?;
+            // The two templates the shim clones from (see runtime::sandbox): for pods without a network, and
+            // for pods with one interface, whose VM has one NIC.
+            let mut with_nic = vm.clone();
+            with_nic.net_devices = vec![runtime::factory::template_nic(None)];
             let timeout = Duration::from_secs(u64::from(loaded.config.agent.dial_timeout.max(1)));
-            let template = tokio_runtime()?.block_on(runtime::factory::ensure(&root, &vm, timeout))?;
-            println!("{}", template.dir.display());
+            let rt = tokio_runtime()?;
+            for config in [vm, with_nic] {
+                let template = rt.block_on(runtime::factory::ensure(&root, &config, timeout))?;
+                println!("{}", template.dir.display());
+            }
         }
         FactoryCommand::Status => {
             let templates = runtime::factory::list(&root);

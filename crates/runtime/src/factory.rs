@@ -54,8 +54,8 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Factory
 /// Locally administered, unicast.
 pub const TEMPLATE_NIC_MAC: &str = "02:6b:61:74:61:00";
 
-/// The one NIC of a template and its clones: on `tap` in a pod with a network, without a host side in a
-/// template or a pod without one.
+/// The NIC of a template for pods with a network, and of its clones: without a host side in the template,
+/// on the pod's tap in a clone.
 pub fn template_nic(tap: Option<std::sync::Arc<std::os::fd::OwnedFd>>) -> NetDevice {
     NetDevice { id: "net0".to_string(), mac: TEMPLATE_NIC_MAC.to_string(), fd: tap }
 }

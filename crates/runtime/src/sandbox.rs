@@ -128,10 +128,13 @@ impl Sandbox {
             pod_network = setup.network;
         }
         let dial_timeout = Duration::from_secs(u64::from(opts.config.agent.dial_timeout.max(1)));
-        // A clone has exactly the template's devices, and the template has one NIC.
+        // A clone has exactly its template's devices. There is a template without a NIC (pods without a
+        // network) and one with a NIC (pods with one interface): the NIC costs a clone ~4 MiB.
         let clone = opts.config.factory.enable_template && taps.len() <= 1;
         if clone {
-            config.net_devices = vec![factory::template_nic(taps.pop().map(|tap| Arc::new(tap.fd)))];
+            if let Some(tap) = taps.pop() {
+                config.net_devices = vec![factory::template_nic(Some(Arc::new(tap.fd)))];
+            }
             let root = PathBuf::from(&opts.config.factory.template_path);
             factory::ensure(&root, &config, dial_timeout).await?.clone_into(&mut config);
         } else {
