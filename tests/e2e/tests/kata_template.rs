@@ -141,6 +141,16 @@ fn pods_are_clones_of_one_template() {
     assert_eq!(stdout.lines().count(), 200000, "stderr: {}", text(&out.stderr));
     assert_eq!(stdout.lines().last(), Some("200000"));
 
+    // An interactive tty (stdin and resize streams over the same port).
+    let tty = unique_id("tmpl-tty");
+    let opts = RunOptions { tty: true, timeout: RUN_TIMEOUT, ..RunOptions::runtime(KATA_RUNTIME) };
+    let mut session = containerd.run_pty(&opts, BUSYBOX_IMAGE, &tty, &["sh"]).expect("ctr run -t");
+    session.send_line("echo $((6*7))").expect("type");
+    session.expect_line("42", RUN_TIMEOUT).unwrap_or_else(|e| panic!("{e}\n{}", containerd.log_tail(60)));
+    session.send_line("exit").expect("type");
+    let status = session.wait(Duration::from_secs(60)).expect("ctr exits");
+    assert!(status.success(), "{status:?}: {}", session.transcript());
+
     // `factory destroy` removes it; `factory init` makes it ahead of the next pod.
     let removed = factory_ok(&parts, &conf, &["destroy"]);
     assert!(removed.starts_with("removed "), "{removed}");
@@ -154,7 +164,7 @@ fn pods_are_clones_of_one_template() {
     let out = run(&again, &["echo", "again"]);
     assert_eq!(text(&out.stdout), "again\n", "{}", text(&out.stderr));
 
-    let ids = [first.as_str(), a.as_str(), b.as_str(), bulk.as_str(), again.as_str()];
+    let ids = [first.as_str(), a.as_str(), b.as_str(), bulk.as_str(), tty.as_str(), again.as_str()];
     let report = containerd.leaks(&ids).expect("leak check");
     assert!(report.is_empty(), "leaked:\n{report}");
     for id in ids {
