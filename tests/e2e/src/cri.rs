@@ -40,7 +40,7 @@ pub use kata_pod::{
 pub use network::{bridge_conf, cni_skip_reason, loopback_conf, CniNetwork};
 pub use stream::{StreamError, StreamSession, StreamStatus, Streams};
 pub use stream_checks::{attach_target, check_attach, check_exec_streams};
-pub use web::WebVolumes;
+pub use web::{http_get, WebVolumes};
 
 /// Errors of the CRI client and the CNI network helper.
 #[derive(Debug, thiserror::Error)]

@@ -10,14 +10,13 @@
 //! Network safety: the only traffic sent goes from the host to the pod's address on the test's own bridge,
 //! and inside the pod over its loopback; the pod's DNS server is its own loopback.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
 use e2e::checks::{check_clean_stop, poll, step, Checks};
 use e2e::config_files::{cri_plugin, merge, private_cri_config};
 use e2e::cri::{
+    http_get,
     import_pod_images, kata_taps_anywhere, parse_cri_log, qemu_processes, start_containerd,
     vm_lock, CniNetwork, ContainerSpec, CriClient, KataPodFootprint, PodCleanup, PodSpec, WebVolumes,
 };
@@ -30,18 +29,6 @@ use k8s_cri::v1::{ContainerState, LinuxContainerResources};
 const CRI_DEADLINE: Duration = Duration::from_secs(90);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 const UNTRUSTED_ANNOTATION: &str = "io.kubernetes.cri.untrusted-workload";
-
-/// An HTTP/1.0 GET of `path` from `ip:port`, every step bounded; returns the whole response.
-fn http_get(ip: Ipv4Addr, port: u16, path: &str) -> std::io::Result<String> {
-    let addr = SocketAddr::from((ip, port));
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response)
-}
 
 fn cri_client(containerd: &Containerd) -> CriClient {
     let mut cri = CriClient::connect(containerd.address()).expect("CRI client connects");

@@ -5,12 +5,11 @@
 //! Network safety: the only traffic sent goes from the host to the pod's address on the test's own
 //! bridge; the pod's DNS server is its own loopback.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use e2e::checks::{step, Checks};
 use e2e::cri::{
+    http_get,
     attach_target, check_attach, check_exec_streams, cni_skip_reason, import_pod_images,
     parse_cri_log, CniNetwork, CriClient, PodCleanup, PodSpec, WebVolumes,
 };
@@ -19,18 +18,6 @@ use e2e::{skip_unless_containerd, Containerd, ContainerdOptions, CriOptions, BUS
 use k8s_cri::v1::{ContainerState, LinuxContainerResources};
 
 const EXEC_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// An HTTP/1.0 GET of `path` from `ip:port`, every step bounded; returns the whole response.
-fn http_get(ip: Ipv4Addr, port: u16, path: &str) -> std::io::Result<String> {
-    let addr = SocketAddr::from((ip, port));
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response)
-}
 
 #[test]
 fn pod_with_http_server_exec_logs_stats_and_volumes() {

@@ -5,27 +5,16 @@
 //! Needs what `cri_kata.rs` needs; skips with the reason otherwise. Network safety as there: the only
 //! traffic goes from the host to the pod's address on the test's own bridge.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use e2e::checks::{check_clean_stop, poll, step, Checks};
-use e2e::cri::{import_pod_images, start_containerd, vm_lock, CniNetwork, CriClient, KataPodFootprint, PodCleanup, PodSpec, WebVolumes};
+use e2e::cri::{
+    http_get,import_pod_images, start_containerd, vm_lock, CniNetwork, CriClient, KataPodFootprint, PodCleanup, PodSpec, WebVolumes};
 use e2e::leaks::{netns_entries, processes};
 use e2e::kata_pod_parts_or_skip;
 
 const CRI_DEADLINE: Duration = Duration::from_secs(90);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn http_get(ip: Ipv4Addr, port: u16, path: &str) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response)
-}
 
 /// The MAC of `eth0` in the network namespace at `netns` (the pod's veth, which CNI made). Asked over
 /// netlink with `ip`: /sys would still show the host's namespace.

@@ -1,9 +1,24 @@
 //! The host side of the CRI web-pod tests (runc and kata): a page for busybox `httpd` to serve, a read-only
 //! and a read-write volume with known contents, and the pod's log directory, all in one temporary directory.
 
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::ContainerSpec;
+
+/// An HTTP/1.0 GET of `path` from `ip:port` (the web pod's httpd), every step bounded; returns the whole
+/// response.
+pub fn http_get(ip: Ipv4Addr, port: u16, path: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
 
 /// Removed, with everything in it, when dropped.
 #[derive(Debug)]
