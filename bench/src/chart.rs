@@ -1,4 +1,5 @@
-//! The PNG summary: grouped bars kata vs runc for start and exec latency, and host PSS per idle pod.
+//! The PNG summary: grouped bars kata vs runc for start and exec latency, and host PSS per idle pod, with
+//! pods cloned from a VM template beside them when the run measured those.
 //! Text is drawn with `ab_glyph` from a TrueType file (DejaVu Sans, Debian package fonts-dejavu-core).
 
 use std::path::Path;
@@ -19,6 +20,7 @@ pub const FONT_FILES: &[&str] = &[
 const KATA: RGBColor = RGBColor(0xd9, 0x48, 0x1e);
 const RUNC: RGBColor = RGBColor(0x2b, 0x6c, 0xb0);
 const FLOOR: RGBColor = RGBColor(0x88, 0x88, 0x88);
+const CLONE: RGBColor = RGBColor(0xe8, 0xa2, 0x3a);
 
 fn register_font() -> Result<()> {
     let path = FONT_FILES
@@ -118,14 +120,13 @@ pub fn draw(results: &Results, path: &Path) -> Result<()> {
     let panels = root.split_evenly((1, 3));
     let (kata, runc) = results.cold_stats();
     let floor = results.floor_stat();
-    let start = [Group {
-        label: "ctr run --rm echo hi".to_owned(),
-        bars: vec![
-            ("kata", KATA, kata.map(|s| s.median)),
-            ("runc", RUNC, runc.map(|s| s.median)),
-            ("bare QEMU boot floor", FLOOR, floor.map(|s| s.median)),
-        ],
-    }];
+    let template = results.template.as_ref();
+    let mut bars = vec![("kata", KATA, kata.map(|s| s.median)), ("runc", RUNC, runc.map(|s| s.median))];
+    if let Some(t) = template {
+        bars.push(("kata, template clone", CLONE, t.cold.as_ref().and_then(|c| c.stats().0).map(|s| s.median)));
+    }
+    bars.push(("bare QEMU boot floor", FLOOR, floor.map(|s| s.median)));
+    let start = [Group { label: "ctr run --rm echo hi".to_owned(), bars }];
     panel(&panels[0], "Start latency (median)", "seconds", &start, None)?;
     let (ek, er) = results.exec_stats();
     let exec = [Group {
@@ -134,15 +135,20 @@ pub fn draw(results: &Results, path: &Path) -> Result<()> {
     }];
     panel(&panels[1], "Exec latency (median)", "seconds", &exec, None)?;
     let (mk, mr) = (results.pss_steps("kata"), results.pss_steps("runc"));
+    let clones = template.map(|t| t.memory_steps()).unwrap_or_default();
     let memory: Vec<Group> = mk
         .iter()
         .enumerate()
-        .map(|(i, (target, running, pss))| Group {
-            label: format!("{target} pods ({running} up)"),
-            bars: vec![
+        .map(|(i, (target, running, pss))| {
+            let mut bars = vec![
                 ("kata", KATA, (*running > 0).then_some(*pss)),
                 ("runc", RUNC, mr.get(i).and_then(|(_, r, p)| (*r > 0).then_some(*p))),
-            ],
+            ];
+            if template.is_some() {
+                let clone = clones.get(i).and_then(|(_, r, p, share)| (*r > 0).then_some(p + share));
+                bars.push(("kata, template clone (+ share)", CLONE, clone));
+            }
+            Group { label: format!("{target} pods ({running} up)"), bars }
         })
         .collect();
     panel(&panels[2], "Host PSS per idle pod", "MiB", &memory, Some((TARGET_PSS_MIB / 1.048_576, "target 60 MB")))?;

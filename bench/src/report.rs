@@ -263,9 +263,7 @@ impl Results {
                 times(r, 2),
                 yes(r.map(|r| r <= TARGET_START_RATIO))
             );
-            let total = t.memory.as_ref().and_then(|m| m.steps.iter().rev().find(|s| s.running > 0)).map(|s| {
-                s.cost.pss_per_pod_mib() + t.template_mib / s.running as f64
-            });
+            let total = t.memory_steps().iter().rev().find(|s| s.1 > 0).map(|s| s.2 + s.3);
             let _ = writeln!(
                 o,
                 "| with templating: host memory per idle pod ≤ {TARGET_PSS_MIB} MB (PSS + template share) | {} MiB | {} |",
@@ -287,6 +285,17 @@ impl Results {
             }
         }
         o
+    }
+}
+
+impl TemplateResults {
+    /// Per memory step: (pods asked, running, PSS per pod, template share per pod), MiB.
+    pub fn memory_steps(&self) -> Vec<(usize, usize, f64, f64)> {
+        let steps = self.memory.as_ref().map(|m| m.steps.as_slice()).unwrap_or(&[]);
+        steps
+            .iter()
+            .map(|s| (s.target, s.running, s.cost.pss_per_pod_mib(), self.template_mib / s.running.max(1) as f64))
+            .collect()
     }
 }
 
@@ -330,12 +339,10 @@ fn template_markdown(o: &mut String, t: &TemplateResults, floor: Option<Stat>) {
         t.template_mib
     );
     let _ = writeln!(o, "| pods asked | running | PSS / pod | template files / pod | total / pod |\n|---|---|---|---|---|");
+    for (target, running, pss, share) in t.memory_steps() {
+        let _ = writeln!(o, "| {target} | {running} | {pss:.1} | {share:.1} | {:.1} |", pss + share);
+    }
     if let Some(m) = &t.memory {
-        for step in &m.steps {
-            let pss = step.cost.pss_per_pod_mib();
-            let share = t.template_mib / step.running.max(1) as f64;
-            let _ = writeln!(o, "| {} | {} | {pss:.1} | {share:.1} | {:.1} |", step.target, step.running, pss + share);
-        }
         if let Some(last) = m.steps.last() {
             let pods = last.cost.pods.max(1) as f64;
             let parts: Vec<String> =

@@ -89,7 +89,7 @@ pub async fn ensure(root: &Path, config: &VmConfig, timeout: Duration) -> Result
     if is_complete(&template.dir) {
         return Ok(template);
     }
-    std::fs::create_dir_all(root).map_err(io("cannot create", root))?;
+    create_private_dir(root)?;
     let _lock = lock(&root.join(LOCK)).await?;
     if is_complete(&template.dir) {
         return Ok(template);
@@ -122,6 +122,13 @@ async fn remove_unfinished(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Templates hold a guest's memory and device state: root only, like the sandboxes' own directories.
+fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io("cannot restrict permissions of", dir))
 }
 
 fn is_complete(dir: &Path) -> bool {
