@@ -146,7 +146,7 @@ pub fn draw(results: &Results, path: &Path) -> Result<()> {
             ];
             if template.is_some() {
                 let clone = clones.get(i).and_then(|(_, r, p, share)| (*r > 0).then_some(p + share));
-                bars.push(("kata, template clone (+ share)", CLONE, clone));
+                bars.push(("clone, with share", CLONE, clone));
             }
             Group { label: format!("{target} pods ({running} up)"), bars }
         })

@@ -5,6 +5,7 @@
 //! Writes `bench/results/latest.{md,json,png}`.
 //!
 //! usage: bench-all [--quick] [--runs N] [--only floor,cold,exec,memory,density,fs,net,template] [--out DIR]
+//!        bench-all --redraw results/latest.json [--out DIR]
 //! Parts from KATA_TEST_KERNEL, KATA_TEST_INITRD, KATA_TEST_VIRTIOFSD, KATA_TEST_VSOCK_DAEMON, KATA_TEST_SHIM_DIR.
 
 use std::path::PathBuf;
@@ -31,6 +32,9 @@ struct Args {
     /// Comma-separated stages to run (default all): floor, cold, exec, memory, density, fs, net, template.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Render the Markdown and the chart again from a saved `latest.json` instead of measuring.
+    #[arg(long, value_name = "JSON")]
+    redraw: Option<PathBuf>,
     /// Where latest.md, latest.json and latest.png go.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
@@ -187,22 +191,34 @@ fn fs_row(label: &str, r: Result<Vec<f64>>) -> FsRead {
     }
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    if let Some(bad) = args.only.iter().find(|s| !STAGES.contains(&s.as_str())) {
-        bail!("unknown stage {bad:?} in --only (stages: {})", STAGES.join(", "));
-    }
+/// Every stage `args` asks for; the results so far even when the run stopped early.
+fn measure_all(args: &Args) -> Result<(Results, Result<()>)> {
     if let Some(reason) = e2e::skip_reason() {
         bail!("cannot run: {reason}");
     }
     let parts = KataParts::find().map_err(|e| anyhow::anyhow!("kata parts: {e}"))?;
     let interrupt = Interrupt::install()?;
     let mut results = Results { machine: machine(&parts, args.quick), ..Default::default() };
-    let outcome = run(&args, &parts, &interrupt, &mut results);
+    let outcome = run(args, &parts, &interrupt, &mut results);
     results.machine.load_after = load();
     if let Err(e) = &outcome {
         results.stage_errors.push(format!("run stopped: {e:#}"));
     }
+    Ok((results, outcome))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(bad) = args.only.iter().find(|s| !STAGES.contains(&s.as_str())) {
+        bail!("unknown stage {bad:?} in --only (stages: {})", STAGES.join(", "));
+    }
+    let (results, outcome) = match &args.redraw {
+        Some(json) => {
+            let text = std::fs::read_to_string(json).with_context(|| format!("read {}", json.display()))?;
+            (serde_json::from_str::<Results>(&text).with_context(|| format!("parse {}", json.display()))?, Ok(()))
+        }
+        None => measure_all(&args)?,
+    };
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     let md = args.out.join("latest.md");
     let json = args.out.join("latest.json");
