@@ -54,6 +54,10 @@ pub enum Error {
     },
     #[error("VM template: {0}")]
     Migration(String),
+    /// A clone could not load its template's saved state (QEMU refused it or died loading it).
+    /// The cause is part of the message: callers that show one line (the shim's error to containerd) keep it.
+    #[error("cannot load the VM template's state {state}: {cause}")]
+    StateLoad { state: PathBuf, cause: Box<Error> },
     #[error("QMP request failed")]
     Qmp(#[from] QmpError),
 }

@@ -230,6 +230,15 @@ async fn lock(path: &Path) -> Result<Flock<std::fs::File>> {
         .map_err(io("cannot lock", path))
 }
 
+/// Removes a template that turned out broken, so the next pod makes a new one. Moved aside first, so no
+/// pod starts cloning it meanwhile; clones already running keep its files open.
+pub fn discard(template: &Template) {
+    let aside = template.dir.with_extension(format!("broken-{}", std::process::id()));
+    if std::fs::rename(&template.dir, &aside).is_ok() {
+        let _ = std::fs::remove_dir_all(&aside);
+    }
+}
+
 /// One template directory, as `kata-runtime factory status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TemplateInfo {
@@ -324,6 +333,18 @@ mod tests {
         let status = child.wait().unwrap();
         assert!(!status.success(), "the recorded process was killed: {status:?}");
         assert!(!new_dir.exists());
+    }
+
+    #[test]
+    fn a_discarded_template_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let template = Template { dir: dir.path().join("abcd") };
+        std::fs::create_dir_all(&template.dir).unwrap();
+        std::fs::write(template.memory_file(), b"m").unwrap();
+        std::fs::write(template.state_file(), b"s").unwrap();
+        discard(&template);
+        assert!(!template.dir.exists());
+        assert!(list(dir.path()).is_empty(), "{:?}", list(dir.path()));
     }
 
     #[tokio::test]

@@ -131,12 +131,15 @@ impl Sandbox {
         // A clone has exactly its template's devices. There is a template without a NIC (pods without a
         // network) and one with a NIC (pods with one interface): the NIC costs a clone ~4 MiB.
         let clone = opts.config.factory.enable_template && taps.len() <= 1;
+        let mut cloned_from = None;
         if clone {
             if let Some(tap) = taps.pop() {
                 config.net_devices = vec![factory::template_nic(Some(Arc::new(tap.fd)))];
             }
             let root = PathBuf::from(&opts.config.factory.template_path);
-            factory::ensure(&root, &config, dial_timeout).await?.clone_into(&mut config);
+            let template = factory::ensure(&root, &config, dial_timeout).await?;
+            template.clone_into(&mut config);
+            cloned_from = Some(template);
         } else {
             if opts.config.factory.enable_template {
                 tracing::info!("sandbox {} has {} network interfaces, the VM template one: booting it", opts.id, taps.len());
@@ -160,6 +163,11 @@ impl Sandbox {
         state.processes = vm.pids();
         state.save(&p.state_file())?;
         if let Err(e) = started {
+            if let (Some(template), hypervisor::Error::StateLoad { .. }) = (&cloned_from, &e) {
+                // Every later clone would fail the same way: make way for a new template.
+                factory::discard(template);
+                tracing::warn!("removed the VM template {} (its state does not load); the next pod makes a new one", template.dir.display());
+            }
             return Err(SandboxError::Vm(e));
         }
         let (exit_tx, vm_exit) = watch::channel(None);

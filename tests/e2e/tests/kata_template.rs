@@ -164,7 +164,22 @@ fn pods_are_clones_of_one_template() {
     let out = run(&again, &["echo", "again"]);
     assert_eq!(text(&out.stdout), "again\n", "{}", text(&out.stderr));
 
-    let ids = [first.as_str(), a.as_str(), b.as_str(), bulk.as_str(), tty.as_str(), again.as_str()];
+    // A template whose state does not load fails one pod with the reason and is removed, so the next pod
+    // makes a new one instead of every pod failing.
+    for dir in made.lines() {
+        std::fs::write(Path::new(dir).join("state"), b"not a QEMU migration stream").expect("spoil the state");
+    }
+    let broken = unique_id("tmpl-broken");
+    let out = run(&broken, &["echo", "hi"]);
+    assert!(!out.status.success(), "a clone of a spoiled template ran: {}", text(&out.stdout));
+    eprintln!("ctr run from a spoiled template: {}", text(&out.stderr));
+    let why = format!("{}\n{}", text(&out.stderr), containerd.log_tail(80));
+    assert!(why.contains("cannot load the VM template's state"), "{why}");
+    let healed = unique_id("tmpl-healed");
+    let out = run(&healed, &["echo", "healed"]);
+    assert_eq!(text(&out.stdout), "healed\n", "{}\n{}", text(&out.stderr), containerd.log_tail(60));
+
+    let ids = [first.as_str(), a.as_str(), b.as_str(), bulk.as_str(), tty.as_str(), again.as_str(), broken.as_str(), healed.as_str()];
     let report = containerd.leaks(&ids).expect("leak check");
     assert!(report.is_empty(), "leaked:\n{report}");
     for id in ids {

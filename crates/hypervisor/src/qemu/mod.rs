@@ -273,7 +273,10 @@ impl QemuVm {
         tracing::info!(vm = %self.config.name, pid = qemu.info().pid, accel = %plan.accel, "QEMU started");
         let qmp = self.connect_qmp(&qemu, &spawned.helpers).await?;
         if let GuestMemory::Clone { state, .. } = &self.config.memory {
-            self.load_state(&qemu, &qmp, state).await?;
+            self.load_state(&qemu, &qmp, state).await.map_err(|cause| Error::StateLoad {
+                state: state.clone(),
+                cause: Box::new(cause),
+            })?;
         }
         Ok((qemu, qmp))
     }
