@@ -180,13 +180,13 @@ async fn boot_and_save(vm: &QemuVm, dir: &Path, timeout: Duration) -> Result<()>
     vm.save_template(&dir.join(STATE)).await.map_err(FactoryError::Vm)
 }
 
-/// The part of `config` that shapes the guest: per-VM names and paths are blanked.
+/// The part of `config` that shapes the guest: per-VM names and paths are blanked. NICs are never serialised
+/// (they hold fds), so `key` adds them itself.
 fn normalized(config: &VmConfig) -> VmConfig {
     let mut c = config.clone();
     c.name.clear();
     c.work_dir = PathBuf::new();
     c.memory = GuestMemory::Memfd;
-    c.net_devices.clear();
     if let SharedFs::Virtio9p { shared_dir } = &mut c.shared_fs {
         *shared_dir = PathBuf::new();
     }

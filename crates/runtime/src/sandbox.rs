@@ -130,16 +130,14 @@ impl Sandbox {
         let dial_timeout = Duration::from_secs(u64::from(opts.config.agent.dial_timeout.max(1)));
         // A clone has exactly its template's devices. There is a template without a NIC (pods without a
         // network) and one with a NIC (pods with one interface): the NIC costs a clone ~4 MiB.
-        let clone = opts.config.factory.enable_template && taps.len() <= 1;
-        let mut cloned_from = None;
-        if clone {
+        let cloned_from = if opts.config.factory.enable_template && taps.len() <= 1 {
             if let Some(tap) = taps.pop() {
                 config.net_devices = vec![factory::template_nic(Some(Arc::new(tap.fd)))];
             }
             let root = PathBuf::from(&opts.config.factory.template_path);
             let template = factory::ensure(&root, &config, dial_timeout).await?;
             template.clone_into(&mut config);
-            cloned_from = Some(template);
+            Some(template)
         } else {
             if opts.config.factory.enable_template {
                 tracing::info!("sandbox {} has {} network interfaces, the VM template one: booting it", opts.id, taps.len());
@@ -147,7 +145,8 @@ impl Sandbox {
             for (i, (tap, iface)) in taps.into_iter().zip(&pod_network.interfaces).enumerate() {
                 config.net_devices.push(NetDevice { id: format!("net{i}"), mac: iface.mac.clone(), fd: Some(Arc::new(tap.fd)) });
             }
-        }
+            None
+        };
         let vm = Arc::new(QemuVm::new(config));
         vm.prepare().await.map_err(SandboxError::Vm)?;
         let transport = match (vm.agent_serial_socket(), vm.agent_socket()) {
@@ -205,7 +204,7 @@ impl Sandbox {
         let configured = async {
             agent.create_sandbox(&setup).await?;
             // A clone's NIC still has the template's MAC; the agent gives it the pod's.
-            let device_mac = if clone { factory::TEMPLATE_NIC_MAC } else { "" };
+            let device_mac = if cloned_from.is_some() { factory::TEMPLATE_NIC_MAC } else { "" };
             configure_guest_network(&agent, &pod_network, device_mac).await
         }
         .await;

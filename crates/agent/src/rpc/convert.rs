@@ -37,18 +37,18 @@ fn nanos(t: SystemTime) -> i64 {
 pub fn sandbox_config(req: pb::CreateSandboxRequest) -> Result<SandboxConfig, ConvertError> {
     let shared_fs = match req.shared_fs.into_option() {
         None => None,
+        // An empty message: no shared filesystem, as when the field is absent.
+        Some(fs) if fs.type_.enum_value() == Ok(pb::SharedFsType::SHARED_FS_TYPE_NONE) && fs.tag.is_empty() => None,
         Some(fs) => {
             let kind = match fs.type_.enum_value() {
-                Ok(pb::SharedFsType::SHARED_FS_TYPE_VIRTIOFS) => Some(SharedFsKind::VirtioFs),
-                Ok(pb::SharedFsType::SHARED_FS_TYPE_NINEP) => Some(SharedFsKind::NineP),
-                Ok(pb::SharedFsType::SHARED_FS_TYPE_NONE) if fs.tag.is_empty() => None,
+                Ok(pb::SharedFsType::SHARED_FS_TYPE_VIRTIOFS) => SharedFsKind::VirtioFs,
+                Ok(pb::SharedFsType::SHARED_FS_TYPE_NINEP) => SharedFsKind::NineP,
                 _ => return Err(ConvertError::SharedFsType),
             };
-            match kind {
-                None => None,
-                Some(_) if fs.tag.is_empty() => return Err(invalid("shared_fs.tag", "")),
-                Some(kind) => Some(SharedFsConfig { kind, tag: fs.tag, mount_point: PathBuf::from(fs.mount_point) }),
+            if fs.tag.is_empty() {
+                return Err(invalid("shared_fs.tag", ""));
             }
+            Some(SharedFsConfig { kind, tag: fs.tag, mount_point: PathBuf::from(fs.mount_point) })
         }
     };
     Ok(SandboxConfig {
@@ -157,6 +157,14 @@ mod tests {
             ..Default::default()
         };
         assert!(sandbox_config(req).unwrap_err().to_string().contains("shared_fs.tag"));
+    }
+
+    #[test]
+    fn an_empty_shared_fs_means_none_and_type_none_with_a_tag_is_refused() {
+        let with = |fs: pb::SharedFs| pb::CreateSandboxRequest { shared_fs: Some(fs).into(), ..Default::default() };
+        assert_eq!(sandbox_config(with(pb::SharedFs::default())).expect("no fs").shared_fs, None);
+        let none_tagged = pb::SharedFs { tag: "kataShared".into(), ..Default::default() };
+        assert!(matches!(sandbox_config(with(none_tagged)), Err(ConvertError::SharedFsType)));
     }
 
     #[test]
