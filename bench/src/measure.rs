@@ -95,10 +95,7 @@ pub fn first_run(stage: &Stage) -> Result<f64> {
 /// MiB the VM templates under `dir` hold (allocated blocks of their sparse memory files): page cache or
 /// tmpfs that every clone shares, beside what the clones' PSS already counts of it.
 pub fn template_mib(dir: &Path) -> f64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0.0 };
-    entries.flatten().filter_map(|e| std::fs::metadata(e.path().join("memory")).ok()).map(|m| (m.blocks() * 512) as f64).sum::<f64>()
-        / 1048576.0
+    runtime::factory::list(dir).iter().map(|t| t.memory_bytes as f64).sum::<f64>() / 1048576.0
 }
 
 /// Starts detached `sleep 3600` containers `ids` with at most `concurrency` `ctr run -d` at a time;

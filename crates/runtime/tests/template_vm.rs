@@ -63,11 +63,6 @@ async fn start_clone(template: &factory::Template, mut config: VmConfig) -> Resu
     Ok(Clone { vm, agent })
 }
 
-fn running(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    !stat.is_empty() && !stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clones_of_a_template_run_containers() {
     let (Some(kernel), Some(initrd)) = (env_path("KATA_TEST_KERNEL"), env_path("KATA_TEST_INITRD")) else {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use e2e::kata::{sandbox_dir, KataParts, KATA_RUNTIME};
+use e2e::kata::{sandbox_dir, sandbox_state, KataParts, KATA_RUNTIME};
 use e2e::{skip_reason, unique_id, Containerd, ContainerdOptions, OciImage, RunOptions, BUSYBOX_IMAGE};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
@@ -34,8 +34,7 @@ fn factory_ok(parts: &KataParts, conf: &Path, args: &[&str]) -> String {
 
 /// The QEMU command line of a running sandbox (its first recorded process).
 fn qemu_cmdline(id: &str) -> Vec<String> {
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(sandbox_dir(id).join("state.json")).expect("state")).expect("JSON");
+    let state = sandbox_state(id).expect("the sandbox's state.json");
     let pid = state["processes"][0]["pid"].as_u64().expect("QEMU pid");
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("QEMU cmdline");
     raw.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect()

@@ -14,6 +14,12 @@ pub fn env_path(name: &str) -> Option<PathBuf> {
 
 /// A busybox rootfs: Debian's static busybox plus one link per applet. The links are made
 /// here, relative, because `busybox --install -s DIR` would point them at the host path.
+/// Whether `pid` is alive: it exists and is not a zombie (a zombie is dead; its parent reaps it).
+pub fn running(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty() && !stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'))
+}
+
 pub fn make_rootfs(root: &Path) {
     let bin = root.join("bin");
     std::fs::create_dir_all(&bin).expect("mkdir bin");
