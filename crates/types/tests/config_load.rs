@@ -387,7 +387,10 @@ fn validate_names_file_line_and_key_of_missing_files() {
     let err = loaded.validate().expect_err("default initrd missing");
     assert_eq!(
         err.to_string(),
-        format!("(default): hypervisor.qemu.initrd: {} does not exist", missing.display())
+        format!(
+            "(default): hypervisor.qemu.initrd: {} does not exist",
+            missing.display()
+        )
     );
     let text = format!("{text}initrd = \"{}\"\n", initrd.display());
     load_text(&text)
@@ -399,7 +402,8 @@ fn validate_names_file_line_and_key_of_missing_files() {
 #[test]
 fn tcg_tb_size_out_of_range_is_refused() {
     for bad in [0, 2048] {
-        let loaded = load_text(&format!("[hypervisor.qemu]\ntcg_tb_size = {bad}\n")).expect("loads");
+        let loaded =
+            load_text(&format!("[hypervisor.qemu]\ntcg_tb_size = {bad}\n")).expect("loads");
         let err = loaded.validate().expect_err("out of range").to_string();
         assert!(
             err.contains(&format!(
@@ -413,7 +417,10 @@ fn tcg_tb_size_out_of_range_is_refused() {
 #[test]
 fn templating_needs_an_initrd_and_9p() {
     let loaded = load_text("[factory]\nenable_template = true\n").expect("loads");
-    let err = loaded.validate().expect_err("templating with virtio-fs").to_string();
+    let err = loaded
+        .validate()
+        .expect_err("templating with virtio-fs")
+        .to_string();
     assert!(
         err.contains(
             "/etc/kata-containers/configuration.toml:2: factory.enable_template: needs hypervisor.qemu.shared_fs = \"virtio-9p\""
@@ -424,11 +431,23 @@ fn templating_needs_an_initrd_and_9p() {
         "[hypervisor.qemu]\nshared_fs = \"virtio-9p\"\nimage = \"/i.img\"\n[factory]\nenable_template = true\ntemplate_path = \"run/t\"\n",
     )
     .expect("loads");
-    let err = loaded.validate().expect_err("templating with an image").to_string();
-    assert!(err.contains("factory.enable_template: needs hypervisor.qemu.initrd"), "{err}");
-    assert!(err.contains("factory.template_path: \"run/t\" must be an absolute path"), "{err}");
+    let err = loaded
+        .validate()
+        .expect_err("templating with an image")
+        .to_string();
+    assert!(
+        err.contains("factory.enable_template: needs hypervisor.qemu.initrd"),
+        "{err}"
+    );
+    assert!(
+        err.contains("factory.template_path: \"run/t\" must be an absolute path"),
+        "{err}"
+    );
 
-    let loaded = load_text("[hypervisor.qemu]\nshared_fs = \"virtio-9p\"\n[factory]\nenable_template = true\n").expect("loads");
+    let loaded = load_text(
+        "[hypervisor.qemu]\nshared_fs = \"virtio-9p\"\n[factory]\nenable_template = true\n",
+    )
+    .expect("loads");
     if let Err(err) = loaded.validate() {
         assert!(!err.to_string().contains("factory."), "{err}");
     }
@@ -470,6 +489,8 @@ fn shipped_configuration_loads_without_warnings() {
         hv.valid_virtio_fs_daemon_paths,
         ["/usr/local/bin/virtiofsd"]
     );
+    assert_eq!(hv.default_maxmemory, 0);
+    assert_eq!(loaded.config.agent.dial_timeout, 45);
     // Every implemented key is spelled out in the shipped file.
     let defaults: Vec<_> = loaded
         .settings()
@@ -544,7 +565,7 @@ dan_conf = "/run/kata-containers/dans"
 #[test]
 fn a_stock_kata_configuration_loads_with_warnings_only() {
     let loaded = load_text(STOCK_KATA).expect("stock Kata file loads");
-    assert_eq!(loaded.warnings.len(), 24 + 1 + 7, "{:#?}", loaded.warnings);
+    assert_eq!(loaded.warnings.len(), 23 + 1 + 7, "{:#?}", loaded.warnings);
     assert!(loaded
         .warnings
         .iter()
@@ -556,4 +577,59 @@ fn a_stock_kata_configuration_loads_with_warnings_only() {
         hv.initrd, "",
         "the default initrd gives way to a configured image"
     );
+    assert_eq!(
+        loaded
+            .origin("hypervisor.qemu.default_maxmemory")
+            .to_string(),
+        "/etc/kata-containers/configuration.toml:19"
+    );
+}
+
+#[test]
+fn sizes_and_timeouts_out_of_range_are_refused() {
+    for bad in [0, 3601] {
+        let loaded = load_text(&format!("[agent.kata]\ndial_timeout = {bad}\n")).expect("loads");
+        let err = loaded.validate().expect_err("out of range").to_string();
+        assert!(
+            err.contains(&format!(
+                "/etc/kata-containers/configuration.toml:2: agent.kata.dial_timeout: {bad} s is \
+                 outside 1-3600"
+            )),
+            "{err}"
+        );
+    }
+    let loaded = load_text(
+        "[hypervisor.qemu]\ndefault_memory = 4097\ndefault_maxmemory = 4096\n\
+         default_vcpus = 3\ndefault_maxvcpus = 2\n",
+    )
+    .expect("loads");
+    let err = loaded.validate().expect_err("over the maxima").to_string();
+    assert!(
+        err.contains(
+            "/etc/kata-containers/configuration.toml:2: hypervisor.qemu.default_memory: 4097 MiB \
+             is more than hypervisor.qemu.default_maxmemory = 4096 \
+             (/etc/kata-containers/configuration.toml:3)"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "/etc/kata-containers/configuration.toml:4: hypervisor.qemu.default_vcpus: 3 is more \
+             than hypervisor.qemu.default_maxvcpus = 2 (/etc/kata-containers/configuration.toml:5)"
+        ),
+        "{err}"
+    );
+    // 0 means the host's: a file cannot know it, so the host bounds only annotations.
+    let loaded = load_text(
+        "[hypervisor.qemu]\ndefault_memory = 1048576\ndefault_vcpus = 512\n\
+         [agent.kata]\ndial_timeout = 3600\n",
+    )
+    .expect("loads");
+    if let Err(err) = loaded.validate() {
+        let err = err.to_string();
+        assert!(
+            !err.contains("default_") && !err.contains("dial_timeout"),
+            "{err}"
+        );
+    }
 }

@@ -1,11 +1,13 @@
-//! `io.katacontainers.config.<section>.<key>` annotations overriding configuration values.
+//! `io.katacontainers.config.<section>.<key>` annotations overriding configuration values:
+//! allow-listed, typed, bounded.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
 
 use glob::{MatchOptions, Pattern};
 
-use super::keys::{ANNOTATIONS, PATH_ALLOW_LISTS};
+use super::keys::{ANNOTATED_OUTSIDE_THE_VM, ANNOTATIONS, PATH_ALLOW_LISTS};
+use super::limits::HostLimits;
 use super::load::{anchored_regex, LoadedConfig};
 use super::origin::Origin;
 use super::schema::Config;
@@ -22,19 +24,46 @@ impl LoadedConfig {
     /// Applies configuration annotations; all or nothing. Annotations outside
     /// `io.katacontainers.config.` are ignored; an unknown one under it is an error.
     ///
-    /// - `hypervisor.*` annotations are honoured only when an entry of
-    ///   `hypervisor.qemu.enable_annotations` matches the name after `hypervisor.` as a whole
-    ///   (`^(?:entry)$`). Kata matches unanchored, so its `"path"` also allows
-    ///   `virtio_fs_daemon_path`-like names; ours does not.
+    /// - Every annotation is honoured only when an entry of `hypervisor.qemu.enable_annotations`
+    ///   matches its name as a whole (`^(?:entry)$`): for `hypervisor.*` annotations the name after
+    ///   `hypervisor.` (Kata's meaning: `"default_memory"`), for the others the name after
+    ///   `io.katacontainers.config.` (`"agent\\.dial_timeout"`, `"runtime\\..*"`). Kata matches
+    ///   unanchored, so its `"path"` also allows `virtio_fs_daemon_path`-like names; ours does not.
+    ///   Kata honours agent and runtime annotations from every pod; kata-rs does not.
     /// - Binaries (`path`, `virtio_fs_daemon`, `vsock_daemon`) must also match a glob of the
     ///   corresponding `valid_*_paths`. An empty list refuses every value: the safe reading,
     ///   since an operator who never wrote a list cannot have meant "any binary".
+    /// - Sizes and timeouts are bounded by the configuration and this host (see
+    ///   [`apply_annotations_with`](Self::apply_annotations_with)).
     /// - `kernel_params` is appended to the configured parameters, as Kata does.
     /// - Values are typed like the key: booleans `true`/`false`, integers in decimal, string
     ///   lists as a JSON array or space-separated words.
+    ///
+    /// Reads this host's limits ([`HostLimits::detect`]) when there is a configuration annotation.
     pub fn apply_annotations(
         &mut self,
         annotations: &BTreeMap<String, String>,
+    ) -> Result<(), ConfigError> {
+        if !annotations
+            .keys()
+            .any(|name| name.starts_with(ANNOTATION_PREFIX))
+        {
+            return Ok(());
+        }
+        let host = HostLimits::detect().map_err(|source| ConfigError::HostLimits { source })?;
+        self.apply_annotations_with(annotations, &host)
+    }
+
+    /// [`apply_annotations`](Self::apply_annotations) with the host's limits given. The annotated
+    /// `default_memory` must be at least [`MIN_MEMORY_MIB`](super::MIN_MEMORY_MIB) MiB and at
+    /// most `default_maxmemory` (0: `host.memory_mib`) and `host.memory_mib`; `default_vcpus` at
+    /// least 1 and at most `default_maxvcpus` (0: `host.cpus`) and `host.cpus`;
+    /// `default_max_vcpus` at most `host.cpus`; `dial_timeout` 1 to
+    /// [`MAX_ANNOTATED_DIAL_TIMEOUT_SECS`](super::MAX_ANNOTATED_DIAL_TIMEOUT_SECS) s.
+    pub fn apply_annotations_with(
+        &mut self,
+        annotations: &BTreeMap<String, String>,
+        host: &HostLimits,
     ) -> Result<(), ConfigError> {
         let allowed = self
             .config
@@ -60,13 +89,12 @@ impl LoadedConfig {
                     annotation: annotation.clone(),
                 });
             };
-            if let Some(short) = name.strip_prefix("hypervisor.") {
-                if !allowed.iter().any(|re| re.is_match(short)) {
-                    return Err(ConfigError::AnnotationNotAllowed {
-                        annotation: annotation.clone(),
-                        name: short.to_owned(),
-                    });
-                }
+            let gated = name.strip_prefix("hypervisor.").unwrap_or(name);
+            if !allowed.iter().any(|re| re.is_match(gated)) {
+                return Err(ConfigError::AnnotationNotAllowed {
+                    annotation: annotation.clone(),
+                    name: gated.to_owned(),
+                });
             }
             if let Some((_, list_key)) = PATH_ALLOW_LISTS.iter().find(|(k, _)| k == key) {
                 check_path(
@@ -97,8 +125,25 @@ impl LoadedConfig {
             );
         }
         next.normalize_boot_image();
+        next.check_annotated_limits(host)?;
         *self = next;
         Ok(())
+    }
+
+    /// Whether an annotation set a key that shapes the guest VM: any `hypervisor.*` key, and
+    /// `agent.debug` and `runtime.enable_debug` (they reach the kernel command line and QEMU's
+    /// options); only `agent.dial_timeout` and `runtime.sandbox_cgroup_only` do not. Counts a key
+    /// set to the value it already had.
+    ///
+    /// The runtime boots such a pod on its own instead of cloning it from the shared VM template,
+    /// and never makes a template from it: templates are kept per VM configuration, so otherwise
+    /// every distinct annotated size would leave a new template on the host's disk and in its
+    /// memory, and a pod spec could grow both without bound.
+    pub fn vm_annotated(&self) -> bool {
+        self.origins.iter().any(|(key, origin)| {
+            matches!(origin, Origin::Annotation { .. })
+                && !ANNOTATED_OUTSIDE_THE_VM.contains(&key.as_str())
+        })
     }
 }
 

@@ -16,7 +16,6 @@ pub(crate) const KATA_IGNORED_KEYS: &[&str] = &[
     "hypervisor.qemu.cpu_features",
     "hypervisor.qemu.ctlpath",
     "hypervisor.qemu.default_bridges",
-    "hypervisor.qemu.default_maxmemory",
     "hypervisor.qemu.disable_block_device_use",
     "hypervisor.qemu.disable_guest_selinux",
     "hypervisor.qemu.disable_image_nvdimm",
@@ -125,8 +124,9 @@ pub(crate) const TOP_SECTIONS: &[(&str, bool)] = &[
 pub(crate) const KEY_ALIASES: &[(&str, &str)] = &[("agent.kata.enable_debug", "agent.kata.debug")];
 
 /// Annotations kata-rs honours: name after `io.katacontainers.config.` -> dotted key.
-/// `hypervisor.*` annotations are additionally gated by `hypervisor.qemu.enable_annotations`.
-/// The allow-lists themselves (`enable_annotations`, `valid_*_paths`) are never annotatable.
+/// Each is honoured only when an entry of `hypervisor.qemu.enable_annotations` allows it.
+/// The allow-lists themselves (`enable_annotations`, `valid_*_paths`) and the limits
+/// (`default_maxmemory`) are never annotatable.
 pub(crate) const ANNOTATIONS: &[(&str, &str)] = &[
     ("hypervisor.path", "hypervisor.qemu.path"),
     ("hypervisor.kernel", "hypervisor.qemu.kernel"),
@@ -164,6 +164,12 @@ pub(crate) const ANNOTATIONS: &[(&str, &str)] = &[
     ),
     ("runtime.sandbox_cgroup_only", "runtime.sandbox_cgroup_only"),
 ];
+
+/// Annotatable keys that do not change the guest VM (its devices, memory, kernel command line),
+/// so a pod that sets only these may still be cloned from the shared VM template. Every other
+/// annotation counts as changing the VM, including any added later.
+pub(crate) const ANNOTATED_OUTSIDE_THE_VM: &[&str] =
+    &["agent.kata.dial_timeout", "runtime.sandbox_cgroup_only"];
 
 /// Keys naming a binary the host will execute -> the glob list an annotation value must match.
 pub(crate) const PATH_ALLOW_LISTS: &[(&str, &str)] = &[
@@ -230,9 +236,17 @@ mod tests {
                 "{key} is implemented, not ignored"
             );
         }
+        for key in ANNOTATED_OUTSIDE_THE_VM {
+            assert!(
+                ANNOTATIONS.iter().any(|(_, k)| k == key),
+                "{key} is not annotatable"
+            );
+        }
         for (_, key) in ANNOTATIONS {
             assert!(
-                !key.contains("enable_annotations") && !key.contains(".valid_"),
+                !key.contains("enable_annotations")
+                    && !key.contains(".valid_")
+                    && !key.ends_with("maxmemory"),
                 "{key}"
             );
         }

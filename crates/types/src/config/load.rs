@@ -265,8 +265,9 @@ impl LoadedConfig {
         Ok(())
     }
 
-    /// Checks that the files the hypervisor needs exist. Kept out of loading so
-    /// `kata-runtime env` can still show a configuration whose kernel is missing.
+    /// Checks that the files the hypervisor needs exist and that sizes and timeouts are in range.
+    /// Kept out of loading so `kata-runtime env` can still show a configuration whose kernel is
+    /// missing.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let hv = &self.config.hypervisor;
         let mut problems = Vec::new();
@@ -306,6 +307,7 @@ impl LoadedConfig {
                 hv.tcg_tb_size
             ));
         }
+        self.validate_limits(&mut problems);
         if self.config.factory.enable_template {
             self.validate_template(&mut problems);
         }
@@ -337,7 +339,9 @@ impl LoadedConfig {
         }
         let path = &self.config.factory.template_path;
         let plain = path.starts_with('/')
-            && path.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'));
+            && path
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'));
         if !plain {
             problems.push(format!(
                 "{}: factory.template_path: {path:?} must be an absolute path of letters, digits, '/', '-', '_' and '.'",

@@ -3,12 +3,13 @@
 //!
 //! ```text
 //! ConfigSearch::standard(config_path).load()   // file + config.d/*.toml, warnings collected
-//!     .apply_annotations(&annotations)          // io.katacontainers.config.*, allow-listed
-//!     .validate()                               // files exist (kept apart so `env` can print)
+//!     .apply_annotations(&annotations)          // io.katacontainers.config.*, allow-listed, bounded
+//!     .validate()                               // files exist, ranges (kept apart so `env` can print)
 //! ```
 
 mod annotations;
 mod keys;
+mod limits;
 mod load;
 mod origin;
 mod parse;
@@ -16,12 +17,14 @@ mod schema;
 
 use std::path::PathBuf;
 
+pub use limits::HostLimits;
 pub use load::{ConfigSearch, LoadedConfig, DEFAULT_CONFIG_PATHS, DROP_IN_DIR};
 pub use origin::{Origin, Setting};
 pub use schema::{
     Accel, AgentConfig, Config, FactoryConfig, HypervisorConfig, InterNetworkingModel,
     RuntimeConfig, SharedFs, DEFAULT_DIAL_TIMEOUT_SECS, DEFAULT_HYPERVISOR_PATH, DEFAULT_INITRD,
-    DEFAULT_KERNEL, DEFAULT_TCG_TB_SIZE_MIB, DEFAULT_TEMPLATE_PATH, DEFAULT_VIRTIO_FS_DAEMON, DEFAULT_VSOCK_DAEMON,
+    DEFAULT_KERNEL, DEFAULT_TCG_TB_SIZE_MIB, DEFAULT_TEMPLATE_PATH, DEFAULT_VIRTIO_FS_DAEMON,
+    DEFAULT_VSOCK_DAEMON, MAX_ANNOTATED_DIAL_TIMEOUT_SECS, MAX_DIAL_TIMEOUT_SECS, MIN_MEMORY_MIB,
 };
 
 /// The configuration file kata-rs installs as `configuration.toml`.
@@ -86,11 +89,23 @@ pub enum ConfigError {
     },
     #[error("annotation {annotation} is not a setting kata-rs supports")]
     UnknownAnnotation { annotation: String },
+    /// `name` is what the entries are matched against: the name after `hypervisor.` for
+    /// hypervisor annotations, the name after `io.katacontainers.config.` for the others.
     #[error(
         "annotation {annotation} is not allowed: no entry of hypervisor.qemu.enable_annotations \
          matches {name:?}"
     )]
     AnnotationNotAllowed { annotation: String, name: String },
+    /// An annotated size or timeout beyond what the configuration and the host allow.
+    #[error("annotation {annotation}={value}: {problem}")]
+    AnnotationOutOfRange {
+        annotation: String,
+        value: u32,
+        problem: String,
+    },
+    /// The host's memory or CPU count, which bound annotations, cannot be read.
+    #[error("cannot read the host's memory size and CPU count, which bound annotations")]
+    HostLimits { source: std::io::Error },
     #[error("annotation {annotation}: {value} is not allowed: {list_key} is empty, which refuses every path")]
     AnnotationPathListEmpty {
         annotation: String,

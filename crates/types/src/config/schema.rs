@@ -25,6 +25,14 @@ pub const DEFAULT_DIAL_TIMEOUT_SECS: u32 = 45;
 pub const DEFAULT_TCG_TB_SIZE_MIB: u32 = 64;
 /// Default VM template location (Kata's).
 pub const DEFAULT_TEMPLATE_PATH: &str = "/run/vc/vm/template";
+/// The least guest memory, MiB, an annotation may ask for: below it the guest kernel and agent do not boot.
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// The longest `agent.kata.dial_timeout`, seconds, a configuration file may set.
+pub const MAX_DIAL_TIMEOUT_SECS: u32 = 3600;
+/// The longest `agent.kata.dial_timeout`, seconds, a pod may ask for by annotation. A boot under TCG reaches
+/// the agent in a few seconds and the shipped timeout is 45 s; a pod whose agent never answers holds its VM,
+/// helpers and memory for this long, so a pod may not ask for more than a few times the default.
+pub const MAX_ANNOTATED_DIAL_TIMEOUT_SECS: u32 = 120;
 
 /// The whole effective configuration. Serialises with `hypervisor`/`agent` flattened (not
 /// `hypervisor.qemu`), so it is not itself a TOML file: load through `ConfigSearch`.
@@ -58,10 +66,13 @@ pub struct HypervisorConfig {
     pub kernel_params: String,
     /// vCPUs at boot.
     pub default_vcpus: u32,
-    /// Maximum vCPUs; 0 means the number of host CPUs.
+    /// Maximum vCPUs; 0 means the number of host CPUs. Bounds `default_vcpus`.
     pub default_maxvcpus: u32,
     /// Guest memory at boot, MiB.
     pub default_memory: u32,
+    /// Maximum guest memory, MiB; 0 means the host's memory. Bounds `default_memory` (kata-rs does not
+    /// hot-plug memory, so it is only a limit).
+    pub default_maxmemory: u32,
     /// How the container rootfs and volumes are shared with the guest.
     pub shared_fs: SharedFs,
     /// virtiofsd binary, used when `shared_fs` is `virtio-fs`.
@@ -72,8 +83,10 @@ pub struct HypervisorConfig {
     pub valid_hypervisor_paths: Vec<String>,
     /// Globs a `virtio_fs_daemon` annotation must match. Empty: none is accepted.
     pub valid_virtio_fs_daemon_paths: Vec<String>,
-    /// Regexes naming the hypervisor annotations that are honoured, each matched against the
-    /// whole annotation name (anchored, unlike Kata).
+    /// Regexes naming the annotations that are honoured, each matched against a whole name (anchored,
+    /// unlike Kata): the name after `io.katacontainers.config.hypervisor.` for hypervisor annotations (as in
+    /// Kata), the name after `io.katacontainers.config.` for the others (`agent\.dial_timeout`,
+    /// `runtime\..*`). Kata lets every pod set agent and runtime annotations; kata-rs does not.
     pub enable_annotations: Vec<String>,
     /// kata-rs extension (Kata always uses KVM): accelerator choice.
     pub accel: Accel,
@@ -104,6 +117,7 @@ impl Default for HypervisorConfig {
             default_vcpus: 1,
             default_maxvcpus: 0,
             default_memory: 2048,
+            default_maxmemory: 0,
             shared_fs: SharedFs::VirtioFs,
             virtio_fs_daemon: DEFAULT_VIRTIO_FS_DAEMON.to_owned(),
             virtio_fs_extra_args: Vec::new(),
@@ -161,7 +175,8 @@ pub enum Accel {
 pub struct AgentConfig {
     /// Debug-level agent logs. Kata spells this key `enable_debug`; both are accepted.
     pub debug: bool,
-    /// Seconds to wait for the agent to answer after the VM starts.
+    /// Seconds to wait for the agent to answer after the VM starts (1 to [`MAX_DIAL_TIMEOUT_SECS`]; an
+    /// annotation at most [`MAX_ANNOTATED_DIAL_TIMEOUT_SECS`]).
     pub dial_timeout: u32,
 }
 
@@ -358,6 +373,6 @@ mod tests {
         assert!(keys.contains(&"hypervisor.qemu.kernel".to_owned()));
         assert!(keys.contains(&"agent.kata.dial_timeout".to_owned()));
         assert!(keys.contains(&"factory.template_path".to_owned()));
-        assert_eq!(keys.len(), 21 + 2 + 4 + 2);
+        assert_eq!(keys.len(), 22 + 2 + 4 + 2);
     }
 }
