@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use tempfile::TempDir;
 use types::config::{
     Accel, ConfigError, ConfigSearch, LoadedConfig, Origin, SharedFs, DEFAULT_CONFIGURATION,
+    DEFAULT_SECCOMP_SANDBOX,
 };
 
 fn write(path: &Path, text: &str) -> PathBuf {
@@ -490,6 +491,11 @@ fn shipped_configuration_loads_without_warnings() {
         ["/usr/local/bin/virtiofsd"]
     );
     assert_eq!(hv.default_maxmemory, 0);
+    assert_eq!(hv.seccompsandbox, DEFAULT_SECCOMP_SANDBOX);
+    assert_eq!(
+        DEFAULT_SECCOMP_SANDBOX,
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    );
     assert_eq!(loaded.config.agent.dial_timeout, 45);
     // Every implemented key is spelled out in the shipped file.
     let defaults: Vec<_> = loaded
@@ -563,9 +569,20 @@ dan_conf = "/run/kata-containers/dans"
 "#;
 
 #[test]
-fn a_stock_kata_configuration_loads_with_warnings_only() {
-    let loaded = load_text(STOCK_KATA).expect("stock Kata file loads");
-    assert_eq!(loaded.warnings.len(), 23 + 1 + 7, "{:#?}", loaded.warnings);
+fn a_stock_kata_configuration_asks_for_selinux_on_the_vmm() {
+    let err = load_text(STOCK_KATA).expect_err("kata-rs labels nothing");
+    assert_eq!(
+        err.to_string(),
+        "/etc/kata-containers/configuration.toml:39: hypervisor.qemu.disable_selinux = false: \
+         kata-rs does not implement SELinux labels on the VMM; remove the key or set it to true"
+    );
+}
+
+#[test]
+fn a_stock_kata_configuration_without_selinux_loads_with_warnings_only() {
+    let text = STOCK_KATA.replace("disable_selinux = false", "disable_selinux = true");
+    let loaded = load_text(&text).expect("stock Kata file loads");
+    assert_eq!(loaded.warnings.len(), 21 + 1 + 7, "{:#?}", loaded.warnings);
     assert!(loaded
         .warnings
         .iter()
@@ -582,6 +599,137 @@ fn a_stock_kata_configuration_loads_with_warnings_only() {
             .origin("hypervisor.qemu.default_maxmemory")
             .to_string(),
         "/etc/kata-containers/configuration.toml:19"
+    );
+    assert_eq!(
+        hv.seccompsandbox, DEFAULT_SECCOMP_SANDBOX,
+        "Kata leaves it unset"
+    );
+}
+
+#[test]
+fn unimplemented_security_keys_accept_only_what_kata_rs_does() {
+    let refused = [
+        (
+            "[hypervisor.qemu]\nconfidential_guest = true",
+            "hypervisor.qemu.confidential_guest = true: kata-rs does not implement confidential \
+             guests (encrypted guest memory); remove the key or set it to false",
+        ),
+        (
+            "[hypervisor.qemu]\nsev_snp_guest = true",
+            "hypervisor.qemu.sev_snp_guest = true: kata-rs does not implement AMD SEV-SNP guests; \
+             remove the key or set it to false",
+        ),
+        (
+            "[hypervisor.qemu]\nrootless = true",
+            "hypervisor.qemu.rootless = true: kata-rs does not implement running QEMU as a \
+             non-root user; remove the key or set it to false",
+        ),
+        (
+            "[hypervisor.qemu]\njailer_path = \"/usr/bin/jailer\"",
+            "hypervisor.qemu.jailer_path = \"/usr/bin/jailer\": kata-rs does not implement a \
+             jailer around the VMM; remove the key or set it to \"\"",
+        ),
+        (
+            "[hypervisor.qemu]\ndisable_guest_selinux = false",
+            "hypervisor.qemu.disable_guest_selinux = false: kata-rs does not implement SELinux \
+             in the guest; remove the key or set it to true",
+        ),
+        (
+            "[runtime]\nguest_selinux_label = \"system_u:system_r:container_t\"",
+            "runtime.guest_selinux_label = \"system_u:system_r:container_t\": kata-rs does not \
+             implement SELinux labels in the guest; remove the key or set it to \"\"",
+        ),
+        (
+            "[hypervisor.qemu]\nguest_hook_path = \"/usr/share/oci/hooks\"",
+            "hypervisor.qemu.guest_hook_path = \"/usr/share/oci/hooks\": kata-rs does not \
+             implement OCI hooks from the guest image; remove the key or set it to \"\"",
+        ),
+        (
+            "[hypervisor.qemu]\nenable_iommu = true",
+            "hypervisor.qemu.enable_iommu = true: kata-rs does not implement a virtual IOMMU; \
+             remove the key or set it to false",
+        ),
+        (
+            "[hypervisor.qemu]\nenable_iommu_platform = true",
+            "hypervisor.qemu.enable_iommu_platform = true: kata-rs does not implement \
+             IOMMU-platform virtio devices; remove the key or set it to false",
+        ),
+        (
+            "[hypervisor.qemu]\nkernel_verity_params = \"root_hash=ab\"",
+            "hypervisor.qemu.kernel_verity_params = \"root_hash=ab\": kata-rs does not implement \
+             dm-verity for the guest image; remove the key or set it to \"\"",
+        ),
+        (
+            "[hypervisor.qemu]\nrx_rate_limiter_max_rate = 1000000",
+            "hypervisor.qemu.rx_rate_limiter_max_rate = 1000000: kata-rs does not implement \
+             network rate limits; remove the key or set it to 0",
+        ),
+        (
+            "[hypervisor.qemu]\ntx_rate_limiter_max_rate = 1",
+            "hypervisor.qemu.tx_rate_limiter_max_rate = 1: kata-rs does not implement network \
+             rate limits; remove the key or set it to 0",
+        ),
+        // A value of the wrong type asks for nothing we can vouch for either.
+        (
+            "[hypervisor.qemu]\nrootless = \"false\"",
+            "hypervisor.qemu.rootless = \"false\": kata-rs does not implement running QEMU as a \
+             non-root user; remove the key or set it to false",
+        ),
+    ];
+    for (text, message) in refused {
+        let err = load_text(text).expect_err(text);
+        assert_eq!(
+            err.to_string(),
+            format!("/etc/kata-containers/configuration.toml:2: {message}")
+        );
+    }
+    let accepted = "[hypervisor.qemu]\nconfidential_guest = false\nsev_snp_guest = false\n\
+                    rootless = false\njailer_path = \"\"\ndisable_selinux = true\n\
+                    disable_guest_selinux = true\nguest_hook_path = \"\"\nenable_iommu = false\n\
+                    enable_iommu_platform = false\nkernel_verity_params = \"\"\n\
+                    rx_rate_limiter_max_rate = 0\ntx_rate_limiter_max_rate = 0\n\
+                    [runtime]\nguest_selinux_label = \"\"\n\
+                    disable_guest_seccomp = true\n";
+    let loaded = load_text(accepted).expect("asks for nothing kata-rs lacks");
+    assert_eq!(
+        loaded.warnings,
+        [
+            "/etc/kata-containers/configuration.toml:16: runtime.disable_guest_seccomp: \
+          Kata setting not implemented by kata-rs; ignored"
+        ],
+        "what kata-rs does anyway is not worth a warning"
+    );
+}
+
+#[test]
+fn seccompsandbox_is_checked_with_file_and_line() {
+    let loaded = load_text("[hypervisor.qemu]\nseccompsandbox = \"\"\n").expect("no sandbox");
+    assert_eq!(loaded.config.hypervisor.seccompsandbox, "");
+    let loaded =
+        load_text("[hypervisor.qemu]\nseccompsandbox = \"on,elevateprivileges=children\"\n")
+            .expect("valid");
+    assert_eq!(
+        loaded.config.hypervisor.seccompsandbox,
+        "on,elevateprivileges=children"
+    );
+    let err = load_text("[hypervisor.qemu]\n\nseccompsandbox = \"on,spawn=maybe\"\n")
+        .expect_err("bad value");
+    assert_eq!(
+        err.to_string(),
+        "/etc/kata-containers/configuration.toml:3: hypervisor.qemu.seccompsandbox: \
+         \"on,spawn=maybe\": spawn must be allow or deny"
+    );
+    let err = load_text("[hypervisor.qemu]\nseccompsandbox = \"yes\"\n").expect_err("bad value");
+    assert_eq!(
+        err.to_string(),
+        "/etc/kata-containers/configuration.toml:2: hypervisor.qemu.seccompsandbox: \
+         \"yes\" must start with on or off"
+    );
+    let err = load_text("[hypervisor.qemu]\nseccompsandbox = true\n").expect_err("bad type");
+    assert_eq!(
+        err.to_string(),
+        "/etc/kata-containers/configuration.toml:2: hypervisor.qemu.seccompsandbox: \
+         invalid type: boolean `true`, expected a string"
     );
 }
 

@@ -1,9 +1,18 @@
-//! Key lists kept as data, reviewed like code: Kata keys we accept but ignore, Kata's spellings
-//! of our keys, and which annotations may change which key.
+//! Key lists kept as data, reviewed like code: Kata keys we accept but ignore, Kata's security keys
+//! we do not implement and the one value of each we accept, Kata's spellings of our keys, and which
+//! annotations may change which key.
 
-/// Keys Kata's configuration files may contain that kata-rs does not implement. Loading one
-/// records a warning instead of failing, so a stock Kata `configuration.toml` loads. An entry
-/// ending in `.*` covers a whole section. Anything neither implemented nor listed is an error.
+/// Keys Kata's configuration files may contain that kata-rs does not implement and whose absence
+/// weakens nothing. Loading one records a warning instead of failing, so a stock Kata
+/// `configuration.toml` loads. An entry ending in `.*` covers a whole section. Anything neither
+/// implemented nor listed (here or in [`UNIMPLEMENTED_SECURITY_KEYS`]) is an error.
+///
+/// Some keys here are security-related but safe to ignore, because ignoring them gives the safer
+/// side: `debug_console_enabled`, `extra_monitor_socket`, `guest_memory_dump_path`,
+/// `disable_new_netns`, `sandbox_bind_mounts` ask for access kata-rs never grants; `valid_jailer_paths`
+/// only allows a `jailer_path` annotation kata-rs refuses; the `snp_*`/`tdx_*` keys only matter with
+/// `confidential_guest = true`, which is refused. `runtime.disable_guest_seccomp` stays a warning
+/// until the agent applies seccomp profiles.
 pub(crate) const KATA_IGNORED_KEYS: &[&str] = &[
     // [hypervisor.qemu]
     "hypervisor.qemu.block_device_aio",
@@ -12,20 +21,15 @@ pub(crate) const KATA_IGNORED_KEYS: &[&str] = &[
     "hypervisor.qemu.block_device_cache_set",
     "hypervisor.qemu.block_device_driver",
     "hypervisor.qemu.cold_plug_vfio",
-    "hypervisor.qemu.confidential_guest",
     "hypervisor.qemu.cpu_features",
     "hypervisor.qemu.ctlpath",
     "hypervisor.qemu.default_bridges",
     "hypervisor.qemu.disable_block_device_use",
-    "hypervisor.qemu.disable_guest_selinux",
     "hypervisor.qemu.disable_image_nvdimm",
     "hypervisor.qemu.disable_nesting_checks",
-    "hypervisor.qemu.disable_selinux",
     "hypervisor.qemu.disable_vhost_net",
     "hypervisor.qemu.enable_guest_swap",
     "hypervisor.qemu.enable_hugepages",
-    "hypervisor.qemu.enable_iommu",
-    "hypervisor.qemu.enable_iommu_platform",
     "hypervisor.qemu.enable_iothreads",
     "hypervisor.qemu.enable_mem_prealloc",
     "hypervisor.qemu.enable_vhost_user_store",
@@ -35,14 +39,11 @@ pub(crate) const KATA_IGNORED_KEYS: &[&str] = &[
     "hypervisor.qemu.file_mem_backend",
     "hypervisor.qemu.firmware",
     "hypervisor.qemu.firmware_volume",
-    "hypervisor.qemu.guest_hook_path",
     "hypervisor.qemu.guest_memory_dump_paging",
     "hypervisor.qemu.guest_memory_dump_path",
     "hypervisor.qemu.hot_plug_vfio",
     "hypervisor.qemu.hotplug_vfio_on_root_bus",
     "hypervisor.qemu.indep_iothreads",
-    "hypervisor.qemu.jailer_path",
-    "hypervisor.qemu.kernel_verity_params",
     "hypervisor.qemu.machine_accelerators",
     "hypervisor.qemu.memory_offset",
     "hypervisor.qemu.memory_slots",
@@ -51,15 +52,10 @@ pub(crate) const KATA_IGNORED_KEYS: &[&str] = &[
     "hypervisor.qemu.pcie_switch_port",
     "hypervisor.qemu.pflashes",
     "hypervisor.qemu.rootfs_type",
-    "hypervisor.qemu.rootless",
-    "hypervisor.qemu.rx_rate_limiter_max_rate",
-    "hypervisor.qemu.seccompsandbox",
-    "hypervisor.qemu.sev_snp_guest",
     "hypervisor.qemu.snp_guest_policy",
     "hypervisor.qemu.snp_id_auth",
     "hypervisor.qemu.snp_id_block",
     "hypervisor.qemu.tdx_quote_generation_service_socket_port",
-    "hypervisor.qemu.tx_rate_limiter_max_rate",
     "hypervisor.qemu.use_legacy_serial",
     "hypervisor.qemu.use_vsock",
     "hypervisor.qemu.valid_ctlpaths",
@@ -91,7 +87,6 @@ pub(crate) const KATA_IGNORED_KEYS: &[&str] = &[
     "runtime.enable_pprof",
     "runtime.enable_tracing",
     "runtime.enable_vcpus_pinning",
-    "runtime.guest_selinux_label",
     "runtime.jaeger_endpoint",
     "runtime.jaeger_password",
     "runtime.jaeger_user",
@@ -107,6 +102,120 @@ pub(crate) const KATA_IGNORED_KEYS: &[&str] = &[
     "proxy.kata.*",
     "shim.kata.*",
 ];
+
+/// What a Kata security key must be set to for kata-rs to load it: the value that asks for nothing
+/// kata-rs lacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Accepted {
+    False,
+    True,
+    /// An empty string or an empty list.
+    Empty,
+    Zero,
+}
+
+impl Accepted {
+    pub(crate) fn accepts(self, value: &toml::Value) -> bool {
+        match (self, value) {
+            (Accepted::False, toml::Value::Boolean(b)) => !b,
+            (Accepted::True, toml::Value::Boolean(b)) => *b,
+            (Accepted::Empty, toml::Value::String(s)) => s.is_empty(),
+            (Accepted::Empty, toml::Value::Array(a)) => a.is_empty(),
+            (Accepted::Zero, toml::Value::Integer(i)) => *i == 0,
+            _ => false,
+        }
+    }
+
+    pub(crate) fn as_toml(self) -> &'static str {
+        match self {
+            Accepted::False => "false",
+            Accepted::True => "true",
+            Accepted::Empty => "\"\"",
+            Accepted::Zero => "0",
+        }
+    }
+}
+
+/// Kata keys that ask for a protection kata-rs does not implement: key -> the one accepted value
+/// -> what any other value asks for. Any other value is a load error (file, line, key), never a
+/// warning: an operator who asked for the protection must not silently run without it.
+pub(crate) const UNIMPLEMENTED_SECURITY_KEYS: &[(&str, Accepted, &str)] = &[
+    (
+        "hypervisor.qemu.confidential_guest",
+        Accepted::False,
+        "confidential guests (encrypted guest memory)",
+    ),
+    (
+        "hypervisor.qemu.sev_snp_guest",
+        Accepted::False,
+        "AMD SEV-SNP guests",
+    ),
+    (
+        "hypervisor.qemu.rootless",
+        Accepted::False,
+        "running QEMU as a non-root user",
+    ),
+    (
+        "hypervisor.qemu.jailer_path",
+        Accepted::Empty,
+        "a jailer around the VMM",
+    ),
+    // kata-rs applies no SELinux label to QEMU; Kata's default (false) asks it to.
+    (
+        "hypervisor.qemu.disable_selinux",
+        Accepted::True,
+        "SELinux labels on the VMM",
+    ),
+    (
+        "hypervisor.qemu.disable_guest_selinux",
+        Accepted::True,
+        "SELinux in the guest",
+    ),
+    (
+        "runtime.guest_selinux_label",
+        Accepted::Empty,
+        "SELinux labels in the guest",
+    ),
+    (
+        "hypervisor.qemu.guest_hook_path",
+        Accepted::Empty,
+        "OCI hooks from the guest image",
+    ),
+    (
+        "hypervisor.qemu.enable_iommu",
+        Accepted::False,
+        "a virtual IOMMU",
+    ),
+    (
+        "hypervisor.qemu.enable_iommu_platform",
+        Accepted::False,
+        "IOMMU-platform virtio devices",
+    ),
+    (
+        "hypervisor.qemu.kernel_verity_params",
+        Accepted::Empty,
+        "dm-verity for the guest image",
+    ),
+    // Bandwidth limits keep one pod from starving the others' network.
+    (
+        "hypervisor.qemu.rx_rate_limiter_max_rate",
+        Accepted::Zero,
+        "network rate limits",
+    ),
+    (
+        "hypervisor.qemu.tx_rate_limiter_max_rate",
+        Accepted::Zero,
+        "network rate limits",
+    ),
+];
+
+/// The rule for `key` when it is one of [`UNIMPLEMENTED_SECURITY_KEYS`].
+pub(crate) fn unimplemented_security_key(key: &str) -> Option<(Accepted, &'static str)> {
+    UNIMPLEMENTED_SECURITY_KEYS
+        .iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|(_, accepted, what)| (*accepted, *what))
+}
 
 /// Top-level sections and whether their tables are nested one level (`[hypervisor.qemu]`).
 pub(crate) const TOP_SECTIONS: &[(&str, bool)] = &[
@@ -125,8 +234,8 @@ pub(crate) const KEY_ALIASES: &[(&str, &str)] = &[("agent.kata.enable_debug", "a
 
 /// Annotations kata-rs honours: name after `io.katacontainers.config.` -> dotted key.
 /// Each is honoured only when an entry of `hypervisor.qemu.enable_annotations` allows it.
-/// The allow-lists themselves (`enable_annotations`, `valid_*_paths`) and the limits
-/// (`default_maxmemory`) are never annotatable.
+/// The allow-lists themselves (`enable_annotations`, `valid_*_paths`), the limits
+/// (`default_maxmemory`) and `seccompsandbox` are never annotatable.
 pub(crate) const ANNOTATIONS: &[(&str, &str)] = &[
     ("hypervisor.path", "hypervisor.qemu.path"),
     ("hypervisor.kernel", "hypervisor.qemu.kernel"),
@@ -236,6 +345,10 @@ mod tests {
                 "{key} is implemented, not ignored"
             );
         }
+        for (key, _, _) in UNIMPLEMENTED_SECURITY_KEYS {
+            assert!(Config::default_value(key).is_none(), "{key} is implemented");
+            assert!(!is_ignored_kata_key(key), "{key} is also ignored");
+        }
         for key in ANNOTATED_OUTSIDE_THE_VM {
             assert!(
                 ANNOTATIONS.iter().any(|(_, k)| k == key),
@@ -246,7 +359,8 @@ mod tests {
             assert!(
                 !key.contains("enable_annotations")
                     && !key.contains(".valid_")
-                    && !key.ends_with("maxmemory"),
+                    && !key.ends_with("maxmemory")
+                    && !key.ends_with("seccompsandbox"),
                 "{key}"
             );
         }
@@ -258,5 +372,19 @@ mod tests {
         assert!(!is_ignored_kata_key("netmonitor.path"));
         assert!(is_ignored_kata_key("hypervisor.qemu.block_device_driver"));
         assert_eq!(canonical_key("agent.kata.enable_debug"), "agent.kata.debug");
+    }
+
+    #[test]
+    fn accepted_values_match_only_themselves() {
+        use toml::Value;
+        assert!(Accepted::False.accepts(&Value::Boolean(false)));
+        assert!(!Accepted::False.accepts(&Value::Boolean(true)));
+        assert!(!Accepted::False.accepts(&Value::String("false".into())));
+        assert!(Accepted::True.accepts(&Value::Boolean(true)));
+        assert!(Accepted::Empty.accepts(&Value::String(String::new())));
+        assert!(Accepted::Empty.accepts(&Value::Array(Vec::new())));
+        assert!(!Accepted::Empty.accepts(&Value::String(" ".into())));
+        assert!(Accepted::Zero.accepts(&Value::Integer(0)));
+        assert!(!Accepted::Zero.accepts(&Value::Integer(1)));
     }
 }

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::keys::{canonical_key, is_ignored_kata_key};
+use super::keys::{canonical_key, is_ignored_kata_key, unimplemented_security_key};
 use super::origin::{Origin, Setting};
 use super::parse::parse_file;
 use super::schema::{Config, SharedFs};
-use super::ConfigError;
+use super::{seccomp_sandbox, ConfigError};
 
 /// The standard locations, in the order they are tried after ConfigPath and KATA_CONF_FILE.
 pub const DEFAULT_CONFIG_PATHS: [&str; 2] = [
@@ -165,20 +165,36 @@ impl LoadedConfig {
             loaded.files.push(path.clone());
             for entry in parse_file(path, text)? {
                 let key = canonical_key(&entry.key);
+                let type_error = |message| ConfigError::Type {
+                    path: path.clone(),
+                    line: entry.line,
+                    key: entry.key.clone(),
+                    message,
+                };
                 if implemented.contains(key) {
-                    loaded.config.assign(key, entry.value).map_err(|message| {
-                        ConfigError::Type {
-                            path: path.clone(),
-                            line: entry.line,
-                            key: entry.key.clone(),
-                            message,
+                    if key == "hypervisor.qemu.seccompsandbox" {
+                        if let toml::Value::String(value) = &entry.value {
+                            seccomp_sandbox::check(value).map_err(type_error)?;
                         }
-                    })?;
+                    }
+                    loaded.config.assign(key, entry.value).map_err(type_error)?;
                     let origin = Origin::File {
                         path: path.clone(),
                         line: entry.line,
                     };
                     loaded.origins.insert(key.to_owned(), origin);
+                } else if let Some((accepted, what)) = unimplemented_security_key(key) {
+                    // The accepted value is what kata-rs does anyway: nothing to warn about.
+                    if !accepted.accepts(&entry.value) {
+                        return Err(ConfigError::UnimplementedSecurityKey {
+                            path: path.clone(),
+                            line: entry.line,
+                            key: entry.key,
+                            value: entry.value.to_string(),
+                            what,
+                            accepted: accepted.as_toml(),
+                        });
+                    }
                 } else if is_ignored_kata_key(key) {
                     loaded.warnings.push(format!(
                         "{}:{}: {}: Kata setting not implemented by kata-rs; ignored",

@@ -14,6 +14,7 @@ mod load;
 mod origin;
 mod parse;
 mod schema;
+mod seccomp_sandbox;
 
 use std::path::PathBuf;
 
@@ -23,8 +24,9 @@ pub use origin::{Origin, Setting};
 pub use schema::{
     Accel, AgentConfig, Config, FactoryConfig, HypervisorConfig, InterNetworkingModel,
     RuntimeConfig, SharedFs, DEFAULT_DIAL_TIMEOUT_SECS, DEFAULT_HYPERVISOR_PATH, DEFAULT_INITRD,
-    DEFAULT_KERNEL, DEFAULT_TCG_TB_SIZE_MIB, DEFAULT_TEMPLATE_PATH, DEFAULT_VIRTIO_FS_DAEMON,
-    DEFAULT_VSOCK_DAEMON, MAX_ANNOTATED_DIAL_TIMEOUT_SECS, MAX_DIAL_TIMEOUT_SECS, MIN_MEMORY_MIB,
+    DEFAULT_KERNEL, DEFAULT_SECCOMP_SANDBOX, DEFAULT_TCG_TB_SIZE_MIB, DEFAULT_TEMPLATE_PATH,
+    DEFAULT_VIRTIO_FS_DAEMON, DEFAULT_VSOCK_DAEMON, MAX_ANNOTATED_DIAL_TIMEOUT_SECS,
+    MAX_DIAL_TIMEOUT_SECS, MIN_MEMORY_MIB,
 };
 
 /// The configuration file kata-rs installs as `configuration.toml`.
@@ -70,6 +72,20 @@ pub enum ConfigError {
         path: PathBuf,
         line: usize,
         key: String,
+    },
+    /// A Kata security key set to a value asking for a protection kata-rs does not implement.
+    #[error(
+        "{}:{line}: {key} = {value}: kata-rs does not implement {what}; remove the key or set it \
+         to {accepted}",
+        path.display()
+    )]
+    UnimplementedSecurityKey {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        value: String,
+        what: &'static str,
+        accepted: &'static str,
     },
     /// The value has the wrong type or is not one of the allowed values.
     #[error("{}:{line}: {key}: {message}", path.display())]
