@@ -16,6 +16,14 @@ fn default_tcg_tb_size_mib() -> u32 {
     DEFAULT_TCG_TB_SIZE_MIB
 }
 
+/// QEMU's `-sandbox` (seccomp) by default: no obsolete syscalls, no gaining privileges, no new processes, no
+/// changing scheduling or CPU affinity. Kata's `seccompsandbox` recommends the same.
+pub const DEFAULT_SECCOMP_SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+fn default_seccomp_sandbox() -> Option<String> {
+    Some(DEFAULT_SECCOMP_SANDBOX.to_string())
+}
+
 /// Everything needed to boot one VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -54,6 +62,9 @@ pub struct VmConfig {
     /// TCG translation buffer in MiB (`-accel tcg,tb-size=`); unused under KVM.
     #[serde(default = "default_tcg_tb_size_mib")]
     pub tcg_tb_size_mib: u32,
+    /// QEMU's `-sandbox` value, e.g. [`DEFAULT_SECCOMP_SANDBOX`]; `None` or empty runs QEMU without seccomp.
+    #[serde(default = "default_seccomp_sandbox")]
+    pub seccomp_sandbox: Option<String>,
     /// Guest NICs backed by tap devices the caller opened. Open fds cannot be persisted: serialising a config
     /// leaves them out, and a deserialised config has none.
     #[serde(skip)]
@@ -62,7 +73,7 @@ pub struct VmConfig {
 
 impl VmConfig {
     /// A config with the defaults Kata uses (microvm, 1 vCPU, 256 MiB, automatic accelerator,
-    /// no shared fs, no vsock daemon); callers fill in the rest.
+    /// no shared fs, no vsock daemon, QEMU under [`DEFAULT_SECCOMP_SANDBOX`]); callers fill in the rest.
     pub fn new(
         name: impl Into<String>,
         qemu_path: impl Into<PathBuf>,
@@ -87,6 +98,7 @@ impl VmConfig {
             debug: false,
             free_page_reporting: false,
             tcg_tb_size_mib: DEFAULT_TCG_TB_SIZE_MIB,
+            seccomp_sandbox: default_seccomp_sandbox(),
             net_devices: Vec::new(),
         }
     }

@@ -2,13 +2,15 @@
 //!
 //! The runtime maps its configuration onto [`VmConfig`], drives the VM through [`Hypervisor`], and persists
 //! [`Hypervisor::pids`] so a later `delete` can run [`cleanup_vm`] when the shim died. Nothing here knows about
-//! containerd, TOML, or the agent protocol; the agent client only needs [`Hypervisor::agent_socket`].
+//! containerd, TOML, or the agent protocol; the agent client only needs [`Hypervisor::agent_socket`]. The guest
+//! console is a bounded in-memory ring ([`GuestConsole`]), never a host file.
 
 use std::fmt;
 use std::path::PathBuf;
 
 pub mod accel;
 pub mod config;
+pub mod console;
 mod error;
 pub mod process;
 pub mod qemu;
@@ -16,9 +18,10 @@ pub mod qmp;
 pub mod tsc;
 
 pub use accel::{detect_accel, resolve_accel, Accel, AccelChoice, AccelReport, KvmStatus};
-pub use config::{GuestMemory, MachineType, NetDevice, SharedFs, VmConfig, SHARED_FS_TAG};
+pub use config::{GuestMemory, MachineType, NetDevice, SharedFs, VmConfig, DEFAULT_SECCOMP_SANDBOX, SHARED_FS_TAG};
+pub use console::{ConsoleEvent, ConsoleFollower, GuestConsole, RateLimit};
 pub use error::{Error, Result};
-pub use process::{cleanup_vm, tail_lines, CleanupReport, ProcessRole, VmExit, VmProcess};
+pub use process::{cleanup_vm, CleanupReport, ProcessRole, VmExit, VmProcess};
 pub use qemu::QemuVm;
 
 /// Where a VM is in its life.
@@ -71,6 +74,6 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// The host processes of this VM still running (VMM first), to persist for crash cleanup.
     fn pids(&self) -> Vec<VmProcess>;
 
-    /// The guest serial console log.
-    fn console_log(&self) -> PathBuf;
+    /// The guest serial console: its last lines (also after the VM exited) and new ones as they come.
+    fn console(&self) -> &GuestConsole;
 }

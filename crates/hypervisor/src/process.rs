@@ -289,7 +289,7 @@ pub(crate) async fn wait_exit(mut exit: watch::Receiver<Option<VmExit>>) -> VmEx
 }
 
 /// The last `lines` lines of a log file (at most its last 64 KiB), for error messages.
-pub fn tail_lines(path: &Path, lines: usize) -> String {
+pub(crate) fn tail_lines(path: &Path, lines: usize) -> String {
     const WINDOW: u64 = 64 * 1024;
     let read = || -> std::io::Result<String> {
         let mut file = File::open(path)?;

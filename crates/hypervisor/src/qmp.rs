@@ -1,13 +1,17 @@
 //! A small QMP client: JSON lines over QEMU's control socket. Commands carry an `id` so a reply that arrives
 //! after its caller timed out is recognised and skipped; after any I/O error or timeout the connection is
-//! dropped and the next command reconnects (QEMU accepts one QMP client at a time).
+//! dropped and the next command reconnects (QEMU accepts one QMP client at a time). A command can carry an open
+//! file (SCM_RIGHTS), as `getfd` expects.
 
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::Mutex;
@@ -137,6 +141,26 @@ impl QmpClient {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
+        self.run(command, arguments, None).await
+    }
+
+    /// Runs one command with `fd` attached to it (SCM_RIGHTS), e.g. `getfd`, which keeps the fd in QEMU under
+    /// a name. QEMU holds its own copy; the caller may close `fd` once this returns.
+    pub async fn execute_with_fd(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        self.run(command, arguments, Some(fd.as_raw_fd())).await
+    }
+
+    async fn run(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<RawFd>,
+    ) -> Result<Value, QmpError> {
         let mut state = self.conn.lock().await;
         state.next_id += 1;
         let id = json!(state.next_id);
@@ -149,7 +173,10 @@ impl QmpClient {
                 state.conn = Some(self.handshake().await?);
             }
             let conn = state.conn.as_mut().ok_or(QmpError::Closed)?;
-            conn.send(&request).await?;
+            match fd {
+                Some(fd) => conn.send_with_fd(&request, fd).await?,
+                None => conn.send(&request).await?,
+            }
             conn.read_reply(command, &id).await
         };
         let result = match tokio::time::timeout(self.timeout, exchange).await {
@@ -213,6 +240,36 @@ impl Conn {
         let mut line = request.to_string();
         line.push('\n');
         self.writer.write_all(line.as_bytes()).await?;
+        Ok(())
+    }
+
+    /// Sends `request` with `fd` attached to its first byte, where QEMU picks it up for that command.
+    async fn send_with_fd(&mut self, request: &Value, fd: RawFd) -> Result<(), QmpError> {
+        let mut line = request.to_string();
+        line.push('\n');
+        let bytes = line.as_bytes();
+        let stream: &UnixStream = self.writer.as_ref();
+        let sent = loop {
+            stream.writable().await?;
+            let attempt = stream.try_io(Interest::WRITABLE, || {
+                let fds = [fd];
+                sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &[IoSlice::new(bytes)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match attempt {
+                Ok(sent) => break sent,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // The fd went with the first bytes; the rest of the line, if the socket took only part, follows plainly.
+        self.writer.write_all(&bytes[sent..]).await?;
         Ok(())
     }
 
@@ -367,6 +424,71 @@ mod tests {
             .expect("connect");
         let err = qmp.system_powerdown().await.expect_err("no reply");
         assert!(matches!(err, QmpError::Timeout { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn getfd_carries_the_file_to_qemu() {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned};
+        use std::io::{Read, Write};
+        use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        // A fake QEMU on a plain thread, reading with recvmsg so it sees the attached fd like QEMU does.
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accept");
+            stream.write_all(b"{\"QMP\": {}}\n").expect("greet");
+            let mut received = Vec::new();
+            for _ in 0..2 {
+                let mut buf = [0u8; 512];
+                let mut space = nix::cmsg_space!([RawFd; 1]);
+                let (len, fds) = {
+                    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                    let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty())
+                        .expect("recvmsg");
+                    let fds: Vec<RawFd> = msg
+                        .cmsgs()
+                        .expect("cmsgs")
+                        .filter_map(|c| match c {
+                            ControlMessageOwned::ScmRights(fds) => Some(fds),
+                            _ => None,
+                        })
+                        .flatten()
+                        .collect();
+                    (msg.bytes, fds)
+                };
+                let request: Value = serde_json::from_slice(&buf[..len]).expect("one request");
+                // SAFETY: recvmsg just created these fds in this process; nothing else owns them.
+                let fds: Vec<OwnedFd> = fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+                stream
+                    .write_all(format!("{}\n", json!({"return": {}, "id": request["id"]})).as_bytes())
+                    .expect("reply");
+                received.push((request["execute"].as_str().unwrap_or_default().to_owned(), fds));
+            }
+            received
+        });
+
+        let qmp = QmpClient::connect(&path, Duration::from_secs(5)).await.expect("connect");
+        let file_path = dir.path().join("state");
+        std::fs::write(&file_path, b"device state").expect("write");
+        let file = std::fs::File::open(&file_path).expect("open");
+        qmp.execute_with_fd("getfd", Some(json!({"fdname": "migration"})), file.as_fd())
+            .await
+            .expect("getfd");
+        drop(file);
+        let received = tokio::task::spawn_blocking(move || server.join().expect("server"))
+            .await
+            .expect("join");
+        assert_eq!(received[0].0, "qmp_capabilities");
+        assert!(received[0].1.is_empty(), "no fd with a plain command");
+        assert_eq!(received[1].0, "getfd");
+        assert_eq!(received[1].1.len(), 1, "exactly one fd with getfd");
+        let mut text = String::new();
+        std::fs::File::from(received[1].1[0].try_clone().expect("dup"))
+            .read_to_string(&mut text)
+            .expect("read through the passed fd");
+        assert_eq!(text, "device state");
     }
 
     #[tokio::test]

@@ -28,6 +28,8 @@ const READY: &str = "KATA_TEST_READY";
 const INITRD_ENV: &str = "KATA_TEST_HV_INITRD";
 const SHARED_CONTENT: &str = "hello-from-the-host";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Console lines the tests look at: all the host keeps (the guest's markers come last).
+const CONSOLE_LINES: usize = hypervisor::console::MAX_LINES;
 
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -171,7 +173,7 @@ fn shared_dir(root: &Path) -> PathBuf {
 /// Polls the console log until `marker` appears; returns how long it took.
 async fn wait_for_console(vm: &QemuVm, marker: &str, started: Instant) -> Duration {
     loop {
-        let console = std::fs::read_to_string(vm.console_log()).unwrap_or_default();
+        let console = vm.console().tail(CONSOLE_LINES);
         if console.contains(marker) {
             return started.elapsed();
         }
@@ -246,7 +248,7 @@ async fn microvm_boots_pauses_resumes_and_stops() {
     eprintln!("{test}: start() to {READY} in {boot:.2?} under TCG");
 
     if !assets.custom_initrd {
-        let console = std::fs::read_to_string(vm.console_log()).expect("console");
+        let console = vm.console().tail(CONSOLE_LINES);
         assert!(
             console.contains(&format!("SHARED:{SHARED_CONTENT}")),
             "shared fs not readable; console:\n{console}"
@@ -254,7 +256,7 @@ async fn microvm_boots_pauses_resumes_and_stops() {
     }
     if !assets.custom_initrd {
         // The guest must see the devices: virtio device ids 0x0013 vsock, 0x001a virtio-fs, 0x0009 9p.
-        let console = std::fs::read_to_string(vm.console_log()).expect("console");
+        let console = vm.console().tail(CONSOLE_LINES);
         let ids = console
             .lines()
             .find(|l| l.starts_with("VIRTIO-IDS:"))
@@ -284,6 +286,8 @@ async fn microvm_boots_pauses_resumes_and_stops() {
     let qemu = pids.iter().find(|p| p.role == ProcessRole::Qemu).expect("QEMU pid");
     let status = std::fs::read_to_string(format!("/proc/{}/status", qemu.pid)).expect("QEMU status");
     assert!(status.contains("THP_enabled:\t0"), "QEMU has huge pages on: {status}");
+    // QEMU runs under its seccomp sandbox (filter mode 2) by default.
+    assert!(status.contains("Seccomp:\t2"), "QEMU runs without seccomp: {status}");
     if let Some(socket) = vm.agent_socket() {
         assert!(socket.exists(), "agent socket {} missing", socket.display());
     }
@@ -316,6 +320,11 @@ async fn microvm_boots_pauses_resumes_and_stops() {
         .expect("wait resolves")
         .expect("wait");
     eprintln!("{test}: QEMU exit: {exit}");
+    // The console is kept in memory, not in the (removed) work dir, and outlives QEMU.
+    let tail = vm.console().tail(20);
+    assert_ne!(tail, hypervisor::console::NO_OUTPUT);
+    assert!(tail.contains(READY), "console tail after stop:\n{tail}");
+    assert!(!work.join("console.log").exists());
 }
 
 /// q35 with 9p, then crash cleanup from persisted pids instead of `stop()`.
@@ -343,7 +352,7 @@ async fn q35_with_9p_boots_and_crash_cleanup_kills_it() {
     let boot = wait_for_console(&vm, READY, started).await;
     eprintln!("{test}: start() to {READY} in {boot:.2?} under TCG");
     if !assets.custom_initrd {
-        let console = std::fs::read_to_string(vm.console_log()).expect("console");
+        let console = vm.console().tail(CONSOLE_LINES);
         assert!(
             console.contains(&format!("SHARED:{SHARED_CONTENT}")),
             "9p share not readable; console:\n{console}"
@@ -514,7 +523,7 @@ async fn tap_fds_become_guest_nics_with_their_macs() {
                 .join(" ")
         );
         let boot = wait_for_console(&vm, READY, started).await;
-        let console = std::fs::read_to_string(vm.console_log()).expect("console");
+        let console = vm.console().tail(CONSOLE_LINES);
         let nics: Vec<(&str, &str)> = console
             .lines()
             .filter_map(|l| l.strip_prefix("NET:")?.split_once('='))

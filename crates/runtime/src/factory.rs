@@ -172,7 +172,7 @@ async fn boot_and_save(vm: &QemuVm, dir: &Path, timeout: Duration) -> Result<()>
     match AgentClient::connect_serial(&socket, timeout).await {
         Ok(agent) => drop(agent),
         Err(source) => {
-            let console = hypervisor::tail_lines(&vm.console_log(), 20);
+            let console = vm.console().tail(20);
             return Err(FactoryError::Agent { source, console });
         }
     }

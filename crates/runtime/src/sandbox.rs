@@ -183,7 +183,7 @@ impl Sandbox {
         let agent = match connected {
             Ok(agent) => agent,
             Err(source) => {
-                let console = hypervisor::tail_lines(&vm.console_log(), 20);
+                let console = vm.console().tail(20);
                 let _ = vm.stop().await;
                 return Err(SandboxError::Connect { source, console });
             }

@@ -62,6 +62,7 @@ pub fn vm_config(sandbox_id: &str, config: &Config, paths: &SandboxPaths) -> Res
         debug: hv.enable_debug || config.runtime.enable_debug,
         free_page_reporting: hv.reclaim_guest_freed_memory,
         tcg_tb_size_mib: hv.tcg_tb_size,
+        seccomp_sandbox: Some(hypervisor::DEFAULT_SECCOMP_SANDBOX.to_string()),
     })
 }
 

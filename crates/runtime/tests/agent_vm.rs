@@ -18,16 +18,12 @@ use runtime::agent::{AgentClient, ProcessRef, ReadySignal, RpcCode, SandboxSetup
 struct TestVm {
     vm: QemuVm,
     vsock_uds: PathBuf,
-    console: PathBuf,
     ready: ReadySignal,
 }
 
 impl TestVm {
     fn print_console(&self) {
-        let console = std::fs::read_to_string(&self.console).unwrap_or_default();
-        let lines: Vec<&str> = console.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(80)..];
-        eprintln!("--- guest console (last {} lines) ---\n{}", tail.len(), tail.join("\n"));
+        eprintln!("--- guest console (last lines) ---\n{}", self.vm.console().tail(80));
     }
 }
 
@@ -43,8 +39,7 @@ async fn start_vm(dir: &Path, kernel: &Path, initrd: &Path, vsock_daemon: &Path,
     let vsock_uds = vm.agent_socket().expect("the VM has a vsock device");
     let ready = ReadySignal::bind(&vsock_uds).expect("listen for the agent's readiness");
     vm.start().await.expect("VM starts");
-    let console = vm.console_log();
-    TestVm { vm, vsock_uds, console, ready }
+    TestVm { vm, vsock_uds, ready }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,7 +42,7 @@ async fn start_clone(template: &factory::Template, mut config: VmConfig) -> Resu
     let agent = match AgentClient::connect_serial(&socket, TIMEOUT).await {
         Ok(agent) => agent,
         Err(e) => {
-            let console = hypervisor::tail_lines(&vm.console_log(), 40);
+            let console = vm.console().tail(40);
             let _ = vm.stop().await;
             return Err(format!("clone {name}: agent: {e}\n{console}"));
         }

@@ -1,40 +1,19 @@
-//! In debug mode the guest console is copied into the shim's log (containerd's log), line by line.
+//! In debug mode the guest console is copied into the shim's log (containerd's log), line by line. The host
+//! keeps only the console's last lines, each cut at 1 KiB (`hypervisor::GuestConsole`), and passes at most
+//! `RateLimit::default()` of them (50 a second after a burst), saying how many it dropped: a guest cannot flood
+//! containerd's log or grow the shim's memory through its console.
 
-use std::io::{Read, Seek, SeekFrom};
-use std::path::PathBuf;
-use std::time::Duration;
+use hypervisor::{ConsoleEvent, GuestConsole, RateLimit};
 
-const POLL: Duration = Duration::from_millis(200);
-
-/// Follows `path` until it disappears (the VM's work dir is removed when the sandbox stops).
-pub fn forward(path: PathBuf, sandbox_id: String) {
+/// Follows `console` until the VM exits.
+pub fn forward(console: &GuestConsole, sandbox_id: String) {
+    let mut follower = console.follow(RateLimit::default());
     tokio::spawn(async move {
-        let mut offset = 0u64;
-        let mut partial = String::new();
-        let mut seen = false;
-        loop {
-            match read_from(&path, offset) {
-                Ok(bytes) => {
-                    seen = true;
-                    offset += bytes.len() as u64;
-                    partial.push_str(&String::from_utf8_lossy(&bytes));
-                    while let Some(end) = partial.find('\n') {
-                        let line: String = partial.drain(..=end).collect();
-                        log::info!("vm {sandbox_id} console: {}", line.trim_end());
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && seen => return,
-                Err(_) => {}
+        while let Some(event) = follower.next().await {
+            match event {
+                ConsoleEvent::Line(line) => log::info!("vm {sandbox_id} console: {line}"),
+                ConsoleEvent::Dropped(n) => log::warn!("vm {sandbox_id} console: {n} console lines dropped"),
             }
-            tokio::time::sleep(POLL).await;
         }
     });
-}
-
-fn read_from(path: &PathBuf, offset: u64) -> std::io::Result<Vec<u8>> {
-    let mut f = std::fs::File::open(path)?;
-    f.seek(SeekFrom::Start(offset))?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)?;
-    Ok(buf)
 }

@@ -128,7 +128,7 @@ impl KataTask {
         let sandbox = Sandbox::start(opts, Arc::new(Syscalls)).await.map_err(internal)?;
         log::info!("sandbox {id} started");
         if debug {
-            crate::console::forward(sandbox.vm().console_log(), id.to_string());
+            crate::console::forward(sandbox.vm().console(), id.to_string());
         }
         self.forward_oom_events(&sandbox);
         Ok(Arc::new(sandbox))

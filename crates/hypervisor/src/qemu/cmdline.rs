@@ -7,9 +7,14 @@ use std::path::{Path, PathBuf};
 use crate::accel::Accel;
 use crate::config::{GuestMemory, MachineType, SharedFs, VmConfig, GUEST_CID, SHARED_FS_TAG};
 
-/// QEMU inherits the tap fds of `config.net_devices`, in order, from this fd on (right after stdio); NICs
-/// without a tap take no fd.
+/// QEMU inherits fds from this one on (right after stdio): first the console socket ([`CONSOLE_FD`]), then the
+/// tap fds of `config.net_devices` in order; NICs without a tap take no fd.
 pub const FIRST_INHERITED_FD: RawFd = 3;
+/// One end of a socket pair QEMU writes the guest serial console to; the host drains the other end into a
+/// bounded ring, so the guest cannot fill a file.
+pub const CONSOLE_FD: RawFd = FIRST_INHERITED_FD;
+/// The name a migration stream's fd gets in QEMU (QMP `getfd`), for `migrate` and `migrate-incoming`.
+pub const MIGRATION_FD_NAME: &str = "migration";
 
 /// Files a VM keeps in its work dir. Names are fixed so crash cleanup and debugging know where to look.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,10 +31,6 @@ impl VmPaths {
     /// QMP control socket (QEMU listens).
     pub fn qmp_socket(&self) -> PathBuf {
         self.work_dir.join("qmp.sock")
-    }
-    /// Guest serial console output.
-    pub fn console_log(&self) -> PathBuf {
-        self.work_dir.join("console.log")
     }
     /// QEMU's own stdout/stderr.
     pub fn qemu_log(&self) -> PathBuf {
@@ -103,6 +104,9 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<S
     if !config.name.is_empty() {
         args.push2("-name", &config.name);
     }
+    if let Some(sandbox) = config.seccomp_sandbox.as_deref().filter(|s| !s.is_empty()) {
+        args.push2("-sandbox", sandbox);
+    }
     let machine = match config.machine {
         // isa-serial carries the console. rtc=on: without it a TCG boot takes ~3 s longer. pit=on: a fallback
         // clock source for calibration; under TCG what really prevents the "Marking TSC unstable" hang is
@@ -147,10 +151,8 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<S
     }
     args.push2("-append", kernel_params(config, accel, tsc_khz).join(" "));
 
-    args.push2(
-        "-chardev",
-        format!("file,id=console,path={}", path_str(&paths.console_log())),
-    );
+    // A connected socket passed as an fd: QEMU needs no path and never learns where the output goes.
+    args.push2("-chardev", format!("socket,id=console,fd={CONSOLE_FD}"));
     args.push2("-serial", "chardev:console");
     args.push2(
         "-chardev",
@@ -228,7 +230,7 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<S
         }
         SharedFs::None => {}
     }
-    let mut next_fd = FIRST_INHERITED_FD;
+    let mut next_fd = CONSOLE_FD + 1;
     for (i, net) in config.net_devices.iter().enumerate() {
         match &net.fd {
             Some(_) => {
@@ -269,15 +271,11 @@ fn memory_backend(memory: &GuestMemory, size: &str) -> String {
     }
 }
 
-/// The `migrate-incoming` URI that loads a clone's saved device state. Paths are checked to need no quoting
-/// (see `validate`).
-pub fn incoming_uri(state: &Path) -> String {
-    format!("exec:cat {}", path_str(state))
-}
-
-/// The `migrate` URI that saves a template's device state.
-pub fn outgoing_uri(state: &Path) -> String {
-    format!("exec:cat > {}", path_str(state))
+/// The URI of `migrate` (saving a template) and `migrate-incoming` (loading a clone): the state file, opened by
+/// us and handed to QEMU with `getfd` as [`MIGRATION_FD_NAME`]. Not `exec:`, which `-sandbox spawn=deny`
+/// forbids, and QEMU never opens a path of ours.
+pub fn migration_uri() -> String {
+    format!("fd:{MIGRATION_FD_NAME}")
 }
 
 /// Arguments for the per-VM `vhost-device-vsock`.
@@ -407,7 +405,7 @@ mod tests {
                 "tsc_early_khz=2596140"
             ]
         );
-        assert!(values(&args, "-chardev").contains(&"file,id=console,path=/run/vm1/console.log"));
+        assert_eq!(values(&args, "-chardev")[0], "socket,id=console,fd=3");
         assert_eq!(values(&args, "-serial"), ["chardev:console"]);
         assert!(values(&args, "-chardev")
             .contains(&"socket,id=qmp,path=/run/vm1/qmp.sock,server=on,wait=off"));
@@ -416,6 +414,35 @@ mod tests {
             values(&args, "-device").is_empty(),
             "no devices were configured"
         );
+    }
+
+    /// The whole command line of a default VM, so any change to it shows here.
+    #[test]
+    fn golden_default_microvm_tcg() {
+        let args = qemu_args(&base(MachineType::Microvm), Accel::Tcg, Some(2_596_140));
+        assert_eq!(
+            args.join(" "),
+            "-name vm1 \
+             -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
+             -machine microvm,pit=on,pic=off,isa-serial=on,rtc=on,memory-backend=mem -accel tcg,tb-size=64 -cpu max \
+             -smp 2 -m 512M -object memory-backend-memfd,id=mem,size=512M,share=on \
+             -nodefaults -no-user-config -nographic -no-reboot -global virtio-mmio.force-legacy=false \
+             -kernel /k/vmlinux -initrd /k/initrd.img -append console=ttyS0 reboot=t panic=-1 quiet tsc_early_khz=2596140 \
+             -chardev socket,id=console,fd=3 -serial chardev:console \
+             -chardev socket,id=qmp,path=/run/vm1/qmp.sock,server=on,wait=off -mon chardev=qmp,mode=control"
+        );
+    }
+
+    #[test]
+    fn seccomp_sandbox_follows_the_config() {
+        let mut config = base(MachineType::Q35);
+        config.seccomp_sandbox = Some("on,spawn=deny".into());
+        assert_eq!(values(&qemu_args(&config, Accel::Kvm, None), "-sandbox"), ["on,spawn=deny"]);
+        for off in [None, Some(String::new())] {
+            config.seccomp_sandbox = off;
+            let args = qemu_args(&config, Accel::Kvm, None);
+            assert!(!args.iter().any(|a| a == "-sandbox"), "{args:?}");
+        }
     }
 
     #[test]
@@ -568,8 +595,8 @@ mod tests {
         let args = qemu_args(&config, Accel::Tcg, None);
         assert_eq!(values(&args, "-object"), ["memory-backend-file,id=mem,size=512M,mem-path=/t/memory,share=off"]);
         assert_eq!(values(&args, "-incoming"), ["defer"]);
-        assert_eq!(incoming_uri(Path::new("/t/state")), "exec:cat /t/state");
-        assert_eq!(outgoing_uri(Path::new("/t/state")), "exec:cat > /t/state");
+        assert_eq!(migration_uri(), "fd:migration");
+        assert!(!args.iter().any(|a| a.contains("exec:")));
     }
 
     #[test]
@@ -586,7 +613,7 @@ mod tests {
             let args = qemu_args(&config, Accel::Tcg, None);
             assert_eq!(
                 values(&args, "-netdev"),
-                ["tap,id=net0,fd=3,vhost=off", "tap,id=net1,fd=4,vhost=off"]
+                ["tap,id=net0,fd=4,vhost=off", "tap,id=net1,fd=5,vhost=off"]
             );
             assert_eq!(
                 values(&args, "-device"),
@@ -606,7 +633,7 @@ mod tests {
         unplugged.fd = None;
         config.net_devices = vec![unplugged, tap("net1", "02:00:ca:fe:00:02")];
         let args = qemu_args(&config, Accel::Tcg, None);
-        assert_eq!(values(&args, "-netdev"), ["hubport,id=net0,hubid=1000", "tap,id=net1,fd=3,vhost=off"]);
+        assert_eq!(values(&args, "-netdev"), ["hubport,id=net0,hubid=1000", "tap,id=net1,fd=4,vhost=off"]);
         assert_eq!(values(&args, "-device")[0], "virtio-net-device,netdev=net0,mac=02:00:ca:fe:00:01");
     }
 

@@ -1,20 +1,27 @@
 //! The QEMU backend: one QEMU child process per VM (never `-daemonize`, so we own its PID), plus per-VM
 //! `virtiofsd` and `vhost-device-vsock` helpers, controlled over QMP.
+//!
+//! QEMU runs under `-sandbox` (seccomp) by default, so it opens no path it was not given and starts no process:
+//! the guest console reaches us through a socket it inherits, and template state through a file we open and
+//! hand over with QMP `getfd`.
 
 pub mod cmdline;
 mod validate;
 
-use std::os::fd::OwnedFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use crate::accel::{detect_accel, resolve_accel, Accel, AccelChoice};
 use crate::config::{GuestMemory, SharedFs, VmConfig};
+use crate::console::GuestConsole;
 use crate::error::{Error, Result};
 use crate::process::{tail_lines, wait_exit, ManagedChild, ProcessRole, VmExit, VmProcess};
 use crate::qmp::{QmpClient, QmpError};
@@ -37,12 +44,16 @@ const QUIT_GRACE: Duration = Duration::from_secs(10);
 const HELPER_GRACE: Duration = Duration::from_secs(2);
 /// Lines of console / log output quoted in start errors.
 const TAIL_LINES: usize = 20;
+/// How long the console reader gets to read what QEMU wrote before it exited, for the error message.
+const CONSOLE_DRAIN: Duration = Duration::from_millis(500);
 
 /// A VM run by QEMU. See [`Hypervisor`] for the lifecycle.
 #[derive(Debug)]
 pub struct QemuVm {
     config: VmConfig,
     paths: VmPaths,
+    /// Fed by a task that drains QEMU's console socket; outlives QEMU.
+    console: GuestConsole,
     /// Serialises prepare/start/stop; never held by wait/status/pause.
     lifecycle: tokio::sync::Mutex<()>,
     state: Mutex<State>,
@@ -82,8 +93,8 @@ impl Phase {
 struct Plan {
     accel: Accel,
     qemu_args: Vec<String>,
-    /// Inherited by QEMU from fd `FIRST_INHERITED_FD` on, in `qemu_args`' order.
-    qemu_fds: Vec<Arc<OwnedFd>>,
+    /// The tap fds, inherited by QEMU after the console socket, in `qemu_args`' order.
+    tap_fds: Vec<Arc<OwnedFd>>,
     helpers: Vec<HelperPlan>,
 }
 
@@ -102,6 +113,7 @@ impl QemuVm {
         Self {
             config,
             paths,
+            console: GuestConsole::new(),
             lifecycle: tokio::sync::Mutex::new(()),
             state: Mutex::new(State::default()),
         }
@@ -177,7 +189,7 @@ impl QemuVm {
         let plan = Plan {
             accel,
             qemu_args: cmdline::qemu_args(&self.config, accel, tsc_khz),
-            qemu_fds: self
+            tap_fds: self
                 .config
                 .net_devices
                 .iter()
@@ -257,19 +269,26 @@ impl QemuVm {
             result?;
         }
 
+        let (console, qemu_console) = std::os::unix::net::UnixStream::pair()
+            .map_err(Error::io("cannot create the console socket pair"))?;
+        let mut qemu_fds = vec![Arc::new(OwnedFd::from(qemu_console))];
+        qemu_fds.extend(plan.tap_fds.iter().cloned());
         let qemu = ManagedChild::spawn(
             ProcessRole::Qemu,
             &self.config.qemu_path,
             &plan.qemu_args,
             &self.paths.qemu_log(),
-            &plan.qemu_fds,
-            cmdline::FIRST_INHERITED_FD,
+            &qemu_fds,
+            cmdline::CONSOLE_FD,
             // Under TCG, QEMU asks for huge pages for its translation buffer, so each region of it it starts
             // costs 2 MiB however little code lands there; 4 KiB pages keep only what is used (about 3 MiB
             // less per VM cloned from a template). Under KVM the guest RAM keeps its huge pages.
             plan.accel == Accel::Tcg,
         )?;
         let qemu = spawned.qemu.insert(Arc::new(qemu)).clone();
+        // Only QEMU may hold its end: the reader sees end-of-file when QEMU is gone.
+        drop(qemu_fds);
+        drain_console(console, self.console.clone())?;
         tracing::info!(vm = %self.config.name, pid = qemu.info().pid, accel = %plan.accel, "QEMU started");
         let qmp = self.connect_qmp(&qemu, &spawned.helpers).await?;
         if let GuestMemory::Clone { state, .. } = &self.config.memory {
@@ -285,12 +304,18 @@ impl QemuVm {
     /// it is the template's file, already mapped. The template was saved paused, so the clone loads paused.
     async fn load_state(&self, qemu: &ManagedChild, qmp: &QmpClient, state: &Path) -> Result<()> {
         qmp.execute("migrate-set-capabilities", Some(ignore_shared())).await?;
-        qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": cmdline::incoming_uri(state) })))
+        let file = File::options()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(state)
+            .map_err(Error::io(format!("cannot open the template state {}", state.display())))?;
+        hand_over_migration_fd(qmp, file).await?;
+        qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": cmdline::migration_uri() })))
             .await?;
         let deadline = Instant::now() + MIGRATION_TIMEOUT;
         loop {
             if let Some(status) = qemu.exited() {
-                return Err(self.qemu_exited(status));
+                return Err(self.qemu_exited(status).await);
             }
             match qmp.query_status().await {
                 Ok(s) if s.status == "running" => return Ok(()),
@@ -304,7 +329,7 @@ impl QemuVm {
                 Ok(_) => {}
                 // QEMU exits when the state does not load; that explains more than the broken socket.
                 Err(e) => match qemu.wait_timeout(Duration::from_millis(500)).await {
-                    Some(status) => return Err(self.qemu_exited(status)),
+                    Some(status) => return Err(self.qemu_exited(status).await),
                     None => return Err(e.into()),
                 },
             }
@@ -325,7 +350,16 @@ impl QemuVm {
         let qmp = self.qmp("save")?;
         qmp.stop().await?;
         qmp.execute("migrate-set-capabilities", Some(ignore_shared())).await?;
-        qmp.execute("migrate", Some(serde_json::json!({ "uri": cmdline::outgoing_uri(state) }))).await?;
+        let file = File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(state)
+            .map_err(Error::io(format!("cannot create the template state {}", state.display())))?;
+        hand_over_migration_fd(&qmp, file).await?;
+        qmp.execute("migrate", Some(serde_json::json!({ "uri": cmdline::migration_uri() }))).await?;
         let deadline = Instant::now() + MIGRATION_TIMEOUT;
         loop {
             let info = qmp.execute("query-migrate", None).await?;
@@ -358,7 +392,7 @@ impl QemuVm {
         let deadline = Instant::now() + QMP_READY_TIMEOUT;
         loop {
             if let Some(status) = qemu.exited() {
-                return Err(self.qemu_exited(status));
+                return Err(self.qemu_exited(status).await);
             }
             for helper in helpers {
                 if let Some(status) = helper.exited() {
@@ -373,7 +407,7 @@ impl QemuVm {
                     Err(e) => {
                         // QEMU dying mid-handshake explains more than the broken socket does.
                         if let Some(status) = qemu.wait_timeout(Duration::from_millis(500)).await {
-                            return Err(self.qemu_exited(status));
+                            return Err(self.qemu_exited(status).await);
                         }
                         return Err(e.into());
                     }
@@ -392,11 +426,13 @@ impl QemuVm {
         }
     }
 
-    fn qemu_exited(&self, status: VmExit) -> Error {
+    async fn qemu_exited(&self, status: VmExit) -> Error {
+        // QEMU is gone; let the console reader take in its last words before quoting them.
+        let _ = tokio::time::timeout(CONSOLE_DRAIN, self.console.closed()).await;
         Error::QemuExited {
             status,
             qemu_tail: tail_lines(&self.paths.qemu_log(), TAIL_LINES),
-            console_tail: tail_lines(&self.paths.console_log(), TAIL_LINES),
+            console_tail: self.console.tail(TAIL_LINES),
         }
     }
 
@@ -534,8 +570,8 @@ impl Hypervisor for QemuVm {
             .collect()
     }
 
-    fn console_log(&self) -> PathBuf {
-        self.paths.console_log()
+    fn console(&self) -> &GuestConsole {
+        &self.console
     }
 }
 
@@ -577,6 +613,39 @@ impl Spawned {
         )
         .await;
     }
+}
+
+/// Gives QEMU the migration stream's file as [`cmdline::MIGRATION_FD_NAME`]; QEMU closes it when the migration
+/// ends, and our copy is closed on return.
+async fn hand_over_migration_fd(qmp: &QmpClient, file: File) -> Result<()> {
+    let arguments = serde_json::json!({ "fdname": cmdline::MIGRATION_FD_NAME });
+    qmp.execute_with_fd("getfd", Some(arguments), file.as_fd()).await?;
+    Ok(())
+}
+
+/// Reads QEMU's console socket into `console` until QEMU closes it, so QEMU never blocks on a full socket.
+fn drain_console(socket: std::os::unix::net::UnixStream, console: GuestConsole) -> Result<()> {
+    socket
+        .set_nonblocking(true)
+        .map_err(Error::io("cannot make the console socket non-blocking"))?;
+    let mut socket = tokio::net::UnixStream::from_std(socket)
+        .map_err(Error::io("cannot register the console socket"))?;
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match socket.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => console.push(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the guest console failed");
+                    break;
+                }
+            }
+        }
+        console.close();
+    });
+    Ok(())
 }
 
 /// Guest RAM is shared with the template's file, so migration skips it.
@@ -728,6 +797,26 @@ mod tests {
         assert!(vm.pids().is_empty());
         assert!(!dir.path().join("vm/qmp.sock").exists());
         vm.stop().await.expect("stop after failed start");
+    }
+
+    #[tokio::test]
+    async fn console_output_reaches_the_ring_and_the_start_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Stands in for a QEMU whose guest wrote to the console and died: it writes to the inherited console
+        // socket (fd 3) and exits.
+        let fake = dir.path().join("fake-qemu");
+        std::fs::write(&fake, "#!/bin/sh\nprintf 'Linux version 6.1\\r\\nKernel panic - not syncing' >&3\nexit 1\n")
+            .expect("script");
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut c = config(dir.path());
+        c.qemu_path = fake;
+        let vm = QemuVm::new(c);
+        let err = vm.start().await.expect_err("start must fail").to_string();
+        assert!(err.contains("last lines of the console:\nLinux version 6.1\nKernel panic - not syncing"), "{err}");
+        assert_eq!(vm.console().tail(1), "Kernel panic - not syncing");
+        assert!(!dir.path().join("vm/console.log").exists());
+        vm.stop().await.expect("stop");
+        assert_eq!(vm.console().tail(5), "Linux version 6.1\nKernel panic - not syncing", "the tail outlives the VM");
     }
 
     #[tokio::test]

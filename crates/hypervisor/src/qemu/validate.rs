@@ -65,6 +65,17 @@ pub(super) fn validate(config: &VmConfig) -> Result<()> {
     }
     validate_net_devices(config)?;
     validate_memory(config)?;
+    if let Some(sandbox) = &config.seccomp_sandbox {
+        // One QEMU option string: `on`/`off` and `key=value` pairs, nothing QEMU would read as another option.
+        let ok = sandbox
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, ',' | '=' | '-' | '_'));
+        if !ok {
+            return invalid(format!(
+                "seccomp sandbox {sandbox:?} must hold only letters, digits, ',', '=', '-' and '_' (e.g. \"on,spawn=deny\")"
+            ));
+        }
+    }
     let work = &config.work_dir;
     let Some(work_str) = work.to_str() else {
         return invalid(format!("work dir {} is not UTF-8", work.display()));
@@ -107,8 +118,8 @@ pub(super) fn validate(config: &VmConfig) -> Result<()> {
     Ok(())
 }
 
-/// Template files go into QEMU options and a shell command line (`exec:cat`), so they must need no quoting;
-/// a clone's memory is private, so no vhost-user daemon could see it.
+/// The template's memory file goes into a QEMU option, so it must need no quoting (the state file is opened by
+/// us and handed over as an fd); a clone's memory is private, so no vhost-user daemon could see it.
 fn validate_memory(config: &VmConfig) -> Result<()> {
     let plain = |what: &str, path: &Path| -> Result<()> {
         let ok = path.is_absolute()
@@ -129,7 +140,6 @@ fn validate_memory(config: &VmConfig) -> Result<()> {
         GuestMemory::Template { file } => plain("template memory file", file),
         GuestMemory::Clone { file, state } => {
             plain("template memory file", file)?;
-            plain("template state file", state)?;
             for (what, path) in [("template memory file", file), ("template state file", state)] {
                 if !path.is_file() {
                     return Err(Error::InvalidConfig(format!("{what} {} does not exist", path.display())));
@@ -225,6 +235,13 @@ mod tests {
             .expect_err("missing shared dir")
             .to_string()
             .contains("nope"));
+
+        let mut c = config(dir.path());
+        c.seccomp_sandbox = Some("on -device evil".into());
+        let err = validate(&c).expect_err("odd sandbox value").to_string();
+        assert!(err.contains("seccomp sandbox"), "{err}");
+        c.seccomp_sandbox = None;
+        assert!(validate(&c).is_ok());
     }
 
     #[test]
