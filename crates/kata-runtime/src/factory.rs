@@ -40,7 +40,7 @@ pub fn run(config_path: Option<PathBuf>, command: FactoryCommand) -> Result<Exit
             let timeout = Duration::from_secs(u64::from(loaded.config.agent.dial_timeout.max(1)));
             let rt = tokio_runtime()?;
             for config in [vm, with_nic] {
-                let template = rt.block_on(runtime::factory::ensure(&root, &config, timeout))?;
+                let template = rt.block_on(runtime::factory::ensure_waiting(&root, &config, timeout))?;
                 println!("{}", template.dir.display());
             }
         }

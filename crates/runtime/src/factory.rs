@@ -3,33 +3,45 @@
 //! copy-on-write and loads the device state instead of booting, so the guest resumes where the template
 //! stopped. Pages a clone only reads (kernel, agent, page cache) are in host memory once for all clones.
 //!
-//! Templates live in `<template_path>/<key>/`, where the key sums up everything that shapes the guest (QEMU,
-//! kernel, initrd and their file stamps, machine, CPUs, memory, kernel parameters). A changed configuration
-//! or a rebuilt initrd gets a new template; stale ones stay until `kata-runtime factory destroy`.
+//! Templates live in `<template_path>/<key>/`, where the key is the SHA-256 of everything that shapes the guest
+//! (the normalized VM configuration, its NICs, and the size and modification time of QEMU, the kernel and the
+//! initrd). That description is saved beside the template as `config.json`, written last: a template is
+//! complete when it is there, and one whose `config.json` says anything else is not used. A changed
+//! configuration or a rebuilt initrd gets a new template; stale ones stay until `kata-runtime factory destroy`.
+//!
+//! One node-wide lock (`<template_path>/.lock`) serialises making templates, and no pod ever waits for it:
+//! while another shim makes a template, [`ensure`] answers [`Ensured::Busy`] at once and the pod boots its own
+//! VM.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
 use hypervisor::{GuestMemory, Hypervisor, NetDevice, QemuVm, SharedFs, VmConfig, VmProcess};
+use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::agent::AgentClient;
 
 /// Files of a complete template.
 const MEMORY: &str = "memory";
 const STATE: &str = "state";
-/// The configuration it was made from, for people (`kata-runtime factory status`).
+/// What the template was made from ([`TemplateSpec`]), written last: its presence marks a complete template.
 const CONFIG: &str = "config.json";
+/// Left in a template by a pod that could not load it while the lock was taken: whoever takes the lock next
+/// removes the template.
+const BROKEN: &str = "broken";
 /// The template VM's processes while it runs, so a shim that dies making it leaves nothing running: the
 /// next one to take the lock ends them by PID.
 const PROCESSES: &str = "processes.json";
-/// A template being made is `<key>.new` until it is complete.
-const NEW_SUFFIX: &str = ".new";
-/// Serialises making templates between shims.
+/// Serialises making and removing templates between shims.
 const LOCK: &str = ".lock";
 /// How long the template's guest gets to notice that the host left the agent port before it is paused, so a
 /// clone starts with no session open. Not needed for correctness (the agent copes either way).
 const SETTLE: Duration = Duration::from_millis(100);
+/// How often [`ensure_waiting`] looks again while another process makes the template.
+const BUSY_POLL: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FactoryError {
@@ -81,30 +93,91 @@ impl Template {
     }
 }
 
-/// The template for VMs like `config`, made now (booting one VM) when there is none yet. Shims that need the
-/// same template at once wait for the one making it.
-pub async fn ensure(root: &Path, config: &VmConfig, timeout: Duration) -> Result<Template> {
-    let key = key(config);
-    let template = Template { dir: root.join(&key) };
-    if is_complete(&template.dir) {
-        return Ok(template);
+/// What [`ensure`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ensured {
+    /// A complete template made from this very configuration.
+    Ready(Template),
+    /// Another process holds the template lock (it is making a template, this one or another). The caller
+    /// boots its VM on its own instead of waiting for that boot.
+    Busy,
+}
+
+/// The template for VMs like `config`: an existing one, or one made now (booting one VM) when there is none
+/// yet and no other process is making templates. Never waits for another process.
+pub async fn ensure(root: &Path, config: &VmConfig, timeout: Duration) -> Result<Ensured> {
+    let spec = TemplateSpec::of(config);
+    let template = Template { dir: root.join(spec.key()) };
+    if saved(&template.dir, &spec) == Saved::Matches {
+        return Ok(Ensured::Ready(template));
     }
     create_private_dir(root)?;
-    let _lock = lock(&root.join(LOCK)).await?;
-    if is_complete(&template.dir) {
-        return Ok(template);
+    let Some(_lock) = try_lock(&root.join(LOCK))? else {
+        tracing::info!(dir = %template.dir.display(), "another process holds the VM template lock; not waiting for it");
+        return Ok(Ensured::Busy);
+    };
+    match saved(&template.dir, &spec) {
+        Saved::Matches => return Ok(Ensured::Ready(template)),
+        Saved::Absent => {}
+        Saved::Unfinished => remove_unfinished(&template.dir).await, // its maker died; we hold the lock
+        Saved::Broken => {
+            tracing::warn!(dir = %template.dir.display(), "the VM template is incomplete or did not load; making a new one");
+            remove_template(&template.dir);
+        }
+        Saved::Differs => {
+            tracing::warn!(
+                dir = %template.dir.display(),
+                "the VM template's {CONFIG} does not describe this configuration; not using it, making a new one"
+            );
+            remove_template(&template.dir);
+        }
     }
     let started = std::time::Instant::now();
-    let new_dir = root.join(format!("{key}{NEW_SUFFIX}"));
-    remove_unfinished(&new_dir).await; // left by a shim that died making it; we hold the lock
-    let made = make(&new_dir, &key, config, timeout).await;
-    if let Err(e) = made {
-        let _ = std::fs::remove_dir_all(&new_dir);
+    if let Err(e) = make(&template.dir, &spec, config, timeout).await {
+        let _ = std::fs::remove_dir_all(&template.dir);
         return Err(e);
     }
-    std::fs::rename(&new_dir, &template.dir).map_err(io("cannot move the new template to", &template.dir))?;
     tracing::info!(dir = %template.dir.display(), took = ?started.elapsed(), "VM template made");
-    Ok(template)
+    Ok(Ensured::Ready(template))
+}
+
+/// [`ensure`], waiting while another process makes templates: for `kata-runtime factory init`, not for pods.
+pub async fn ensure_waiting(root: &Path, config: &VmConfig, timeout: Duration) -> Result<Template> {
+    loop {
+        match ensure(root, config, timeout).await? {
+            Ensured::Ready(template) => return Ok(template),
+            Ensured::Busy => tokio::time::sleep(BUSY_POLL).await,
+        }
+    }
+}
+
+/// What lies at a template's directory, judged against what this configuration needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Saved {
+    Absent,
+    /// No `config.json`: being made, or its maker died.
+    Unfinished,
+    /// Complete, but marked broken or missing its memory or state.
+    Broken,
+    /// Complete, and `config.json` says it was made from another configuration (or cannot be read).
+    Differs,
+    Matches,
+}
+
+fn saved(dir: &Path, spec: &TemplateSpec) -> Saved {
+    if !dir.is_dir() {
+        return Saved::Absent;
+    }
+    let Ok(text) = std::fs::read(dir.join(CONFIG)) else {
+        return Saved::Unfinished;
+    };
+    if dir.join(BROKEN).exists() || !is_complete(dir) {
+        return Saved::Broken;
+    }
+    match serde_json::from_slice::<serde_json::Value>(&text) {
+        Ok(found) if found == spec.0 => Saved::Matches,
+        _ => Saved::Differs,
+    }
 }
 
 /// Ends the processes of a template VM whose maker died (recorded in `PROCESSES`; each is checked to be the
@@ -132,14 +205,17 @@ fn create_private_dir(dir: &Path) -> Result<()> {
 }
 
 fn is_complete(dir: &Path) -> bool {
-    dir.join(STATE).is_file() && dir.join(MEMORY).is_file()
+    dir.join(CONFIG).is_file() && dir.join(STATE).is_file() && dir.join(MEMORY).is_file()
 }
 
-async fn make(dir: &Path, key: &str, config: &VmConfig, timeout: Duration) -> Result<()> {
+/// Makes the template in `dir` itself (its template VM's sockets must fit in 107 bytes: `<root>/<key>/vm/` plus
+/// a socket name, no suffix to spare), with `config.json` written last.
+async fn make(dir: &Path, spec: &TemplateSpec, config: &VmConfig, timeout: Duration) -> Result<()> {
+    create_private_dir(dir)?;
     let shared = dir.join("shared");
     std::fs::create_dir_all(&shared).map_err(io("cannot create", &shared))?;
     let mut c = config.clone();
-    c.name = format!("template-{key}");
+    c.name = format!("template-{}", &spec.key()[..16]);
     c.work_dir = dir.join("vm");
     c.memory = GuestMemory::Template { file: dir.join(MEMORY) };
     // The clone's 9p device serves the pod's own directory; the template's only has to exist.
@@ -157,9 +233,10 @@ async fn make(dir: &Path, key: &str, config: &VmConfig, timeout: Duration) -> Re
     }
     result?;
     let _ = std::fs::remove_file(dir.join(PROCESSES));
-    let text = serde_json::to_vec_pretty(&normalized(config)).unwrap_or_default();
-    let path = dir.join(CONFIG);
-    std::fs::write(&path, text).map_err(io("cannot write", &path))
+    let text = serde_json::to_vec_pretty(&spec.0).unwrap_or_default();
+    let (path, partial) = (dir.join(CONFIG), dir.join(format!("{CONFIG}.partial")));
+    std::fs::write(&partial, text).map_err(io("cannot write", &partial))?;
+    std::fs::rename(&partial, &path).map_err(io("cannot write", &path))
 }
 
 async fn boot_and_save(vm: &QemuVm, dir: &Path, timeout: Duration) -> Result<()> {
@@ -180,8 +257,55 @@ async fn boot_and_save(vm: &QemuVm, dir: &Path, timeout: Duration) -> Result<()>
     vm.save_template(&dir.join(STATE)).await.map_err(FactoryError::Vm)
 }
 
-/// The part of `config` that shapes the guest: per-VM names and paths are blanked. NICs are never serialised
-/// (they hold fds), so `key` adds them itself.
+/// Everything that shapes a template's guest, as the JSON saved in its `config.json`; the key is its SHA-256.
+#[derive(Debug, Clone, PartialEq)]
+struct TemplateSpec(serde_json::Value);
+
+#[derive(Serialize)]
+struct SpecFields<'a> {
+    /// Per-VM names and paths blanked.
+    vm: VmConfig,
+    /// NICs are not serialised with the VM config (they hold fds); their ids and MACs shape the guest.
+    nics: Vec<(&'a str, &'a str)>,
+    /// A rebuilt QEMU, kernel or initrd needs a new template.
+    files: Vec<FileStamp>,
+}
+
+#[derive(Serialize)]
+struct FileStamp {
+    path: PathBuf,
+    len: u64,
+    mtime_ns: u64,
+}
+
+impl TemplateSpec {
+    fn of(config: &VmConfig) -> Self {
+        let files = [Some(&config.qemu_path), Some(&config.kernel), config.initrd.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|file| {
+                let (len, mtime) = std::fs::metadata(file)
+                    .map(|m| (m.len(), m.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).unwrap_or_default()))
+                    .unwrap_or_default();
+                FileStamp { path: file.clone(), len, mtime_ns: u64::try_from(mtime.as_nanos()).unwrap_or(u64::MAX) }
+            })
+            .collect();
+        let fields = SpecFields {
+            vm: normalized(config),
+            nics: config.net_devices.iter().map(|n| (n.id.as_str(), n.mac.as_str())).collect(),
+            files,
+        };
+        // Plain data (strings, numbers, enums): serialising it cannot fail.
+        Self(serde_json::to_value(fields).unwrap_or_default())
+    }
+
+    /// 64 hex digits of the SHA-256 of the JSON text (the same configuration always serialises the same way).
+    fn key(&self) -> String {
+        Sha256::digest(self.0.to_string().as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// The part of `config` that shapes the guest: per-VM names and paths are blanked.
 fn normalized(config: &VmConfig) -> VmConfig {
     let mut c = config.clone();
     c.name.clear();
@@ -190,39 +314,28 @@ fn normalized(config: &VmConfig) -> VmConfig {
     if let SharedFs::Virtio9p { shared_dir } = &mut c.shared_fs {
         *shared_dir = PathBuf::new();
     }
+    c.net_devices.clear();
     c
 }
 
-/// 16 hex digits naming the template for `config`: FNV-1a over its normalized form and the size and
-/// modification time of QEMU, the kernel and the initrd.
+/// The name of the template for `config` under the template root: 64 hex digits.
 pub fn key(config: &VmConfig) -> String {
-    let mut text = serde_json::to_string(&normalized(config)).unwrap_or_default();
-    // NICs are not serialised (they hold fds); their ids and MACs shape the guest.
-    for nic in &config.net_devices {
-        text.push_str(&format!("|nic:{}:{}", nic.id, nic.mac));
-    }
-    for file in [Some(&config.qemu_path), Some(&config.kernel), config.initrd.as_ref()].into_iter().flatten() {
-        let (len, mtime) = std::fs::metadata(file)
-            .map(|m| (m.len(), m.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).unwrap_or_default()))
-            .unwrap_or_default();
-        text.push_str(&format!("|{}:{len}:{}", file.display(), mtime.as_nanos()));
-    }
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+    TemplateSpec::of(config).key()
 }
 
-/// An exclusive `flock` on `path`, held until the guard is dropped.
+/// An exclusive `flock` on `path`, or `None` at once when another process holds it.
+fn try_lock(path: &Path) -> Result<Option<Flock<std::fs::File>>> {
+    let file = open_lock(path)?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => Ok(Some(locked)),
+        Err((_, Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, errno)) => Err(io("cannot lock", path)(errno.into())),
+    }
+}
+
+/// An exclusive `flock` on `path`, waiting for it: only for `destroy`, never on a pod's path.
 async fn lock(path: &Path) -> Result<Flock<std::fs::File>> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(io("cannot open", path))?;
+    let file = open_lock(path)?;
     tokio::task::spawn_blocking(move || Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| errno.into()))
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))
@@ -230,11 +343,30 @@ async fn lock(path: &Path) -> Result<Flock<std::fs::File>> {
         .map_err(io("cannot lock", path))
 }
 
-/// Removes a template that turned out broken, so the next pod makes a new one. Moved aside first, so no
-/// pod starts cloning it meanwhile; clones already running keep its files open.
+fn open_lock(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io("cannot open", path))
+}
+
+/// Removes a template that turned out broken, so the next pod makes a new one. Only under the template lock,
+/// taken without waiting, so it never removes a template another process is making in the same place; when
+/// the lock is taken, the template is marked broken instead: `ensure` uses no marked template, and whoever
+/// takes the lock next removes it.
 pub fn discard(template: &Template) {
-    let aside = template.dir.with_extension(format!("broken-{}", std::process::id()));
-    if std::fs::rename(&template.dir, &aside).is_ok() {
+    let lock = template.dir.parent().map(|root| try_lock(&root.join(LOCK)));
+    match lock {
+        Some(Ok(Some(_lock))) => remove_template(&template.dir),
+        _ => {
+            if let Err(e) = std::fs::write(template.dir.join(BROKEN), b"") {
+                tracing::warn!(dir = %template.dir.display(), "cannot mark the VM template broken: {e}");
+            }
+        }
+    }
+}
+
+/// Moved aside first, so no pod starts cloning it meanwhile; clones already running keep its files open.
+fn remove_template(dir: &Path) {
+    let aside = dir.with_extension(format!("broken-{}", std::process::id()));
+    if std::fs::rename(dir, &aside).is_ok() {
         let _ = std::fs::remove_dir_all(&aside);
     }
 }
@@ -302,11 +434,18 @@ mod tests {
         let a = config(dir.path(), "pod-a");
         let b = config(dir.path(), "pod-b");
         assert_eq!(key(&a), key(&b));
-        assert_eq!(key(&a).len(), 16);
+        assert_eq!(key(&a).len(), 64);
+        assert!(key(&a).chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{}", key(&a));
 
         let mut more_memory = a.clone();
         more_memory.memory_mib += 128;
         assert_ne!(key(&a), key(&more_memory));
+        let mut no_sandbox = a.clone();
+        no_sandbox.seccomp_sandbox = None;
+        assert_ne!(key(&a), key(&no_sandbox));
+        let mut with_nic = a.clone();
+        with_nic.net_devices = vec![template_nic(None)];
+        assert_ne!(key(&a), key(&with_nic));
 
         let before = key(&a);
         std::fs::write(dir.path().join("vmlinux"), b"kernel two").unwrap();
@@ -316,7 +455,7 @@ mod tests {
     #[tokio::test]
     async fn an_unfinished_template_left_by_a_dead_maker_is_ended_and_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let new_dir = dir.path().join(format!("abcd{NEW_SUFFIX}"));
+        let new_dir = dir.path().join("abcd");
         std::fs::create_dir_all(new_dir.join("vm")).unwrap();
         // Stands in for the orphaned template QEMU (not our child once "its shim died": we only know its PID).
         let mut child = std::process::Command::new("/bin/sleep").arg("300").spawn().unwrap();
@@ -351,21 +490,120 @@ mod tests {
     async fn list_and_destroy() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("templates");
-        for (name, complete) in [("aaaa", true), ("bbbb.new", false)] {
+        for (name, complete) in [("aaaa", true), ("bbbb", false)] {
             std::fs::create_dir_all(root.join(name)).unwrap();
+            std::fs::write(root.join(name).join(MEMORY), b"m").unwrap();
+            std::fs::write(root.join(name).join(STATE), b"s").unwrap();
             if complete {
-                std::fs::write(root.join(name).join(MEMORY), b"m").unwrap();
-                std::fs::write(root.join(name).join(STATE), b"s").unwrap();
+                std::fs::write(root.join(name).join(CONFIG), b"{}").unwrap();
             }
         }
         let listed = list(&root);
         assert_eq!(listed.iter().map(|t| (t.dir.clone(), t.complete)).collect::<Vec<_>>(), [
             (root.join("aaaa"), true),
-            (root.join("bbbb.new"), false)
+            (root.join("bbbb"), false)
         ]);
         let removed = destroy(&root).await.unwrap();
         assert_eq!(removed.len(), 2);
         assert!(!root.exists());
         assert!(destroy(&root).await.unwrap().is_empty());
+    }
+
+    /// A complete template for `config` under `root`, as `make` leaves it, with `config.json` as given.
+    fn fake_template(root: &Path, config: &VmConfig, saved_config: &serde_json::Value) -> Template {
+        let template = Template { dir: root.join(key(config)) };
+        std::fs::create_dir_all(&template.dir).unwrap();
+        std::fs::write(template.memory_file(), b"m").unwrap();
+        std::fs::write(template.state_file(), b"s").unwrap();
+        std::fs::write(template.dir.join(CONFIG), serde_json::to_vec_pretty(saved_config).unwrap()).unwrap();
+        template
+    }
+
+    /// A pod config whose QEMU (`/bin/false`) fails at once: `ensure` errs if it tries to make a template.
+    fn failing_config(dir: &Path) -> VmConfig {
+        std::fs::write(dir.join("vmlinux"), b"k").unwrap();
+        let mut c = config(dir, "pod");
+        c.qemu_path = "/bin/false".into();
+        c.agent_serial_port = Some("agent.channel.0".into());
+        c
+    }
+
+    #[test]
+    fn template_sockets_fit_under_the_default_template_path() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vmlinux"), b"k").unwrap();
+        let vm_dir = Path::new(types::config::DEFAULT_TEMPLATE_PATH).join(key(&config(dir.path(), "pod"))).join("vm");
+        let longest = hypervisor::qemu::cmdline::VmPaths::new(&vm_dir)
+            .sockets()
+            .iter()
+            .map(|s| s.as_os_str().len())
+            .max()
+            .unwrap();
+        assert!(longest <= 107, "{longest} bytes under {}", vm_dir.display());
+    }
+
+    #[tokio::test]
+    async fn a_template_is_used_only_when_its_saved_config_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("t");
+        let config = failing_config(dir.path());
+        let spec = TemplateSpec::of(&config);
+
+        let template = fake_template(&root, &config, &spec.0);
+        let ensured = ensure(&root, &config, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(ensured, Ensured::Ready(template.clone()), "a matching template is used without a boot");
+
+        // Same key, but config.json describes another VM (edited, or a colliding key): not used. `ensure` removes
+        // it and tries to make a new one, which fails here.
+        let mut other = spec.0.clone();
+        other["vm"]["memory_mib"] = serde_json::json!(4096);
+        fake_template(&root, &config, &other);
+        let err = ensure(&root, &config, Duration::from_secs(5)).await.expect_err("makes a new one, which fails");
+        assert!(matches!(err, FactoryError::Vm(_)), "{err}");
+        assert!(!template.dir.exists(), "the mismatched template is gone");
+
+        // Unreadable config.json, and a template a pod marked broken: not used either.
+        fake_template(&root, &config, &spec.0);
+        std::fs::write(template.dir.join(CONFIG), b"not json").unwrap();
+        assert_eq!(saved(&template.dir, &spec), Saved::Differs);
+        fake_template(&root, &config, &spec.0);
+        std::fs::write(template.dir.join(BROKEN), b"").unwrap();
+        assert_eq!(saved(&template.dir, &spec), Saved::Broken);
+        std::fs::remove_file(template.dir.join(CONFIG)).unwrap();
+        assert_eq!(saved(&template.dir, &spec), Saved::Unfinished, "no config.json: still being made");
+    }
+
+    #[tokio::test]
+    async fn ensure_does_not_wait_for_the_template_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("t");
+        std::fs::create_dir_all(&root).unwrap();
+        let config = failing_config(dir.path());
+        // Another shim making a template (here: this test) holds the lock for as long as its VM boots.
+        let held = Flock::lock(open_lock(&root.join(LOCK)).unwrap(), FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| e)
+            .unwrap();
+
+        let started = std::time::Instant::now();
+        let ensured = tokio::time::timeout(Duration::from_secs(2), ensure(&root, &config, Duration::from_secs(60)))
+            .await
+            .expect("ensure returns at once")
+            .unwrap();
+        assert_eq!(ensured, Ensured::Busy);
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        assert!(!root.join(key(&config)).exists(), "nothing was started");
+
+        // A complete template is used whoever holds the lock.
+        let template = fake_template(&root, &config, &TemplateSpec::of(&config).0);
+        assert_eq!(ensure(&root, &config, Duration::from_secs(5)).await.unwrap(), Ensured::Ready(template.clone()));
+
+        // A pod that cannot load it while the lock is held only marks it; the lock's next holder removes it.
+        discard(&template);
+        assert!(template.dir.join(BROKEN).exists());
+        assert_eq!(ensure(&root, &config, Duration::from_secs(5)).await.unwrap(), Ensured::Busy);
+        drop(held);
+        let err = ensure(&root, &config, Duration::from_secs(5)).await.expect_err("remakes it, which fails here");
+        assert!(matches!(err, FactoryError::Vm(_)), "{err}");
+        assert!(!template.dir.exists());
     }
 }

@@ -130,18 +130,28 @@ impl Sandbox {
         let dial_timeout = Duration::from_secs(u64::from(opts.config.agent.dial_timeout.max(1)));
         // A clone has exactly its template's devices. There is a template without a NIC (pods without a
         // network) and one with a NIC (pods with one interface): the NIC costs a clone ~4 MiB.
-        let cloned_from = if opts.config.factory.enable_template && taps.len() <= 1 {
-            if let Some(tap) = taps.pop() {
-                config.net_devices = vec![factory::template_nic(Some(Arc::new(tap.fd)))];
-            }
+        let template = if opts.config.factory.enable_template && taps.len() <= 1 {
+            let mut like_template = config.clone();
+            like_template.net_devices = taps.iter().map(|_| factory::template_nic(None)).collect();
             let root = PathBuf::from(&opts.config.factory.template_path);
-            let template = factory::ensure(&root, &config, dial_timeout).await?;
-            template.clone_into(&mut config);
-            Some(template)
+            match factory::ensure(&root, &like_template, dial_timeout).await? {
+                factory::Ensured::Ready(template) => Some(template),
+                // Another shim is making a template: boot this VM rather than wait for that boot.
+                factory::Ensured::Busy => None,
+            }
         } else {
             if opts.config.factory.enable_template {
                 tracing::info!("sandbox {} has {} network interfaces, the VM template one: booting it", opts.id, taps.len());
             }
+            None
+        };
+        let cloned_from = if let Some(template) = template {
+            if let Some(tap) = taps.pop() {
+                config.net_devices = vec![factory::template_nic(Some(Arc::new(tap.fd)))];
+            }
+            template.clone_into(&mut config);
+            Some(template)
+        } else {
             for (i, (tap, iface)) in taps.into_iter().zip(&pod_network.interfaces).enumerate() {
                 config.net_devices.push(NetDevice { id: format!("net{i}"), mac: iface.mac.clone(), fd: Some(Arc::new(tap.fd)) });
             }

@@ -76,7 +76,11 @@ async fn clones_of_a_template_run_containers() {
     let template = factory::ensure(&root, &pod_config(dir.path(), "pod-0", &kernel, &initrd), TIMEOUT)
         .await
         .unwrap_or_else(|e| panic!("template: {}", protocols::error_chain(&e)));
+    let factory::Ensured::Ready(template) = template else { panic!("nobody else holds the template lock") };
     step("template made (boot, agent answers, saved, template VM stopped)", t0);
+    let key = template.dir.file_name().and_then(|k| k.to_str()).unwrap_or_default();
+    assert!(key.len() == 64 && key.chars().all(|c| c.is_ascii_hexdigit()), "SHA-256 key: {key}");
+    assert!(template.dir.join("config.json").is_file());
     let listed = factory::list(&root);
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert!(listed[0].complete && listed[0].dir == template.dir);
@@ -84,7 +88,7 @@ async fn clones_of_a_template_run_containers() {
 
     let t = Instant::now();
     let again = factory::ensure(&root, &pod_config(dir.path(), "pod-1", &kernel, &initrd), TIMEOUT).await.expect("again");
-    assert_eq!(again, template, "a pod with the same configuration uses the same template");
+    assert_eq!(again, factory::Ensured::Ready(template.clone()), "a pod with the same configuration uses the same template");
     assert!(t.elapsed() < Duration::from_secs(1), "no second template VM was booted ({:?})", t.elapsed());
 
     let mut clones = Vec::new();
@@ -102,6 +106,14 @@ async fn clones_of_a_template_run_containers() {
         step(&format!("clone {name}: state loaded, agent answers, sandbox created"), t);
     }
     let pids: Vec<u32> = clones.iter().flat_map(|c| c.vm.pids()).map(|p| p.pid).collect();
+    for clone in &clones {
+        // Loaded through an fd we handed over, under QEMU's seccomp sandbox, which forbids spawning `cat`.
+        let args = clone.vm.qemu_args().unwrap_or_default();
+        assert!(args.iter().any(|a| a == "-sandbox") && !args.iter().any(|a| a.contains("exec:")), "{args:?}");
+        let qemu = clone.vm.pids()[0].pid;
+        let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap_or_default();
+        assert!(status.contains("Seccomp:\t2"), "clone QEMU {qemu} runs without seccomp");
+    }
 
     let mut outputs = Vec::new();
     for (clone, name) in clones.iter().zip(["pod-a", "pod-b"]) {
