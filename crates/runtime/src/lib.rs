@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod factory;
+pub mod host_fs;
 pub mod mounts;
 pub mod network;
 pub mod paths;

@@ -1,13 +1,22 @@
 //! Where a sandbox keeps its host-side files.
 //!
 //! Everything of one sandbox lives under one directory, so crash cleanup can find it from the id alone:
-//! `<root>/<sandbox id>/{state.json, vm/, shared/}`. Socket paths inside `vm/` must fit in 107 bytes, which a
-//! 64-character containerd id under `/run/kata-rs` does.
+//! `<root>/<sandbox id>/{state.json, vm/, mounts/, shared/}`, all root-only (0700). Socket paths inside `vm/`
+//! must fit in 107 bytes, which a 64-character containerd id under `/run/kata-rs` does.
+//!
+//! Kata's layout for shared files: the host mounts container rootfs and volumes under `mounts/`, which only the
+//! host writes, and exports to the guest `shared/`, a read-only bind of `mounts/` with slave propagation. Later
+//! mounts under `mounts/` appear in `shared/` (and in the guest), but the guest can never create, replace or
+//! remove the paths the host mounts on.
 
 use std::path::{Path, PathBuf};
 
 /// Default root for sandbox directories.
 pub const DEFAULT_ROOT: &str = "/run/kata-rs";
+
+const SHARED: &str = "shared";
+/// Host-private directory of a sandbox where container data is mounted.
+pub const MOUNTS: &str = "mounts";
 
 /// Guest mount point of the shared filesystem (the agent mounts the `kataShared` tag here).
 pub const GUEST_SHARED_DIR: &str = "/run/kata-containers/shared";
@@ -27,9 +36,14 @@ impl SandboxPaths {
         self.root.join("vm")
     }
 
-    /// Host side of the directory shared into the guest.
+    /// Host side of the directory shared into the guest: a read-only view of [`Self::mounts_dir`].
     pub fn shared_dir(&self) -> PathBuf {
-        self.root.join("shared")
+        self.root.join(SHARED)
+    }
+
+    /// Where the host mounts container rootfs and volumes; never exported writable.
+    pub fn mounts_dir(&self) -> PathBuf {
+        self.root.join(MOUNTS)
     }
 
     /// Persisted state for crash cleanup.
@@ -37,9 +51,19 @@ impl SandboxPaths {
         self.root.join("state.json")
     }
 
-    /// Host path where a container's rootfs is mounted, inside the shared dir.
+    /// Host path where a container's rootfs is mounted.
     pub fn container_rootfs(&self, container_id: &str) -> PathBuf {
-        self.shared_dir().join(container_id).join("rootfs")
+        self.root.join(Self::rootfs_rel(container_id))
+    }
+
+    /// A container's directory under `mounts/`, relative to the sandbox root.
+    pub fn container_rel(container_id: &str) -> PathBuf {
+        Path::new(MOUNTS).join(container_id)
+    }
+
+    /// A container's rootfs mount point, relative to the sandbox root.
+    pub fn rootfs_rel(container_id: &str) -> PathBuf {
+        Self::container_rel(container_id).join("rootfs")
     }
 
     /// The same rootfs as the agent sees it, relative to the guest's shared mount.

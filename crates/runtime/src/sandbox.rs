@@ -1,7 +1,7 @@
 //! One sandbox = one VM: boot it, connect the agent, place container rootfs in the shared directory, tear it
 //! all down again. The shim drives this; nothing here knows about containerd.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -12,7 +12,8 @@ use types::config::{self, Config};
 
 use crate::agent::{AgentClient, AgentError, ReadySignal, SandboxSetup, SharedFsMount, SharedFsType, AGENT_PORT};
 use crate::factory::{self, FactoryError};
-use crate::mounts::{self, MountSpec, MountSyscalls};
+use crate::host_fs::{self, Root};
+use crate::mounts::{self, MountPoint, MountSpec, MountSyscalls};
 use crate::network::{self, PodNetwork};
 use crate::paths::{self, SandboxPaths};
 use crate::spec::{self, SpecError};
@@ -33,6 +34,8 @@ pub enum SandboxError {
     NoAgentSocket,
     #[error("connect to the agent: {source}; last lines of the guest console:\n{console}")]
     Connect { source: AgentError, console: String },
+    #[error("the VM exited ({exit}) before its agent answered; last lines of the guest console:\n{console}")]
+    ExitedBeforeAgent { exit: VmExit, console: String },
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error(transparent)]
@@ -108,10 +111,13 @@ impl Sandbox {
     }
 
     async fn boot(opts: &SandboxOptions, p: &SandboxPaths, sys: Arc<dyn MountSyscalls>) -> Result<Self, SandboxError> {
-        for dir in [p.root.clone(), p.shared_dir()] {
-            std::fs::create_dir_all(&dir).map_err(|source| SandboxError::Dir { path: dir.clone(), source })?;
+        // Root-only all the way down: container rootfs (with whatever setuid binaries a container made) and
+        // volumes are under here, and no other host user may reach them.
+        let parent = p.root.parent().unwrap_or(&p.root);
+        for dir in [parent.to_path_buf(), p.root.clone(), p.mounts_dir(), p.shared_dir()] {
+            host_fs::private_dir(&dir).map_err(mounts::MountError::from)?;
         }
-        mounts::make_shared_mount_point(&*sys, &p.shared_dir())?;
+        mounts::make_shared_view(&*sys, &p.mounts_dir(), &p.shared_dir())?;
         let mut state = SandboxState {
             sandbox_id: opts.id.clone(),
             processes: vec![],
@@ -186,16 +192,27 @@ impl Sandbox {
                 let _ = exit_tx.send(Some(exit));
             }
         });
-        let connected = match &transport {
-            Transport::Serial(path) => AgentClient::connect_serial(path, dial_timeout).await,
-            Transport::Vsock(socket, ready) => AgentClient::connect_when_ready(ready, socket, AGENT_PORT, dial_timeout).await,
+        let dial = async {
+            match &transport {
+                Transport::Serial(path) => AgentClient::connect_serial(path, dial_timeout).await,
+                Transport::Vsock(socket, ready) => AgentClient::connect_when_ready(ready, socket, AGENT_PORT, dial_timeout).await,
+            }
+        };
+        // A VM that dies while we dial (a guest panic, QEMU killed) ends the dial at once.
+        let mut exited = vm_exit.clone();
+        let connected = tokio::select! {
+            connected = dial => connected.map_err(Some),
+            _ = exited.wait_for(Option::is_some) => Err(None),
         };
         let agent = match connected {
             Ok(agent) => agent,
-            Err(source) => {
+            Err(failure) => {
                 let console = vm.console().tail(20);
                 let _ = vm.stop().await;
-                return Err(SandboxError::Connect { source, console });
+                return Err(match failure {
+                    Some(source) => SandboxError::Connect { source, console },
+                    None => SandboxError::ExitedBeforeAgent { exit: vm_exit.borrow().unwrap_or(VmExit { code: None, signal: None }), console },
+                });
             }
         };
         tracing::info!("agent connected {}", opts.id);
@@ -246,19 +263,21 @@ impl Sandbox {
     /// Mounts the rootfs into the shared directory and creates the container in the guest (not started).
     pub async fn create_container(&self, id: &str, spec: &Spec, rootfs: &Rootfs) -> Result<(), SandboxError> {
         paths::check_id("container", id).map_err(SandboxError::InvalidId)?;
-        let target = self.paths.container_rootfs(id);
-        match rootfs {
-            Rootfs::Mounts(list) if list.len() == 1 => mounts::mount(&*self.sys, &list[0], &target)?,
+        let root = Root::open(&self.paths.root).map_err(mounts::MountError::from)?;
+        let rootfs_spec = match rootfs {
+            Rootfs::Mounts(list) if list.len() == 1 => list[0].clone(),
             Rootfs::Mounts(list) => return Err(SpecError::Rootfs(format!("{} rootfs mounts; expected 1", list.len())).into()),
-            Rootfs::Dir(dir) => {
-                let bind = MountSpec { kind: "bind".into(), source: dir.display().to_string(), options: vec!["rbind".into()] };
-                mounts::mount(&*self.sys, &bind, &target)?
-            }
+            Rootfs::Dir(dir) => MountSpec { kind: "bind".into(), source: dir.display().to_string(), options: vec!["rbind".into()] },
+        };
+        let target = SandboxPaths::rootfs_rel(id);
+        if let Err(e) = mounts::mount_beneath(&*self.sys, &root, &target, MountPoint::Dir, &rootfs_spec) {
+            self.release_container_mounts(id);
+            return Err(e.into());
         }
         let result = async {
             let (guest_spec, binds) = spec::for_guest(spec, id)?;
             for bind in &binds {
-                self.share_bind(bind)?;
+                self.share_bind(&root, bind)?;
             }
             self.agent.create_container(id, &guest_spec, &SandboxPaths::guest_rootfs(id)).await?;
             Ok::<_, SandboxError>(())
@@ -270,20 +289,17 @@ impl Sandbox {
         result
     }
 
-    /// Bind-mounts a host path of a volume into the shared directory (a file onto a file, a dir onto a dir).
-    fn share_bind(&self, bind: &spec::SharedBind) -> Result<(), SandboxError> {
-        let target = self.paths.shared_dir().join(&bind.shared_path);
-        if bind.host_source.is_file() {
-            let parent = target.parent().unwrap_or(&target).to_path_buf();
-            std::fs::create_dir_all(&parent).map_err(|source| SandboxError::Dir { path: parent, source })?;
-            std::fs::write(&target, b"").map_err(|source| SandboxError::Dir { path: target.clone(), source })?;
-        }
+    /// Bind-mounts a host path of a volume under `mounts/` (a file onto a file, a dir onto a dir), from where
+    /// the guest sees it in the shared directory.
+    fn share_bind(&self, root: &Root, bind: &spec::SharedBind) -> Result<(), SandboxError> {
+        let target = Path::new(paths::MOUNTS).join(&bind.shared_path);
+        let point = if bind.host_source.is_dir() { MountPoint::Dir } else { MountPoint::File };
         let mut options = vec!["rbind".to_string()];
         if bind.read_only {
             options.push("ro".to_string());
         }
         let spec = MountSpec { kind: "bind".into(), source: bind.host_source.display().to_string(), options };
-        mounts::mount(&*self.sys, &spec, &target)?;
+        mounts::mount_beneath(&*self.sys, root, &target, point, &spec)?;
         Ok(())
     }
 
@@ -308,16 +324,16 @@ impl Sandbox {
     }
 }
 
-/// Unmounts a container's rootfs and volumes from the sandbox's shared directory and removes its directory.
-/// Best effort: also used by `delete` after the shim serving the container died.
+/// Unmounts a container's rootfs and volumes and removes its directory under `mounts/` (which takes its view
+/// in `shared/` with it). Fails closed, logging why: a directory that still holds a mount is left in place.
+/// Also used by `delete` after the shim serving the container died.
 pub fn release_container_dir(sys: &dyn MountSyscalls, paths: &SandboxPaths, container_id: &str) {
-    let dir = paths.shared_dir().join(container_id);
-    for target in mounts::mounts_under(&dir) {
-        if let Err(e) = mounts::unmount(sys, &target) {
-            tracing::warn!("{e}");
-        }
+    if paths::check_id("container", container_id).is_err() {
+        return;
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = mounts::unmount_and_remove(sys, &paths.root.join(SandboxPaths::container_rel(container_id))) {
+        tracing::warn!(container = container_id, "releasing the container's mounts: {e}");
+    }
 }
 
 /// How the host reaches this sandbox's agent.

@@ -21,8 +21,6 @@ pub enum StateError {
     Vm(#[from] hypervisor::Error),
     #[error(transparent)]
     Mount(#[from] mounts::MountError),
-    #[error("remove {path}: {source}")]
-    Remove { path: PathBuf, source: std::io::Error },
     #[error("tear down the pod network: {0}")]
     Network(#[from] crate::network::NetworkError),
 }
@@ -40,11 +38,22 @@ pub struct SandboxState {
 }
 
 impl SandboxState {
-    /// Writes atomically (temp file + rename) so a crash never leaves half a file.
+    /// Writes atomically (temp file + rename) so a crash never leaves half a file. Root-only (0600); the
+    /// temp file is created fresh, never through a symlink.
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(self).map_err(|source| StateError::Parse { path: path.into(), source })?;
-        std::fs::write(&tmp, text).map_err(|source| StateError::Write { path: tmp.clone(), source })?;
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&text))
+            .map_err(|source| StateError::Write { path: tmp.clone(), source })?;
         std::fs::rename(&tmp, path).map_err(|source| StateError::Write { path: path.into(), source })
     }
 
@@ -63,7 +72,9 @@ pub struct CleanupSummary {
 }
 
 /// Tears down whatever of the sandbox is left: VM processes from the persisted state, every mount under the
-/// sandbox directory (deepest first), then the directory. Safe to call more than once.
+/// sandbox directory (deepest first), then the directory. Safe to call more than once. Fails closed: the
+/// directory is not removed when the mount table cannot be read or a mount stays (see
+/// [`mounts::unmount_and_remove`]).
 pub async fn cleanup(sys: &dyn MountSyscalls, paths: &SandboxPaths) -> Result<CleanupSummary, StateError> {
     let mut summary = CleanupSummary::default();
     if let Ok(state) = SandboxState::load(&paths.state_file()) {
@@ -73,15 +84,9 @@ pub async fn cleanup(sys: &dyn MountSyscalls, paths: &SandboxPaths) -> Result<Cl
             crate::network::teardown_pod_network(netns).await?;
         }
     }
-    for target in mounts::mounts_under(&paths.root) {
-        mounts::unmount(sys, &target)?;
-        summary.unmounted.push(target);
-    }
-    match std::fs::remove_dir_all(&paths.root) {
-        Ok(()) => summary.removed = true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(StateError::Remove { path: paths.root.clone(), source }),
-    }
+    let existed = paths.root.exists();
+    summary.unmounted = mounts::unmount_and_remove(sys, &paths.root)?;
+    summary.removed = existed;
     Ok(summary)
 }
 
@@ -117,6 +122,7 @@ mod tests {
         let sys = crate::mounts::test_double::RecordingSyscalls::default();
         let summary = cleanup(&sys, &paths).await.unwrap();
         assert!(summary.removed);
+        assert!(!paths.root.exists());
         assert!(!paths.root.exists());
         let again = cleanup(&sys, &paths).await.unwrap();
         assert!(!again.removed);
