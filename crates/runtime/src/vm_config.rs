@@ -62,7 +62,7 @@ pub fn vm_config(sandbox_id: &str, config: &Config, paths: &SandboxPaths) -> Res
         debug: hv.enable_debug || config.runtime.enable_debug,
         free_page_reporting: hv.reclaim_guest_freed_memory,
         tcg_tb_size_mib: hv.tcg_tb_size,
-        seccomp_sandbox: Some(hypervisor::DEFAULT_SECCOMP_SANDBOX.to_string()),
+        seccomp_sandbox: (!hv.seccompsandbox.is_empty()).then(|| hv.seccompsandbox.clone()),
     })
 }
 
@@ -85,6 +85,7 @@ mod tests {
         let vm = vm_config("sb1", &c, &paths).unwrap();
         assert_eq!(vm.machine, MachineType::Microvm);
         assert_eq!(vm.memory_mib, 256);
+        assert_eq!(vm.seccomp_sandbox.as_deref(), Some(hypervisor::DEFAULT_SECCOMP_SANDBOX));
         assert_eq!(vm.work_dir, Path::new("/run/kata-rs/sb1/vm"));
         match vm.shared_fs {
             SharedFs::VirtioFs { shared_dir, daemon, .. } => {
