@@ -1,38 +1,58 @@
 //! Publishing task events to containerd.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::MessageDyn;
 use containerd_shim_protos::ttrpc::context;
 
+/// Events waiting to be published; beyond this many, new ones are dropped (and counted in the log).
+const QUEUE: usize = 1024;
+/// How long one publish may take before it is given up, so a stuck containerd cannot hold the queue.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Event = (&'static str, Box<dyn MessageDyn>);
+
 #[derive(Clone)]
 pub struct Events {
-    publisher: Arc<RemotePublisher>,
-    namespace: String,
+    queue: tokio::sync::mpsc::Sender<Event>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Events {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Events").field("namespace", &self.namespace).finish_non_exhaustive()
+        f.debug_struct("Events").field("dropped", &self.dropped).finish_non_exhaustive()
     }
 }
 
 impl Events {
+    /// Starts the task that publishes queued events in order, each within [`PUBLISH_TIMEOUT`].
     pub fn new(publisher: RemotePublisher, namespace: String) -> Self {
-        Events { publisher: Arc::new(publisher), namespace }
-    }
-
-    /// Publishes in the background: an event must never block or fail a task request.
-    pub fn publish(&self, topic: &'static str, event: Box<dyn MessageDyn>) {
-        let this = self.clone();
+        let (queue, mut rx) = tokio::sync::mpsc::channel::<Event>(QUEUE);
         tokio::spawn(async move {
-            if let Err(e) = this.publisher.publish(context::Context::default(), topic, &this.namespace, event).await {
-                log::warn!("publish {topic}: {e}");
+            while let Some((topic, event)) = rx.recv().await {
+                let sent = publisher.publish(context::Context::default(), topic, &namespace, event);
+                match tokio::time::timeout(PUBLISH_TIMEOUT, sent).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => log::warn!("publish {topic}: {e}"),
+                    Err(_) => log::warn!("publish {topic}: containerd did not take it within {PUBLISH_TIMEOUT:?}"),
+                }
             }
         });
+        Events { queue, dropped: Arc::default() }
+    }
+
+    /// Queues an event: it must never block or fail a task request, and the queue is bounded.
+    pub fn publish(&self, topic: &'static str, event: Box<dyn MessageDyn>) {
+        if self.queue.try_send((topic, event)).is_err() {
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if dropped.is_power_of_two() {
+                log::warn!("event queue full ({QUEUE}): dropped {topic}; {dropped} events dropped so far");
+            }
+        }
     }
 }
 

@@ -4,16 +4,19 @@ mod console;
 mod events;
 mod io;
 mod metrics;
-mod options;
 mod process;
 mod serve;
 mod service;
 mod shim;
 
 use containerd_shim::Config;
+use shim_options as options;
 
 #[tokio::main]
 async fn main() {
+    // Everything the shim creates (sandbox directories, state, sockets) is root's alone; QEMU and its
+    // helpers get the usual 022 back, so files the guest creates keep the modes it asked for.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Ok(flags) = containerd_shim::parse(&args[1..]) {
         if flags.action.is_empty() && !flags.version && !flags.info {

@@ -29,6 +29,9 @@ use crate::process::{Exit, Phase, Process};
 
 type TtrpcResult<T> = ttrpc::Result<T>;
 
+/// At most one TaskOOM per container in this interval.
+const OOM_EVENT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
 }
@@ -65,6 +68,9 @@ impl Container {
 #[derive(Debug, Default)]
 struct State {
     sandbox: Option<Arc<Sandbox>>,
+    /// A sandbox VM is booting. The state lock is not held across a boot, so other requests (State, Connect,
+    /// Shutdown) are answered meanwhile; this keeps a second sandbox from starting.
+    starting: bool,
     containers: HashMap<String, Container>,
 }
 
@@ -115,6 +121,11 @@ impl KataTask {
         for w in &loaded.warnings {
             log::warn!("configuration: {w}");
         }
+        if loaded.vm_annotated() && loaded.config.factory.enable_template {
+            // A pod spec must never make the node create (or pick) a template of its own choosing.
+            log::info!("sandbox {id}: its annotations change the VM, so it boots on its own, not from the VM template");
+            loaded.config.factory.enable_template = false;
+        }
         let netns = runtime::network::pod_netns(spec).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let opts = SandboxOptions {
             id: id.to_string(),
@@ -134,10 +145,14 @@ impl KataTask {
         Ok(Arc::new(sandbox))
     }
 
-    /// Publishes TaskOOM for every OOM kill the agent reports, for the life of the sandbox.
+    /// Publishes TaskOOM for the OOM kills the agent reports, for the life of the sandbox. The agent is
+    /// untrusted: only this shim's own containers are reported, at most one event per container per
+    /// [`OOM_EVENT_INTERVAL`], so a hostile guest can neither mark another pod's containers OOM-killed nor
+    /// flood containerd.
     fn forward_oom_events(&self, sandbox: &Sandbox) {
         let agent = sandbox.agent().clone();
         let events = self.events.clone();
+        let state = self.state.clone();
         tokio::spawn(async move {
             let mut stream = match agent.oom_events().await {
                 Ok(s) => s,
@@ -146,7 +161,17 @@ impl KataTask {
                     return;
                 }
             };
+            let mut last: HashMap<String, std::time::Instant> = HashMap::new();
             while let Ok(Some(container_id)) = stream.next().await {
+                if !state.lock().await.containers.contains_key(&container_id) {
+                    log::warn!("the agent reported an OOM kill of {:.80?}, not a container of this sandbox; ignored", container_id);
+                    continue;
+                }
+                let now = std::time::Instant::now();
+                if last.get(&container_id).is_some_and(|at| now.duration_since(*at) < OOM_EVENT_INTERVAL) {
+                    continue;
+                }
+                last.insert(container_id.clone(), now);
                 let ev = task_events::TaskOOM { container_id, ..Default::default() };
                 events.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev));
             }
@@ -187,26 +212,36 @@ impl Task for KataTask {
         let spec = Spec::load(&spec_path)
             .map_err(|e| status(Code::INVALID_ARGUMENT, format!("{}: {e}", spec_path.display())))?;
         let annotations = spec.annotations().clone();
-        let mut state = self.state.lock().await;
-        if state.containers.contains_key(&req.id) {
-            return Err(status(Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));
-        }
         let starts_sandbox = options::starts_sandbox(annotations.as_ref());
         let sandbox = if starts_sandbox {
-            if state.sandbox.is_some() {
-                return Err(status(Code::ALREADY_EXISTS, "this shim already runs a sandbox"));
+            {
+                let mut state = self.state.lock().await;
+                if state.containers.contains_key(&req.id) {
+                    return Err(status(Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));
+                }
+                if state.sandbox.is_some() || state.starting {
+                    return Err(status(Code::ALREADY_EXISTS, "this shim already runs a sandbox"));
+                }
+                state.starting = true;
             }
             let config_path = req
                 .options
                 .as_ref()
                 .and_then(options::config_path)
                 .or_else(|| std::env::var_os(options::CONFIG_PATH_ENV).map(PathBuf::from));
-            let sandbox = self.start_sandbox(&req.id, &spec, config_path).await?;
+            let started = self.start_sandbox(&req.id, &spec, config_path).await;
+            let mut state = self.state.lock().await;
+            state.starting = false;
+            let sandbox = started?;
             state.sandbox = Some(sandbox.clone());
             sandbox
         } else {
-            state.sandbox()?
+            self.state.lock().await.sandbox()?
         };
+        let mut state = self.state.lock().await;
+        if state.containers.contains_key(&req.id) {
+            return Err(status(Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));
+        }
         let io_paths = IoPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -502,7 +537,7 @@ impl Task for KataTask {
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<Empty> {
         let state = self.state.lock().await;
-        if state.containers.is_empty() {
+        if state.containers.is_empty() && !state.starting {
             if let Some(sandbox) = &state.sandbox {
                 let _ = sandbox.stop().await;
             }

@@ -4,7 +4,9 @@
 //! the only place that maps between the two.
 
 mod client;
-mod convert;
+/// Public only so `fuzz/` can feed it what a hostile agent sends; callers use [`AgentClient`].
+#[doc(hidden)]
+pub mod convert;
 mod ready;
 mod transport;
 pub mod types;
