@@ -303,6 +303,8 @@ pub fn links(netns: Option<&Path>) -> Result<Vec<String>, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
     pub mount_point: PathBuf,
+    /// Per-mount options (`rw,nosuid,nodev,relatime`).
+    pub options: String,
     pub fs_type: String,
     pub source: String,
     pub super_options: String,
@@ -317,10 +319,13 @@ pub fn mounts() -> Vec<MountEntry> {
 
 fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
     let (before, after) = line.split_once(" - ")?;
-    let mount_point = before.split(' ').nth(4)?;
+    let mut fields = before.split(' ').skip(4);
+    let mount_point = fields.next()?;
+    let options = fields.next()?.to_owned();
     let mut rest = after.split(' ');
     Some(MountEntry {
         mount_point: PathBuf::from(unescape_mountinfo(mount_point)),
+        options,
         fs_type: rest.next()?.to_owned(),
         source: unescape_mountinfo(rest.next()?),
         super_options: unescape_mountinfo(rest.next().unwrap_or_default()),
