@@ -53,6 +53,27 @@ pub enum FactoryError {
     Agent { source: crate::agent::AgentError, console: String },
     #[error("the template VM has no agent serial port; templating needs the virtio-serial agent transport")]
     NoSerialPort,
+    #[error("template_path {root} is too long: the template VM's sockets in {root}/<64-digit key>/vm/ would exceed {MAX_SOCKET_PATH} bytes; use a path of at most {max} bytes", max = max_root_len())]
+    RootTooLong { root: PathBuf },
+}
+
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The longest template root whose template VMs' sockets still fit.
+fn max_root_len() -> usize {
+    MAX_SOCKET_PATH - longest_socket(Path::new("")).len()
+}
+
+/// The longest socket path of the template VM of `<root>/<key>`.
+fn longest_socket(root: &Path) -> String {
+    let vm_dir = root.join("0".repeat(64)).join("vm");
+    hypervisor::qemu::cmdline::VmPaths::new(vm_dir)
+        .sockets()
+        .iter()
+        .map(|s| s.to_string_lossy().into_owned())
+        .max_by_key(String::len)
+        .unwrap_or_default()
 }
 
 type Result<T> = std::result::Result<T, FactoryError>;
@@ -106,6 +127,9 @@ pub enum Ensured {
 /// The template for VMs like `config`: an existing one, or one made now (booting one VM) when there is none
 /// yet and no other process is making templates. Never waits for another process.
 pub async fn ensure(root: &Path, config: &VmConfig, timeout: Duration) -> Result<Ensured> {
+    if longest_socket(root).len() > MAX_SOCKET_PATH {
+        return Err(FactoryError::RootTooLong { root: root.to_path_buf() });
+    }
     let spec = TemplateSpec::of(config);
     let template = Template { dir: root.join(spec.key()) };
     if saved(&template.dir, &spec) == Saved::Matches {
@@ -528,8 +552,8 @@ mod tests {
         c
     }
 
-    #[test]
-    fn template_sockets_fit_under_the_default_template_path() {
+    #[tokio::test]
+    async fn template_sockets_fit_under_the_default_template_path_and_a_long_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("vmlinux"), b"k").unwrap();
         let vm_dir = Path::new(types::config::DEFAULT_TEMPLATE_PATH).join(key(&config(dir.path(), "pod"))).join("vm");
@@ -539,7 +563,14 @@ mod tests {
             .map(|s| s.as_os_str().len())
             .max()
             .unwrap();
-        assert!(longest <= 107, "{longest} bytes under {}", vm_dir.display());
+        assert!(longest <= MAX_SOCKET_PATH, "{longest} bytes under {}", vm_dir.display());
+        assert!(types::config::DEFAULT_TEMPLATE_PATH.len() <= max_root_len());
+
+        let root = Path::new("/").join("r".repeat(max_root_len()));
+        let err = ensure(&root, &config(dir.path(), "pod"), Duration::from_secs(1)).await.expect_err("too long");
+        assert!(matches!(err, FactoryError::RootTooLong { .. }), "{err}");
+        assert!(err.to_string().contains(&format!("at most {} bytes", max_root_len())), "{err}");
+        assert!(!root.exists());
     }
 
     #[tokio::test]
