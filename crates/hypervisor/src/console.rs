@@ -14,7 +14,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// Bytes of one line the guest wrote that are kept; the rest of the line is dropped and the line marked.
+/// Bytes of one line that are kept, both of what the guest wrote and of the text made of it (escapes take
+/// more room than the control characters they stand for); the rest of the line is dropped and the line marked.
 pub const MAX_LINE_BYTES: usize = 1024;
 /// Lines the ring keeps.
 pub const MAX_LINES: usize = 200;
@@ -195,11 +196,16 @@ impl Ring {
     }
 }
 
-/// A console line as text: invalid UTF-8 replaced, a trailing `\r` dropped, control characters escaped.
-fn render(raw: &[u8], truncated: bool) -> String {
+/// A console line as text: invalid UTF-8 replaced, a trailing `\r` dropped, control characters escaped, at most
+/// [`MAX_LINE_BYTES`] (plus a few for the last escape) before the mark.
+fn render(raw: &[u8], mut truncated: bool) -> String {
     let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-    let mut line = String::with_capacity(raw.len() + TRUNCATED_MARK.len());
+    let mut line = String::with_capacity(raw.len().min(MAX_LINE_BYTES) + TRUNCATED_MARK.len());
     for c in String::from_utf8_lossy(raw).chars() {
+        if line.len() >= MAX_LINE_BYTES {
+            truncated = true;
+            break;
+        }
         if c.is_control() && c != '\t' {
             line.extend(c.escape_default());
         } else {
@@ -441,10 +447,17 @@ mod tests {
     }
 
     #[test]
-    fn control_characters_are_escaped() {
+    fn control_characters_are_escaped_within_the_line_cap() {
         let console = GuestConsole::new();
         console.push(b"\x1b[2Jcleared\ttab\x07\xff\n");
         assert_eq!(console.tail(1), "\\u{1b}[2Jcleared\ttab\\u{7}\u{fffd}");
+
+        // Escapes are six times longer than what they stand for: the text is cut, not the raw bytes only.
+        console.push(&[0x1b; MAX_LINE_BYTES]);
+        console.push(b"\n");
+        let line = console.tail(1);
+        assert!(line.ends_with(TRUNCATED_MARK), "{line}");
+        assert!(line.len() <= MAX_LINE_BYTES + 6 + TRUNCATED_MARK.len(), "{} bytes", line.len());
     }
 
     #[test]
