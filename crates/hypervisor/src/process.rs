@@ -134,6 +134,15 @@ impl ManagedChild {
                 command.pre_exec(move || dup_for_exec(&sources, &mut staged, first_fd));
             }
         }
+        // SAFETY: the closure runs in the child between fork and exec and only calls umask, which is
+        // async-signal-safe. The shim keeps umask 077 for its own files; the VMM and its helpers create files
+        // for the guest (9p, virtiofsd), which must keep the modes the guest asked for.
+        unsafe {
+            command.pre_exec(|| {
+                nix::libc::umask(0o022);
+                Ok(())
+            });
+        }
         if no_huge_pages {
             // SAFETY: the closure runs in the child between fork and exec and only calls prctl, which is
             // async-signal-safe; the setting survives exec.
