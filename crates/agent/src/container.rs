@@ -16,8 +16,9 @@ use libcontainer::container::Container as LcContainer;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process as OciProcess, Spec};
+use oci_spec::runtime::{LinuxDeviceCgroup, LinuxNamespaceType, LinuxResources, Process as OciProcess, Spec};
 
+use crate::device_cgroup;
 use crate::io::{ConsoleSocket, IoError, ProcessIo};
 use crate::process::{check_executable, Process, ProcessError};
 use crate::reaper::Reaper;
@@ -87,6 +88,8 @@ pub struct Container {
     bundle: PathBuf,
     rootfs: PathBuf,
     cgroup_dir: PathBuf,
+    /// The spec's device rules, which every update keeps.
+    devices: Option<Vec<LinuxDeviceCgroup>>,
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
 }
@@ -101,9 +104,11 @@ impl Container {
         }
         let cgroup_rel = protocols::container_cgroup(id);
         prepare_spec(&mut spec, &rootfs, &cgroup_rel)?;
+        device_cgroup::pin_memlock_limit(spec.process_mut().as_mut().ok_or(ContainerError::NoProcess)?);
         let process = spec.process().as_ref().ok_or(ContainerError::NoProcess)?;
         check_process(&rootfs, process)?;
         let tty = process.terminal().unwrap_or(false);
+        let devices = spec.linux().as_ref().and_then(|l| l.resources().as_ref()).and_then(|r| r.devices().clone());
 
         let bundle = Path::new(BUNDLE_ROOT).join(id);
         std::fs::create_dir_all(&bundle).map_err(|source| ContainerError::Write { path: bundle.clone(), source })?;
@@ -134,6 +139,7 @@ impl Container {
             bundle,
             rootfs,
             cgroup_dir: Path::new(CGROUP_ROOT).join(cgroup_rel.trim_start_matches('/')),
+            devices,
             init: Arc::new(Process::new(pid, io, exit)),
             execs: Mutex::new(HashMap::new()),
         })
@@ -213,16 +219,16 @@ impl Container {
     }
 
     pub fn update(&self, resources_json: &[u8]) -> Result<()> {
-        let resources: LinuxResources = serde_json::from_slice(resources_json).map_err(ContainerError::Spec)?;
+        let mut resources: LinuxResources = serde_json::from_slice(resources_json).map_err(ContainerError::Spec)?;
+        device_cgroup::keep_created_rules(&mut resources, self.devices.as_ref());
         let manager = libcgroups::common::create_cgroup_manager(CgroupConfig {
             cgroup_path: self.cgroup_dir.strip_prefix(CGROUP_ROOT).unwrap_or(&self.cgroup_dir).to_path_buf(),
             systemd_cgroup: false,
             container_name: self.id.clone(),
         })
         .map_err(|e| ContainerError::Cgroup(e.to_string()))?;
-        manager
-            .apply(&ControllerOpt { resources: &resources, disable_oom_killer: false, oom_score_adj: None, freezer_state: None })
-            .map_err(|e| ContainerError::Cgroup(e.to_string()))
+        let opt = ControllerOpt { resources: &resources, disable_oom_killer: false, oom_score_adj: None, freezer_state: None };
+        device_cgroup::without_leftovers(|| manager.apply(&opt)).map_err(|e| ContainerError::Cgroup(e.to_string()))
     }
 
     pub fn pids(&self) -> Result<Vec<i32>> {
@@ -276,6 +282,13 @@ fn prepare_spec(spec: &mut Spec, rootfs: &Path, cgroup: &str) -> Result<()> {
     let mut root = spec.root().clone().unwrap_or_default();
     root.set_path(rootfs.to_path_buf());
     spec.set_root(Some(root));
+    // libcontainer applies resources, and with them the device cgroup, only when the spec has some: a spec
+    // without `linux.resources` must still get deny-all plus the default devices, not every device.
+    if let Some(linux) = spec.linux_mut() {
+        if linux.resources().is_none() {
+            linux.set_resources(Some(LinuxResources::default()));
+        }
+    }
     Ok(())
 }
 
@@ -349,6 +362,8 @@ mod tests {
         let mut spec: Spec = serde_json::from_str(json).expect("spec");
         prepare_spec(&mut spec, Path::new("/run/kata-containers/shared/c1/rootfs"), "/kata/c1").expect("prepare");
         assert_eq!(spec.root().as_ref().map(|r| r.path().clone()), Some(PathBuf::from("/run/kata-containers/shared/c1/rootfs")));
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+        assert_eq!(resources, Some(LinuxResources::default()), "no resources still means the default device cgroup");
     }
 
     #[test]

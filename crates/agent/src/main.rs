@@ -3,6 +3,7 @@
 //! skips the init duties: `kata-agent --listen unix:///tmp/agent.sock`.
 
 mod container;
+mod device_cgroup;
 mod init;
 mod io;
 mod mount;
