@@ -109,6 +109,41 @@ async fn scenario(vm: &TestVm) -> Result<(), String> {
     assert_eq!((code, err.as_str()), (3, "oops\n"));
     step("exit 3 + stderr", t);
 
+    let t = Instant::now();
+    // A plain container's device cgroup: mknod is allowed (runc's default rules), opening a device the spec does
+    // not allow is not. 4:64 is the guest's ttyS0; the containers share one rootfs, hence the rm. Loading the
+    // device program must not leak a raised RLIMIT_MEMLOCK into the container: 8192 KiB is the kernel's default,
+    // which the agent (PID 1) has.
+    let mknod_write =
+        "rm -f /tmp/c; mknod /tmp/c c 4 64 && echo x > /tmp/c; echo c=$?; echo x > /dev/null && echo null=ok; ulimit -l";
+    for (id, resources) in [("devices", containerd_devices()), ("devices-unlisted", serde_json::json!({}))] {
+        let spec = spec_json_with(id, &["sh", "-c", mknod_write], false, resources);
+        let (code, out, err) = run_spec(&agent, id, &spec).await;
+        assert_eq!((code, out.as_str()), (0, "c=1\nnull=ok\n8192\n"), "{id}: the write to 4:64 must fail; stderr {err:?}");
+        assert!(err.contains("Operation not permitted"), "{id}: stderr {err:?}");
+    }
+    step("device cgroup: write to a mknod'ed 4:64 -> EPERM, /dev/null works", t);
+
+    let t = Instant::now();
+    // An update without devices (`ctr task update --memory-limit`) keeps the rules the container was created with.
+    let all = serde_json::json!({"devices": [{"allow": true, "access": "rwm"}]});
+    let spec = spec_json_with("priv", &["sleep", "1000"], false, all);
+    agent.create_container("priv", &spec, "rootfs").await.map_err(|e| e.to_string())?;
+    agent.start_container("priv").await.map_err(|e| e.to_string())?;
+    let limit = serde_json::json!({"memory": {"limit": 64 * 1024 * 1024}});
+    agent.update_container("priv", &serde_json::to_vec(&limit).expect("json")).await.map_err(|e| e.to_string())?;
+    let proc = process_json(&["sh", "-c", mknod_write], false);
+    agent.exec_process("priv", "w", &serde_json::to_vec(&proc).expect("json")).await.map_err(|e| e.to_string())?;
+    let p = ProcessRef::exec("priv", "w");
+    let mut out = agent.read_stdout(&p).await.map_err(|e| e.to_string())?;
+    let exit = agent.wait_process(&p).await.map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.read_to_end().await.map_err(|e| e.to_string())?).into_owned();
+    assert_eq!((exit.status, text.as_str()), (0, "c=0\nnull=ok\n8192\n"), "allow-all container after an update");
+    agent.signal_process(&ProcessRef::init("priv"), 9, false).await.map_err(|e| e.to_string())?;
+    agent.wait_process(&ProcessRef::init("priv")).await.map_err(|e| e.to_string())?;
+    agent.remove_container("priv").await.map_err(|e| e.to_string())?;
+    step("device cgroup: an allow-all container keeps its devices across an update", t);
+
     // A long-running container for signals, exec, tty and stats.
     let t = Instant::now();
     agent.create_container("long", &spec_json("long", &["sleep", "1000"], false), "rootfs").await.map_err(|e| e.to_string())?;
@@ -202,4 +237,33 @@ async fn scenario(vm: &TestVm) -> Result<(), String> {
     agent.destroy_sandbox().await.map_err(|e| e.to_string())?;
     step("destroy_sandbox", t);
     Ok(())
+}
+
+/// The device rules containerd puts in a spec: deny all, then allow null, zero, full, random, urandom, tty,
+/// ptmx and the pts.
+fn containerd_devices() -> serde_json::Value {
+    let allow = |major: i64, minor: Option<i64>| {
+        serde_json::json!({"allow": true, "type": "c", "major": major, "minor": minor, "access": "rwm"})
+    };
+    serde_json::json!({"devices": [
+        {"allow": false, "access": "rwm"},
+        allow(1, Some(3)), allow(1, Some(5)), allow(1, Some(7)), allow(1, Some(8)), allow(1, Some(9)),
+        allow(5, Some(0)), allow(5, Some(2)), allow(136, None),
+    ]})
+}
+
+/// Runs one container from `spec` to completion: (exit status, stdout, stderr).
+async fn run_spec(agent: &AgentClient, id: &str, spec: &[u8]) -> (i32, String, String) {
+    agent.create_container(id, spec, "rootfs").await.unwrap_or_else(|e| panic!("create {id}: {e}"));
+    let p = ProcessRef::init(id);
+    let mut out = agent.read_stdout(&p).await.expect("stdout stream");
+    let mut err = agent.read_stderr(&p).await.expect("stderr stream");
+    let outs = tokio::spawn(async move { out.read_to_end().await });
+    let errs = tokio::spawn(async move { err.read_to_end().await });
+    agent.start_container(id).await.unwrap_or_else(|e| panic!("start {id}: {e}"));
+    let exit = agent.wait_process(&p).await.expect("wait");
+    let stdout = String::from_utf8_lossy(&outs.await.expect("join").expect("stdout")).into_owned();
+    let stderr = String::from_utf8_lossy(&errs.await.expect("join").expect("stderr")).into_owned();
+    agent.remove_container(id).await.unwrap_or_else(|e| panic!("remove {id}: {e}"));
+    (exit.status, stdout, stderr)
 }
