@@ -6,11 +6,15 @@
 //! blocks on it), and calls [`GuestConsole::close`] when the channel ends. Readers take the last lines for error
 //! messages ([`GuestConsole::tail`], also after the VM exited) or follow new ones ([`GuestConsole::follow`]) at a
 //! bounded rate.
+//!
+//! The same ring keeps the VMM's and its helpers' own stdout and stderr ([`crate::process::ProcessOutput`]): a
+//! guest can make them log too (device errors, failed FUSE requests).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -118,6 +122,11 @@ impl GuestConsole {
     /// The last `lines` lines, oldest first, with a line still being written last; [`NO_OUTPUT`] when there are
     /// none. Works the same after the VM exited.
     pub fn tail(&self, lines: usize) -> String {
+        self.last_lines(lines).unwrap_or_else(|| NO_OUTPUT.to_string())
+    }
+
+    /// [`tail`](Self::tail) without the placeholder: `None` when the last lines are blank or there are none.
+    pub(crate) fn last_lines(&self, lines: usize) -> Option<String> {
         let ring = self.ring();
         let mut out: Vec<String> = Vec::new();
         let partial = (!ring.partial.is_empty()).then(|| render(&ring.partial, ring.partial_truncated));
@@ -125,9 +134,16 @@ impl GuestConsole {
         out.extend(ring.lines.iter().skip(ring.lines.len().saturating_sub(keep)).cloned());
         out.extend(partial);
         if out.iter().all(|l| l.trim().is_empty()) {
-            return NO_OUTPUT.to_string();
+            return None;
         }
-        out.join("\n")
+        Some(out.join("\n"))
+    }
+
+    /// Lines and bytes of text held, the line being written included: what the bounds limit.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> (usize, usize) {
+        let ring = self.ring();
+        (ring.lines.len() + usize::from(!ring.partial.is_empty()), ring.bytes + ring.partial.len())
     }
 
     /// Resolves once the console channel has ended (the VM exited and everything it wrote was read).
@@ -163,6 +179,26 @@ impl GuestConsole {
         *cursor = ring.next_seq();
         (lines, missed, ring.closed)
     }
+}
+
+/// Reads `source` into `ring` until end of file, on a task of its own, then closes the ring. The writer never
+/// blocks on us for long: we read as fast as it writes and the ring drops what it cannot keep.
+pub(crate) fn drain(mut source: impl AsyncRead + Unpin + Send + 'static, ring: GuestConsole, what: String) {
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match source.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => ring.push(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading {what} failed");
+                    break;
+                }
+            }
+        }
+        ring.close();
+    });
 }
 
 impl Ring {

@@ -31,19 +31,17 @@ pub enum Error {
         program: PathBuf,
         source: std::io::Error,
     },
-    #[error("{role} exited during VM start ({status}); last lines of {log}:\n{tail}")]
+    #[error("{role} exited during VM start ({status}); last lines of its output:\n{tail}")]
     HelperExited {
         role: ProcessRole,
         status: VmExit,
-        log: PathBuf,
         tail: String,
     },
-    #[error("{role} did not create {socket} within {timeout:?}; last lines of {log}:\n{tail}")]
+    #[error("{role} did not create {socket} within {timeout:?}; last lines of its output:\n{tail}")]
     SocketTimeout {
         role: ProcessRole,
         socket: PathBuf,
         timeout: Duration,
-        log: PathBuf,
         tail: String,
     },
     #[error("QEMU exited during VM start ({status}); last lines of its output:\n{qemu_tail}\nlast lines of the console:\n{console_tail}")]

@@ -3,7 +3,8 @@
 //! The runtime maps its configuration onto [`VmConfig`], drives the VM through [`Hypervisor`], and persists
 //! [`Hypervisor::pids`] so a later `delete` can run [`cleanup_vm`] when the shim died. Nothing here knows about
 //! containerd, TOML, or the agent protocol; the agent client only needs [`Hypervisor::agent_socket`]. The guest
-//! console is a bounded in-memory ring ([`GuestConsole`]), never a host file.
+//! console ([`GuestConsole`]) and the host processes' own output ([`ProcessOutput`]) are bounded in-memory rings,
+//! never host files.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -21,7 +22,7 @@ pub use accel::{detect_accel, resolve_accel, Accel, AccelChoice, AccelReport, Kv
 pub use config::{GuestMemory, MachineType, NetDevice, SharedFs, VmConfig, DEFAULT_SECCOMP_SANDBOX, SHARED_FS_TAG};
 pub use console::{ConsoleEvent, ConsoleFollower, GuestConsole, RateLimit};
 pub use error::{Error, Result};
-pub use process::{cleanup_vm, CleanupReport, ProcessRole, VmExit, VmProcess};
+pub use process::{cleanup_vm, CleanupReport, ProcessOutput, ProcessRole, VmExit, VmProcess};
 pub use qemu::QemuVm;
 
 /// Where a VM is in its life.

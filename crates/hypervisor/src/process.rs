@@ -4,22 +4,25 @@
 //! Every child is owned by one reaper task, which alone calls `wait()`. Signals go through that task, so a signal
 //! can never reach a PID that was already reaped and reused. When the owning `ManagedChild` is dropped the
 //! channel closes and the reaper kills the child; if the tokio runtime itself goes away, `kill_on_drop` does.
+//!
+//! A child's stdout and stderr go to one pipe we drain into a bounded ring ([`ProcessOutput`]), never to a file: a
+//! guest can make QEMU or virtiofsd log without end (device errors, failed FUSE requests), and that must not grow
+//! anything on the host.
 
 use std::fmt;
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::fcntl::{fcntl, FcntlArg};
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::{dup2, Pid};
+use nix::unistd::{dup2, pipe2, Pid};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
+use crate::console::{self, ConsoleEvent, ConsoleFollower, GuestConsole, RateLimit};
 use crate::error::{Error, Result};
 
 /// What a VM process is for.
@@ -88,41 +91,73 @@ impl fmt::Display for VmExit {
     }
 }
 
+/// What a VM process wrote to stdout and stderr: its last lines, kept in memory with the guest console's bounds
+/// ([`console::MAX_LINES`], [`console::MAX_BYTES`], [`console::MAX_LINE_BYTES`]) and escaped the same way.
+/// Cheap to clone; outlives the process.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessOutput {
+    ring: GuestConsole,
+}
+
+/// What [`ProcessOutput::tail`] says when the process wrote nothing.
+pub const NO_PROCESS_OUTPUT: &str = "(no output)";
+
+impl ProcessOutput {
+    /// The last `lines` lines, oldest first; [`NO_PROCESS_OUTPUT`] when there are none.
+    pub fn tail(&self, lines: usize) -> String {
+        self.ring.last_lines(lines).unwrap_or_else(|| NO_PROCESS_OUTPUT.to_string())
+    }
+
+    /// Resolves once the process and everything that shared its stdout and stderr are gone, and all they wrote
+    /// was read.
+    pub async fn closed(&self) {
+        self.ring.closed().await
+    }
+
+    /// New lines as they come, at most `limit` of them.
+    pub fn follow(&self, limit: RateLimit) -> ConsoleFollower {
+        self.ring.follow(limit)
+    }
+}
+
 /// A child process with its own reaper task.
 #[derive(Debug)]
 pub(crate) struct ManagedChild {
     info: VmProcess,
-    log: PathBuf,
+    output: ProcessOutput,
     exit: watch::Receiver<Option<VmExit>>,
     signals: mpsc::UnboundedSender<Signal>,
 }
 
 impl ManagedChild {
-    /// Starts `program args`, stdout and stderr appended to `log`. The child gets `inherit[i]` as fd
+    /// Starts `program args`, stdout and stderr drained into its [`ProcessOutput`] and passed on to `tracing` at
+    /// debug level, at most [`RateLimit::default`] lines a second. The child gets `inherit[i]` as fd
     /// `first_fd + i`; the caller's fds keep their close-on-exec flag (see [`dup_for_exec`]).
     pub(crate) fn spawn(
         role: ProcessRole,
         program: &Path,
         args: &[String],
-        log: &Path,
         inherit: &[Arc<OwnedFd>],
         first_fd: RawFd,
         no_huge_pages: bool,
     ) -> Result<Self> {
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(Error::io(format!("cannot open log file {}", log.display())))?;
-        let err = out
+        // One pipe for both streams, as one file was: their lines interleave whole, not byte by byte.
+        // Close-on-exec, so no other child forked meanwhile keeps the write end and holds off end of file.
+        let (output_rx, output_tx) =
+            pipe2(OFlag::O_CLOEXEC).map_err(std::io::Error::from).map_err(Error::io(format!(
+                "cannot create a pipe for {role}'s output"
+            )))?;
+        let stderr = output_tx
             .try_clone()
-            .map_err(Error::io(format!("cannot open log file {}", log.display())))?;
+            .map_err(Error::io(format!("cannot create a pipe for {role}'s output")))?;
+        let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(output_rx)
+            .map_err(Error::io(format!("cannot read {role}'s output")))?;
         let mut command = tokio::process::Command::new(program);
         command
             .args(args)
             .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
+            .stdout(output_tx)
+            .stderr(stderr)
             .kill_on_drop(true);
         if !inherit.is_empty() {
             // The closure sees plain numbers; `inherit` keeps the fds open until `spawn` has returned.
@@ -155,7 +190,11 @@ impl ManagedChild {
                 });
             }
         }
-        let mut child = command.spawn().map_err(|source| Error::Spawn {
+        let spawned = command.spawn();
+        // The command holds our copies of the pipe's write end: only the child may keep one, or the reader never
+        // sees end of file.
+        drop(command);
+        let mut child = spawned.map_err(|source| Error::Spawn {
             role,
             program: program.to_owned(),
             source,
@@ -172,6 +211,10 @@ impl ManagedChild {
             argv,
             start_time: proc_start_time(pid),
         };
+
+        let output = ProcessOutput::default();
+        console::drain(receiver, output.ring.clone(), format!("{role}'s output"));
+        log_output(&output, role, pid);
 
         let (exit_tx, exit_rx) = watch::channel(None);
         let (signal_tx, mut signal_rx) = mpsc::unbounded_channel::<Signal>();
@@ -200,7 +243,7 @@ impl ManagedChild {
         tracing::debug!(%role, pid, "VM process started");
         Ok(Self {
             info,
-            log: log.to_owned(),
+            output,
             exit: exit_rx,
             signals: signal_tx,
         })
@@ -214,8 +257,8 @@ impl ManagedChild {
         self.info.role
     }
 
-    pub(crate) fn log(&self) -> &Path {
-        &self.log
+    pub(crate) fn output(&self) -> &ProcessOutput {
+        &self.output
     }
 
     /// `Some` once the process has exited and been reaped.
@@ -264,6 +307,19 @@ impl ManagedChild {
     }
 }
 
+/// Passes a process's output on to `tracing` (debug level) at a bounded rate, until the process is gone.
+fn log_output(output: &ProcessOutput, role: ProcessRole, pid: u32) {
+    let mut follower = output.follow(RateLimit::default());
+    tokio::spawn(async move {
+        while let Some(event) = follower.next().await {
+            match event {
+                ConsoleEvent::Line(line) => tracing::debug!(%role, pid, "{line}"),
+                ConsoleEvent::Dropped(n) => tracing::debug!(%role, pid, "{n} lines of output not logged"),
+            }
+        }
+    });
+}
+
 /// In a forked child before exec: makes `sources[i]` available as fd `first + i` without close-on-exec.
 ///
 /// Changing the flag in the parent instead would leak the fds into every other child it forks meanwhile. Each
@@ -295,31 +351,6 @@ pub(crate) async fn wait_exit(mut exit: watch::Receiver<Option<VmExit>>) -> VmEx
         .ok()
         .flatten();
     published.or_else(|| *exit.borrow()).unwrap_or(unknown)
-}
-
-/// The last `lines` lines of a log file (at most its last 64 KiB), for error messages.
-pub(crate) fn tail_lines(path: &Path, lines: usize) -> String {
-    const WINDOW: u64 = 64 * 1024;
-    let read = || -> std::io::Result<String> {
-        let mut file = File::open(path)?;
-        let len = file.metadata()?.len();
-        file.seek(SeekFrom::Start(len.saturating_sub(WINDOW)))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
-    };
-    match read() {
-        Ok(text) => {
-            let all: Vec<&str> = text.lines().collect();
-            let tail = all[all.len().saturating_sub(lines)..].join("\n");
-            if tail.trim().is_empty() {
-                "(empty)".into()
-            } else {
-                tail
-            }
-        }
-        Err(e) => format!("({} unreadable: {e})", path.display()),
-    }
 }
 
 /// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks since boot.
@@ -421,17 +452,45 @@ async fn wait_gone(pid: u32, timeout: Duration) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
+
     use super::*;
 
-    #[test]
-    fn tail_keeps_last_lines() {
+    /// Runs `script` under `/bin/sh` in `dir` and returns its output once it exited and all of it was read.
+    async fn run_sh(dir: &Path, script: &str, inherit: &[Arc<OwnedFd>], first_fd: RawFd) -> (VmExit, ProcessOutput) {
+        let child = ManagedChild::spawn(
+            ProcessRole::Qemu,
+            Path::new("/bin/sh"),
+            &["-c".into(), format!("cd {} && {script}", dir.display())],
+            inherit,
+            first_fd,
+            false,
+        )
+        .expect("spawn sh");
+        let exit = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("sh exits");
+        let output = child.output().clone();
+        tokio::time::timeout(Duration::from_secs(10), output.closed()).await.expect("output ends");
+        (exit, output)
+    }
+
+    #[tokio::test]
+    async fn output_of_a_process_that_writes_without_end_stays_bounded_and_outlives_it() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("log");
-        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
-        std::fs::write(&log, text).expect("write");
-        let tail = tail_lines(&log, 3);
-        assert_eq!(tail, "line 28\nline 29\nline 30");
-        assert!(tail_lines(&dir.path().join("missing"), 3).contains("unreadable"));
+        // About 7 MB of lines on stdout, 8 MB without a newline, then last words on stderr. A reader that fell
+        // behind would stall the writer on a full pipe; the timeout in run_sh catches that.
+        let script = "seq 1 1000000; head -c 8000000 /dev/zero | tr '\\0' x; echo; echo 'last words' >&2; exit 4";
+        let (exit, output) = run_sh(dir.path(), script, &[], 3).await;
+        assert_eq!(exit.code, Some(4));
+        let (lines, bytes) = output.ring.held();
+        assert!(lines <= console::MAX_LINES, "{lines} lines kept");
+        assert!(bytes <= console::MAX_BYTES, "{bytes} bytes kept");
+        let tail = output.tail(3);
+        let expected_long = format!("{}{}", "x".repeat(console::MAX_LINE_BYTES), console::TRUNCATED_MARK);
+        assert_eq!(tail, format!("1000000\n{expected_long}\nlast words"));
+        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 0, "nothing was written to a file");
+
+        let (_, silent) = run_sh(dir.path(), "true", &[], 3).await;
+        assert_eq!(silent.tail(5), NO_PROCESS_OUTPUT);
     }
 
     #[test]
@@ -456,12 +515,10 @@ mod tests {
 
     #[tokio::test]
     async fn managed_child_is_killed_and_reaped() {
-        let dir = tempfile::tempdir().expect("tempdir");
         let child = ManagedChild::spawn(
             ProcessRole::VsockDaemon,
             Path::new("/bin/sleep"),
             &["30".into()],
-            &dir.path().join("sleep.log"),
             &[],
             3,
             false,
@@ -496,21 +553,8 @@ mod tests {
             "cat /proc/self/fd/{first}; echo; cat /proc/self/fd/{}; echo; ls -l /proc/self/fd",
             first + 1
         );
-        let log = dir.path().join("sh.log");
-        let child = ManagedChild::spawn(
-            ProcessRole::Qemu,
-            Path::new("/bin/sh"),
-            &["-c".into(), script],
-            &log,
-            &[a.clone(), b.clone()],
-            first,
-            false,
-        )
-        .expect("spawn sh");
-        let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
-            .await
-            .expect("sh exits");
-        let out = std::fs::read_to_string(&log).expect("log");
+        let (exit, output) = run_sh(dir.path(), &script, &[a.clone(), b.clone()], first).await;
+        let out = output.tail(console::MAX_LINES);
         assert!(exit.success(), "{exit}: {out}");
         let mut lines = out.lines();
         assert_eq!(lines.next(), Some("first"), "{out}");
@@ -551,12 +595,10 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_a_managed_child_kills_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
         let child = ManagedChild::spawn(
             ProcessRole::Virtiofsd,
             Path::new("/bin/sleep"),
             &["30".into()],
-            &dir.path().join("sleep.log"),
             &[],
             3,
             false,

@@ -170,7 +170,7 @@ fn shared_dir(root: &Path) -> PathBuf {
     dir
 }
 
-/// Polls the console log until `marker` appears; returns how long it took.
+/// Polls the console until `marker` appears; returns how long it took.
 async fn wait_for_console(vm: &QemuVm, marker: &str, started: Instant) -> Duration {
     loop {
         let console = vm.console().tail(CONSOLE_LINES);
@@ -178,8 +178,8 @@ async fn wait_for_console(vm: &QemuVm, marker: &str, started: Instant) -> Durati
             return started.elapsed();
         }
         if started.elapsed() > BOOT_TIMEOUT {
-            let qemu_log = std::fs::read_to_string(vm.qemu_log()).unwrap_or_default();
-            panic!("no {marker} after {BOOT_TIMEOUT:?}; console:\n{console}\nqemu:\n{qemu_log}");
+            let qemu = vm.qemu_output().map(|output| output.tail(CONSOLE_LINES)).unwrap_or_default();
+            panic!("no {marker} after {BOOT_TIMEOUT:?}; console:\n{console}\nqemu:\n{qemu}");
         }
         if let Ok(VmStatus::Stopped(exit)) = vm.status().await {
             panic!("VM exited ({exit:?}) before {marker}; console:\n{console}");

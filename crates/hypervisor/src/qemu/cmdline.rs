@@ -32,10 +32,6 @@ impl VmPaths {
     pub fn qmp_socket(&self) -> PathBuf {
         self.work_dir.join("qmp.sock")
     }
-    /// QEMU's own stdout/stderr.
-    pub fn qemu_log(&self) -> PathBuf {
-        self.work_dir.join("qemu.log")
-    }
     /// vhost-user socket between QEMU and vhost-device-vsock (the daemon listens).
     pub fn vhost_vsock_socket(&self) -> PathBuf {
         self.work_dir.join("vhost-vsock.sock")
@@ -48,15 +44,9 @@ impl VmPaths {
     pub fn agent_serial_socket(&self) -> PathBuf {
         self.work_dir.join("agent-serial.sock")
     }
-    pub fn vsock_daemon_log(&self) -> PathBuf {
-        self.work_dir.join("vhost-device-vsock.log")
-    }
     /// vhost-user socket between QEMU and virtiofsd (virtiofsd listens).
     pub fn virtiofsd_socket(&self) -> PathBuf {
         self.work_dir.join("virtiofsd.sock")
-    }
-    pub fn virtiofsd_log(&self) -> PathBuf {
-        self.work_dir.join("virtiofsd.log")
     }
     /// Every socket the VM's processes create.
     pub fn sockets(&self) -> [PathBuf; 5] {

@@ -3,7 +3,7 @@
 //!
 //! QEMU runs under `-sandbox` (seccomp) by default, so it opens no path it was not given and starts no process:
 //! the guest console reaches us through a socket it inherits, and template state through a file we open and
-//! hand over with QMP `getfd`.
+//! hand over with QMP `getfd`. Neither the console nor any process's output is a file: each is a bounded ring.
 
 pub mod cmdline;
 mod validate;
@@ -16,14 +16,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use crate::accel::{detect_accel, resolve_accel, Accel, AccelChoice};
 use crate::config::{GuestMemory, SharedFs, VmConfig};
-use crate::console::GuestConsole;
+use crate::console::{self, GuestConsole};
 use crate::error::{Error, Result};
-use crate::process::{tail_lines, wait_exit, ManagedChild, ProcessRole, VmExit, VmProcess};
+use crate::process::{wait_exit, ManagedChild, ProcessOutput, ProcessRole, VmExit, VmProcess};
 use crate::qmp::{QmpClient, QmpError};
 use crate::{Hypervisor, VmStatus};
 use cmdline::VmPaths;
@@ -42,10 +41,11 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 const QUIT_GRACE: Duration = Duration::from_secs(10);
 /// How long a helper gets after SIGTERM before SIGKILL.
 const HELPER_GRACE: Duration = Duration::from_secs(2);
-/// Lines of console / log output quoted in start errors.
+/// Lines of console / process output quoted in start errors.
 const TAIL_LINES: usize = 20;
-/// How long the console reader gets to read what QEMU wrote before it exited, for the error message.
-const CONSOLE_DRAIN: Duration = Duration::from_millis(500);
+/// How long the readers get to take in what a process (or the guest, through QEMU) wrote before it exited, for
+/// the error message.
+const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
 
 /// A VM run by QEMU. See [`Hypervisor`] for the lifecycle.
 #[derive(Debug)]
@@ -104,7 +104,6 @@ struct HelperPlan {
     program: PathBuf,
     args: Vec<String>,
     socket: PathBuf,
-    log: PathBuf,
 }
 
 impl QemuVm {
@@ -136,9 +135,9 @@ impl QemuVm {
             .map(|plan| plan.qemu_args.clone())
     }
 
-    /// QEMU's own stdout/stderr.
-    pub fn qemu_log(&self) -> PathBuf {
-        self.paths.qemu_log()
+    /// QEMU's own stdout and stderr, once it was started (also after it exited).
+    pub fn qemu_output(&self) -> Option<ProcessOutput> {
+        self.state().qemu.as_ref().map(|qemu| qemu.output().clone())
     }
 
     pub fn qmp_socket(&self) -> PathBuf {
@@ -252,7 +251,6 @@ impl QemuVm {
                 helper.role,
                 &helper.program,
                 &helper.args,
-                &helper.log,
                 &[],
                 0,
                 false,
@@ -277,7 +275,6 @@ impl QemuVm {
             ProcessRole::Qemu,
             &self.config.qemu_path,
             &plan.qemu_args,
-            &self.paths.qemu_log(),
             &qemu_fds,
             cmdline::CONSOLE_FD,
             // Under TCG, QEMU asks for huge pages for its translation buffer, so each region of it it starts
@@ -315,7 +312,7 @@ impl QemuVm {
         let deadline = Instant::now() + MIGRATION_TIMEOUT;
         loop {
             if let Some(status) = qemu.exited() {
-                return Err(self.qemu_exited(status).await);
+                return Err(self.qemu_exited(qemu, status).await);
             }
             match qmp.query_status().await {
                 Ok(s) if s.status == "running" => return Ok(()),
@@ -329,7 +326,7 @@ impl QemuVm {
                 Ok(_) => {}
                 // QEMU exits when the state does not load; that explains more than the broken socket.
                 Err(e) => match qemu.wait_timeout(Duration::from_millis(500)).await {
-                    Some(status) => return Err(self.qemu_exited(status).await),
+                    Some(status) => return Err(self.qemu_exited(qemu, status).await),
                     None => return Err(e.into()),
                 },
             }
@@ -392,11 +389,11 @@ impl QemuVm {
         let deadline = Instant::now() + QMP_READY_TIMEOUT;
         loop {
             if let Some(status) = qemu.exited() {
-                return Err(self.qemu_exited(status).await);
+                return Err(self.qemu_exited(qemu, status).await);
             }
             for helper in helpers {
                 if let Some(status) = helper.exited() {
-                    return Err(helper_exited(helper, status));
+                    return Err(helper_exited(helper, status).await);
                 }
             }
             if is_socket(&socket) {
@@ -407,7 +404,7 @@ impl QemuVm {
                     Err(e) => {
                         // QEMU dying mid-handshake explains more than the broken socket does.
                         if let Some(status) = qemu.wait_timeout(Duration::from_millis(500)).await {
-                            return Err(self.qemu_exited(status).await);
+                            return Err(self.qemu_exited(qemu, status).await);
                         }
                         return Err(e.into());
                     }
@@ -418,20 +415,20 @@ impl QemuVm {
                     role: ProcessRole::Qemu,
                     socket,
                     timeout: QMP_READY_TIMEOUT,
-                    log: self.paths.qemu_log(),
-                    tail: tail_lines(&self.paths.qemu_log(), TAIL_LINES),
+                    tail: qemu.output().tail(TAIL_LINES),
                 });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    async fn qemu_exited(&self, status: VmExit) -> Error {
-        // QEMU is gone; let the console reader take in its last words before quoting them.
-        let _ = tokio::time::timeout(CONSOLE_DRAIN, self.console.closed()).await;
+    async fn qemu_exited(&self, qemu: &ManagedChild, status: VmExit) -> Error {
+        // QEMU is gone; let the readers take in its last words and the guest's before quoting them.
+        let drained = futures_util::future::join(self.console.closed(), qemu.output().closed());
+        let _ = tokio::time::timeout(OUTPUT_DRAIN, drained).await;
         Error::QemuExited {
             status,
-            qemu_tail: tail_lines(&self.paths.qemu_log(), TAIL_LINES),
+            qemu_tail: qemu.output().tail(TAIL_LINES),
             console_tail: self.console.tail(TAIL_LINES),
         }
     }
@@ -577,7 +574,7 @@ impl Hypervisor for QemuVm {
 
 impl Drop for QemuVm {
     /// Safety net for a VM dropped without `stop()`: dropping the last handle of each child makes its reaper
-    /// kill it (QEMU first; the helper watcher then kills the helpers). Sockets go now; logs stay for debugging.
+    /// kill it (QEMU first; the helper watcher then kills the helpers). Sockets go now.
     fn drop(&mut self) {
         let state = self
             .state
@@ -628,23 +625,9 @@ fn drain_console(socket: std::os::unix::net::UnixStream, console: GuestConsole) 
     socket
         .set_nonblocking(true)
         .map_err(Error::io("cannot make the console socket non-blocking"))?;
-    let mut socket = tokio::net::UnixStream::from_std(socket)
+    let socket = tokio::net::UnixStream::from_std(socket)
         .map_err(Error::io("cannot register the console socket"))?;
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 4096];
-        loop {
-            match socket.read(&mut buf).await {
-                Ok(0) => break,
-                Ok(n) => console.push(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading the guest console failed");
-                    break;
-                }
-            }
-        }
-        console.close();
-    });
+    console::drain(socket, console, "the guest console".into());
     Ok(())
 }
 
@@ -674,7 +657,6 @@ fn helper_plans(config: &VmConfig, paths: &VmPaths) -> Vec<HelperPlan> {
             program: daemon.clone(),
             args: cmdline::vsock_daemon_args(paths),
             socket: paths.vhost_vsock_socket(),
-            log: paths.vsock_daemon_log(),
         });
     }
     if let SharedFs::VirtioFs {
@@ -688,7 +670,6 @@ fn helper_plans(config: &VmConfig, paths: &VmPaths) -> Vec<HelperPlan> {
             program: daemon.clone(),
             args: cmdline::virtiofsd_args(paths, shared_dir, extra_args),
             socket: paths.virtiofsd_socket(),
-            log: paths.virtiofsd_log(),
         });
     }
     helpers
@@ -701,27 +682,27 @@ async fn wait_for_socket(child: &ManagedChild, helper: &HelperPlan) -> Result<()
             return Ok(());
         }
         if let Some(status) = child.exited() {
-            return Err(helper_exited(child, status));
+            return Err(helper_exited(child, status).await);
         }
         if Instant::now() >= deadline {
             return Err(Error::SocketTimeout {
                 role: helper.role,
                 socket: helper.socket.clone(),
                 timeout: HELPER_SOCKET_TIMEOUT,
-                log: helper.log.clone(),
-                tail: tail_lines(&helper.log, TAIL_LINES),
+                tail: child.output().tail(TAIL_LINES),
             });
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-fn helper_exited(child: &ManagedChild, status: VmExit) -> Error {
+async fn helper_exited(child: &ManagedChild, status: VmExit) -> Error {
+    // The helper is gone; let the reader take in its last words before quoting them.
+    let _ = tokio::time::timeout(OUTPUT_DRAIN, child.output().closed()).await;
     Error::HelperExited {
         role: child.role(),
         status,
-        log: child.log().to_owned(),
-        tail: tail_lines(child.log(), TAIL_LINES),
+        tail: child.output().tail(TAIL_LINES),
     }
 }
 
@@ -800,6 +781,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn qemu_output_reaches_the_start_error_after_it_exited() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fake = dir.path().join("fake-qemu");
+        std::fs::write(&fake, "#!/bin/sh\necho 'qemu: -sandbox on: unsupported' >&2\necho 'on stdout too'\nexit 1\n")
+            .expect("script");
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut c = config(dir.path());
+        c.qemu_path = fake;
+        let vm = QemuVm::new(c);
+        let err = vm.start().await.expect_err("start must fail").to_string();
+        assert!(
+            err.contains("QEMU exited during VM start (exit code 1); last lines of its output:\nqemu: -sandbox on: unsupported\non stdout too\n"),
+            "{err}"
+        );
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("vm")).expect("ls").flatten().map(|e| e.file_name()).collect();
+        assert!(files.is_empty(), "the VM left files: {files:?}");
+        vm.stop().await.expect("stop");
+    }
+
+    #[tokio::test]
     async fn console_output_reaches_the_ring_and_the_start_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         // Stands in for a QEMU whose guest wrote to the console and died: it writes to the inherited console
@@ -834,10 +835,9 @@ mod tests {
         let vm = QemuVm::new(c);
         let err = vm.start().await.expect_err("start must fail").to_string();
         assert!(
-            err.contains("vhost-device-vsock exited during VM start (exit code 3)"),
+            err.contains("vhost-device-vsock exited during VM start (exit code 3); last lines of its output:\ncannot bind: address in use"),
             "{err}"
         );
-        assert!(err.contains("cannot bind: address in use"), "{err}");
         vm.stop().await.expect("stop");
     }
 }
