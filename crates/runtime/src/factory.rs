@@ -53,12 +53,18 @@ pub enum FactoryError {
     Agent { source: crate::agent::AgentError, console: String },
     #[error("the template VM has no agent serial port; templating needs the virtio-serial agent transport")]
     NoSerialPort,
-    #[error("template_path {root} is too long: the template VM's sockets in {root}/<64-digit key>/vm/ would exceed {MAX_SOCKET_PATH} bytes; use a path of at most {max} bytes", max = max_root_len())]
+    #[error("template_path {root} is too long: the template VM's sockets in {root}/<{KEY_LEN}-digit key>/vm/ would exceed {MAX_SOCKET_PATH} bytes; use a path of at most {max} bytes", max = max_root_len())]
     RootTooLong { root: PathBuf },
 }
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
+
+/// Hex digits of the SHA-256 that name a template directory: 128 bits, so names do not collide by chance,
+/// short enough that the template VM's socket paths leave room for a template root of about 50 bytes. A
+/// template is used only when its saved configuration equals the one asked for, so even a collision could not
+/// make a pod clone the wrong VM.
+const KEY_LEN: usize = 32;
 
 /// The longest template root whose template VMs' sockets still fit.
 fn max_root_len() -> usize {
@@ -67,7 +73,7 @@ fn max_root_len() -> usize {
 
 /// The longest socket path of the template VM of `<root>/<key>`.
 fn longest_socket(root: &Path) -> String {
-    let vm_dir = root.join("0".repeat(64)).join("vm");
+    let vm_dir = root.join("0".repeat(KEY_LEN)).join("vm");
     hypervisor::qemu::cmdline::VmPaths::new(vm_dir)
         .sockets()
         .iter()
@@ -323,9 +329,11 @@ impl TemplateSpec {
         Self(serde_json::to_value(fields).unwrap_or_default())
     }
 
-    /// 64 hex digits of the SHA-256 of the JSON text (the same configuration always serialises the same way).
+    /// The first [`KEY_LEN`] hex digits of the SHA-256 of the JSON text (the same configuration always
+    /// serialises the same way).
     fn key(&self) -> String {
-        Sha256::digest(self.0.to_string().as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+        let digest = Sha256::digest(self.0.to_string().as_bytes());
+        digest.iter().take(KEY_LEN / 2).map(|b| format!("{b:02x}")).collect()
     }
 }
 
@@ -342,7 +350,7 @@ fn normalized(config: &VmConfig) -> VmConfig {
     c
 }
 
-/// The name of the template for `config` under the template root: 64 hex digits.
+/// The name of the template for `config` under the template root: [`KEY_LEN`] hex digits of a SHA-256.
 pub fn key(config: &VmConfig) -> String {
     TemplateSpec::of(config).key()
 }
@@ -458,7 +466,7 @@ mod tests {
         let a = config(dir.path(), "pod-a");
         let b = config(dir.path(), "pod-b");
         assert_eq!(key(&a), key(&b));
-        assert_eq!(key(&a).len(), 64);
+        assert_eq!(key(&a).len(), KEY_LEN);
         assert!(key(&a).chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{}", key(&a));
 
         let mut more_memory = a.clone();
