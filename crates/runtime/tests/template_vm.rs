@@ -80,7 +80,7 @@ async fn clones_of_a_template_run_containers() {
     let factory::Ensured::Ready(template) = template else { panic!("nobody else holds the template lock") };
     step("template made (boot, agent answers, saved, template VM stopped)", t0);
     let key = template.dir.file_name().and_then(|k| k.to_str()).unwrap_or_default();
-    assert!(key.len() == 64 && key.chars().all(|c| c.is_ascii_hexdigit()), "SHA-256 key: {key}");
+    assert!(key.len() == 32 && key.chars().all(|c| c.is_ascii_hexdigit()), "32 hex digits of a SHA-256: {key}");
     assert!(template.dir.join("config.json").is_file());
     let listed = factory::list(&root);
     assert_eq!(listed.len(), 1, "{listed:?}");
