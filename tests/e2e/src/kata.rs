@@ -116,3 +116,20 @@ pub fn sandbox_dir(id: &str) -> PathBuf {
 pub fn sandbox_state(id: &str) -> Option<serde_json::Value> {
     serde_json::from_slice(&std::fs::read(sandbox_dir(id).join("state.json")).ok()?).ok()
 }
+
+/// Asserts nothing of these kata sandboxes is left: no process, mount, tap or network namespace of theirs,
+/// and no sandbox directory.
+pub fn assert_no_leaks(containerd: &crate::Containerd, ids: &[&str]) {
+    let report = containerd.leaks(ids).expect("leak check");
+    assert!(report.is_empty(), "leaked:\n{report}");
+    for id in ids {
+        assert!(!sandbox_dir(id).exists(), "{} left behind", sandbox_dir(id).display());
+    }
+}
+
+/// Stops containerd and asserts it stopped cleanly: nothing had to be killed and nothing remains.
+pub fn assert_clean_shutdown(containerd: crate::Containerd) {
+    let report = containerd.stop();
+    assert!(report.killed_processes.is_empty(), "{report:?}");
+    assert!(report.remaining.is_empty(), "left after shutdown:\n{}", report.remaining);
+}

@@ -103,17 +103,11 @@ fn stop_and_remove(k: &Kata, id: &str) {
 }
 
 fn assert_no_leaks(k: &Kata, ids: &[&str]) {
-    let report = k.containerd.leaks(ids).expect("leak check");
-    assert!(report.is_empty(), "leaked:\n{report}");
-    for id in ids {
-        assert!(!sandbox_dir(id).exists(), "{} left behind", sandbox_dir(id).display());
-    }
+    e2e::kata::assert_no_leaks(&k.containerd, ids);
 }
 
 fn shutdown(k: Kata) {
-    let report = k.containerd.stop();
-    assert!(report.killed_processes.is_empty(), "{report:?}");
-    assert!(report.remaining.is_empty(), "left after shutdown:\n{}", report.remaining);
+    e2e::kata::assert_clean_shutdown(k.containerd);
 }
 
 /// The per-mount options of the mount at `point`.

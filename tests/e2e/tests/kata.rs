@@ -100,17 +100,11 @@ fn state_json(id: &str) -> serde_json::Value {
 }
 
 fn assert_no_leaks(k: &Kata, ids: &[&str]) {
-    let report = k.containerd.leaks(ids).expect("leak check");
-    assert!(report.is_empty(), "leaked:\n{report}");
-    for id in ids {
-        assert!(!sandbox_dir(id).exists(), "{} left behind", sandbox_dir(id).display());
-    }
+    e2e::kata::assert_no_leaks(&k.containerd, ids);
 }
 
 fn shutdown(k: Kata) {
-    let report = k.containerd.stop();
-    assert!(report.killed_processes.is_empty(), "{report:?}");
-    assert!(report.remaining.is_empty(), "left after shutdown:\n{}", report.remaining);
+    e2e::kata::assert_clean_shutdown(k.containerd);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use e2e::kata::{sandbox_dir, sandbox_state, KataParts, KATA_RUNTIME};
+use e2e::kata::{sandbox_state, KataParts, KATA_RUNTIME};
 use e2e::{skip_reason, unique_id, Containerd, ContainerdOptions, OciImage, RunOptions, BUSYBOX_IMAGE};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
@@ -179,14 +179,8 @@ fn pods_are_clones_of_one_template() {
     assert_eq!(text(&out.stdout), "healed\n", "{}\n{}", text(&out.stderr), containerd.log_tail(60));
 
     let ids = [first.as_str(), a.as_str(), b.as_str(), bulk.as_str(), tty.as_str(), again.as_str(), broken.as_str(), healed.as_str()];
-    let report = containerd.leaks(&ids).expect("leak check");
-    assert!(report.is_empty(), "leaked:\n{report}");
-    for id in ids {
-        assert!(!sandbox_dir(id).exists(), "{} left behind", sandbox_dir(id).display());
-    }
+    e2e::kata::assert_no_leaks(&containerd, &ids);
     factory_ok(&parts, &conf, &["destroy"]);
     assert!(qemu_using(dir.path()).is_empty());
-    let report = containerd.stop();
-    assert!(report.killed_processes.is_empty(), "{report:?}");
-    assert!(report.remaining.is_empty(), "left after shutdown:\n{}", report.remaining);
+    e2e::kata::assert_clean_shutdown(containerd);
 }
