@@ -251,19 +251,3 @@ fn containerd_devices() -> serde_json::Value {
         allow(5, Some(0)), allow(5, Some(2)), allow(136, None),
     ]})
 }
-
-/// Runs one container from `spec` to completion: (exit status, stdout, stderr).
-async fn run_spec(agent: &AgentClient, id: &str, spec: &[u8]) -> (i32, String, String) {
-    agent.create_container(id, spec, "rootfs").await.unwrap_or_else(|e| panic!("create {id}: {e}"));
-    let p = ProcessRef::init(id);
-    let mut out = agent.read_stdout(&p).await.expect("stdout stream");
-    let mut err = agent.read_stderr(&p).await.expect("stderr stream");
-    let outs = tokio::spawn(async move { out.read_to_end().await });
-    let errs = tokio::spawn(async move { err.read_to_end().await });
-    agent.start_container(id).await.unwrap_or_else(|e| panic!("start {id}: {e}"));
-    let exit = agent.wait_process(&p).await.expect("wait");
-    let stdout = String::from_utf8_lossy(&outs.await.expect("join").expect("stdout")).into_owned();
-    let stderr = String::from_utf8_lossy(&errs.await.expect("join").expect("stderr")).into_owned();
-    agent.remove_container(id).await.unwrap_or_else(|e| panic!("remove {id}: {e}"));
-    (exit.status, stdout, stderr)
-}

@@ -86,7 +86,12 @@ pub fn spec_json_with(id: &str, args: &[&str], terminal: bool, resources: serde_
 
 /// Creates, starts and waits for a container, returning (exit status, stdout, stderr).
 pub async fn run_container(agent: &AgentClient, id: &str, args: &[&str]) -> (i32, String, String) {
-    agent.create_container(id, &spec_json(id, args, false), "rootfs").await.unwrap_or_else(|e| panic!("create {id}: {e}"));
+    run_spec(agent, id, &spec_json(id, args, false)).await
+}
+
+/// Runs one container from the guest spec `spec` to completion: (exit status, stdout, stderr).
+pub async fn run_spec(agent: &AgentClient, id: &str, spec: &[u8]) -> (i32, String, String) {
+    agent.create_container(id, spec, "rootfs").await.unwrap_or_else(|e| panic!("create {id}: {e}"));
     let p = ProcessRef::init(id);
     let mut out = agent.read_stdout(&p).await.expect("stdout stream");
     let mut err = agent.read_stderr(&p).await.expect("stderr stream");
