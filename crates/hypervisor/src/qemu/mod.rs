@@ -780,16 +780,20 @@ mod tests {
         vm.stop().await.expect("stop after failed start");
     }
 
+    /// A VM whose "QEMU" is the shell script `script`.
+    fn fake_qemu_vm(dir: &Path, script: &str) -> QemuVm {
+        let fake = dir.join("fake-qemu");
+        std::fs::write(&fake, script).expect("script");
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut c = config(dir);
+        c.qemu_path = fake;
+        QemuVm::new(c)
+    }
+
     #[tokio::test]
     async fn qemu_output_reaches_the_start_error_after_it_exited() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let fake = dir.path().join("fake-qemu");
-        std::fs::write(&fake, "#!/bin/sh\necho 'qemu: -sandbox on: unsupported' >&2\necho 'on stdout too'\nexit 1\n")
-            .expect("script");
-        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let mut c = config(dir.path());
-        c.qemu_path = fake;
-        let vm = QemuVm::new(c);
+        let vm = fake_qemu_vm(dir.path(), "#!/bin/sh\necho 'qemu: -sandbox on: unsupported' >&2\necho 'on stdout too'\nexit 1\n");
         let err = vm.start().await.expect_err("start must fail").to_string();
         assert!(
             err.contains("QEMU exited during VM start (exit code 1); last lines of its output:\nqemu: -sandbox on: unsupported\non stdout too\n"),
@@ -805,13 +809,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         // Stands in for a QEMU whose guest wrote to the console and died: it writes to the inherited console
         // socket (fd 3) and exits.
-        let fake = dir.path().join("fake-qemu");
-        std::fs::write(&fake, "#!/bin/sh\nprintf 'Linux version 6.1\\r\\nKernel panic - not syncing' >&3\nexit 1\n")
-            .expect("script");
-        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let mut c = config(dir.path());
-        c.qemu_path = fake;
-        let vm = QemuVm::new(c);
+        let vm = fake_qemu_vm(dir.path(), "#!/bin/sh\nprintf 'Linux version 6.1\\r\\nKernel panic - not syncing' >&3\nexit 1\n");
         let err = vm.start().await.expect_err("start must fail").to_string();
         assert!(err.contains("last lines of the console:\nLinux version 6.1\nKernel panic - not syncing"), "{err}");
         assert_eq!(vm.console().tail(1), "Kernel panic - not syncing");
