@@ -15,8 +15,6 @@ pub enum MountError {
     Mount { kind: String, from: String, target: PathBuf, errno: nix::errno::Errno },
     #[error("unmount {target}: {errno}")]
     Unmount { target: PathBuf, errno: nix::errno::Errno },
-    #[error("create mount point {path}: {source}")]
-    MountPoint { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     HostFs(#[from] HostFsError),
     #[error("read {MOUNTINFO}: {err}; nothing is removed without knowing what is mounted")]
@@ -97,17 +95,9 @@ pub fn parse_options(options: &[String]) -> (MsFlags, String) {
     (flags, data.join(","))
 }
 
-/// Mounts `spec` on `target` (created as a directory when missing). A bind needs a second remount for its
-/// flags (`ro`, `nosuid`, ...); `remount_target` names the new mount for it, since `target` may be a
-/// `/proc/self/fd/N` path that still names the directory under the mount.
-pub fn mount(sys: &dyn MountSyscalls, spec: &MountSpec, target: &Path) -> Result<(), MountError> {
-    if !target.exists() {
-        std::fs::create_dir_all(target)
-            .map_err(|source| MountError::MountPoint { path: target.to_path_buf(), source })?;
-    }
-    mount_with(sys, spec, target, MsFlags::empty(), || Ok(target.to_path_buf()))
-}
-
+/// Mounts `spec` on `target` with `forced` flags added. A bind needs a second remount for its flags (`ro`,
+/// `nosuid`, ...); `remount_target` names the new mount for it, since `target` is a `/proc/self/fd/N` path
+/// that still names the directory under the mount.
 fn mount_with(
     sys: &dyn MountSyscalls,
     spec: &MountSpec,
@@ -337,30 +327,29 @@ mod tests {
     #[test]
     fn overlay_options_become_data() {
         let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path()).unwrap();
         let sys = RecordingSyscalls::default();
-        let target = dir.path().join("rootfs");
         let s = spec("overlay", "overlay", &["index=off", "workdir=/w", "upperdir=/u", "lowerdir=/l1:/l2"]);
-        mount(&sys, &s, &target).unwrap();
+        mount_beneath(&sys, &root, Path::new("rootfs"), MountPoint::Dir, &s).unwrap();
         let calls = sys.calls.lock().unwrap();
-        assert_eq!(
-            calls[0],
-            format!(
-                "mount overlay {} overlay MsFlags(0x0) index=off,workdir=/w,upperdir=/u,lowerdir=/l1:/l2",
-                target.display()
-            )
+        assert!(
+            calls[0].ends_with(" overlay MsFlags(MS_NOSUID | MS_NODEV) index=off,workdir=/w,upperdir=/u,lowerdir=/l1:/l2"),
+            "{}",
+            calls[0]
         );
-        assert!(target.is_dir());
+        assert!(dir.path().join("rootfs").is_dir());
     }
 
     #[test]
     fn read_only_bind_is_remounted() {
         let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path()).unwrap();
         let sys = RecordingSyscalls::default();
-        mount(&sys, &spec("bind", "/src", &["rbind", "ro"]), dir.path()).unwrap();
+        mount_beneath(&sys, &root, Path::new("vol"), MountPoint::Dir, &spec("bind", "/src", &["rbind", "ro"])).unwrap();
         let calls = sys.calls.lock().unwrap();
         assert_eq!(calls.len(), 2);
         assert!(calls[0].contains("MS_BIND | MS_REC"), "{}", calls[0]);
-        assert!(calls[1].contains("MS_RDONLY | MS_REMOUNT | MS_BIND"), "{}", calls[1]);
+        assert!(calls[1].contains("MS_RDONLY | MS_NOSUID | MS_NODEV | MS_REMOUNT | MS_BIND"), "{}", calls[1]);
     }
 
     #[test]

@@ -26,8 +26,6 @@ pub enum SandboxError {
     InvalidId(String),
     #[error(transparent)]
     VmConfig(#[from] VmConfigError),
-    #[error("create {path}: {source}")]
-    Dir { path: PathBuf, source: std::io::Error },
     #[error("start the VM: {0}")]
     Vm(#[source] hypervisor::Error),
     #[error("the VM has no agent socket (no vsock daemon configured)")]
