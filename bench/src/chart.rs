@@ -23,12 +23,13 @@ const FLOOR: RGBColor = RGBColor(0x88, 0x88, 0x88);
 const CLONE: RGBColor = RGBColor(0xe8, 0xa2, 0x3a);
 
 fn register_font() -> Result<()> {
-    let path = FONT_FILES
-        .iter()
-        .find(|p| Path::new(p).is_file())
-        .ok_or_else(|| anyhow!("no font file found ({}); install the Debian package fonts-dejavu-core", FONT_FILES.join(", ")))?;
-    let bytes: &'static [u8] = Box::leak(std::fs::read(path).with_context(|| format!("read {path}"))?.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| anyhow!("{path} is not a usable font"))?;
+    let path = FONT_FILES.iter().find(|p| Path::new(p).is_file()).ok_or_else(|| {
+        anyhow!("no font file found ({}); install the Debian package fonts-dejavu-core", FONT_FILES.join(", "))
+    })?;
+    let bytes: &'static [u8] =
+        Box::leak(std::fs::read(path).with_context(|| format!("read {path}"))?.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow!("{path} is not a usable font"))?;
     Ok(())
 }
 
@@ -38,7 +39,13 @@ struct Group {
     bars: Vec<(&'static str, RGBColor, Option<f64>)>,
 }
 
-fn panel(area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>, title: &str, unit: &str, groups: &[Group], line: Option<(f64, &str)>) -> Result<()> {
+fn panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    title: &str,
+    unit: &str,
+    groups: &[Group],
+    line: Option<(f64, &str)>,
+) -> Result<()> {
     let max = groups
         .iter()
         .flat_map(|g| g.bars.iter().filter_map(|b| b.2))
@@ -70,11 +77,18 @@ fn panel(area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>, title: &
             match value {
                 Some(v) => {
                     chart
-                        .draw_series(std::iter::once(Rectangle::new([(x0, 0.0), (x0 + width * 0.9, *v)], colour.filled())))
+                        .draw_series(std::iter::once(Rectangle::new(
+                            [(x0, 0.0), (x0 + width * 0.9, *v)],
+                            colour.filled(),
+                        )))
                         .map_err(|e| anyhow!("bar: {e}"))?;
                     let text = if *v >= 10.0 { format!("{v:.0}") } else { format!("{v:.2}") };
                     chart
-                        .draw_series(std::iter::once(Text::new(text, (x0 + width * 0.1, *v + max * 0.05), ("sans-serif", 14))))
+                        .draw_series(std::iter::once(Text::new(
+                            text,
+                            (x0 + width * 0.1, *v + max * 0.05),
+                            ("sans-serif", 14),
+                        )))
                         .map_err(|e| anyhow!("value: {e}"))?;
                 }
                 None => {
@@ -86,7 +100,11 @@ fn panel(area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>, title: &
             let _ = name;
         }
         chart
-            .draw_series(std::iter::once(Text::new(g.label.clone(), (gi as f64 + 0.1, -max * 0.04), ("sans-serif", 15))))
+            .draw_series(std::iter::once(Text::new(
+                g.label.clone(),
+                (gi as f64 + 0.1, -max * 0.04),
+                ("sans-serif", 15),
+            )))
             .map_err(|e| anyhow!("label: {e}"))?;
     }
     if let Some((y, text)) = line {
@@ -98,7 +116,8 @@ fn panel(area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>, title: &
             .map_err(|e| anyhow!("line label: {e}"))?;
     }
     // Legend from the first group's series.
-    let legend: Vec<(&str, RGBColor)> = groups.first().map(|g| g.bars.iter().map(|b| (b.0, b.1)).collect()).unwrap_or_default();
+    let legend: Vec<(&str, RGBColor)> =
+        groups.first().map(|g| g.bars.iter().map(|b| (b.0, b.1)).collect()).unwrap_or_default();
     for (i, (name, colour)) in legend.iter().enumerate() {
         let y = max * (0.97 - 0.07 * i as f64);
         let x = n * 0.6;

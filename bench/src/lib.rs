@@ -33,7 +33,8 @@ impl std::ops::Add for Memory {
 
 /// Reads `Rss:` and `Pss:` of a process; zero when it is gone.
 pub fn memory(pid: u32) -> Memory {
-    let text = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("smaps_rollup")).unwrap_or_default();
+    let text =
+        std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("smaps_rollup")).unwrap_or_default();
     parse_smaps_rollup(&text)
 }
 

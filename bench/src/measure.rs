@@ -22,7 +22,14 @@ fn text(b: &[u8]) -> String {
 }
 
 /// `ctr run [--rm|-d] --runtime R FLAGS busybox ID CMD...`, timed; an error unless it exited 0.
-fn ctr_run(stage: &Stage, runtime: Runtime, id: &str, detach: bool, flags: &[&str], cmd: &[&str]) -> Result<(f64, Output)> {
+fn ctr_run(
+    stage: &Stage,
+    runtime: Runtime,
+    id: &str,
+    detach: bool,
+    flags: &[&str],
+    cmd: &[&str],
+) -> Result<(f64, Output)> {
     let mut args: Vec<&str> = vec!["run", if detach { "-d" } else { "--rm" }, "--runtime", runtime.ctr_name()];
     args.extend_from_slice(flags);
     args.push(BUSYBOX_IMAGE);
@@ -74,7 +81,9 @@ pub fn cold_start(stage: &Stage, n: usize, interrupt: &Interrupt) -> Result<Cold
                         Runtime::Runc => r.runc_s.push(secs),
                     }
                 }
-                Ok((_, out)) => r.failures.push(format!("{}: unexpected output {:?}", runtime.label(), text(&out.stdout))),
+                Ok((_, out)) => {
+                    r.failures.push(format!("{}: unexpected output {:?}", runtime.label(), text(&out.stdout)))
+                }
                 Err(e) => r.failures.push(format!("{e:#}")),
             }
         }
@@ -101,7 +110,13 @@ pub fn template_mib(dir: &Path) -> f64 {
 /// Starts detached `sleep 3600` containers `ids` with at most `concurrency` `ctr run -d` at a time;
 /// stops at the first failure (already running starts finish). Returns the ids started, the failures and
 /// the wall time.
-pub fn start_pods(stage: &Stage, runtime: Runtime, ids: &[String], concurrency: usize, interrupt: &Interrupt) -> (Vec<String>, Vec<String>, f64) {
+pub fn start_pods(
+    stage: &Stage,
+    runtime: Runtime,
+    ids: &[String],
+    concurrency: usize,
+    interrupt: &Interrupt,
+) -> (Vec<String>, Vec<String>, f64) {
     let next = AtomicUsize::new(0);
     let started = Mutex::new(Vec::new());
     let failures = Mutex::new(Vec::new());
@@ -161,7 +176,13 @@ pub struct MemoryRun {
 }
 
 /// Starts idle pods 2 at a time up to each of `targets`, letting them settle, then sums their host PSS.
-pub fn idle_memory(stage: &Stage, runtime: Runtime, targets: &[usize], settle: std::time::Duration, interrupt: &Interrupt) -> Result<MemoryRun> {
+pub fn idle_memory(
+    stage: &Stage,
+    runtime: Runtime,
+    targets: &[usize],
+    settle: std::time::Duration,
+    interrupt: &Interrupt,
+) -> Result<MemoryRun> {
     idle_memory_with(stage, runtime, targets, settle, interrupt, || 0.0).map(|(run, _)| run)
 }
 
@@ -256,7 +277,8 @@ pub fn exec_latency(stage: &Stage, n: usize, interrupt: &Interrupt) -> Result<Ex
             }
             let exec_id = format!("e{i}");
             let t0 = Instant::now();
-            let out = stage.containerd.ctr_with_timeout(["task", "exec", "--exec-id", &exec_id, &id, "true"], CTR_TIMEOUT);
+            let out =
+                stage.containerd.ctr_with_timeout(["task", "exec", "--exec-id", &exec_id, &id, "true"], CTR_TIMEOUT);
             let secs = t0.elapsed().as_secs_f64();
             match out {
                 Ok(o) if o.status.success() => match runtime {
@@ -295,7 +317,14 @@ pub fn parse_time_real(output: &str) -> Option<f64> {
 /// busybox's `dd` prints no timing here, so the shell's `time` (10 ms resolution) times it; `repeat`
 /// reads per container lengthen what is timed when one read is faster than that (runc reads the host's
 /// page cache). A kata guest is timed on its first, cold read: later ones may hit the guest's cache.
-pub fn container_read(stage: &Stage, runtime: Runtime, dir: &Path, runs: usize, repeat: usize, interrupt: &Interrupt) -> Result<Vec<f64>> {
+pub fn container_read(
+    stage: &Stage,
+    runtime: Runtime,
+    dir: &Path,
+    runs: usize,
+    repeat: usize,
+    interrupt: &Interrupt,
+) -> Result<Vec<f64>> {
     let repeat = repeat.max(1);
     let bytes = std::fs::metadata(dir.join("f"))?.len() as f64 * repeat as f64;
     let script = format!("time sh -c 'for i in $(seq {repeat}); do dd if=/data/f of=/dev/null bs=1M; done'");

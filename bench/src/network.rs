@@ -7,8 +7,8 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use e2e::cri::{ContainerSpec, CriClient, PodCleanup, PodSpec};
 use e2e::checks::error_chain;
+use e2e::cri::{ContainerSpec, CriClient, PodCleanup, PodSpec};
 use e2e::BUSYBOX_IMAGE;
 use serde::{Deserialize, Serialize};
 
@@ -56,14 +56,27 @@ fn transfer(ip: Ipv4Addr, mib: usize, deadline: Duration) -> Result<f64> {
     Ok((mib << 20) as f64 / secs / 1e6)
 }
 
-fn one_runtime(cri: &CriClient, runtime: Runtime, mib: usize, runs: usize, interrupt: &Interrupt) -> Result<Vec<f64>, String> {
+fn one_runtime(
+    cri: &CriClient,
+    runtime: Runtime,
+    mib: usize,
+    runs: usize,
+    interrupt: &Interrupt,
+) -> Result<Vec<f64>, String> {
     let logs = tempfile::tempdir().map_err(|e| e.to_string())?;
     let pod = PodSpec::new(&format!("net-{}", runtime.label()), logs.path()).build();
-    let pod_id = cri.run_pod_sandbox(&pod, runtime.cri_handler()).map_err(|e| format!("RunPodSandbox: {}", error_chain(&e)))?;
+    let pod_id =
+        cri.run_pod_sandbox(&pod, runtime.cri_handler()).map_err(|e| format!("RunPodSandbox: {}", error_chain(&e)))?;
     let result = (|| {
         let ip = cri.pod_ip(&pod_id).map_err(|e| format!("no pod IP: {}", error_chain(&e)))?;
-        let spec = ContainerSpec::new("sink", BUSYBOX_IMAGE, &["sh", "-c", &format!("while :; do nc -l -p {PORT} >/dev/null; done")]);
-        let id = cri.create_container(&pod_id, &spec.build(), &pod).map_err(|e| format!("CreateContainer: {}", error_chain(&e)))?;
+        let spec = ContainerSpec::new(
+            "sink",
+            BUSYBOX_IMAGE,
+            &["sh", "-c", &format!("while :; do nc -l -p {PORT} >/dev/null; done")],
+        );
+        let id = cri
+            .create_container(&pod_id, &spec.build(), &pod)
+            .map_err(|e| format!("CreateContainer: {}", error_chain(&e)))?;
         cri.start_container(&id).map_err(|e| format!("StartContainer: {}", error_chain(&e)))?;
         let mut out = Vec::new();
         for _ in 0..runs {
@@ -86,7 +99,9 @@ pub fn tcp_throughput(stage: &CriStage, mib: usize, runs: usize, interrupt: &Int
         interrupt.check()?;
         let r = match one_runtime(&cri, runtime, mib, runs, interrupt) {
             Ok(v) => NetResult { runtime: runtime.label().to_owned(), mb_per_s: v, not_available: None },
-            Err(reason) => NetResult { runtime: runtime.label().to_owned(), mb_per_s: vec![], not_available: Some(reason) },
+            Err(reason) => {
+                NetResult { runtime: runtime.label().to_owned(), mb_per_s: vec![], not_available: Some(reason) }
+            }
         };
         eprintln!("  {}: {:?} MB/s {}", r.runtime, r.mb_per_s, r.not_available.as_deref().unwrap_or(""));
         results.push(r);

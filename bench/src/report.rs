@@ -176,10 +176,14 @@ impl Results {
         let _ = writeln!(o, "| kata | {} |\n| runc | {} |", stat_cells(ek), stat_cells(er));
         let _ = writeln!(o, "\nkata/runc: **{}**", times(ratio(ek, er), 1));
         let _ = writeln!(o, "\n## Host memory per idle pod (`sleep 3600`), PSS from smaps_rollup (MiB)\n");
-        let _ = writeln!(o, "| pods asked | kata running | kata PSS / pod | runc running | runc PSS / pod |\n|---|---|---|---|---|");
+        let _ = writeln!(
+            o,
+            "| pods asked | kata running | kata PSS / pod | runc running | runc PSS / pod |\n|---|---|---|---|---|"
+        );
         let (mk, mr) = (self.pss_steps("kata"), self.pss_steps("runc"));
         for (i, (target, running, pss)) in mk.iter().enumerate() {
-            let (rr, rp) = mr.get(i).map(|(_, r, p)| (r.to_string(), format!("{p:.1}"))).unwrap_or(("n/a".into(), "n/a".into()));
+            let (rr, rp) =
+                mr.get(i).map(|(_, r, p)| (r.to_string(), format!("{p:.1}"))).unwrap_or(("n/a".into(), "n/a".into()));
             let _ = writeln!(o, "| {target} | {running} | {pss:.1} | {rr} | {rp} |");
         }
         if let Some(last) = self.memory.iter().find(|m| m.runtime == "kata").and_then(|m| m.steps.last()) {
@@ -190,7 +194,8 @@ impl Results {
                 .iter()
                 .map(|(name, mem)| format!("{name} {:.1}", mem.pss_kib as f64 / 1024.0 / pods))
                 .collect();
-            let _ = writeln!(o, "\nkata per pod at {} pods, by process (MiB PSS): {}", last.cost.pods, parts.join(", "));
+            let _ =
+                writeln!(o, "\nkata per pod at {} pods, by process (MiB PSS): {}", last.cost.pods, parts.join(", "));
         }
         for m in &self.memory {
             if !m.failures.is_empty() {
@@ -198,7 +203,10 @@ impl Results {
             }
         }
         let _ = writeln!(o, "\n## Density: pods started concurrently until {TARGET_IDLE_PODS} or the first failure\n");
-        let _ = writeln!(o, "| runtime | concurrency | started | wall (s) | pods/s | first failure |\n|---|---|---|---|---|---|");
+        let _ = writeln!(
+            o,
+            "| runtime | concurrency | started | wall (s) | pods/s | first failure |\n|---|---|---|---|---|---|"
+        );
         for d in &self.density {
             let _ = writeln!(
                 o,
@@ -212,7 +220,11 @@ impl Results {
                 d.failures.first().map(|f| f.replace('|', "/")).unwrap_or_else(|| "none".to_owned())
             );
         }
-        let _ = writeln!(o, "\n## Shared-filesystem read: `dd if=/data/f bs=1M` of a {} MiB bind-mounted file (MB/s)\n", self.fs_read_mib);
+        let _ = writeln!(
+            o,
+            "\n## Shared-filesystem read: `dd if=/data/f bs=1M` of a {} MiB bind-mounted file (MB/s)\n",
+            self.fs_read_mib
+        );
         let _ = writeln!(o, "| where | median | min | max | n |\n|---|---|---|---|---|");
         for f in &self.fs_read {
             match &f.error {
@@ -229,7 +241,12 @@ impl Results {
         for n in &self.net {
             match &n.not_available {
                 Some(why) => {
-                    let _ = writeln!(o, "| {} | not available: {} | | | |", n.runtime, why.replace('|', "/").replace('\n', " "));
+                    let _ = writeln!(
+                        o,
+                        "| {} | not available: {} | | | |",
+                        n.runtime,
+                        why.replace('|', "/").replace('\n', " ")
+                    );
                 }
                 None => {
                     let _ = writeln!(o, "| {} | {} |", n.runtime, stat_cells(Stat::of(&n.mb_per_s)));
@@ -242,9 +259,19 @@ impl Results {
         let _ = writeln!(o, "\n## Issue 6 targets (TCG)\n");
         let _ = writeln!(o, "| target | now | met |\n|---|---|---|");
         let r = ratio(kata, floor);
-        let _ = writeln!(o, "| `ctr run` ≤ {TARGET_START_RATIO}x bare boot floor | {} | {} |", times(r, 2), yes(r.map(|r| r <= TARGET_START_RATIO)));
+        let _ = writeln!(
+            o,
+            "| `ctr run` ≤ {TARGET_START_RATIO}x bare boot floor | {} | {} |",
+            times(r, 2),
+            yes(r.map(|r| r <= TARGET_START_RATIO))
+        );
         let pss = mk.iter().rev().find(|(_, running, _)| *running > 0).map(|(_, _, p)| *p);
-        let _ = writeln!(o, "| host PSS per idle pod ≤ {TARGET_PSS_MIB} MB | {} MiB | {} |", opt(pss, 1), yes(pss.map(|p| p * 1.048_576 <= TARGET_PSS_MIB)));
+        let _ = writeln!(
+            o,
+            "| host PSS per idle pod ≤ {TARGET_PSS_MIB} MB | {} MiB | {} |",
+            opt(pss, 1),
+            yes(pss.map(|p| p * 1.048_576 <= TARGET_PSS_MIB))
+        );
         let most = mk.iter().map(|(_, r, _)| *r).max();
         let failed = self.memory.iter().any(|m| m.runtime == "kata" && !m.failures.is_empty());
         let _ = writeln!(
@@ -270,11 +297,15 @@ impl Results {
                 opt(total, 1),
                 yes(total.map(|p| p * 1.048_576 <= TARGET_PSS_MIB))
             );
-            let most = t.memory.as_ref().map(|m| (m.steps.iter().map(|s| s.running).max().unwrap_or(0), !m.failures.is_empty()));
+            let most = t
+                .memory
+                .as_ref()
+                .map(|m| (m.steps.iter().map(|s| s.running).max().unwrap_or(0), !m.failures.is_empty()));
             let _ = writeln!(
                 o,
                 "| with templating: {TARGET_IDLE_PODS} idle pods at once without failure | {} | {} |",
-                most.map(|(n, f)| format!("{n} running{}", if f { ", with failures" } else { "" })).unwrap_or_else(|| "n/a".into()),
+                most.map(|(n, f)| format!("{n} running{}", if f { ", with failures" } else { "" }))
+                    .unwrap_or_else(|| "n/a".into()),
                 yes(most.map(|(n, f)| n >= TARGET_IDLE_PODS && !f))
             );
         }
@@ -338,15 +369,20 @@ fn template_markdown(o: &mut String, t: &TemplateResults, floor: Option<Stat>) {
          {:.1} MiB in all; the last column adds an equal share of them to each pod, so nothing is left out.\n",
         t.template_mib
     );
-    let _ = writeln!(o, "| pods asked | running | PSS / pod | template files / pod | total / pod |\n|---|---|---|---|---|");
+    let _ =
+        writeln!(o, "| pods asked | running | PSS / pod | template files / pod | total / pod |\n|---|---|---|---|---|");
     for (target, running, pss, share) in t.memory_steps() {
         let _ = writeln!(o, "| {target} | {running} | {pss:.1} | {share:.1} | {:.1} |", pss + share);
     }
     if let Some(m) = &t.memory {
         if let Some(last) = m.steps.last() {
             let pods = last.cost.pods.max(1) as f64;
-            let parts: Vec<String> =
-                last.cost.by_process.iter().map(|(name, mem)| format!("{name} {:.1}", mem.pss_kib as f64 / 1024.0 / pods)).collect();
+            let parts: Vec<String> = last
+                .cost
+                .by_process
+                .iter()
+                .map(|(name, mem)| format!("{name} {:.1}", mem.pss_kib as f64 / 1024.0 / pods))
+                .collect();
             let _ = writeln!(o, "\nper clone at {} pods, by process (MiB PSS): {}", last.cost.pods, parts.join(", "));
         }
         if !m.failures.is_empty() {
@@ -384,7 +420,12 @@ mod tests {
 
     fn step(running: usize, pss_mib_per_pod: f64) -> MemoryStep {
         let pss_kib = (pss_mib_per_pod * 1024.0) as u64 * running as u64;
-        let cost = PodsCost { pods: running, processes: running, total: Memory { rss_kib: pss_kib, pss_kib }, ..Default::default() };
+        let cost = PodsCost {
+            pods: running,
+            processes: running,
+            total: Memory { rss_kib: pss_kib, pss_kib },
+            ..Default::default()
+        };
         MemoryStep { target: running, running, cost }
     }
 
@@ -393,7 +434,11 @@ mod tests {
         let template = TemplateResults {
             first_s: Some(1.7),
             cold: Some(ColdStart { kata_s: vec![0.5, 0.6, 0.55], runc_s: vec![0.1; 3], ..Default::default() }),
-            memory: Some(MemoryRun { runtime: "kata".into(), steps: vec![step(1, 90.0), step(20, 52.0)], ..Default::default() }),
+            memory: Some(MemoryRun {
+                runtime: "kata".into(),
+                steps: vec![step(1, 90.0), step(20, 52.0)],
+                ..Default::default()
+            }),
             template_mib: 48.0,
             density: None,
         };

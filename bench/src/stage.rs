@@ -84,7 +84,11 @@ pub const DEBUG_ENV: &str = "KATA_BENCH_DEBUG";
 /// the defaults (e.g. `KATA_BENCH_HYPERVISOR='tcg_tb_size = 32'`).
 pub const HYPERVISOR_ENV: &str = "KATA_BENCH_HYPERVISOR";
 
-fn write_configuration(parts: &KataParts, shared_fs: SharedFsKind, template: Option<&Path>) -> Result<(tempfile::TempDir, PathBuf)> {
+fn write_configuration(
+    parts: &KataParts,
+    shared_fs: SharedFsKind,
+    template: Option<&Path>,
+) -> Result<(tempfile::TempDir, PathBuf)> {
     let debug = std::env::var_os(DEBUG_ENV).is_some_and(|v| !v.is_empty() && v != "0");
     let dir = tempfile::Builder::new().prefix("kata-bench-conf-").tempdir()?;
     let path = dir.path().join("configuration.toml");
@@ -119,7 +123,11 @@ impl Stage {
         Self::start_with(parts, SharedFsKind::NineP, Some(dir))
     }
 
-    fn start_with(parts: &KataParts, shared_fs: SharedFsKind, template_dir: Option<tempfile::TempDir>) -> Result<Stage> {
+    fn start_with(
+        parts: &KataParts,
+        shared_fs: SharedFsKind,
+        template_dir: Option<tempfile::TempDir>,
+    ) -> Result<Stage> {
         let templates = template_dir.as_ref().map(|d| d.path().join("templates"));
         let (conf_dir, conf) = write_configuration(parts, shared_fs, templates.as_deref())?;
         let containerd = Containerd::start(ContainerdOptions {

@@ -79,7 +79,10 @@ impl Breakdown {
         let window: Vec<&LogLine> = lines.iter().filter(|l| l.time >= start && l.time <= end).collect();
         let first = |pred: &dyn Fn(&LogLine) -> bool| window.iter().find(|l| pred(l)).map(|l| l.time);
         let topic = |t: &'static str| {
-            move |l: &LogLine| matches!(l.msg.as_str(), "event forwarded" | "event published") && l.raw.contains(&format!("topic={t} "))
+            move |l: &LogLine| {
+                matches!(l.msg.as_str(), "event forwarded" | "event published")
+                    && l.raw.contains(&format!("topic={t} "))
+            }
         };
         let shim = first(&|l| l.msg.starts_with("shim serving"));
         let qemu = first(&|l| l.msg.starts_with("QEMU started") && l.msg.contains(&format!("vm={id} ")));
@@ -117,7 +120,10 @@ impl Breakdown {
             ("shim serving -> QEMU launched (config, virtiofsd, vhost-device-vsock, QEMU, QMP)", self.to_qemu),
             ("QEMU launched -> agent connected (guest boot, agent start, vsock dial)", self.to_agent),
             ("agent connected -> sandbox started (shared fs, hostname, network in the guest)", self.to_sandbox),
-            ("sandbox started -> container created in the guest (rootfs mount, libcontainer create)", self.to_container),
+            (
+                "sandbox started -> container created in the guest (rootfs mount, libcontainer create)",
+                self.to_container,
+            ),
             ("container created -> task created (IO streams attached)", self.to_task_create),
             ("task created -> task started (Start call, process start in guest)", self.to_task_start),
             ("task started -> task exit (workload, output)", self.to_exit),
@@ -134,9 +140,11 @@ mod tests {
 
     #[test]
     fn parses_quoted_and_bare_messages() {
-        let l = parse_line(r#"time="2026-11-30T01:08:28.72387662Z" level=info msg="sandbox t1 \"x\" started""#).expect("line");
+        let l = parse_line(r#"time="2026-11-30T01:08:28.72387662Z" level=info msg="sandbox t1 \"x\" started""#)
+            .expect("line");
         assert_eq!(l.msg, r#"sandbox t1 "x" started"#);
-        let l = parse_line(r#"time="2026-11-30T01:08:23.218273928Z" level=info msg=serving... address=/x"#).expect("line");
+        let l =
+            parse_line(r#"time="2026-11-30T01:08:23.218273928Z" level=info msg=serving... address=/x"#).expect("line");
         assert_eq!(l.msg, "serving...");
         assert!(parse_line("garbage").is_none());
     }

@@ -15,11 +15,7 @@ fn main() -> std::io::Result<()> {
         .input("proto/agent.proto")
         .include("proto")
         .rust_protobuf()
-        .customize(Customize {
-            async_all: true,
-            gen_mod: true,
-            ..Default::default()
-        })
+        .customize(Customize { async_all: true, gen_mod: true, ..Default::default() })
         .rust_protobuf_customize(ProtobufCustomize::default().gen_mod_rs(true))
         .run()
 }

@@ -68,8 +68,30 @@ const NAMES: &[&str] = &[
 
 /// Values the schema gives meaning to.
 const WORDS: &[&str] = &[
-    "true", "false", " true ", "0", "1", "2", "63", "64", "120", "121", "-1", "4294967296", "18446744073709551616", "virtio-fs", "virtio-9p", "tcfilter", "macvtap", "none",
-    "microvm", "q35", "kvm", "tcg", "auto", "",
+    "true",
+    "false",
+    " true ",
+    "0",
+    "1",
+    "2",
+    "63",
+    "64",
+    "120",
+    "121",
+    "-1",
+    "4294967296",
+    "18446744073709551616",
+    "virtio-fs",
+    "virtio-9p",
+    "tcfilter",
+    "macvtap",
+    "none",
+    "microvm",
+    "q35",
+    "kvm",
+    "tcg",
+    "auto",
+    "",
 ];
 
 /// Binaries an open configuration allows: an annotated binary must stay a direct child of this directory.
@@ -98,7 +120,10 @@ enum Value {
     Word(u8),
     /// Under the open allow-list: the part after [`OPEN_DIR`] is fuzzed (`..`, `/`, globs...).
     OpenPath(String),
-    List { json: bool, items: Vec<String> },
+    List {
+        json: bool,
+        items: Vec<String>,
+    },
     Text(String),
 }
 
@@ -129,11 +154,17 @@ fn assert_bounded(loaded: &LoadedConfig, host: &HostLimits) {
     let max = |configured: u32, host: u64| if configured == 0 { host } else { host.min(u64::from(configured)) };
     if annotated(loaded, "hypervisor.qemu.default_memory") {
         let v = hv.default_memory;
-        assert!(v >= MIN_MEMORY_MIB && u64::from(v) <= max(hv.default_maxmemory, host.memory_mib), "default_memory {v} accepted, {host:?}");
+        assert!(
+            v >= MIN_MEMORY_MIB && u64::from(v) <= max(hv.default_maxmemory, host.memory_mib),
+            "default_memory {v} accepted, {host:?}"
+        );
     }
     if annotated(loaded, "hypervisor.qemu.default_vcpus") {
         let v = hv.default_vcpus;
-        assert!(v >= 1 && u64::from(v) <= max(hv.default_maxvcpus, u64::from(host.cpus)), "default_vcpus {v} accepted, {host:?}");
+        assert!(
+            v >= 1 && u64::from(v) <= max(hv.default_maxvcpus, u64::from(host.cpus)),
+            "default_vcpus {v} accepted, {host:?}"
+        );
     }
     if annotated(loaded, "hypervisor.qemu.default_maxvcpus") {
         assert!(hv.default_maxvcpus <= host.cpus, "default_maxvcpus {} accepted, {host:?}", hv.default_maxvcpus);
@@ -228,14 +259,20 @@ fuzz_target!(|data: &[u8]| {
             let (b, a) = (&before.config.hypervisor, &loaded.config.hypervisor);
             assert_eq!(a.enable_annotations, b.enable_annotations, "an annotation changed enable_annotations");
             assert_eq!(a.valid_hypervisor_paths, b.valid_hypervisor_paths, "an annotation changed an allow-list");
-            assert_eq!(a.valid_virtio_fs_daemon_paths, b.valid_virtio_fs_daemon_paths, "an annotation changed an allow-list");
+            assert_eq!(
+                a.valid_virtio_fs_daemon_paths, b.valid_virtio_fs_daemon_paths,
+                "an annotation changed an allow-list"
+            );
             assert_eq!(a.valid_vsock_daemon_paths, b.valid_vsock_daemon_paths, "an annotation changed an allow-list");
             assert_eq!(a.seccompsandbox, b.seccompsandbox, "an annotation changed QEMU's sandbox");
             assert_bounded(&loaded, &host);
             if shipped_alone {
                 for (key, origin) in &loaded.origins {
                     if matches!(origin, Origin::Annotation { .. }) {
-                        assert!(SHIPPED_ANNOTATABLE.contains(&key.as_str()), "{key} annotated under the shipped configuration");
+                        assert!(
+                            SHIPPED_ANNOTATABLE.contains(&key.as_str()),
+                            "{key} annotated under the shipped configuration"
+                        );
                     }
                 }
             }

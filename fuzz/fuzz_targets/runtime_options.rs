@@ -78,9 +78,8 @@ fn encode(fields: &[Field]) -> (Vec<u8>, Option<PathBuf>) {
         }
         out.flush().expect("flush into a Vec");
     }
-    let expected = last
-        .filter(|v| utf8 && !v.is_empty())
-        .map(|v| PathBuf::from(String::from_utf8(v).expect("checked above")));
+    let expected =
+        last.filter(|v| utf8 && !v.is_empty()).map(|v| PathBuf::from(String::from_utf8(v).expect("checked above")));
     (buf, expected)
 }
 
@@ -107,7 +106,11 @@ fuzz_target!(|data: &[u8]| {
             let Ok(input) = Encoded::arbitrary_take_rest(Unstructured::new(rest)) else { return };
             let (value, expected) = encode(&input.fields);
             let mut any = Any::new();
-            any.type_url = if input.type_url_prefix { format!("type.googleapis.com/{OPTIONS_TYPE}") } else { OPTIONS_TYPE.to_owned() };
+            any.type_url = if input.type_url_prefix {
+                format!("type.googleapis.com/{OPTIONS_TYPE}")
+            } else {
+                OPTIONS_TYPE.to_owned()
+            };
             any.value = value;
             assert_eq!(shim_options::config_path(&any), expected, "{input:?}");
             // The same Any as containerd sends it on stdin.

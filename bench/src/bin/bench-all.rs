@@ -48,7 +48,9 @@ fn command_output(program: &str, args: &[&str]) -> Option<String> {
 }
 
 fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg").map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn machine(parts: &KataParts, quick: bool) -> Machine {
@@ -61,7 +63,12 @@ fn machine(parts: &KataParts, quick: bool) -> Machine {
         .unwrap_or_else(|| "unknown (kata-runtime not installed)".to_owned());
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_owned()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
         .unwrap_or_default();
     Machine {
         date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
@@ -77,7 +84,12 @@ fn machine(parts: &KataParts, quick: bool) -> Machine {
 }
 
 /// Runs one stage; a failure is recorded and the run goes on, an interrupt ends it.
-fn stage<T>(results: &mut Results, name: &str, interrupt: &Interrupt, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+fn stage<T>(
+    results: &mut Results,
+    name: &str,
+    interrupt: &Interrupt,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<Option<T>> {
     eprintln!("== {name}");
     let t0 = Instant::now();
     let r = f();
@@ -100,7 +112,9 @@ fn run(args: &Args, parts: &KataParts, interrupt: &Interrupt, results: &mut Resu
     if wants("floor") {
         let rt = tokio::runtime::Runtime::new()?;
         let boot = BootParts::from_kata(parts);
-        if let Some(samples) = stage(results, "bare QEMU boot floor", interrupt, || rt.block_on(boot_floor(n, &boot, interrupt)))? {
+        if let Some(samples) =
+            stage(results, "bare QEMU boot floor", interrupt, || rt.block_on(boot_floor(n, &boot, interrupt)))?
+        {
             results.floor = samples;
         }
     }
@@ -110,14 +124,16 @@ fn run(args: &Args, parts: &KataParts, interrupt: &Interrupt, results: &mut Resu
             results.cold = stage(results, "cold start", interrupt, || measure::cold_start(&virtiofs, n, interrupt))?;
         }
         if wants("exec") {
-            results.exec = stage(results, "exec latency", interrupt, || measure::exec_latency(&virtiofs, n, interrupt))?;
+            results.exec =
+                stage(results, "exec latency", interrupt, || measure::exec_latency(&virtiofs, n, interrupt))?;
         }
         if wants("memory") {
             for runtime in [Runtime::Kata, Runtime::Runc] {
                 let settle = Duration::from_secs(if runtime == Runtime::Kata { 3 } else { 1 });
-                let m: Option<MemoryRun> = stage(results, &format!("idle memory {}", runtime.label()), interrupt, || {
-                    measure::idle_memory(&virtiofs, runtime, &[1, 10, TARGET_IDLE_PODS], settle, interrupt)
-                })?;
+                let m: Option<MemoryRun> =
+                    stage(results, &format!("idle memory {}", runtime.label()), interrupt, || {
+                        measure::idle_memory(&virtiofs, runtime, &[1, 10, TARGET_IDLE_PODS], settle, interrupt)
+                    })?;
                 results.memory.extend(m);
             }
         }
@@ -173,9 +189,14 @@ fn templating(parts: &KataParts, n: usize, quick: bool, interrupt: &Interrupt) -
     let mut t = TemplateResults { first_s: Some(measure::first_run(&stage)?), ..Default::default() };
     interrupt.check()?;
     t.cold = Some(measure::cold_start(&stage, n, interrupt)?);
-    let memory = measure::idle_memory_with(&stage, Runtime::Kata, &[1, 10, TARGET_IDLE_PODS], Duration::from_secs(3), interrupt, || {
-        measure::template_mib(&templates)
-    })?;
+    let memory = measure::idle_memory_with(
+        &stage,
+        Runtime::Kata,
+        &[1, 10, TARGET_IDLE_PODS],
+        Duration::from_secs(3),
+        interrupt,
+        || measure::template_mib(&templates),
+    )?;
     t.template_mib = memory.1;
     t.memory = Some(memory.0);
     interrupt.check()?;
@@ -225,7 +246,8 @@ fn main() -> Result<()> {
     let png = args.out.join("latest.png");
     let text = results.markdown();
     std::fs::write(&md, &text).with_context(|| format!("write {}", md.display()))?;
-    std::fs::write(&json, serde_json::to_string_pretty(&results)? + "\n").with_context(|| format!("write {}", json.display()))?;
+    std::fs::write(&json, serde_json::to_string_pretty(&results)? + "\n")
+        .with_context(|| format!("write {}", json.display()))?;
     let chart = chart::draw(&results, &png);
     println!("{text}");
     println!("results: {}\n         {}", md.display(), json.display());

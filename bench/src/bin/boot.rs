@@ -41,7 +41,8 @@ async fn main() -> Result<()> {
         );
     }
     let agent = Stat::of(&samples.iter().map(|s| s.agent_s).collect::<Vec<_>>()).unwrap_or_default();
-    let pss = Stat::of(&samples.iter().map(|s| s.memory.pss_kib as f64 / 1024.0).collect::<Vec<_>>()).unwrap_or_default();
+    let pss =
+        Stat::of(&samples.iter().map(|s| s.memory.pss_kib as f64 / 1024.0).collect::<Vec<_>>()).unwrap_or_default();
     println!(
         "\nQEMU launch -> agent ready: median {:.2} s (min {:.2}, max {:.2}); median host PSS {:.1} MiB",
         agent.median, agent.min, agent.max, pss.median

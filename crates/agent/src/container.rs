@@ -49,13 +49,21 @@ pub enum ContainerError {
     #[error(transparent)]
     Stats(#[from] StatsError),
     #[error("cannot write {path}")]
-    Write { path: PathBuf, #[source] source: std::io::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("libcontainer failed to {op}: {message}")]
     Libcontainer { op: &'static str, message: String },
     #[error("libcontainer did not report a pid for the container")]
     NoPid,
     #[error("cannot signal process {pid}")]
-    Signal { pid: i32, #[source] source: nix::Error },
+    Signal {
+        pid: i32,
+        #[source]
+        source: nix::Error,
+    },
     #[error("invalid signal {0}")]
     InvalidSignal(u32),
     #[error("exec id '{0}' is already in use")]
@@ -193,7 +201,10 @@ impl Container {
     }
 
     pub fn signal(&self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
-        let sig = i32::try_from(signal).ok().and_then(|s| Signal::try_from(s).ok()).ok_or(ContainerError::InvalidSignal(signal))?;
+        let sig = i32::try_from(signal)
+            .ok()
+            .and_then(|s| Signal::try_from(s).ok())
+            .ok_or(ContainerError::InvalidSignal(signal))?;
         if all {
             for pid in stats::pids(&self.cgroup_dir).unwrap_or_default() {
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
@@ -227,7 +238,12 @@ impl Container {
             container_name: self.id.clone(),
         })
         .map_err(|e| ContainerError::Cgroup(e.to_string()))?;
-        let opt = ControllerOpt { resources: &resources, disable_oom_killer: false, oom_score_adj: None, freezer_state: None };
+        let opt = ControllerOpt {
+            resources: &resources,
+            disable_oom_killer: false,
+            oom_score_adj: None,
+            freezer_state: None,
+        };
         device_cgroup::without_leftovers(|| manager.apply(&opt)).map_err(|e| ContainerError::Cgroup(e.to_string()))
     }
 
@@ -276,7 +292,11 @@ fn prepare_spec(spec: &mut Spec, rootfs: &Path, cgroup: &str) -> Result<()> {
             return Err(ContainerError::NotForGuest("it asks for a network namespace; the VM is the pod's".into()));
         }
         if let Some(path) = ns.path() {
-            return Err(ContainerError::NotForGuest(format!("the {:?} namespace joins host path {}", ns.typ(), path.display())));
+            return Err(ContainerError::NotForGuest(format!(
+                "the {:?} namespace joins host path {}",
+                ns.typ(),
+                path.display()
+            )));
         }
     }
     let mut root = spec.root().clone().unwrap_or_default();
@@ -361,7 +381,10 @@ mod tests {
             "linux":{"cgroupsPath":"/kata/c1","namespaces":[{"type":"pid"},{"type":"ipc"}]}}"#;
         let mut spec: Spec = serde_json::from_str(json).expect("spec");
         prepare_spec(&mut spec, Path::new("/run/kata-containers/shared/c1/rootfs"), "/kata/c1").expect("prepare");
-        assert_eq!(spec.root().as_ref().map(|r| r.path().clone()), Some(PathBuf::from("/run/kata-containers/shared/c1/rootfs")));
+        assert_eq!(
+            spec.root().as_ref().map(|r| r.path().clone()),
+            Some(PathBuf::from("/run/kata-containers/shared/c1/rootfs"))
+        );
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         assert_eq!(resources, Some(LinuxResources::default()), "no resources still means the default device cgroup");
     }
@@ -369,10 +392,19 @@ mod tests {
     #[test]
     fn host_specs_are_refused_with_the_reason() {
         let cases = [
-            (r#"{"cgroupsPath":"/kubepods/x","namespaces":[{"type":"pid"}]}"#, "cgroupsPath is /kubepods/x, expected /kata/c1"),
+            (
+                r#"{"cgroupsPath":"/kubepods/x","namespaces":[{"type":"pid"}]}"#,
+                "cgroupsPath is /kubepods/x, expected /kata/c1",
+            ),
             (r#"{"namespaces":[{"type":"pid"}]}"#, "cgroupsPath is none, expected /kata/c1"),
-            (r#"{"cgroupsPath":"/kata/c1","namespaces":[{"type":"network","path":"/var/run/netns/cni-1"}]}"#, "network namespace"),
-            (r#"{"cgroupsPath":"/kata/c1","namespaces":[{"type":"ipc","path":"/proc/5/ns/ipc"}]}"#, "joins host path /proc/5/ns/ipc"),
+            (
+                r#"{"cgroupsPath":"/kata/c1","namespaces":[{"type":"network","path":"/var/run/netns/cni-1"}]}"#,
+                "network namespace",
+            ),
+            (
+                r#"{"cgroupsPath":"/kata/c1","namespaces":[{"type":"ipc","path":"/proc/5/ns/ipc"}]}"#,
+                "joins host path /proc/5/ns/ipc",
+            ),
         ];
         for (linux, expected) in cases {
             let json = format!(r#"{{"ociVersion":"1.0.2","root":{{"path":"rootfs"}},"linux":{linux}}}"#);

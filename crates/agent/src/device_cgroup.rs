@@ -112,7 +112,9 @@ mod tests {
     fn memlock_is_pinned_to_the_agents_unless_the_spec_sets_it() {
         let (soft, hard) = getrlimit(Resource::RLIMIT_MEMLOCK).expect("getrlimit");
         let process_with = |rlimit: &str| -> Process {
-            let json = format!(r#"{{"cwd":"/","user":{{"uid":0,"gid":0}},"rlimits":[{{"type":"{rlimit}","hard":7,"soft":7}}]}}"#);
+            let json = format!(
+                r#"{{"cwd":"/","user":{{"uid":0,"gid":0}},"rlimits":[{{"type":"{rlimit}","hard":7,"soft":7}}]}}"#
+            );
             serde_json::from_str(&json).expect("process")
         };
         let mut process = process_with("RLIMIT_NOFILE");

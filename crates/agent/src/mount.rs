@@ -9,7 +9,13 @@ pub enum MountError {
     #[error("cannot create mount point {0}")]
     MountPoint(PathBuf, #[source] std::io::Error),
     #[error("cannot mount {fstype} '{source_name}' on {target}")]
-    Mount { fstype: String, source_name: String, target: PathBuf, #[source] source: nix::Error },
+    Mount {
+        fstype: String,
+        source_name: String,
+        target: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
     #[error("cannot unmount {0}")]
     Unmount(PathBuf, #[source] nix::Error),
 }
@@ -46,8 +52,18 @@ pub fn mount_init_filesystems() {
             data: Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
         },
         InitMount { fstype: "tmpfs", target: "/dev/shm", flags: nodev, data: Some("mode=1777") },
-        InitMount { fstype: "tmpfs", target: "/run", flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV, data: Some("mode=0755") },
-        InitMount { fstype: "tmpfs", target: "/tmp", flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV, data: Some("mode=1777") },
+        InitMount {
+            fstype: "tmpfs",
+            target: "/run",
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            data: Some("mode=0755"),
+        },
+        InitMount {
+            fstype: "tmpfs",
+            target: "/tmp",
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            data: Some("mode=1777"),
+        },
         InitMount { fstype: "cgroup2", target: "/sys/fs/cgroup", flags: nodev, data: Some("nsdelegate") },
     ];
     for m in list {
@@ -61,7 +77,12 @@ pub fn mount_init_filesystems() {
     if !Path::new("/dev/ptmx").exists() {
         let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
     }
-    for (src, dst) in [("/proc/self/fd", "/dev/fd"), ("/proc/self/fd/0", "/dev/stdin"), ("/proc/self/fd/1", "/dev/stdout"), ("/proc/self/fd/2", "/dev/stderr")] {
+    for (src, dst) in [
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+    ] {
         let _ = std::os::unix::fs::symlink(src, dst);
     }
 }
@@ -150,7 +171,10 @@ mod tests {
 
     #[test]
     fn initramfs_root_is_detected() {
-        assert_eq!(root_fstype("1 1 0:2 / / rw - rootfs rootfs rw\n22 1 0:21 / /proc rw - proc proc rw\n").as_deref(), Some("rootfs"));
+        assert_eq!(
+            root_fstype("1 1 0:2 / / rw - rootfs rootfs rw\n22 1 0:21 / /proc rw - proc proc rw\n").as_deref(),
+            Some("rootfs")
+        );
         assert_eq!(root_fstype("25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n").as_deref(), Some("ext4"));
     }
 }

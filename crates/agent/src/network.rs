@@ -15,7 +15,11 @@ pub enum NetworkError {
     #[error("no interface named '{name}' or with MAC '{mac}'")]
     NoLink { name: String, mac: String },
     #[error("netlink request to {op} failed")]
-    Netlink { op: String, #[source] source: rtnetlink::Error },
+    Netlink {
+        op: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
 }
 
 pub use protocols::net::{Interface, IpNet, Route};
@@ -29,7 +33,8 @@ pub struct ArpNeighbor {
 
 pub fn parse_mac(s: &str) -> Result<[u8; 6], NetworkError> {
     let bad = || NetworkError::Invalid { what: "MAC address", value: s.to_string() };
-    let parts: Vec<u8> = s.split(':').map(|p| u8::from_str_radix(p, 16)).collect::<Result<_, _>>().map_err(|_| bad())?;
+    let parts: Vec<u8> =
+        s.split(':').map(|p| u8::from_str_radix(p, 16)).collect::<Result<_, _>>().map_err(|_| bad())?;
     parts.try_into().map_err(|_| bad())
 }
 
@@ -95,7 +100,11 @@ pub async fn update_interface(iface: &Interface) -> Result<Interface, NetworkErr
         h.address().del(a).execute().await.map_err(nl("delete an old address"))?;
     }
     for a in &iface.addresses {
-        h.address().add(index, a.addr, a.prefix_len).execute().await.map_err(nl(format!("add {}/{}", a.addr, a.prefix_len)))?;
+        h.address()
+            .add(index, a.addr, a.prefix_len)
+            .execute()
+            .await
+            .map_err(nl(format!("add {}/{}", a.addr, a.prefix_len)))?;
     }
     h.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await.map_err(nl("bring the link up"))?;
     Ok(iface.clone())

@@ -98,14 +98,13 @@ impl Reaper {
 
     /// Runs forever: reaps on SIGCHLD, on pidfd readiness and on a slow backstop tick.
     pub async fn run(self, reap_orphans: bool) {
-        let mut sigchld =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
-                Ok(s) => Some(s),
-                Err(err) => {
-                    tracing::error!(%err, "cannot watch SIGCHLD");
-                    None
-                }
-            };
+        let mut sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
+            Ok(s) => Some(s),
+            Err(err) => {
+                tracing::error!(%err, "cannot watch SIGCHLD");
+                None
+            }
+        };
         loop {
             self.reap_once(reap_orphans);
             tokio::select! {

@@ -104,7 +104,11 @@ impl Sandbox {
             tracing::info!("not PID 1: leaving hostname, clock and resolv.conf alone");
         }
         if let Some(fs) = &cfg.shared_fs {
-            let target = if fs.mount_point.as_os_str().is_empty() { PathBuf::from(DEFAULT_SHARED_MOUNT) } else { fs.mount_point.clone() };
+            let target = if fs.mount_point.as_os_str().is_empty() {
+                PathBuf::from(DEFAULT_SHARED_MOUNT)
+            } else {
+                fs.mount_point.clone()
+            };
             mount::mount_shared_fs(&fs.kind, &fs.tag, &target)?;
             *lock(&self.shared_mount) = target;
         }
@@ -171,7 +175,8 @@ impl Sandbox {
     }
 
     pub fn guest_details(&self) -> GuestDetails {
-        let kernel_release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+        let kernel_release =
+            nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string();
         GuestDetails { kernel_release, agent_version: env!("CARGO_PKG_VERSION").to_string(), boot_id }
     }

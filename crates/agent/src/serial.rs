@@ -31,7 +31,10 @@ pub async fn find_port(name: &str) -> io::Result<PathBuf> {
             return Ok(Path::new("/dev").join(path));
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(io::Error::new(io::ErrorKind::NotFound, format!("no virtio-serial port named {name} after {PORT_TIMEOUT:?}")));
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no virtio-serial port named {name} after {PORT_TIMEOUT:?}"),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

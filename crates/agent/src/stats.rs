@@ -6,7 +6,11 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum StatsError {
     #[error("cannot read {path}")]
-    Read { path: String, #[source] source: std::io::Error },
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Default, Clone, PartialEq)]

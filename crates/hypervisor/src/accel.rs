@@ -78,10 +78,7 @@ pub struct HostRoots {
 
 impl Default for HostRoots {
     fn default() -> Self {
-        Self {
-            dev: PathBuf::from("/dev"),
-            sys_module: PathBuf::from("/sys/module"),
-        }
+        Self { dev: PathBuf::from("/dev"), sys_module: PathBuf::from("/sys/module") }
     }
 }
 
@@ -100,10 +97,7 @@ pub fn detect_accel_in(roots: &HostRoots) -> AccelReport {
 fn kvm_status(roots: &HostRoots) -> KvmStatus {
     let dev_kvm = roots.dev.join("kvm");
     let module = |name: &str| roots.sys_module.join(name).exists();
-    let unusable = |reason: String| KvmStatus {
-        usable: false,
-        reason,
-    };
+    let unusable = |reason: String| KvmStatus { usable: false, reason };
 
     if !dev_kvm.exists() {
         return unusable(format!(
@@ -112,10 +106,7 @@ fn kvm_status(roots: &HostRoots) -> KvmStatus {
         ));
     }
     if let Err(e) = OpenOptions::new().read(true).write(true).open(&dev_kvm) {
-        return unusable(format!(
-            "{} cannot be opened read-write: {e}",
-            dev_kvm.display()
-        ));
+        return unusable(format!("{} cannot be opened read-write: {e}", dev_kvm.display()));
     }
     let vendor_module = ["kvm_intel", "kvm_amd"].into_iter().find(|m| module(m));
     match vendor_module {
@@ -139,9 +130,7 @@ pub fn resolve_accel(choice: AccelChoice, report: &AccelReport) -> Result<Accel,
         AccelChoice::Auto => Ok(report.usable),
         AccelChoice::Tcg => Ok(Accel::Tcg),
         AccelChoice::Kvm if report.kvm.usable => Ok(Accel::Kvm),
-        AccelChoice::Kvm => Err(AccelError::KvmUnusable {
-            reason: report.kvm.reason.clone(),
-        }),
+        AccelChoice::Kvm => Err(AccelError::KvmUnusable { reason: report.kvm.reason.clone() }),
     }
 }
 
@@ -157,10 +146,7 @@ mod tests {
 
     fn fake_host(dev_kvm: bool, modules: &[&str]) -> FakeHost {
         let dir = tempfile::tempdir().expect("tempdir");
-        let roots = HostRoots {
-            dev: dir.path().join("dev"),
-            sys_module: dir.path().join("sys/module"),
-        };
+        let roots = HostRoots { dev: dir.path().join("dev"), sys_module: dir.path().join("sys/module") };
         fs::create_dir_all(&roots.dev).expect("mkdir dev");
         fs::create_dir_all(&roots.sys_module).expect("mkdir sys/module");
         if dev_kvm {
@@ -213,11 +199,7 @@ mod tests {
         let host = fake_host(false, &["kvm_intel"]);
         let report = detect_accel_in(&host.roots);
         assert_eq!(report.usable, Accel::Tcg);
-        assert!(
-            report.kvm.reason.contains("does not exist"),
-            "{}",
-            report.kvm.reason
-        );
+        assert!(report.kvm.reason.contains("does not exist"), "{}", report.kvm.reason);
     }
 
     #[test]
@@ -225,11 +207,7 @@ mod tests {
         let host = fake_host(true, &["kvm"]);
         let report = detect_accel_in(&host.roots);
         assert_eq!(report.usable, Accel::Tcg);
-        assert!(
-            report.kvm.reason.contains("neither kvm_intel nor kvm_amd"),
-            "{}",
-            report.kvm.reason
-        );
+        assert!(report.kvm.reason.contains("neither kvm_intel nor kvm_amd"), "{}", report.kvm.reason);
     }
 
     #[test]

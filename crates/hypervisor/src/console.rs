@@ -64,12 +64,7 @@ impl Default for GuestConsole {
 
 impl GuestConsole {
     pub fn new() -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                ring: Mutex::new(Ring::default()),
-                changes: watch::Sender::new(0),
-            }),
-        }
+        Self { inner: Arc::new(Inner { ring: Mutex::new(Ring::default()), changes: watch::Sender::new(0) }) }
     }
 
     fn ring(&self) -> MutexGuard<'_, Ring> {

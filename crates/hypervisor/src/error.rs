@@ -14,42 +14,19 @@ pub enum Error {
     #[error("invalid VM configuration: {0}")]
     InvalidConfig(String),
     #[error("cannot {op} a VM that is {state}")]
-    InvalidState {
-        op: &'static str,
-        state: &'static str,
-    },
+    InvalidState { op: &'static str, state: &'static str },
     #[error(transparent)]
     Accel(#[from] AccelError),
     #[error("{context}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
+    Io { context: String, source: std::io::Error },
     #[error("cannot start {role} ({program})")]
-    Spawn {
-        role: ProcessRole,
-        program: PathBuf,
-        source: std::io::Error,
-    },
+    Spawn { role: ProcessRole, program: PathBuf, source: std::io::Error },
     #[error("{role} exited during VM start ({status}); last lines of its output:\n{tail}")]
-    HelperExited {
-        role: ProcessRole,
-        status: VmExit,
-        tail: String,
-    },
+    HelperExited { role: ProcessRole, status: VmExit, tail: String },
     #[error("{role} did not create {socket} within {timeout:?}; last lines of its output:\n{tail}")]
-    SocketTimeout {
-        role: ProcessRole,
-        socket: PathBuf,
-        timeout: Duration,
-        tail: String,
-    },
+    SocketTimeout { role: ProcessRole, socket: PathBuf, timeout: Duration, tail: String },
     #[error("QEMU exited during VM start ({status}); last lines of its output:\n{qemu_tail}\nlast lines of the console:\n{console_tail}")]
-    QemuExited {
-        status: VmExit,
-        qemu_tail: String,
-        console_tail: String,
-    },
+    QemuExited { status: VmExit, qemu_tail: String, console_tail: String },
     #[error("VM template: {0}")]
     Migration(String),
     /// A clone could not load its template's saved state (QEMU refused it or died loading it).

@@ -71,10 +71,7 @@ impl VmExit {
 impl From<ExitStatus> for VmExit {
     fn from(status: ExitStatus) -> Self {
         use std::os::unix::process::ExitStatusExt;
-        Self {
-            code: status.code(),
-            signal: status.signal(),
-        }
+        Self { code: status.code(), signal: status.signal() }
     }
 }
 
@@ -143,22 +140,14 @@ impl ManagedChild {
     ) -> Result<Self> {
         // One pipe for both streams, as one file was: their lines interleave whole, not byte by byte.
         // Close-on-exec, so no other child forked meanwhile keeps the write end and holds off end of file.
-        let (output_rx, output_tx) =
-            pipe2(OFlag::O_CLOEXEC).map_err(std::io::Error::from).map_err(Error::io(format!(
-                "cannot create a pipe for {role}'s output"
-            )))?;
-        let stderr = output_tx
-            .try_clone()
+        let (output_rx, output_tx) = pipe2(OFlag::O_CLOEXEC)
+            .map_err(std::io::Error::from)
             .map_err(Error::io(format!("cannot create a pipe for {role}'s output")))?;
+        let stderr = output_tx.try_clone().map_err(Error::io(format!("cannot create a pipe for {role}'s output")))?;
         let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(output_rx)
             .map_err(Error::io(format!("cannot read {role}'s output")))?;
         let mut command = tokio::process::Command::new(program);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(output_tx)
-            .stderr(stderr)
-            .kill_on_drop(true);
+        command.args(args).stdin(Stdio::null()).stdout(output_tx).stderr(stderr).kill_on_drop(true);
         if !inherit.is_empty() {
             // The closure sees plain numbers; `inherit` keeps the fds open until `spawn` has returned.
             let sources: Vec<RawFd> = inherit.iter().map(|fd| fd.as_raw_fd()).collect();
@@ -194,23 +183,14 @@ impl ManagedChild {
         // The command holds our copies of the pipe's write end: only the child may keep one, or the reader never
         // sees end of file.
         drop(command);
-        let mut child = spawned.map_err(|source| Error::Spawn {
-            role,
-            program: program.to_owned(),
-            source,
-        })?;
+        let mut child = spawned.map_err(|source| Error::Spawn { role, program: program.to_owned(), source })?;
         let pid = child.id().ok_or_else(|| Error::Io {
             context: format!("{role} exited before its PID could be read"),
             source: std::io::Error::other("no pid"),
         })?;
         let mut argv = vec![program.to_string_lossy().into_owned()];
         argv.extend(args.iter().cloned());
-        let info = VmProcess {
-            role,
-            pid,
-            argv,
-            start_time: proc_start_time(pid),
-        };
+        let info = VmProcess { role, pid, argv, start_time: proc_start_time(pid) };
 
         let output = ProcessOutput::default();
         console::drain(receiver, output.ring.clone(), format!("{role}'s output"));
@@ -233,20 +213,12 @@ impl ManagedChild {
                     },
                 }
             };
-            let exit = status.map(VmExit::from).unwrap_or(VmExit {
-                code: None,
-                signal: None,
-            });
+            let exit = status.map(VmExit::from).unwrap_or(VmExit { code: None, signal: None });
             tracing::debug!(%role, pid, %exit, "VM process exited");
             let _ = exit_tx.send(Some(exit));
         });
         tracing::debug!(%role, pid, "VM process started");
-        Ok(Self {
-            info,
-            output,
-            exit: exit_rx,
-            signals: signal_tx,
-        })
+        Ok(Self { info, output, exit: exit_rx, signals: signal_tx })
     }
 
     pub(crate) fn info(&self) -> &VmProcess {
@@ -339,17 +311,9 @@ fn dup_for_exec(sources: &[RawFd], staged: &mut [RawFd], first: RawFd) -> std::i
 }
 
 pub(crate) async fn wait_exit(mut exit: watch::Receiver<Option<VmExit>>) -> VmExit {
-    let unknown = VmExit {
-        code: None,
-        signal: None,
-    };
+    let unknown = VmExit { code: None, signal: None };
     // The reaper only drops its sender after publishing, or when the runtime shuts down.
-    let published = exit
-        .wait_for(Option::is_some)
-        .await
-        .map(|exit| *exit)
-        .ok()
-        .flatten();
+    let published = exit.wait_for(Option::is_some).await.map(|exit| *exit).ok().flatten();
     published.or_else(|| *exit.borrow()).unwrap_or(unknown)
 }
 
@@ -363,19 +327,12 @@ fn proc_start_time(pid: u32) -> Option<u64> {
 
 fn proc_state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .next()?
-        .chars()
-        .next()
+    stat[stat.rfind(')')? + 1..].split_whitespace().next()?.chars().next()
 }
 
 fn proc_argv(pid: u32) -> Option<Vec<String>> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let mut argv: Vec<String> = raw
-        .split(|&b| b == 0)
-        .map(|arg| String::from_utf8_lossy(arg).into_owned())
-        .collect();
+    let mut argv: Vec<String> = raw.split(|&b| b == 0).map(|arg| String::from_utf8_lossy(arg).into_owned()).collect();
     if argv.last().is_some_and(String::is_empty) {
         argv.pop();
     }
@@ -428,12 +385,7 @@ pub async fn cleanup_vm(processes: &[VmProcess], work_dir: &Path) -> Result<Clea
     match std::fs::remove_dir_all(work_dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(Error::Io {
-                context: format!("cannot remove {}", work_dir.display()),
-                source: e,
-            })
-        }
+        Err(e) => return Err(Error::Io { context: format!("cannot remove {}", work_dir.display()), source: e }),
     }
     Ok(report)
 }
@@ -495,44 +447,21 @@ mod tests {
 
     #[test]
     fn exit_display() {
-        assert_eq!(
-            VmExit {
-                code: Some(1),
-                signal: None
-            }
-            .to_string(),
-            "exit code 1"
-        );
-        assert_eq!(
-            VmExit {
-                code: None,
-                signal: Some(9)
-            }
-            .to_string(),
-            "killed by SIGKILL"
-        );
+        assert_eq!(VmExit { code: Some(1), signal: None }.to_string(), "exit code 1");
+        assert_eq!(VmExit { code: None, signal: Some(9) }.to_string(), "killed by SIGKILL");
     }
 
     #[tokio::test]
     async fn managed_child_is_killed_and_reaped() {
-        let child = ManagedChild::spawn(
-            ProcessRole::VsockDaemon,
-            Path::new("/bin/sleep"),
-            &["30".into()],
-            &[],
-            3,
-            false,
-        )
-        .expect("spawn sleep");
+        let child =
+            ManagedChild::spawn(ProcessRole::VsockDaemon, Path::new("/bin/sleep"), &["30".into()], &[], 3, false)
+                .expect("spawn sleep");
         assert_eq!(child.info().argv, ["/bin/sleep", "30"]);
         assert!(child.info().start_time.is_some());
         assert!(child.exited().is_none());
         let exit = child.terminate(Duration::from_secs(2)).await;
         assert_eq!(exit.signal, Some(libc_sigterm()));
-        assert!(
-            proc_state(child.info().pid).is_none(),
-            "child must be reaped"
-        );
+        assert!(proc_state(child.info().pid).is_none(), "child must be reaped");
     }
 
     #[tokio::test]
@@ -549,10 +478,8 @@ mod tests {
         // Target range starts at b's own number: moving a into place first would clobber b if done naively.
         // (dash redirects only single-digit fds, hence /proc/self/fd.)
         let first = b.as_raw_fd();
-        let script = format!(
-            "cat /proc/self/fd/{first}; echo; cat /proc/self/fd/{}; echo; ls -l /proc/self/fd",
-            first + 1
-        );
+        let script =
+            format!("cat /proc/self/fd/{first}; echo; cat /proc/self/fd/{}; echo; ls -l /proc/self/fd", first + 1);
         let (exit, output) = run_sh(dir.path(), &script, &[a.clone(), b.clone()], first).await;
         let out = output.tail(console::MAX_LINES);
         assert!(exit.success(), "{exit}: {out}");
@@ -562,54 +489,28 @@ mod tests {
         // Exactly the two target fds refer to the files: the staged copies closed at exec.
         let mut holding: Vec<(i32, String)> = lines
             .filter_map(|l| l.split_once(" -> "))
-            .filter(|(_, target)| {
-                [dir.path().join("a"), dir.path().join("b")]
-                    .iter()
-                    .any(|p| Path::new(target) == p)
-            })
+            .filter(|(_, target)| [dir.path().join("a"), dir.path().join("b")].iter().any(|p| Path::new(target) == p))
             .map(|(left, target)| {
-                let fd = left
-                    .rsplit(' ')
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .expect("fd number");
+                let fd = left.rsplit(' ').next().and_then(|n| n.parse().ok()).expect("fd number");
                 (fd, target.rsplit('/').next().unwrap_or_default().to_owned())
             })
             .collect();
         holding.sort();
-        assert_eq!(
-            holding,
-            [(first, "a".to_owned()), (first + 1, "b".to_owned())],
-            "{out}"
-        );
+        assert_eq!(holding, [(first, "a".to_owned()), (first + 1, "b".to_owned())], "{out}");
         for fd in [&a, &b] {
-            let flags = FdFlag::from_bits_truncate(
-                fcntl(fd.as_raw_fd(), FcntlArg::F_GETFD).expect("F_GETFD"),
-            );
-            assert!(
-                flags.contains(FdFlag::FD_CLOEXEC),
-                "the parent's copy lost FD_CLOEXEC"
-            );
+            let flags = FdFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFD).expect("F_GETFD"));
+            assert!(flags.contains(FdFlag::FD_CLOEXEC), "the parent's copy lost FD_CLOEXEC");
         }
     }
 
     #[tokio::test]
     async fn dropping_a_managed_child_kills_it() {
-        let child = ManagedChild::spawn(
-            ProcessRole::Virtiofsd,
-            Path::new("/bin/sleep"),
-            &["30".into()],
-            &[],
-            3,
-            false,
-        )
-        .expect("spawn sleep");
+        let child = ManagedChild::spawn(ProcessRole::Virtiofsd, Path::new("/bin/sleep"), &["30".into()], &[], 3, false)
+            .expect("spawn sleep");
         let pid = child.info().pid;
         let exit = child.exit_watch();
         drop(child);
-        let exit = tokio::time::timeout(Duration::from_secs(5), wait_exit(exit))
-            .await
-            .expect("killed on drop");
+        let exit = tokio::time::timeout(Duration::from_secs(5), wait_exit(exit)).await.expect("killed on drop");
         assert_eq!(exit.signal, Some(9));
         assert!(proc_state(pid).is_none());
     }
@@ -642,14 +543,8 @@ mod tests {
         assert_eq!(report.killed, [ours.id()]);
         assert_eq!(report.skipped, [stranger.id()]);
         assert!(!work.exists());
-        assert!(
-            ours.wait().expect("reap").code().is_none(),
-            "ours was killed"
-        );
-        assert!(
-            stranger.try_wait().expect("try_wait").is_none(),
-            "the stranger still runs"
-        );
+        assert!(ours.wait().expect("reap").code().is_none(), "ours was killed");
+        assert!(stranger.try_wait().expect("try_wait").is_none(), "the stranger still runs");
         stranger.kill().expect("kill stranger");
         stranger.wait().expect("reap stranger");
     }

@@ -8,9 +8,9 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -19,10 +19,7 @@ use tokio::sync::Mutex;
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     #[error("cannot connect to QMP socket {path}")]
-    Connect {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Connect { path: PathBuf, source: std::io::Error },
     #[error("QMP I/O failed")]
     Io(#[from] std::io::Error),
     #[error("QMP command {command} got no reply within {timeout:?}")]
@@ -32,11 +29,7 @@ pub enum QmpError {
     #[error("unexpected QMP message: {0}")]
     Protocol(String),
     #[error("QMP command {command} failed: {class}: {desc}")]
-    Command {
-        command: String,
-        class: String,
-        desc: String,
-    },
+    Command { command: String, class: String, desc: String },
 }
 
 /// `query-status` reply.
@@ -87,11 +80,7 @@ struct Message {
 impl QmpClient {
     /// Connects and negotiates capabilities. `timeout` bounds the handshake and every later command.
     pub async fn connect(path: impl Into<PathBuf>, timeout: Duration) -> Result<Self, QmpError> {
-        let client = Self {
-            path: path.into(),
-            timeout,
-            conn: Mutex::new(ConnState::default()),
-        };
+        let client = Self { path: path.into(), timeout, conn: Mutex::new(ConnState::default()) };
         {
             let mut state = client.conn.lock().await;
             let conn = client.handshake().await?;
@@ -106,41 +95,26 @@ impl QmpClient {
 
     async fn handshake(&self) -> Result<Conn, QmpError> {
         let exchange = async {
-            let stream =
-                UnixStream::connect(&self.path)
-                    .await
-                    .map_err(|source| QmpError::Connect {
-                        path: self.path.clone(),
-                        source,
-                    })?;
+            let stream = UnixStream::connect(&self.path)
+                .await
+                .map_err(|source| QmpError::Connect { path: self.path.clone(), source })?;
             let (read, writer) = stream.into_split();
-            let mut conn = Conn {
-                reader: BufReader::new(read),
-                writer,
-            };
+            let mut conn = Conn { reader: BufReader::new(read), writer };
             let greeting = conn.read_message().await?;
             if greeting.greeting.is_none() {
                 return Err(QmpError::Protocol("expected the QMP greeting first".into()));
             }
-            conn.send(&json!({ "execute": "qmp_capabilities", "id": 0 }))
-                .await?;
+            conn.send(&json!({ "execute": "qmp_capabilities", "id": 0 })).await?;
             conn.read_reply("qmp_capabilities", &json!(0)).await?;
             Ok(conn)
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
-            .map_err(|_| QmpError::Timeout {
-                command: "qmp_capabilities".into(),
-                timeout: self.timeout,
-            })?
+            .map_err(|_| QmpError::Timeout { command: "qmp_capabilities".into(), timeout: self.timeout })?
     }
 
     /// Runs one command and returns its `return` value.
-    pub async fn execute(
-        &self,
-        command: &str,
-        arguments: Option<Value>,
-    ) -> Result<Value, QmpError> {
+    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
         self.run(command, arguments, None).await
     }
 
@@ -155,12 +129,7 @@ impl QmpClient {
         self.run(command, arguments, Some(fd.as_raw_fd())).await
     }
 
-    async fn run(
-        &self,
-        command: &str,
-        arguments: Option<Value>,
-        fd: Option<RawFd>,
-    ) -> Result<Value, QmpError> {
+    async fn run(&self, command: &str, arguments: Option<Value>, fd: Option<RawFd>) -> Result<Value, QmpError> {
         let mut state = self.conn.lock().await;
         state.next_id += 1;
         let id = json!(state.next_id);
@@ -181,18 +150,10 @@ impl QmpClient {
         };
         let result = match tokio::time::timeout(self.timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(QmpError::Timeout {
-                command: command.into(),
-                timeout: self.timeout,
-            }),
+            Err(_) => Err(QmpError::Timeout { command: command.into(), timeout: self.timeout }),
         };
-        if matches!(
-            result,
-            Err(QmpError::Io(_)
-                | QmpError::Timeout { .. }
-                | QmpError::Closed
-                | QmpError::Protocol(_))
-        ) {
+        if matches!(result, Err(QmpError::Io(_) | QmpError::Timeout { .. } | QmpError::Closed | QmpError::Protocol(_)))
+        {
             // The stream may hold half a reply; start afresh next time.
             state.conn = None;
         }
@@ -201,8 +162,7 @@ impl QmpClient {
 
     pub async fn query_status(&self) -> Result<QmpStatus, QmpError> {
         let value = self.execute("query-status", None).await?;
-        serde_json::from_value(value)
-            .map_err(|e| QmpError::Protocol(format!("query-status reply: {e}")))
+        serde_json::from_value(value).map_err(|e| QmpError::Protocol(format!("query-status reply: {e}")))
     }
 
     /// Pauses all vCPUs.
@@ -278,8 +238,7 @@ impl Conn {
         if self.reader.read_line(&mut line).await? == 0 {
             return Err(QmpError::Closed);
         }
-        serde_json::from_str(&line)
-            .map_err(|e| QmpError::Protocol(format!("{e}: {}", line.trim_end())))
+        serde_json::from_str(&line).map_err(|e| QmpError::Protocol(format!("{e}: {}", line.trim_end())))
     }
 
     /// Reads until the reply carrying `id`, skipping events and stale replies.
@@ -290,15 +249,9 @@ impl Conn {
                 continue;
             }
             if let Some(error) = message.error {
-                return Err(QmpError::Command {
-                    command: command.into(),
-                    class: error.class,
-                    desc: error.desc,
-                });
+                return Err(QmpError::Command { command: command.into(), class: error.class, desc: error.desc });
             }
-            return message
-                .ret
-                .ok_or_else(|| QmpError::Protocol(format!("reply to {command} has no return")));
+            return message.ret.ok_or_else(|| QmpError::Protocol(format!("reply to {command} has no return")));
         }
     }
 }
@@ -318,19 +271,13 @@ mod tests {
             let (read, mut write) = stream.into_split();
             let mut lines = BufReader::new(read).lines();
             let greeting = json!({"QMP": {"version": {}, "capabilities": []}});
-            write
-                .write_all(format!("{greeting}\n").as_bytes())
-                .await
-                .expect("greet");
+            write.write_all(format!("{greeting}\n").as_bytes()).await.expect("greet");
             let mut seen = Vec::new();
             while let Ok(Some(line)) = lines.next_line().await {
                 let request: Value = serde_json::from_str(&line).expect("json request");
                 seen.push(request["execute"].as_str().unwrap_or_default().to_owned());
                 for answer in reply(&request) {
-                    write
-                        .write_all(format!("{answer}\n").as_bytes())
-                        .await
-                        .expect("answer");
+                    write.write_all(format!("{answer}\n").as_bytes()).await.expect("answer");
                 }
                 if request["execute"] == "quit" {
                     break;
@@ -348,63 +295,39 @@ mod tests {
     async fn negotiates_and_runs_commands_skipping_events() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("qmp.sock");
-        let server = fake_qemu(UnixListener::bind(&path).expect("bind"), |req| {
-            match req["execute"].as_str() {
-                Some("query-status") => vec![
-                    json!({"event": "RESUME", "timestamp": {}}),
-                    json!({"return": {}, "id": 999}),
-                    ok(
-                        req,
-                        json!({"status": "paused", "running": false, "singlestep": false}),
-                    ),
-                ],
-                Some("cont") => vec![
-                    json!({"error": {"class": "GenericError", "desc": "nope"}, "id": req["id"]}),
-                ],
-                _ => vec![ok(req, json!({}))],
-            }
+        let server = fake_qemu(UnixListener::bind(&path).expect("bind"), |req| match req["execute"].as_str() {
+            Some("query-status") => vec![
+                json!({"event": "RESUME", "timestamp": {}}),
+                json!({"return": {}, "id": 999}),
+                ok(req, json!({"status": "paused", "running": false, "singlestep": false})),
+            ],
+            Some("cont") => vec![json!({"error": {"class": "GenericError", "desc": "nope"}, "id": req["id"]})],
+            _ => vec![ok(req, json!({}))],
         })
         .await;
 
-        let qmp = QmpClient::connect(&path, Duration::from_secs(5))
-            .await
-            .expect("connect");
+        let qmp = QmpClient::connect(&path, Duration::from_secs(5)).await.expect("connect");
         let status = qmp.query_status().await.expect("query-status");
-        assert_eq!(
-            status,
-            QmpStatus {
-                status: "paused".into(),
-                running: false
-            }
-        );
+        assert_eq!(status, QmpStatus { status: "paused".into(), running: false });
         qmp.stop().await.expect("stop");
         let err = qmp.cont().await.expect_err("cont fails");
         assert!(err.to_string().contains("GenericError: nope"), "{err}");
         qmp.quit().await.expect("quit");
         let seen = server.await.expect("server");
-        assert_eq!(
-            seen,
-            ["qmp_capabilities", "query-status", "stop", "cont", "quit"]
-        );
+        assert_eq!(seen, ["qmp_capabilities", "query-status", "stop", "cont", "quit"]);
     }
 
     #[tokio::test]
     async fn quit_tolerates_close_without_reply() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("qmp.sock");
-        let server = fake_qemu(UnixListener::bind(&path).expect("bind"), |req| {
-            match req["execute"].as_str() {
-                Some("quit") => vec![],
-                _ => vec![ok(req, json!({}))],
-            }
+        let server = fake_qemu(UnixListener::bind(&path).expect("bind"), |req| match req["execute"].as_str() {
+            Some("quit") => vec![],
+            _ => vec![ok(req, json!({}))],
         })
         .await;
-        let qmp = QmpClient::connect(&path, Duration::from_secs(5))
-            .await
-            .expect("connect");
-        qmp.quit()
-            .await
-            .expect("quit without a reply is still a quit");
+        let qmp = QmpClient::connect(&path, Duration::from_secs(5)).await.expect("connect");
+        qmp.quit().await.expect("quit without a reply is still a quit");
         server.await.expect("server");
     }
 
@@ -412,16 +335,12 @@ mod tests {
     async fn missing_reply_times_out() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("qmp.sock");
-        let _server = fake_qemu(UnixListener::bind(&path).expect("bind"), |req| {
-            match req["execute"].as_str() {
-                Some("qmp_capabilities") => vec![ok(req, json!({}))],
-                _ => vec![],
-            }
+        let _server = fake_qemu(UnixListener::bind(&path).expect("bind"), |req| match req["execute"].as_str() {
+            Some("qmp_capabilities") => vec![ok(req, json!({}))],
+            _ => vec![],
         })
         .await;
-        let qmp = QmpClient::connect(&path, Duration::from_millis(300))
-            .await
-            .expect("connect");
+        let qmp = QmpClient::connect(&path, Duration::from_millis(300)).await.expect("connect");
         let err = qmp.system_powerdown().await.expect_err("no reply");
         assert!(matches!(err, QmpError::Timeout { .. }), "{err}");
     }
@@ -473,13 +392,9 @@ mod tests {
         let file_path = dir.path().join("state");
         std::fs::write(&file_path, b"device state").expect("write");
         let file = std::fs::File::open(&file_path).expect("open");
-        qmp.execute_with_fd("getfd", Some(json!({"fdname": "migration"})), file.as_fd())
-            .await
-            .expect("getfd");
+        qmp.execute_with_fd("getfd", Some(json!({"fdname": "migration"})), file.as_fd()).await.expect("getfd");
         drop(file);
-        let received = tokio::task::spawn_blocking(move || server.join().expect("server"))
-            .await
-            .expect("join");
+        let received = tokio::task::spawn_blocking(move || server.join().expect("server")).await.expect("join");
         assert_eq!(received[0].0, "qmp_capabilities");
         assert!(received[0].1.is_empty(), "no fd with a plain command");
         assert_eq!(received[1].0, "getfd");
@@ -493,9 +408,7 @@ mod tests {
 
     #[tokio::test]
     async fn connect_to_missing_socket_names_the_path() {
-        let err = QmpClient::connect("/nonexistent/qmp.sock", Duration::from_secs(1))
-            .await
-            .expect_err("no socket");
+        let err = QmpClient::connect("/nonexistent/qmp.sock", Duration::from_secs(1)).await.expect_err("no socket");
         assert!(err.to_string().contains("/nonexistent/qmp.sock"), "{err}");
     }
 }

@@ -11,19 +11,12 @@ use std::time::{Duration, Instant};
 /// The host TSC frequency in kHz, measured once per process. `None` when it cannot be determined (non-x86 hosts).
 pub fn host_tsc_khz() -> Option<u32> {
     static KHZ: OnceLock<Option<u32>> = OnceLock::new();
-    *KHZ.get_or_init(|| {
-        from_sysfs(Path::new("/sys/devices/system/cpu/cpu0/tsc_freq_khz")).or_else(calibrate)
-    })
+    *KHZ.get_or_init(|| from_sysfs(Path::new("/sys/devices/system/cpu/cpu0/tsc_freq_khz")).or_else(calibrate))
 }
 
 /// Some kernels (and out-of-tree patches) export the exact frequency.
 fn from_sysfs(path: &Path) -> Option<u32> {
-    std::fs::read_to_string(path)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-        .filter(|&khz| khz > 0)
+    std::fs::read_to_string(path).ok()?.trim().parse().ok().filter(|&khz| khz > 0)
 }
 
 /// Counts TSC ticks over a short wall-clock interval. Accurate to well under 1%, which is all the guest needs.
@@ -70,9 +63,6 @@ mod tests {
     #[test]
     fn calibration_is_plausible() {
         let khz = calibrate().expect("x86_64 has a TSC");
-        assert!(
-            (100_000..10_000_000).contains(&khz),
-            "implausible TSC frequency {khz} kHz"
-        );
+        assert!((100_000..10_000_000).contains(&khz), "implausible TSC frequency {khz} kHz");
     }
 }

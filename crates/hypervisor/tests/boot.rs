@@ -18,9 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use hypervisor::{
-    ProcessRole,
-    cleanup_vm, AccelChoice, Hypervisor, MachineType, NetDevice, QemuVm, SharedFs, VmConfig,
-    VmStatus,
+    cleanup_vm, AccelChoice, Hypervisor, MachineType, NetDevice, ProcessRole, QemuVm, SharedFs, VmConfig, VmStatus,
 };
 
 const READY: &str = "KATA_TEST_READY";
@@ -85,54 +83,31 @@ fn assets_with(test: &str, custom_initrd_ok: bool) -> Option<Assets> {
     let kernel = match std::env::var_os("KATA_TEST_KERNEL") {
         None => return skip("KATA_TEST_KERNEL is not set (path of a guest vmlinux)".into()),
         Some(k) if !Path::new(&k).is_file() => {
-            return skip(format!(
-                "KATA_TEST_KERNEL={} does not exist",
-                Path::new(&k).display()
-            ))
+            return skip(format!("KATA_TEST_KERNEL={} does not exist", Path::new(&k).display()))
         }
         Some(k) => PathBuf::from(k),
     };
-    let qemu = std::env::var_os("KATA_TEST_QEMU")
-        .map_or_else(|| "/usr/bin/qemu-system-x86_64".into(), PathBuf::from);
+    let qemu = std::env::var_os("KATA_TEST_QEMU").map_or_else(|| "/usr/bin/qemu-system-x86_64".into(), PathBuf::from);
     if !qemu.is_file() {
-        return skip(format!(
-            "{} not found (install qemu-system-x86 or set KATA_TEST_QEMU)",
-            qemu.display()
-        ));
+        return skip(format!("{} not found (install qemu-system-x86 or set KATA_TEST_QEMU)", qemu.display()));
     }
-    let dir = tempfile::Builder::new()
-        .prefix("kata-hv-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
+    let dir = tempfile::Builder::new().prefix("kata-hv-").tempdir_in("/tmp").expect("tempdir");
     // Not KATA_TEST_INITRD: scripts/test.sh sets that to the agent initrd, which never prints the marker.
     let custom = std::env::var_os(INITRD_ENV).filter(|_| custom_initrd_ok);
     let (initrd, custom_initrd) = match custom {
         Some(i) if Path::new(&i).is_file() => (PathBuf::from(i), true),
-        Some(i) => {
-            return skip(format!(
-                "{INITRD_ENV}={} does not exist",
-                Path::new(&i).display()
-            ))
-        }
+        Some(i) => return skip(format!("{INITRD_ENV}={} does not exist", Path::new(&i).display())),
         None => {
             let busybox = Path::new("/bin/busybox");
             if !busybox.is_file() {
-                return skip(format!(
-                    "{INITRD_ENV} is not set and /bin/busybox (busybox-static) is missing"
-                ));
+                return skip(format!("{INITRD_ENV} is not set and /bin/busybox (busybox-static) is missing"));
             }
             let initrd = dir.path().join("initrd.cpio");
             std::fs::write(&initrd, busybox_initrd(busybox)).expect("write initrd");
             (initrd, false)
         }
     };
-    Some(Assets {
-        qemu,
-        kernel,
-        initrd,
-        custom_initrd,
-        _dir: dir,
-    })
+    Some(Assets { qemu, kernel, initrd, custom_initrd, _dir: dir })
 }
 
 /// A helper binary from `var`, or `None` with a printed reason.
@@ -140,10 +115,7 @@ fn helper(test: &str, var: &str) -> Option<PathBuf> {
     match std::env::var_os(var) {
         Some(p) if Path::new(&p).is_file() => Some(PathBuf::from(p)),
         Some(p) => {
-            eprintln!(
-                "SKIP part of {test}: {var}={} does not exist",
-                Path::new(&p).display()
-            );
+            eprintln!("SKIP part of {test}: {var}={} does not exist", Path::new(&p).display());
             None
         }
         None => {
@@ -191,23 +163,17 @@ async fn wait_for_console(vm: &QemuVm, marker: &str, started: Instant) -> Durati
 /// The guest's balloon driver is bound and negotiated free page reporting (feature bit 5,
 /// `VIRTIO_BALLOON_F_REPORTING`; sysfs prints the features as a string of 0/1, bit 0 first).
 fn assert_free_page_reporting(console: &str) {
-    let features = console.lines().find_map(|l| l.strip_prefix("BALLOON:")).unwrap_or_else(|| {
-        panic!("no virtio_balloon device bound in the guest; console:\n{console}")
-    });
+    let features = console
+        .lines()
+        .find_map(|l| l.strip_prefix("BALLOON:"))
+        .unwrap_or_else(|| panic!("no virtio_balloon device bound in the guest; console:\n{console}"));
     assert_eq!(features.chars().nth(5), Some('1'), "free page reporting not negotiated: features {features}");
 }
 
 fn alive(pid: u32) -> bool {
     // A zombie still has a /proc entry but is dead.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            !stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
+        .map(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
         .unwrap_or(false)
 }
 
@@ -216,10 +182,7 @@ async fn microvm_boots_pauses_resumes_and_stops() {
     let test = "microvm_boots_pauses_resumes_and_stops";
     let Some(assets) = assets(test) else { return };
     let _slot = vm_slot().await;
-    let root = tempfile::Builder::new()
-        .prefix("kata-hv-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
+    let root = tempfile::Builder::new().prefix("kata-hv-").tempdir_in("/tmp").expect("tempdir");
     let work = root.path().join("vm");
     let mut config = vm_config(&assets, "microvm-test", &work);
     config.free_page_reporting = true;
@@ -232,47 +195,30 @@ async fn microvm_boots_pauses_resumes_and_stops() {
                 .unwrap_or_default(),
             shared_dir: shared_dir(root.path()),
         },
-        None => SharedFs::Virtio9p {
-            shared_dir: shared_dir(root.path()),
-        },
+        None => SharedFs::Virtio9p { shared_dir: shared_dir(root.path()) },
     };
     let vm = QemuVm::new(config);
 
     let started = Instant::now();
     vm.start().await.expect("start");
-    eprintln!(
-        "QEMU args: {}",
-        vm.qemu_args().unwrap_or_default().join(" ")
-    );
+    eprintln!("QEMU args: {}", vm.qemu_args().unwrap_or_default().join(" "));
     let boot = wait_for_console(&vm, READY, started).await;
     eprintln!("{test}: start() to {READY} in {boot:.2?} under TCG");
 
     if !assets.custom_initrd {
         let console = vm.console().tail(CONSOLE_LINES);
-        assert!(
-            console.contains(&format!("SHARED:{SHARED_CONTENT}")),
-            "shared fs not readable; console:\n{console}"
-        );
+        assert!(console.contains(&format!("SHARED:{SHARED_CONTENT}")), "shared fs not readable; console:\n{console}");
     }
     if !assets.custom_initrd {
         // The guest must see the devices: virtio device ids 0x0013 vsock, 0x001a virtio-fs, 0x0009 9p.
         let console = vm.console().tail(CONSOLE_LINES);
-        let ids = console
-            .lines()
-            .find(|l| l.starts_with("VIRTIO-IDS:"))
-            .expect("virtio ids line");
+        let ids = console.lines().find(|l| l.starts_with("VIRTIO-IDS:")).expect("virtio ids line");
         eprintln!("{test}: guest sees {ids}");
         if vm.config().vsock_daemon.is_some() {
-            assert!(
-                ids.contains("0x0013"),
-                "no vsock device in the guest: {ids}"
-            );
+            assert!(ids.contains("0x0013"), "no vsock device in the guest: {ids}");
         }
         if matches!(vm.config().shared_fs, SharedFs::VirtioFs { .. }) {
-            assert!(
-                ids.contains("0x001a"),
-                "no virtio-fs device in the guest: {ids}"
-            );
+            assert!(ids.contains("0x001a"), "no virtio-fs device in the guest: {ids}");
         }
         assert_free_page_reporting(&console);
     }
@@ -302,23 +248,12 @@ async fn microvm_boots_pauses_resumes_and_stops() {
     vm.stop().await.expect("stop");
     eprintln!("{test}: stop() took {:.2?}", stopping.elapsed());
     for p in &pids {
-        assert!(
-            !alive(p.pid),
-            "{} (pid {}) still alive after stop",
-            p.role,
-            p.pid
-        );
+        assert!(!alive(p.pid), "{} (pid {}) still alive after stop", p.role, p.pid);
     }
     assert!(vm.pids().is_empty());
     assert!(!work.exists(), "work dir {} left behind", work.display());
-    assert!(matches!(
-        vm.status().await.expect("status"),
-        VmStatus::Stopped(Some(_))
-    ));
-    let exit = tokio::time::timeout(Duration::from_secs(5), vm.wait())
-        .await
-        .expect("wait resolves")
-        .expect("wait");
+    assert!(matches!(vm.status().await.expect("status"), VmStatus::Stopped(Some(_))));
+    let exit = tokio::time::timeout(Duration::from_secs(5), vm.wait()).await.expect("wait resolves").expect("wait");
     eprintln!("{test}: QEMU exit: {exit}");
     // The console is kept in memory, not in the (removed) work dir, and outlives QEMU.
     let tail = vm.console().tail(20);
@@ -333,17 +268,12 @@ async fn q35_with_9p_boots_and_crash_cleanup_kills_it() {
     let test = "q35_with_9p_boots_and_crash_cleanup_kills_it";
     let Some(assets) = assets(test) else { return };
     let _slot = vm_slot().await;
-    let root = tempfile::Builder::new()
-        .prefix("kata-hv-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
+    let root = tempfile::Builder::new().prefix("kata-hv-").tempdir_in("/tmp").expect("tempdir");
     let work = root.path().join("vm");
     let mut config = vm_config(&assets, "q35-test", &work);
     config.machine = MachineType::Q35;
     config.free_page_reporting = true;
-    config.shared_fs = SharedFs::Virtio9p {
-        shared_dir: shared_dir(root.path()),
-    };
+    config.shared_fs = SharedFs::Virtio9p { shared_dir: shared_dir(root.path()) };
     config.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
     let vm = QemuVm::new(config);
 
@@ -353,10 +283,7 @@ async fn q35_with_9p_boots_and_crash_cleanup_kills_it() {
     eprintln!("{test}: start() to {READY} in {boot:.2?} under TCG");
     if !assets.custom_initrd {
         let console = vm.console().tail(CONSOLE_LINES);
-        assert!(
-            console.contains(&format!("SHARED:{SHARED_CONTENT}")),
-            "9p share not readable; console:\n{console}"
-        );
+        assert!(console.contains(&format!("SHARED:{SHARED_CONTENT}")), "9p share not readable; console:\n{console}");
         assert_free_page_reporting(&console);
     }
 
@@ -364,21 +291,10 @@ async fn q35_with_9p_boots_and_crash_cleanup_kills_it() {
     let persisted = vm.pids();
     let report = cleanup_vm(&persisted, &work).await.expect("cleanup");
     // Helpers may already be gone: QEMU's exit makes the VM reap them. None may survive.
-    assert_eq!(
-        report.killed.first(),
-        Some(&persisted[0].pid),
-        "QEMU first: {report:?}"
-    );
-    assert_eq!(
-        report.killed.len() + report.skipped.len(),
-        persisted.len(),
-        "{report:?}"
-    );
+    assert_eq!(report.killed.first(), Some(&persisted[0].pid), "QEMU first: {report:?}");
+    assert_eq!(report.killed.len() + report.skipped.len(), persisted.len(), "{report:?}");
     assert!(!work.exists());
-    let exit = tokio::time::timeout(Duration::from_secs(10), vm.wait())
-        .await
-        .expect("QEMU reaped")
-        .expect("wait");
+    let exit = tokio::time::timeout(Duration::from_secs(10), vm.wait()).await.expect("QEMU reaped").expect("wait");
     assert_eq!(exit.signal, Some(9), "{exit}");
     vm.stop().await.expect("stop after external cleanup");
     for p in &persisted {
@@ -392,10 +308,7 @@ async fn dropping_a_running_vm_kills_its_processes() {
     let test = "dropping_a_running_vm_kills_its_processes";
     let Some(assets) = assets(test) else { return };
     let _slot = vm_slot().await;
-    let root = tempfile::Builder::new()
-        .prefix("kata-hv-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
+    let root = tempfile::Builder::new().prefix("kata-hv-").tempdir_in("/tmp").expect("tempdir");
     let mut config = vm_config(&assets, "drop-test", &root.path().join("vm"));
     config.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
     let vm = QemuVm::new(config);
@@ -405,10 +318,7 @@ async fn dropping_a_running_vm_kills_its_processes() {
     drop(vm);
     let deadline = Instant::now() + Duration::from_secs(15);
     while pids.iter().any(|p| alive(p.pid)) {
-        assert!(
-            Instant::now() < deadline,
-            "still alive after drop: {pids:?}"
-        );
+        assert!(Instant::now() < deadline, "still alive after drop: {pids:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!qmp_socket.exists(), "sockets are removed on drop");
@@ -419,16 +329,12 @@ async fn dropping_a_running_vm_kills_its_processes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_failing_at_start_leaves_nothing_behind() {
     let test = "qemu_failing_at_start_leaves_nothing_behind";
-    let qemu = std::env::var_os("KATA_TEST_QEMU")
-        .map_or_else(|| "/usr/bin/qemu-system-x86_64".into(), PathBuf::from);
+    let qemu = std::env::var_os("KATA_TEST_QEMU").map_or_else(|| "/usr/bin/qemu-system-x86_64".into(), PathBuf::from);
     if !qemu.is_file() {
         eprintln!("SKIP {test}: {} not found", qemu.display());
         return;
     }
-    let root = tempfile::Builder::new()
-        .prefix("kata-hv-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
+    let root = tempfile::Builder::new().prefix("kata-hv-").tempdir_in("/tmp").expect("tempdir");
     let kernel = root.path().join("not-a-kernel");
     std::fs::write(&kernel, b"garbage").expect("write");
     let work = root.path().join("vm");
@@ -440,15 +346,9 @@ async fn qemu_failing_at_start_leaves_nothing_behind() {
     let err = vm.start().await.expect_err("QEMU cannot load this kernel");
     let message = err.to_string();
     eprintln!("{test}: start failed as expected: {message}");
-    assert!(
-        matches!(err, hypervisor::Error::QemuExited { .. }),
-        "{message}"
-    );
+    assert!(matches!(err, hypervisor::Error::QemuExited { .. }), "{message}");
     assert!(message.contains("exit code 1"), "{message}");
-    assert!(
-        message.to_lowercase().contains("kernel"),
-        "QEMU's complaint is quoted: {message}"
-    );
+    assert!(message.to_lowercase().contains("kernel"), "QEMU's complaint is quoted: {message}");
     assert!(vm.pids().is_empty());
     let leftovers = processes_mentioning(&work);
     assert!(leftovers.is_empty(), "processes left behind: {leftovers:?}");
@@ -478,10 +378,7 @@ async fn tap_fds_become_guest_nics_with_their_macs() {
     let Some(assets) = assets_with(test, false) else {
         return;
     };
-    for (machine, name) in [
-        (MachineType::Microvm, "net-microvm"),
-        (MachineType::Q35, "net-q35"),
-    ] {
+    for (machine, name) in [(MachineType::Microvm, "net-microvm"), (MachineType::Q35, "net-q35")] {
         let _slot = vm_slot().await;
         // Each VM gets its own namespace, so the two runs cannot see each other's taps.
         let taps = std::thread::spawn(|| private_netns_taps(&["tap0_hvtest", "tap1_hvtest"]))
@@ -489,10 +386,7 @@ async fn tap_fds_become_guest_nics_with_their_macs() {
             .expect("netns thread")
             .expect("taps in a private network namespace");
         let macs = ["02:00:ca:fe:00:01", "02:00:ca:fe:00:02"];
-        let root = tempfile::Builder::new()
-            .prefix("kata-hv-")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
+        let root = tempfile::Builder::new().prefix("kata-hv-").tempdir_in("/tmp").expect("tempdir");
         let mut config = vm_config(&assets, name, &root.path().join("vm"));
         config.machine = machine;
         config.kernel_params.extend([
@@ -504,11 +398,7 @@ async fn tap_fds_become_guest_nics_with_their_macs() {
             .into_iter()
             .zip(macs)
             .enumerate()
-            .map(|(i, (fd, mac))| NetDevice {
-                id: format!("net{i}"),
-                mac: mac.into(),
-                fd: Some(Arc::new(fd)),
-            })
+            .map(|(i, (fd, mac))| NetDevice { id: format!("net{i}"), mac: mac.into(), fd: Some(Arc::new(fd)) })
             .collect();
         let vm = QemuVm::new(config);
         let started = Instant::now();
@@ -524,28 +414,18 @@ async fn tap_fds_become_guest_nics_with_their_macs() {
         );
         let boot = wait_for_console(&vm, READY, started).await;
         let console = vm.console().tail(CONSOLE_LINES);
-        let nics: Vec<(&str, &str)> = console
-            .lines()
-            .filter_map(|l| l.strip_prefix("NET:")?.split_once('='))
-            .collect();
+        let nics: Vec<(&str, &str)> = console.lines().filter_map(|l| l.strip_prefix("NET:")?.split_once('=')).collect();
         eprintln!("{test} {machine:?}: up in {boot:.2?}, guest NICs {nics:?}");
         let mut seen: Vec<&str> = nics.iter().map(|(_, mac)| *mac).collect();
         seen.sort_unstable();
         assert_eq!(seen, macs, "guest NICs {nics:?}; console:\n{console}");
         assert!(
-            nics.iter().any(|(name, _)| *name == "eth0")
-                && nics.iter().any(|(name, _)| *name == "eth1"),
+            nics.iter().any(|(name, _)| *name == "eth0") && nics.iter().any(|(name, _)| *name == "eth1"),
             "{nics:?}"
         );
-        let ping = console
-            .lines()
-            .find_map(|l| l.strip_prefix("PING:"))
-            .unwrap_or("(no PING line)");
+        let ping = console.lines().find_map(|l| l.strip_prefix("PING:")).unwrap_or("(no PING line)");
         eprintln!("{test} {machine:?}: guest ping of the tap's host side: {ping}");
-        assert!(
-            ping.ends_with(":ok"),
-            "guest could not ping {HOST_IP} through the tap: {ping}; console:\n{console}"
-        );
+        assert!(ping.ends_with(":ok"), "guest could not ping {HOST_IP} through the tap: {ping}; console:\n{console}");
         vm.stop().await.expect("stop");
         // The VM's config held the last copies of the tap fds: the taps and their namespace are gone now.
     }
@@ -580,30 +460,23 @@ fn private_netns_taps(names: &[&str]) -> std::io::Result<Vec<OwnedFd>> {
     };
     let mut taps = Vec::new();
     for name in names {
-        let tun = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open("/dev/net/tun")?;
+        let tun =
+            std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open("/dev/net/tun")?;
         let mut req = ifreq(name);
-        req.ifr_ifru.ifru_flags =
-            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
         // SAFETY: an open /dev/net/tun fd and a valid ifreq that outlives the call.
         check(unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &req) })?;
         taps.push(OwnedFd::from(tun));
     }
     // SAFETY: plain socket(2); the result is checked and owned below.
-    let sock =
-        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    let sock = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: `sock` is a new fd nobody else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(sock) };
     let sockaddr = |ip: Ipv4Addr| {
         let sin = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(ip).to_be(),
-            },
+            sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
             sin_zero: [0; 8],
         };
         // SAFETY: sockaddr_in and sockaddr have the same size on Linux; the kernel reads it by family.
@@ -682,8 +555,7 @@ impl Cpio {
         ];
         self.bytes.extend_from_slice(b"070701");
         for field in fields {
-            self.bytes
-                .extend_from_slice(format!("{field:08x}").as_bytes());
+            self.bytes.extend_from_slice(format!("{field:08x}").as_bytes());
         }
         self.bytes.extend_from_slice(name.as_bytes());
         self.bytes.push(0);

@@ -127,7 +127,8 @@ fn resolved_accel_name(hv: &HypervisorConfig, report: &AccelReport) -> String {
 }
 
 fn check_accel(hv: &HypervisorConfig, report: &AccelReport) -> Result<String, String> {
-    let kvm = if report.kvm.usable { "KVM usable".to_string() } else { format!("KVM not usable: {}", report.kvm.reason) };
+    let kvm =
+        if report.kvm.usable { "KVM usable".to_string() } else { format!("KVM not usable: {}", report.kvm.reason) };
     match hv.accel {
         types::config::Accel::Kvm if !report.kvm.usable => Err(format!("accel = \"kvm\" is configured but {kvm}")),
         types::config::Accel::Kvm => Ok(format!("kvm (configured); {kvm}")),
@@ -146,10 +147,7 @@ fn check_file(path: &Path) -> Result<String, String> {
 
 /// Runs `binary arg` and returns the first line it prints.
 fn check_binary(binary: &Path, arg: &str) -> Result<String, String> {
-    let out = Command::new(binary)
-        .arg(arg)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+    let out = Command::new(binary).arg(arg).output().map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
     let text = String::from_utf8_lossy(if out.stdout.is_empty() { &out.stderr } else { &out.stdout }).to_string();
     let first = text.lines().next().unwrap_or("").trim().to_string();
     if !out.status.success() {
@@ -222,7 +220,9 @@ fn check_filesystem(name: &str) -> Result<String, String> {
     } else if Path::new("/sys/module").join(name).exists() {
         Ok(format!("{name} module loaded"))
     } else {
-        Err(format!("{name} is not in /proc/filesystems (modprobe {name}); containerd's overlayfs snapshotter needs it"))
+        Err(format!(
+            "{name} is not in /proc/filesystems (modprobe {name}); containerd's overlayfs snapshotter needs it"
+        ))
     }
 }
 
@@ -242,10 +242,16 @@ mod tests {
     fn cgroup_layouts_are_described() {
         let hybrid = "30 25 0:26 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
                       31 25 0:27 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
-        assert_eq!(describe_cgroups(hybrid).unwrap(), "hybrid: 1 cgroup v1 hierarchies, cgroup v2 at /sys/fs/cgroup/unified");
+        assert_eq!(
+            describe_cgroups(hybrid).unwrap(),
+            "hybrid: 1 cgroup v1 hierarchies, cgroup v2 at /sys/fs/cgroup/unified"
+        );
         let unified = "31 25 0:27 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw\n";
         assert_eq!(describe_cgroups(unified).unwrap(), "cgroup v2 (unified) at /sys/fs/cgroup");
-        assert_eq!(describe_cgroups("1 0 0:1 / / rw - ext4 /dev/vda rw\n").unwrap_err(), "no cgroup filesystem is mounted");
+        assert_eq!(
+            describe_cgroups("1 0 0:1 / / rw - ext4 /dev/vda rw\n").unwrap_err(),
+            "no cgroup filesystem is mounted"
+        );
     }
 
     #[test]

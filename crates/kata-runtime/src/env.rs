@@ -16,7 +16,8 @@ struct EnvReport {
 
 pub fn run(config_path: Option<PathBuf>, json: bool) -> Result<ExitCode> {
     let loaded = ConfigSearch::standard(config_path).load()?;
-    let report = EnvReport { files: loaded.files.clone(), warnings: loaded.warnings.clone(), settings: loaded.settings() };
+    let report =
+        EnvReport { files: loaded.files.clone(), warnings: loaded.warnings.clone(), settings: loaded.settings() };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);

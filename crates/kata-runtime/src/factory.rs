@@ -28,11 +28,15 @@ pub fn run(config_path: Option<PathBuf>, command: FactoryCommand) -> Result<Exit
     match command {
         FactoryCommand::Init => {
             if !loaded.config.factory.enable_template {
-                bail!("factory.enable_template is false in {}: pods boot their own VMs, there is no template to make", files(&loaded.files));
+                bail!(
+                    "factory.enable_template is false in {}: pods boot their own VMs, there is no template to make",
+                    files(&loaded.files)
+                );
             }
             loaded.validate()?;
             let scratch = std::env::temp_dir().join(format!("kata-runtime-factory-{}", std::process::id()));
-            let vm = runtime::vm_config::vm_config("template", &loaded.config, &SandboxPaths::new(&scratch, "template"))?;
+            let vm =
+                runtime::vm_config::vm_config("template", &loaded.config, &SandboxPaths::new(&scratch, "template"))?;
             // The two templates the shim clones from (see runtime::sandbox): for pods without a network, and
             // for pods with one interface, whose VM has one NIC.
             let mut with_nic = vm.clone();
@@ -69,5 +73,9 @@ fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
 
 fn files(files: &[PathBuf]) -> String {
     let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-    if names.is_empty() { "the built-in defaults".to_string() } else { names.join(", ") }
+    if names.is_empty() {
+        "the built-in defaults".to_string()
+    } else {
+        names.join(", ")
+    }
 }

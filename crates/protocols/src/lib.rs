@@ -4,7 +4,13 @@
 //! types and its internal types in exactly one module (agent: `rpc::convert`, runtime:
 //! `agent::convert`). The network description is the same on both sides, so it lives in [`net`].
 
-#[allow(clippy::all, clippy::unwrap_used, clippy::undocumented_unsafe_blocks, unreachable_pub, missing_debug_implementations)]
+#[allow(
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::undocumented_unsafe_blocks,
+    unreachable_pub,
+    missing_debug_implementations
+)]
 mod generated;
 
 pub use generated::agent;

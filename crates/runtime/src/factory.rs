@@ -46,7 +46,12 @@ const BUSY_POLL: Duration = Duration::from_millis(500);
 #[derive(Debug, thiserror::Error)]
 pub enum FactoryError {
     #[error("{what} {path}")]
-    Io { what: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the template VM: {0}")]
     Vm(#[source] hypervisor::Error),
     #[error("the template VM's agent did not answer: {source}; last lines of its console:\n{console}")]
@@ -231,7 +236,8 @@ async fn remove_unfinished(dir: &Path) {
 fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io("cannot restrict permissions of", dir))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io("cannot restrict permissions of", dir))
 }
 
 fn is_complete(dir: &Path) -> bool {
@@ -315,7 +321,9 @@ impl TemplateSpec {
             .flatten()
             .map(|file| {
                 let (len, mtime) = std::fs::metadata(file)
-                    .map(|m| (m.len(), m.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).unwrap_or_default()))
+                    .map(|m| {
+                        (m.len(), m.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).unwrap_or_default())
+                    })
                     .unwrap_or_default();
                 FileStamp { path: file.clone(), len, mtime_ns: u64::try_from(mtime.as_nanos()).unwrap_or(u64::MAX) }
             })
@@ -531,10 +539,10 @@ mod tests {
             }
         }
         let listed = list(&root);
-        assert_eq!(listed.iter().map(|t| (t.dir.clone(), t.complete)).collect::<Vec<_>>(), [
-            (root.join("aaaa"), true),
-            (root.join("bbbb"), false)
-        ]);
+        assert_eq!(
+            listed.iter().map(|t| (t.dir.clone(), t.complete)).collect::<Vec<_>>(),
+            [(root.join("aaaa"), true), (root.join("bbbb"), false)]
+        );
         let removed = destroy(&root).await.unwrap();
         assert_eq!(removed.len(), 2);
         assert!(!root.exists());

@@ -58,8 +58,11 @@ impl Root {
     /// Opens `path`, which must be a directory and not a symlink.
     pub fn open(path: &Path) -> Result<Root> {
         let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        let fd = nix::fcntl::open(path, flags, Mode::empty())
-            .map_err(|errno| HostFsError::Sys { what: "open", path: path.into(), errno })?;
+        let fd = nix::fcntl::open(path, flags, Mode::empty()).map_err(|errno| HostFsError::Sys {
+            what: "open",
+            path: path.into(),
+            errno,
+        })?;
         // SAFETY: open returned a new descriptor that nothing else owns.
         Ok(Root { path: path.into(), fd: unsafe { OwnedFd::from_raw_fd(fd) } })
     }
@@ -74,8 +77,11 @@ impl Root {
         // No O_NOFOLLOW: with it, O_PATH would hand out a trailing symlink itself; without it,
         // RESOLVE_NO_SYMLINKS refuses every symlink, the last component's too.
         let how = OpenHow::new().flags(OFlag::O_PATH | OFlag::O_CLOEXEC).resolve(beneath());
-        let fd = openat2(self.fd.as_raw_fd(), rel, how)
-            .map_err(|errno| HostFsError::Sys { what: "open", path: self.path.join(rel), errno })?;
+        let fd = openat2(self.fd.as_raw_fd(), rel, how).map_err(|errno| HostFsError::Sys {
+            what: "open",
+            path: self.path.join(rel),
+            errno,
+        })?;
         // SAFETY: openat2 returned a new descriptor that nothing else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
@@ -96,13 +102,19 @@ impl Root {
                 Err(Errno::ENOENT) => {
                     match mkdirat(Some(dir.as_raw_fd()), part.as_os_str(), Mode::from_bits_truncate(0o700)) {
                         Ok(()) | Err(Errno::EEXIST) => {}
-                        Err(errno) => return Err(HostFsError::Sys { what: "create", path: self.path.join(&walked), errno }),
+                        Err(errno) => {
+                            return Err(HostFsError::Sys { what: "create", path: self.path.join(&walked), errno })
+                        }
                     }
                     open(&dir)
                 }
                 other => other,
             }
-            .map_err(|errno| HostFsError::Sys { what: "open directory", path: self.path.join(&walked), errno })?;
+            .map_err(|errno| HostFsError::Sys {
+                what: "open directory",
+                path: self.path.join(&walked),
+                errno,
+            })?;
             // SAFETY: openat2 returned a new descriptor that nothing else owns.
             dir = unsafe { OwnedFd::from_raw_fd(fd) };
         }
@@ -122,8 +134,11 @@ impl Root {
             .flags(OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
             .mode(Mode::from_bits_truncate(0o600))
             .resolve(beneath());
-        let fd = openat2(dir.as_raw_fd(), name, how)
-            .map_err(|errno| HostFsError::Sys { what: "create file", path: self.path.join(rel), errno })?;
+        let fd = openat2(dir.as_raw_fd(), name, how).map_err(|errno| HostFsError::Sys {
+            what: "create file",
+            path: self.path.join(rel),
+            errno,
+        })?;
         // SAFETY: openat2 returned a new descriptor that nothing else owns.
         let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
         let meta = file.metadata().map_err(io("inspect", &self.path.join(rel)))?;
@@ -193,7 +208,10 @@ mod tests {
         assert_eq!(std::fs::metadata(dir.path().join("c1")).unwrap().mode() & 0o777, 0o700);
         let fd = root.create_file(Path::new("c1/mounts/3")).unwrap();
         assert!(dir.path().join("c1/mounts/3").is_file());
-        assert_eq!(std::fs::canonicalize(fd_path(&fd)).unwrap(), dir.path().join("c1/mounts/3").canonicalize().unwrap());
+        assert_eq!(
+            std::fs::canonicalize(fd_path(&fd)).unwrap(),
+            dir.path().join("c1/mounts/3").canonicalize().unwrap()
+        );
         root.create_file(Path::new("c1/mounts/3")).unwrap();
     }
 

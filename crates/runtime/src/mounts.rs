@@ -34,8 +34,14 @@ pub struct MountSpec {
 }
 
 pub trait MountSyscalls: Send + Sync {
-    fn mount(&self, source: &str, target: &Path, kind: Option<&str>, flags: MsFlags, data: Option<&str>)
-        -> nix::Result<()>;
+    fn mount(
+        &self,
+        source: &str,
+        target: &Path,
+        kind: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> nix::Result<()>;
     fn umount(&self, target: &Path, flags: MntFlags) -> nix::Result<()>;
     /// The mount table, as /proc/self/mountinfo shows it.
     fn mountinfo(&self) -> std::io::Result<String> {
@@ -187,7 +193,8 @@ pub fn make_shared_view(sys: &dyn MountSyscalls, mounts: &Path, shared: &Path) -
     sys.mount("", mounts, None, MsFlags::MS_SHARED, None).map_err(err(mounts))?;
     sys.mount(&source, shared, None, MsFlags::MS_BIND, None).map_err(err(shared))?;
     sys.mount("", shared, None, MsFlags::MS_SLAVE, None).map_err(err(shared))?;
-    let read_only = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let read_only =
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     sys.mount("", shared, None, read_only, None).map_err(err(shared))
 }
 
@@ -333,7 +340,8 @@ mod tests {
         mount_beneath(&sys, &root, Path::new("rootfs"), MountPoint::Dir, &s).unwrap();
         let calls = sys.calls.lock().unwrap();
         assert!(
-            calls[0].ends_with(" overlay MsFlags(MS_NOSUID | MS_NODEV) index=off,workdir=/w,upperdir=/u,lowerdir=/l1:/l2"),
+            calls[0]
+                .ends_with(" overlay MsFlags(MS_NOSUID | MS_NODEV) index=off,workdir=/w,upperdir=/u,lowerdir=/l1:/l2"),
             "{}",
             calls[0]
         );
@@ -377,8 +385,14 @@ mod tests {
         let sys = RecordingSyscalls::default();
         let overlay = spec("overlay", "overlay", &["lowerdir=/l", "suid", "dev"]);
         mount_beneath(&sys, &root, Path::new("mounts/c1/rootfs"), MountPoint::Dir, &overlay).unwrap();
-        mount_beneath(&sys, &root, Path::new("mounts/c1/mounts/2"), MountPoint::File, &spec("bind", "/etc/hosts", &["rbind"]))
-            .unwrap();
+        mount_beneath(
+            &sys,
+            &root,
+            Path::new("mounts/c1/mounts/2"),
+            MountPoint::File,
+            &spec("bind", "/etc/hosts", &["rbind"]),
+        )
+        .unwrap();
         assert!(dir.path().join("mounts/c1/rootfs").is_dir());
         assert!(dir.path().join("mounts/c1/mounts/2").is_file());
         let calls = sys.calls.lock().unwrap();
@@ -397,8 +411,9 @@ mod tests {
         std::os::unix::fs::symlink(victim.path(), dir.path().join("mounts/c1/mounts")).unwrap();
         let root = Root::open(dir.path()).unwrap();
         let sys = RecordingSyscalls::default();
-        let err = mount_beneath(&sys, &root, Path::new("mounts/c1/mounts/0"), MountPoint::Dir, &spec("bind", "/x", &[]))
-            .unwrap_err();
+        let err =
+            mount_beneath(&sys, &root, Path::new("mounts/c1/mounts/0"), MountPoint::Dir, &spec("bind", "/x", &[]))
+                .unwrap_err();
         assert!(err.to_string().contains("mounts/c1/mounts"), "{err}");
         assert!(sys.calls.lock().unwrap().is_empty());
     }
@@ -448,7 +463,10 @@ mod tests {
     #[test]
     fn mountinfo_paths_are_unescaped_and_filtered() {
         let text = "1 0 0:1 / /run/kata-rs/sb/mounts/a\\040b rw - x x rw\n2 0 0:1 / /run/kata-rs/sbx rw - x x rw";
-        assert_eq!(mount_points_under(text, Path::new("/run/kata-rs/sb")), [PathBuf::from("/run/kata-rs/sb/mounts/a b")]);
+        assert_eq!(
+            mount_points_under(text, Path::new("/run/kata-rs/sb")),
+            [PathBuf::from("/run/kata-rs/sb/mounts/a b")]
+        );
     }
 
     #[test]

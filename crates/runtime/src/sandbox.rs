@@ -145,7 +145,11 @@ impl Sandbox {
             }
         } else {
             if opts.config.factory.enable_template {
-                tracing::info!("sandbox {} has {} network interfaces, the VM template one: booting it", opts.id, taps.len());
+                tracing::info!(
+                    "sandbox {} has {} network interfaces, the VM template one: booting it",
+                    opts.id,
+                    taps.len()
+                );
             }
             None
         };
@@ -157,7 +161,11 @@ impl Sandbox {
             Some(template)
         } else {
             for (i, (tap, iface)) in taps.into_iter().zip(&pod_network.interfaces).enumerate() {
-                config.net_devices.push(NetDevice { id: format!("net{i}"), mac: iface.mac.clone(), fd: Some(Arc::new(tap.fd)) });
+                config.net_devices.push(NetDevice {
+                    id: format!("net{i}"),
+                    mac: iface.mac.clone(),
+                    fd: Some(Arc::new(tap.fd)),
+                });
             }
             None
         };
@@ -179,7 +187,10 @@ impl Sandbox {
             if let (Some(template), hypervisor::Error::StateLoad { .. }) = (&cloned_from, &e) {
                 // Every later clone would fail the same way: make way for a new template.
                 factory::discard(template);
-                tracing::warn!("removed the VM template {} (its state does not load); the next pod makes a new one", template.dir.display());
+                tracing::warn!(
+                    "removed the VM template {} (its state does not load); the next pod makes a new one",
+                    template.dir.display()
+                );
             }
             return Err(SandboxError::Vm(e));
         }
@@ -193,7 +204,9 @@ impl Sandbox {
         let dial = async {
             match &transport {
                 Transport::Serial(path) => AgentClient::connect_serial(path, dial_timeout).await,
-                Transport::Vsock(socket, ready) => AgentClient::connect_when_ready(ready, socket, AGENT_PORT, dial_timeout).await,
+                Transport::Vsock(socket, ready) => {
+                    AgentClient::connect_when_ready(ready, socket, AGENT_PORT, dial_timeout).await
+                }
             }
         };
         // A VM that dies while we dial (a guest panic, QEMU killed) ends the dial at once.
@@ -209,7 +222,10 @@ impl Sandbox {
                 let _ = vm.stop().await;
                 return Err(match failure {
                     Some(source) => SandboxError::Connect { source, console },
-                    None => SandboxError::ExitedBeforeAgent { exit: vm_exit.borrow().unwrap_or(VmExit { code: None, signal: None }), console },
+                    None => SandboxError::ExitedBeforeAgent {
+                        exit: vm_exit.borrow().unwrap_or(VmExit { code: None, signal: None }),
+                        console,
+                    },
                 });
             }
         };
@@ -264,8 +280,12 @@ impl Sandbox {
         let root = Root::open(&self.paths.root).map_err(mounts::MountError::from)?;
         let rootfs_spec = match rootfs {
             Rootfs::Mounts(list) if list.len() == 1 => list[0].clone(),
-            Rootfs::Mounts(list) => return Err(SpecError::Rootfs(format!("{} rootfs mounts; expected 1", list.len())).into()),
-            Rootfs::Dir(dir) => MountSpec { kind: "bind".into(), source: dir.display().to_string(), options: vec!["rbind".into()] },
+            Rootfs::Mounts(list) => {
+                return Err(SpecError::Rootfs(format!("{} rootfs mounts; expected 1", list.len())).into())
+            }
+            Rootfs::Dir(dir) => {
+                MountSpec { kind: "bind".into(), source: dir.display().to_string(), options: vec!["rbind".into()] }
+            }
         };
         let target = SandboxPaths::rootfs_rel(id);
         if let Err(e) = mounts::mount_beneath(&*self.sys, &root, &target, MountPoint::Dir, &rootfs_spec) {

@@ -55,7 +55,10 @@ pub fn for_guest(spec: &Spec, container_id: &str) -> Result<(Vec<u8>, Vec<Shared
             }
             let source = m.source().clone().unwrap_or_default();
             if !source.exists() {
-                return Err(SpecError::MissingSource { destination: m.destination().display().to_string(), path: source });
+                return Err(SpecError::MissingSource {
+                    destination: m.destination().display().to_string(),
+                    path: source,
+                });
             }
             let shared_path = format!("{container_id}/mounts/{i}");
             let read_only = m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == "ro"));
@@ -110,7 +113,10 @@ mod tests {
             ]
         }));
         let (json, binds) = for_guest(&spec, "c1").unwrap();
-        assert_eq!(binds, [SharedBind { host_source: dir.path().into(), shared_path: "c1/mounts/1".into(), read_only: true }]);
+        assert_eq!(
+            binds,
+            [SharedBind { host_source: dir.path().into(), shared_path: "c1/mounts/1".into(), read_only: true }]
+        );
         let out: serde_json::Value = serde_json::from_slice(&json).unwrap();
         assert_eq!(out["mounts"][1]["source"], "/run/kata-containers/shared/c1/mounts/1");
         assert_eq!(out["mounts"][0]["source"], "proc");

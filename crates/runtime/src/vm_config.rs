@@ -121,6 +121,9 @@ mod tests {
     fn unknown_machine_type_is_named() {
         let c = config("[hypervisor.qemu]\nmachine_type = \"virt\"\n");
         let err = vm_config("s", &c, &SandboxPaths::new(Path::new("/r"), "s")).unwrap_err();
-        assert_eq!(err.to_string(), "hypervisor.qemu.machine_type \"virt\" is not supported; use \"microvm\" or \"q35\"");
+        assert_eq!(
+            err.to_string(),
+            "hypervisor.qemu.machine_type \"virt\" is not supported; use \"microvm\" or \"q35\""
+        );
     }
 }

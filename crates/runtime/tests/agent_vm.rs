@@ -27,7 +27,14 @@ impl TestVm {
     }
 }
 
-async fn start_vm(dir: &Path, kernel: &Path, initrd: &Path, vsock_daemon: &Path, virtiofsd: &Path, share: &Path) -> TestVm {
+async fn start_vm(
+    dir: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    vsock_daemon: &Path,
+    virtiofsd: &Path,
+    share: &Path,
+) -> TestVm {
     let mut config = VmConfig::new("agent-vm-test", "/usr/bin/qemu-system-x86_64", kernel, dir.join("vm"));
     config.initrd = Some(initrd.to_path_buf());
     config.vsock_daemon = Some(vsock_daemon.to_path_buf());
@@ -78,9 +85,10 @@ async fn agent_runs_containers_in_a_vm() {
 
 async fn scenario(vm: &TestVm) -> Result<(), String> {
     let t0 = Instant::now();
-    let agent = AgentClient::connect_when_ready(&vm.ready, &vm.vsock_uds, runtime::agent::AGENT_PORT, Duration::from_secs(60))
-        .await
-        .map_err(|e| e.to_string())?;
+    let agent =
+        AgentClient::connect_when_ready(&vm.ready, &vm.vsock_uds, runtime::agent::AGENT_PORT, Duration::from_secs(60))
+            .await
+            .map_err(|e| e.to_string())?;
     step("connect (boot + Check)", t0);
     let details = agent.guest_details().await.map_err(|e| e.to_string())?;
     println!("guest kernel {} agent {} boot {}", details.kernel_release, details.agent_version, details.boot_id);
@@ -91,7 +99,11 @@ async fn scenario(vm: &TestVm) -> Result<(), String> {
             sandbox_id: "sb1".into(),
             hostname: "kata-sandbox".into(),
             dns: vec!["nameserver 10.0.2.3".into()],
-            shared_fs: Some(SharedFsMount { fs_type: SharedFsType::VirtioFs, tag: "kataShared".into(), mount_point: None }),
+            shared_fs: Some(SharedFsMount {
+                fs_type: SharedFsType::VirtioFs,
+                tag: "kataShared".into(),
+                mount_point: None,
+            }),
             host_time: Some(SystemTime::now()),
             entropy: vec![0x5a; 32],
         })
@@ -119,7 +131,11 @@ async fn scenario(vm: &TestVm) -> Result<(), String> {
     for (id, resources) in [("devices", containerd_devices()), ("devices-unlisted", serde_json::json!({}))] {
         let spec = spec_json_with(id, &["sh", "-c", mknod_write], false, resources);
         let (code, out, err) = run_spec(&agent, id, &spec).await;
-        assert_eq!((code, out.as_str()), (0, "c=1\nnull=ok\n8192\n"), "{id}: the write to 4:64 must fail; stderr {err:?}");
+        assert_eq!(
+            (code, out.as_str()),
+            (0, "c=1\nnull=ok\n8192\n"),
+            "{id}: the write to 4:64 must fail; stderr {err:?}"
+        );
         assert!(err.contains("Operation not permitted"), "{id}: stderr {err:?}");
     }
     step("device cgroup: write to a mknod'ed 4:64 -> EPERM, /dev/null works", t);
@@ -146,7 +162,10 @@ async fn scenario(vm: &TestVm) -> Result<(), String> {
 
     // A long-running container for signals, exec, tty and stats.
     let t = Instant::now();
-    agent.create_container("long", &spec_json("long", &["sleep", "1000"], false), "rootfs").await.map_err(|e| e.to_string())?;
+    agent
+        .create_container("long", &spec_json("long", &["sleep", "1000"], false), "rootfs")
+        .await
+        .map_err(|e| e.to_string())?;
     agent.start_container("long").await.map_err(|e| e.to_string())?;
     let exec_out = {
         let proc = process_json(&["sh", "-c", "echo from-exec; hostname; exit 5"], false);
@@ -242,9 +261,7 @@ async fn scenario(vm: &TestVm) -> Result<(), String> {
 /// The device rules containerd puts in a spec: deny all, then allow null, zero, full, random, urandom, tty,
 /// ptmx and the pts.
 fn containerd_devices() -> serde_json::Value {
-    let allow = |major: i64, minor: Option<i64>| {
-        serde_json::json!({"allow": true, "type": "c", "major": major, "minor": minor, "access": "rwm"})
-    };
+    let allow = |major: i64, minor: Option<i64>| serde_json::json!({"allow": true, "type": "c", "major": major, "minor": minor, "access": "rwm"});
     serde_json::json!({"devices": [
         {"allow": false, "access": "rwm"},
         allow(1, Some(3)), allow(1, Some(5)), allow(1, Some(7)), allow(1, Some(8)), allow(1, Some(9)),

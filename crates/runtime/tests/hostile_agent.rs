@@ -66,7 +66,8 @@ async fn fake_agent(mut sock: UnixStream, misbehaviour: Misbehaviour) {
             }
             Misbehaviour::Garbage => {
                 let junk = vec![0xffu8; 64];
-                let header = MessageHeader { length: junk.len() as u32, stream_id, type_: MESSAGE_TYPE_RESPONSE, flags: 0 };
+                let header =
+                    MessageHeader { length: junk.len() as u32, stream_id, type_: MESSAGE_TYPE_RESPONSE, flags: 0 };
                 let _ = header.write_to(&mut sock).await;
                 let _ = sock.write_all(&junk).await;
             }
@@ -78,7 +79,10 @@ const SHORT: Timeouts = Timeouts { call: Duration::from_millis(500), container: 
 
 async fn connect(misbehaviour: Misbehaviour) -> AgentClient {
     let dialer = Arc::new(FakeDialer { misbehaviour, served: Mutex::default() });
-    AgentClient::connect_with(dialer, Duration::from_secs(5)).await.expect("the fake agent answers Check").with_timeouts(SHORT)
+    AgentClient::connect_with(dialer, Duration::from_secs(5))
+        .await
+        .expect("the fake agent answers Check")
+        .with_timeouts(SHORT)
 }
 
 /// Every short call of the client, against an agent that misbehaves on each: all must end, with an error,
@@ -96,7 +100,11 @@ async fn every_call_fails_in_time(misbehaviour: Misbehaviour) {
     for (i, result) in results.iter().enumerate() {
         assert!(result.is_err(), "{misbehaviour:?}: call {i} succeeded against a misbehaving agent");
     }
-    assert!(started.elapsed() < Duration::from_secs(30), "{misbehaviour:?}: the calls hung for {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{misbehaviour:?}: the calls hung for {:?}",
+        started.elapsed()
+    );
     agent.check().await.map(drop).unwrap_or_else(|e| eprintln!("{misbehaviour:?}: after the attack Check says {e}"));
 }
 

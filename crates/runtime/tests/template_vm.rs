@@ -48,13 +48,18 @@ async fn start_clone(template: &factory::Template, mut config: VmConfig) -> Resu
         }
     };
     let mut entropy = vec![0u8; 64];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").expect("urandom"), &mut entropy).expect("random");
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").expect("urandom"), &mut entropy)
+        .expect("random");
     agent
         .create_sandbox(&SandboxSetup {
             sandbox_id: name.clone(),
             hostname: name.clone(),
             dns: vec![],
-            shared_fs: Some(SharedFsMount { fs_type: SharedFsType::NineP, tag: "kataShared".into(), mount_point: None }),
+            shared_fs: Some(SharedFsMount {
+                fs_type: SharedFsType::NineP,
+                tag: "kataShared".into(),
+                mount_point: None,
+            }),
             host_time: Some(SystemTime::now()),
             entropy,
         })
@@ -88,8 +93,13 @@ async fn clones_of_a_template_run_containers() {
     assert!(!template.dir.join("vm").exists(), "the template VM's work dir must go with it");
 
     let t = Instant::now();
-    let again = factory::ensure(&root, &pod_config(dir.path(), "pod-1", &kernel, &initrd), TIMEOUT).await.expect("again");
-    assert_eq!(again, factory::Ensured::Ready(template.clone()), "a pod with the same configuration uses the same template");
+    let again =
+        factory::ensure(&root, &pod_config(dir.path(), "pod-1", &kernel, &initrd), TIMEOUT).await.expect("again");
+    assert_eq!(
+        again,
+        factory::Ensured::Ready(template.clone()),
+        "a pod with the same configuration uses the same template"
+    );
     assert!(t.elapsed() < Duration::from_secs(1), "no second template VM was booted ({:?})", t.elapsed());
 
     let mut clones = Vec::new();

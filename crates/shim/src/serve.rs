@@ -25,8 +25,7 @@ pub async fn serve(flags: Flags) -> Result<()> {
     if flags.socket.is_empty() {
         bail!("-socket is required to serve");
     }
-    containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)
-        .context("open the shim log")?;
+    containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id).context("open the shim log")?;
     let socket = flags.socket.trim_start_matches("unix://").to_string();
     let Some(listener) = bind(&socket)? else {
         // The pod's shim already serves this socket: this process only confirms the address.

@@ -9,11 +9,11 @@ use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::{Task, TtrpcContext};
 use containerd_shim_protos::api::{self, Status};
 use containerd_shim_protos::events::task as task_events;
-use hypervisor::Hypervisor;
 use containerd_shim_protos::protobuf::well_known_types::empty::Empty;
 use containerd_shim_protos::protobuf::MessageField;
 use containerd_shim_protos::topics;
 use containerd_shim_protos::ttrpc::{self, Code};
+use hypervisor::Hypervisor;
 use oci_spec::runtime::Spec;
 use runtime::agent::ProcessRef;
 use runtime::mounts::{MountSpec, Syscalls};
@@ -135,7 +135,9 @@ impl KataTask {
             dns: Vec::new(),
             netns: netns.path().map(Path::to_path_buf),
         };
-        let debug = opts.config.hypervisor.enable_debug || opts.config.runtime.enable_debug || log::log_enabled!(log::Level::Debug);
+        let debug = opts.config.hypervisor.enable_debug
+            || opts.config.runtime.enable_debug
+            || log::log_enabled!(log::Level::Debug);
         let sandbox = Sandbox::start(opts, Arc::new(Syscalls)).await.map_err(internal)?;
         log::info!("sandbox {id} started");
         if debug {
@@ -164,7 +166,10 @@ impl KataTask {
             let mut last: HashMap<String, std::time::Instant> = HashMap::new();
             while let Ok(Some(container_id)) = stream.next().await {
                 if !state.lock().await.containers.contains_key(&container_id) {
-                    log::warn!("the agent reported an OOM kill of {:.80?}, not a container of this sandbox; ignored", container_id);
+                    log::warn!(
+                        "the agent reported an OOM kill of {:.80?}, not a container of this sandbox; ignored",
+                        container_id
+                    );
                     continue;
                 }
                 let now = std::time::Instant::now();
@@ -272,7 +277,13 @@ impl Task for KataTask {
         let pid = Self::pid(&sandbox);
         state.containers.insert(
             req.id.clone(),
-            Container { bundle: req.bundle.clone(), is_sandbox: starts_sandbox, paused: false, init, execs: HashMap::new() },
+            Container {
+                bundle: req.bundle.clone(),
+                is_sandbox: starts_sandbox,
+                paused: false,
+                init,
+                execs: HashMap::new(),
+            },
         );
         let mut ev = task_events::TaskCreate::new();
         ev.container_id = req.id.clone();
@@ -342,7 +353,10 @@ impl Task for KataTask {
             return Ok(delete_response(pid, exit));
         }
         if container.init.phase() == Phase::Running {
-            return Err(status(Code::FAILED_PRECONDITION, format!("container {} is still running; kill it first", req.id)));
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is still running; kill it first", req.id),
+            ));
         }
         let exit = container.init.exit();
         let is_sandbox = container.is_sandbox;

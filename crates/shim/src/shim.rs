@@ -62,10 +62,11 @@ pub async fn start_for_containerd_1_6(flags: &Flags) -> containerd_shim::Result<
     let mut input = Vec::new();
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
-        stdin.lock().take(1 << 20).read_to_end(&mut input).map_err(|e| containerd_shim::Error::IoError {
-            context: "read start options from stdin".into(),
-            err: e,
-        })?;
+        stdin
+            .lock()
+            .take(1 << 20)
+            .read_to_end(&mut input)
+            .map_err(|e| containerd_shim::Error::IoError { context: "read start options from stdin".into(), err: e })?;
     }
     let extensions = Any::parse_from_bytes(&input).ok().filter(|a| !a.type_url.is_empty()).into_iter().collect();
     let opts = StartOpts {

@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
 use types::config::{
-    Accel, ConfigError, ConfigSearch, LoadedConfig, Origin, SharedFs, DEFAULT_CONFIGURATION,
-    DEFAULT_SECCOMP_SANDBOX,
+    Accel, ConfigError, ConfigSearch, LoadedConfig, Origin, SharedFs, DEFAULT_CONFIGURATION, DEFAULT_SECCOMP_SANDBOX,
 };
 
 fn write(path: &Path, text: &str) -> PathBuf {
@@ -19,10 +18,7 @@ fn write(path: &Path, text: &str) -> PathBuf {
 }
 
 fn memory_file(dir: &Path, name: &str, mib: u32) -> PathBuf {
-    write(
-        &dir.join(name),
-        &format!("[hypervisor.qemu]\ndefault_memory = {mib}\n"),
-    )
+    write(&dir.join(name), &format!("[hypervisor.qemu]\ndefault_memory = {mib}\n"))
 }
 
 fn load_text(text: &str) -> Result<LoadedConfig, ConfigError> {
@@ -30,10 +26,7 @@ fn load_text(text: &str) -> Result<LoadedConfig, ConfigError> {
 }
 
 fn file_origin(path: &Path, line: usize) -> Origin {
-    Origin::File {
-        path: path.to_owned(),
-        line,
-    }
+    Origin::File { path: path.to_owned(), line }
 }
 
 #[test]
@@ -50,10 +43,7 @@ fn precedence_config_path_then_env_then_etc_then_usr_share() {
     };
     let memory = |search: &ConfigSearch| {
         let loaded = search.load().expect("loads");
-        (
-            loaded.config.hypervisor.default_memory,
-            loaded.files[0].clone(),
-        )
+        (loaded.config.hypervisor.default_memory, loaded.files[0].clone())
     };
     assert_eq!(memory(&search), (1, config_path));
     search.config_path = None;
@@ -69,11 +59,7 @@ fn missing_explicit_files_do_not_fall_through() {
     let dir = TempDir::new().expect("tempdir");
     let etc = memory_file(dir.path(), "configuration.toml", 3);
     let missing = dir.path().join("nope.toml");
-    let search = ConfigSearch {
-        config_path: Some(missing.clone()),
-        env_conf_file: None,
-        defaults: vec![etc.clone()],
-    };
+    let search = ConfigSearch { config_path: Some(missing.clone()), env_conf_file: None, defaults: vec![etc.clone()] };
     let err = search.load().expect_err("missing ConfigPath");
     assert_eq!(
         err.to_string(),
@@ -82,11 +68,7 @@ fn missing_explicit_files_do_not_fall_through() {
             missing.display()
         )
     );
-    let search = ConfigSearch {
-        config_path: None,
-        env_conf_file: Some(missing.clone()),
-        ..search
-    };
+    let search = ConfigSearch { config_path: None, env_conf_file: Some(missing.clone()), ..search };
     let err = search.load().expect_err("missing KATA_CONF_FILE");
     assert_eq!(
         err.to_string(),
@@ -105,10 +87,7 @@ fn no_file_found_lists_what_was_tried() {
         defaults: vec!["/nonexistent/a.toml".into(), "/nonexistent/b.toml".into()],
     };
     let err = search.load().expect_err("nothing there");
-    assert_eq!(
-        err.to_string(),
-        "no configuration file found; tried /nonexistent/a.toml, /nonexistent/b.toml"
-    );
+    assert_eq!(err.to_string(), "no configuration file found; tried /nonexistent/a.toml, /nonexistent/b.toml");
 }
 
 #[test]
@@ -122,10 +101,7 @@ fn standard_search_uses_the_documented_defaults() {
             PathBuf::from("/usr/share/defaults/kata-containers/configuration.toml"),
         ]
     );
-    assert_eq!(
-        ConfigSearch::standard(Some(PathBuf::new())).config_path,
-        None
-    );
+    assert_eq!(ConfigSearch::standard(Some(PathBuf::new())).config_path, None);
 }
 
 #[test]
@@ -136,80 +112,45 @@ fn drop_ins_apply_in_file_name_order_key_by_key() {
         "[hypervisor.qemu]\ndefault_memory = 512\nkernel_params = \"a=1\"\n",
     );
     let d = dir.path().join("config.d");
-    let later = write(
-        &d.join("20-later.toml"),
-        "[hypervisor.qemu]\ndefault_memory = 2000\n",
-    );
-    let earlier = write(
-        &d.join("10-earlier.toml"),
-        "[hypervisor.qemu]\ndefault_memory = 1000\nmachine_type = \"microvm\"\n",
-    );
+    let later = write(&d.join("20-later.toml"), "[hypervisor.qemu]\ndefault_memory = 2000\n");
+    let earlier =
+        write(&d.join("10-earlier.toml"), "[hypervisor.qemu]\ndefault_memory = 1000\nmachine_type = \"microvm\"\n");
     write(&d.join("30-ignored.toml.bak"), "garbage = = =");
     write(&d.join(".hidden.toml"), "garbage = = =");
-    let search = ConfigSearch {
-        config_path: Some(main.clone()),
-        ..ConfigSearch::default()
-    };
+    let search = ConfigSearch { config_path: Some(main.clone()), ..ConfigSearch::default() };
     let loaded = search.load().expect("loads");
     assert_eq!(loaded.files, [main.clone(), earlier.clone(), later.clone()]);
     let hv = &loaded.config.hypervisor;
     assert_eq!(hv.default_memory, 2000);
     assert_eq!(hv.machine_type, "microvm");
     assert_eq!(hv.kernel_params, "a=1");
-    assert_eq!(
-        *loaded.origin("hypervisor.qemu.default_memory"),
-        file_origin(&later, 2)
-    );
-    assert_eq!(
-        *loaded.origin("hypervisor.qemu.machine_type"),
-        file_origin(&earlier, 3)
-    );
-    assert_eq!(
-        *loaded.origin("hypervisor.qemu.kernel_params"),
-        file_origin(&main, 3)
-    );
+    assert_eq!(*loaded.origin("hypervisor.qemu.default_memory"), file_origin(&later, 2));
+    assert_eq!(*loaded.origin("hypervisor.qemu.machine_type"), file_origin(&earlier, 3));
+    assert_eq!(*loaded.origin("hypervisor.qemu.kernel_params"), file_origin(&main, 3));
 }
 
 #[test]
 fn errors_in_drop_ins_name_the_drop_in() {
     let dir = TempDir::new().expect("tempdir");
     let main = write(&dir.path().join("configuration.toml"), "[runtime]\n");
-    let bad = write(
-        &dir.path().join("config.d/50-bad.toml"),
-        "\n[runtime]\nenable_debug = 1\n",
-    );
-    let search = ConfigSearch {
-        config_path: Some(main),
-        ..ConfigSearch::default()
-    };
+    let bad = write(&dir.path().join("config.d/50-bad.toml"), "\n[runtime]\nenable_debug = 1\n");
+    let search = ConfigSearch { config_path: Some(main), ..ConfigSearch::default() };
     let err = search.load().expect_err("type error");
     assert_eq!(
         err.to_string(),
-        format!(
-            "{}:3: runtime.enable_debug: invalid type: integer `1`, expected a boolean",
-            bad.display()
-        )
+        format!("{}:3: runtime.enable_debug: invalid type: integer `1`, expected a boolean", bad.display())
     );
 }
 
 #[test]
 fn provenance_default_file_and_settings() {
     let loaded = load_text("[hypervisor.qemu]\n\nkernel = \"/k\"\n").expect("loads");
-    assert_eq!(
-        loaded.origin("hypervisor.qemu.kernel").to_string(),
-        "/etc/kata-containers/configuration.toml:3"
-    );
+    assert_eq!(loaded.origin("hypervisor.qemu.kernel").to_string(), "/etc/kata-containers/configuration.toml:3");
     assert_eq!(*loaded.origin("hypervisor.qemu.initrd"), Origin::Default);
     let settings = loaded.settings();
-    let kernel = settings
-        .iter()
-        .find(|s| s.key == "hypervisor.qemu.kernel")
-        .expect("kernel");
+    let kernel = settings.iter().find(|s| s.key == "hypervisor.qemu.kernel").expect("kernel");
     assert_eq!(kernel.value, serde_json::json!("/k"));
-    let memory = settings
-        .iter()
-        .find(|s| s.key == "hypervisor.qemu.default_memory")
-        .expect("mem");
+    let memory = settings.iter().find(|s| s.key == "hypervisor.qemu.default_memory").expect("mem");
     assert_eq!(memory.value, serde_json::json!(2048));
     assert_eq!(memory.origin, Origin::Default);
     assert_eq!(settings.len(), loaded.origins.len());
@@ -226,23 +167,11 @@ fn provenance_default_file_and_settings() {
 fn kata_defaults_fill_absent_keys() {
     let c = load_text("").expect("loads").config;
     assert_eq!(c.hypervisor.path, "/usr/bin/qemu-system-x86_64");
-    assert_eq!(
-        c.hypervisor.kernel,
-        "/usr/share/kata-containers/vmlinux.container"
-    );
-    assert_eq!(
-        c.hypervisor.initrd,
-        "/usr/share/kata-containers/kata-containers-initrd.img"
-    );
+    assert_eq!(c.hypervisor.kernel, "/usr/share/kata-containers/vmlinux.container");
+    assert_eq!(c.hypervisor.initrd, "/usr/share/kata-containers/kata-containers-initrd.img");
     assert_eq!(c.hypervisor.virtio_fs_daemon, "/usr/local/bin/virtiofsd");
-    assert_eq!(
-        c.hypervisor.vsock_daemon,
-        "/usr/local/bin/vhost-device-vsock"
-    );
-    assert_eq!(
-        (c.hypervisor.default_vcpus, c.hypervisor.default_maxvcpus),
-        (1, 0)
-    );
+    assert_eq!(c.hypervisor.vsock_daemon, "/usr/local/bin/vhost-device-vsock");
+    assert_eq!((c.hypervisor.default_vcpus, c.hypervisor.default_maxvcpus), (1, 0));
     assert_eq!(c.hypervisor.default_memory, 2048);
     assert_eq!(c.hypervisor.machine_type, "q35");
     assert_eq!(c.hypervisor.shared_fs, SharedFs::VirtioFs);
@@ -258,19 +187,13 @@ fn unknown_key_is_an_error_with_file_line_and_key() {
         "/etc/kata-containers/configuration.toml:3: hypervisor.qemu.kernal: unknown configuration key"
     );
     let err = load_text("\n[hypervisors]\nx = 1\n").expect_err("unknown section");
-    assert_eq!(
-        err.to_string(),
-        "/etc/kata-containers/configuration.toml:2: hypervisors: unknown configuration key"
-    );
+    assert_eq!(err.to_string(), "/etc/kata-containers/configuration.toml:2: hypervisors: unknown configuration key");
 }
 
 #[test]
 fn other_hypervisors_and_agents_are_refused() {
     let err = load_text("[hypervisor.clh]\npath = \"/c\"\n").expect_err("clh");
-    assert_eq!(
-        err.to_string(),
-        "/etc/kata-containers/configuration.toml:1: [hypervisor.clh]: only qemu is supported"
-    );
+    assert_eq!(err.to_string(), "/etc/kata-containers/configuration.toml:1: [hypervisor.clh]: only qemu is supported");
     let err = load_text("[agent.other]\n").expect_err("agent");
     assert_eq!(
         err.to_string(),
@@ -280,8 +203,7 @@ fn other_hypervisors_and_agents_are_refused() {
 
 #[test]
 fn known_kata_keys_we_ignore_are_warnings() {
-    let text =
-        "[hypervisor.qemu]\nblock_device_driver = \"virtio-scsi\"\nenable_iothreads = false\n\
+    let text = "[hypervisor.qemu]\nblock_device_driver = \"virtio-scsi\"\nenable_iothreads = false\n\
                 [agent.kata]\nenable_debug = true\n[netmon]\nenable_netmon = false\n";
     let loaded = load_text(text).expect("loads");
     assert_eq!(
@@ -297,10 +219,7 @@ fn known_kata_keys_we_ignore_are_warnings() {
     );
     // Kata's spelling of agent.kata.debug is accepted.
     assert!(loaded.config.agent.debug);
-    assert_eq!(
-        loaded.origin("agent.kata.debug").to_string(),
-        "/etc/kata-containers/configuration.toml:5"
-    );
+    assert_eq!(loaded.origin("agent.kata.debug").to_string(), "/etc/kata-containers/configuration.toml:5");
 }
 
 #[test]
@@ -327,13 +246,9 @@ fn wrong_type_is_an_error_with_file_line_and_key() {
 
 #[test]
 fn malformed_toml_is_an_error_with_file_and_line() {
-    let err =
-        load_text("[hypervisor.qemu]\npath = \"/q\"\nkernel = = \"/k\"\n").expect_err("syntax");
+    let err = load_text("[hypervisor.qemu]\npath = \"/q\"\nkernel = = \"/k\"\n").expect_err("syntax");
     let message = err.to_string();
-    assert!(
-        message.starts_with("/etc/kata-containers/configuration.toml:3: "),
-        "unexpected message: {message}"
-    );
+    assert!(message.starts_with("/etc/kata-containers/configuration.toml:3: "), "unexpected message: {message}");
     assert!(matches!(err, ConfigError::Syntax { line: Some(3), .. }));
 }
 
@@ -347,8 +262,7 @@ fn invalid_allow_list_patterns_are_load_errors() {
         ),
         "{err}"
     );
-    let err =
-        load_text("[hypervisor.qemu]\nvalid_hypervisor_paths = [\"/a/[\"]\n").expect_err("glob");
+    let err = load_text("[hypervisor.qemu]\nvalid_hypervisor_paths = [\"/a/[\"]\n").expect_err("glob");
     assert!(
         err.to_string().starts_with(
             "/etc/kata-containers/configuration.toml:2: hypervisor.qemu.valid_hypervisor_paths: \
@@ -375,36 +289,22 @@ fn validate_names_file_line_and_key_of_missing_files() {
         "/etc/kata-containers/configuration.toml:4: hypervisor.qemu.kernel: /nope/vmlinux does not exist"
     );
     let kernel = write(&dir.path().join("vmlinux"), "");
-    let text = format!(
-        "[hypervisor.qemu]\npath = \"{}\"\nkernel = \"{}\"\n",
-        qemu.display(),
-        kernel.display()
-    );
+    let text = format!("[hypervisor.qemu]\npath = \"{}\"\nkernel = \"{}\"\n", qemu.display(), kernel.display());
     let mut loaded = load_text(&text).expect("loads");
     // The default initrd may well exist on this host (the set-up installs it): point the default-origin value
     // at a path that cannot, to check how a default is named.
     let missing = dir.path().join("no-initrd.img");
     loaded.config.hypervisor.initrd = missing.display().to_string();
     let err = loaded.validate().expect_err("default initrd missing");
-    assert_eq!(
-        err.to_string(),
-        format!(
-            "(default): hypervisor.qemu.initrd: {} does not exist",
-            missing.display()
-        )
-    );
+    assert_eq!(err.to_string(), format!("(default): hypervisor.qemu.initrd: {} does not exist", missing.display()));
     let text = format!("{text}initrd = \"{}\"\n", initrd.display());
-    load_text(&text)
-        .expect("loads")
-        .validate()
-        .expect("all files exist");
+    load_text(&text).expect("loads").validate().expect("all files exist");
 }
 
 #[test]
 fn tcg_tb_size_out_of_range_is_refused() {
     for bad in [0, 2048] {
-        let loaded =
-            load_text(&format!("[hypervisor.qemu]\ntcg_tb_size = {bad}\n")).expect("loads");
+        let loaded = load_text(&format!("[hypervisor.qemu]\ntcg_tb_size = {bad}\n")).expect("loads");
         let err = loaded.validate().expect_err("out of range").to_string();
         assert!(
             err.contains(&format!(
@@ -418,10 +318,7 @@ fn tcg_tb_size_out_of_range_is_refused() {
 #[test]
 fn templating_needs_an_initrd_and_9p() {
     let loaded = load_text("[factory]\nenable_template = true\n").expect("loads");
-    let err = loaded
-        .validate()
-        .expect_err("templating with virtio-fs")
-        .to_string();
+    let err = loaded.validate().expect_err("templating with virtio-fs").to_string();
     assert!(
         err.contains(
             "/etc/kata-containers/configuration.toml:2: factory.enable_template: needs hypervisor.qemu.shared_fs = \"virtio-9p\""
@@ -432,23 +329,12 @@ fn templating_needs_an_initrd_and_9p() {
         "[hypervisor.qemu]\nshared_fs = \"virtio-9p\"\nimage = \"/i.img\"\n[factory]\nenable_template = true\ntemplate_path = \"run/t\"\n",
     )
     .expect("loads");
-    let err = loaded
-        .validate()
-        .expect_err("templating with an image")
-        .to_string();
-    assert!(
-        err.contains("factory.enable_template: needs hypervisor.qemu.initrd"),
-        "{err}"
-    );
-    assert!(
-        err.contains("factory.template_path: \"run/t\" must be an absolute path"),
-        "{err}"
-    );
+    let err = loaded.validate().expect_err("templating with an image").to_string();
+    assert!(err.contains("factory.enable_template: needs hypervisor.qemu.initrd"), "{err}");
+    assert!(err.contains("factory.template_path: \"run/t\" must be an absolute path"), "{err}");
 
-    let loaded = load_text(
-        "[hypervisor.qemu]\nshared_fs = \"virtio-9p\"\n[factory]\nenable_template = true\n",
-    )
-    .expect("loads");
+    let loaded =
+        load_text("[hypervisor.qemu]\nshared_fs = \"virtio-9p\"\n[factory]\nenable_template = true\n").expect("loads");
     if let Err(err) = loaded.validate() {
         assert!(!err.to_string().contains("factory."), "{err}");
     }
@@ -458,8 +344,7 @@ fn templating_needs_an_initrd_and_9p() {
 fn an_image_replaces_the_default_initrd() {
     let loaded = load_text("[hypervisor.qemu]\nimage = \"/i.img\"\n").expect("loads");
     assert_eq!(loaded.config.hypervisor.initrd, "");
-    let loaded =
-        load_text("[hypervisor.qemu]\nimage = \"/i.img\"\ninitrd = \"/i\"\n").expect("loads");
+    let loaded = load_text("[hypervisor.qemu]\nimage = \"/i.img\"\ninitrd = \"/i\"\n").expect("loads");
     let err = loaded.validate().expect_err("both");
     assert!(
         err.to_string().ends_with(
@@ -472,38 +357,24 @@ fn an_image_replaces_the_default_initrd() {
 
 #[test]
 fn shipped_configuration_loads_without_warnings() {
-    let loaded =
-        LoadedConfig::from_toml(Path::new("configuration-qemu.toml"), DEFAULT_CONFIGURATION)
-            .expect("shipped configuration loads");
+    let loaded = LoadedConfig::from_toml(Path::new("configuration-qemu.toml"), DEFAULT_CONFIGURATION)
+        .expect("shipped configuration loads");
     assert_eq!(loaded.warnings, Vec::<String>::new());
     let hv = &loaded.config.hypervisor;
     assert_eq!(hv.machine_type, "microvm");
     assert_eq!(hv.default_memory, 256);
     assert_eq!(hv.default_vcpus, 1);
     assert_eq!(hv.kernel_params, "");
-    assert_eq!(
-        hv.enable_annotations,
-        ["kernel_params", "default_memory", "default_vcpus"]
-    );
+    assert_eq!(hv.enable_annotations, ["kernel_params", "default_memory", "default_vcpus"]);
     assert_eq!(hv.valid_hypervisor_paths, ["/usr/bin/qemu-system-x86_64"]);
-    assert_eq!(
-        hv.valid_virtio_fs_daemon_paths,
-        ["/usr/local/bin/virtiofsd"]
-    );
+    assert_eq!(hv.valid_virtio_fs_daemon_paths, ["/usr/local/bin/virtiofsd"]);
     assert_eq!(hv.default_maxmemory, 0);
     assert_eq!(hv.seccompsandbox, DEFAULT_SECCOMP_SANDBOX);
-    assert_eq!(
-        DEFAULT_SECCOMP_SANDBOX,
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-    );
+    assert_eq!(DEFAULT_SECCOMP_SANDBOX, "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
     assert_eq!(loaded.config.agent.dial_timeout, 45);
     // Every implemented key is spelled out in the shipped file.
-    let defaults: Vec<_> = loaded
-        .settings()
-        .into_iter()
-        .filter(|s| s.origin == Origin::Default)
-        .map(|s| s.key)
-        .collect();
+    let defaults: Vec<_> =
+        loaded.settings().into_iter().filter(|s| s.origin == Origin::Default).map(|s| s.key).collect();
     assert_eq!(defaults, ["hypervisor.qemu.image"]);
 }
 
@@ -583,27 +454,16 @@ fn a_stock_kata_configuration_without_selinux_loads_with_warnings_only() {
     let text = STOCK_KATA.replace("disable_selinux = false", "disable_selinux = true");
     let loaded = load_text(&text).expect("stock Kata file loads");
     assert_eq!(loaded.warnings.len(), 21 + 1 + 7, "{:#?}", loaded.warnings);
-    assert!(loaded
-        .warnings
-        .iter()
-        .all(|w| w.ends_with("Kata setting not implemented by kata-rs; ignored")));
+    assert!(loaded.warnings.iter().all(|w| w.ends_with("Kata setting not implemented by kata-rs; ignored")));
     let hv = &loaded.config.hypervisor;
     assert_eq!(hv.virtio_fs_daemon, "/usr/libexec/virtiofsd");
     assert_eq!(hv.image, "/usr/share/kata-containers/kata-containers.img");
+    assert_eq!(hv.initrd, "", "the default initrd gives way to a configured image");
     assert_eq!(
-        hv.initrd, "",
-        "the default initrd gives way to a configured image"
-    );
-    assert_eq!(
-        loaded
-            .origin("hypervisor.qemu.default_maxmemory")
-            .to_string(),
+        loaded.origin("hypervisor.qemu.default_maxmemory").to_string(),
         "/etc/kata-containers/configuration.toml:19"
     );
-    assert_eq!(
-        hv.seccompsandbox, DEFAULT_SECCOMP_SANDBOX,
-        "Kata leaves it unset"
-    );
+    assert_eq!(hv.seccompsandbox, DEFAULT_SECCOMP_SANDBOX, "Kata leaves it unset");
 }
 
 #[test]
@@ -678,10 +538,7 @@ fn unimplemented_security_keys_accept_only_what_kata_rs_does() {
     ];
     for (text, message) in refused {
         let err = load_text(text).expect_err(text);
-        assert_eq!(
-            err.to_string(),
-            format!("/etc/kata-containers/configuration.toml:2: {message}")
-        );
+        assert_eq!(err.to_string(), format!("/etc/kata-containers/configuration.toml:2: {message}"));
     }
     let accepted = "[hypervisor.qemu]\nconfidential_guest = false\nsev_snp_guest = false\n\
                     rootless = false\njailer_path = \"\"\ndisable_selinux = true\n\
@@ -693,10 +550,8 @@ fn unimplemented_security_keys_accept_only_what_kata_rs_does() {
     let loaded = load_text(accepted).expect("asks for nothing kata-rs lacks");
     assert_eq!(
         loaded.warnings,
-        [
-            "/etc/kata-containers/configuration.toml:16: runtime.disable_guest_seccomp: \
-          Kata setting not implemented by kata-rs; ignored"
-        ],
+        ["/etc/kata-containers/configuration.toml:16: runtime.disable_guest_seccomp: \
+          Kata setting not implemented by kata-rs; ignored"],
         "what kata-rs does anyway is not worth a warning"
     );
 }
@@ -705,15 +560,9 @@ fn unimplemented_security_keys_accept_only_what_kata_rs_does() {
 fn seccompsandbox_is_checked_with_file_and_line() {
     let loaded = load_text("[hypervisor.qemu]\nseccompsandbox = \"\"\n").expect("no sandbox");
     assert_eq!(loaded.config.hypervisor.seccompsandbox, "");
-    let loaded =
-        load_text("[hypervisor.qemu]\nseccompsandbox = \"on,elevateprivileges=children\"\n")
-            .expect("valid");
-    assert_eq!(
-        loaded.config.hypervisor.seccompsandbox,
-        "on,elevateprivileges=children"
-    );
-    let err = load_text("[hypervisor.qemu]\n\nseccompsandbox = \"on,spawn=maybe\"\n")
-        .expect_err("bad value");
+    let loaded = load_text("[hypervisor.qemu]\nseccompsandbox = \"on,elevateprivileges=children\"\n").expect("valid");
+    assert_eq!(loaded.config.hypervisor.seccompsandbox, "on,elevateprivileges=children");
+    let err = load_text("[hypervisor.qemu]\n\nseccompsandbox = \"on,spawn=maybe\"\n").expect_err("bad value");
     assert_eq!(
         err.to_string(),
         "/etc/kata-containers/configuration.toml:3: hypervisor.qemu.seccompsandbox: \
@@ -775,9 +624,6 @@ fn sizes_and_timeouts_out_of_range_are_refused() {
     .expect("loads");
     if let Err(err) = loaded.validate() {
         let err = err.to_string();
-        assert!(
-            !err.contains("default_") && !err.contains("dial_timeout"),
-            "{err}"
-        );
+        assert!(!err.contains("default_") && !err.contains("dial_timeout"), "{err}");
     }
 }

@@ -26,16 +26,8 @@ impl Checks {
 
     /// Panics listing every failed check, if any.
     pub fn finish(self) {
-        eprintln!(
-            "{} checks passed, {} failed",
-            self.passed.len(),
-            self.failed.len()
-        );
-        assert!(
-            self.failed.is_empty(),
-            "failed checks:\n{}",
-            self.failed.join("\n")
-        );
+        eprintln!("{} checks passed, {} failed", self.passed.len(), self.failed.len());
+        assert!(self.failed.is_empty(), "failed checks:\n{}", self.failed.join("\n"));
     }
 }
 

@@ -60,12 +60,7 @@ pub enum ContainerdError {
     #[error("could not watch containerd")]
     Wait(#[source] io::Error),
     #[error("`{command}` failed ({status}); stdout: {stdout}; stderr: {stderr}")]
-    CommandFailed {
-        command: String,
-        status: String,
-        stdout: String,
-        stderr: String,
-    },
+    CommandFailed { command: String, status: String, stdout: String, stderr: String },
     #[error(transparent)]
     Process(#[from] ProcessError),
     #[error(transparent)]
@@ -134,22 +129,13 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self {
-            runtime: None,
-            rm: true,
-            tty: false,
-            extra_flags: Vec::new(),
-            timeout: Duration::from_secs(120),
-        }
+        Self { runtime: None, rm: true, tty: false, extra_flags: Vec::new(), timeout: Duration::from_secs(120) }
     }
 }
 
 impl RunOptions {
     pub fn runtime(runtime: &str) -> Self {
-        Self {
-            runtime: Some(runtime.to_owned()),
-            ..Self::default()
-        }
+        Self { runtime: Some(runtime.to_owned()), ..Self::default() }
     }
 }
 
@@ -205,10 +191,7 @@ impl Containerd {
         let dir = tempfile::Builder::new()
             .prefix("kata-e2e-")
             .tempdir_in(&base)
-            .map_err(|source| ContainerdError::TempDir {
-                path: base.clone(),
-                source,
-            })?
+            .map_err(|source| ContainerdError::TempDir { path: base.clone(), source })?
             .keep();
         let layout = config::Layout {
             root: dir.join("root"),
@@ -239,10 +222,7 @@ impl Containerd {
             },
         };
         // From here on, Drop removes the directory if anything fails.
-        fs::write(&config_path, text).map_err(|source| ContainerdError::Write {
-            path: config_path.clone(),
-            source,
-        })?;
+        fs::write(&config_path, text).map_err(|source| ContainerdError::Write { path: config_path.clone(), source })?;
         this.spawn()?;
         this.wait_ready(opts.start_timeout)?;
         Ok(this)
@@ -252,9 +232,11 @@ impl Containerd {
     fn spawn(&mut self) -> Result<(), ContainerdError> {
         let log_path = self.log_path();
         let open_log = || {
-            fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|source| {
-                ContainerdError::Write { path: log_path.clone(), source }
-            })
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|source| ContainerdError::Write { path: log_path.clone(), source })
         };
         let (log, log_err) = (open_log()?, open_log()?);
         let mut cmd = Command::new(&self.launch.bin);
@@ -289,18 +271,12 @@ impl Containerd {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait().map_err(ContainerdError::Wait)? {
                     self.child = None;
-                    return Err(ContainerdError::ExitedEarly {
-                        status: status.to_string(),
-                        log: self.log_tail(40),
-                    });
+                    return Err(ContainerdError::ExitedEarly { status: status.to_string(), log: self.log_tail(40) });
                 }
             }
             if self.address.exists() {
                 let mut cmd = Command::new(&self.ctr_bin);
-                cmd.arg("--address")
-                    .arg(&self.address)
-                    .arg("version")
-                    .stdin(Stdio::null());
+                cmd.arg("--address").arg(&self.address).arg("version").stdin(Stdio::null());
                 if let Ok(out) = output_with_timeout(&mut cmd, Duration::from_secs(5)) {
                     if out.status.success() {
                         return Ok(());
@@ -308,10 +284,7 @@ impl Containerd {
                 }
             }
             if Instant::now() >= deadline {
-                return Err(ContainerdError::NotReady {
-                    timeout,
-                    log: self.log_tail(40),
-                });
+                return Err(ContainerdError::NotReady { timeout, log: self.log_tail(40) });
             }
             std::thread::sleep(Duration::from_millis(25));
         }
@@ -370,12 +343,7 @@ impl Containerd {
         S: AsRef<OsStr>,
     {
         let mut cmd = Command::new(&self.ctr_bin);
-        cmd.arg("--address")
-            .arg(&self.address)
-            .arg("--namespace")
-            .arg(&self.namespace)
-            .args(args)
-            .stdin(Stdio::null());
+        cmd.arg("--address").arg(&self.address).arg("--namespace").arg(&self.namespace).args(args).stdin(Stdio::null());
         cmd
     }
 
@@ -389,11 +357,7 @@ impl Containerd {
     }
 
     /// Runs ctr, killing it by PID after `timeout`; the exit status is not checked.
-    pub fn ctr_with_timeout<I, S>(
-        &self,
-        args: I,
-        timeout: Duration,
-    ) -> Result<Output, ContainerdError>
+    pub fn ctr_with_timeout<I, S>(&self, args: I, timeout: Duration) -> Result<Output, ContainerdError>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
@@ -414,8 +378,7 @@ impl Containerd {
 
     /// `ctr image import TAR`.
     pub fn import_image(&self, tar: &Path) -> Result<(), ContainerdError> {
-        self.ctr_ok([OsStr::new("image"), OsStr::new("import"), tar.as_os_str()])
-            .map(|_| ())
+        self.ctr_ok([OsStr::new("image"), OsStr::new("import"), tar.as_os_str()]).map(|_| ())
     }
 
     /// Writes `image` into the private directory and imports it.
@@ -426,17 +389,8 @@ impl Containerd {
 
     /// `ctr run` of `image` as container `id` running `cmd` (empty: the image's default); returns ctr's
     /// output, whose exit status is the container's. ctr is killed by PID if it passes the deadline.
-    pub fn run(
-        &self,
-        opts: &RunOptions,
-        image: &str,
-        id: &str,
-        cmd: &[&str],
-    ) -> Result<Output, ContainerdError> {
-        Ok(output_with_timeout(
-            &mut self.ctr_command(run_args(opts, image, id, cmd)),
-            opts.timeout,
-        )?)
+    pub fn run(&self, opts: &RunOptions, image: &str, id: &str, cmd: &[&str]) -> Result<Output, ContainerdError> {
+        Ok(output_with_timeout(&mut self.ctr_command(run_args(opts, image, id, cmd)), opts.timeout)?)
     }
 
     /// Starts `ctr run` on a pseudo-terminal (add `tty: true` for `-t`); drive it with the session.
@@ -447,9 +401,7 @@ impl Containerd {
         id: &str,
         cmd: &[&str],
     ) -> Result<PtySession, ContainerdError> {
-        Ok(PtySession::spawn(
-            self.ctr_command(run_args(opts, image, id, cmd)),
-        )?)
+        Ok(PtySession::spawn(self.ctr_command(run_args(opts, image, id, cmd)))?)
     }
 
     /// The socket containerd tells a shim to serve for container `id` in our namespace:
@@ -465,11 +417,7 @@ impl Containerd {
     }
 
     /// [`Containerd::leaks`], also reporting any of `pids` (e.g. a VM's QEMU) still running.
-    pub fn leaks_with_pids(
-        &self,
-        ids: &[&str],
-        pids: &[u32],
-    ) -> Result<LeakReport, ContainerdError> {
+    pub fn leaks_with_pids(&self, ids: &[&str], pids: &[u32]) -> Result<LeakReport, ContainerdError> {
         let query = LeakQuery {
             dir: self.dir.clone(),
             containerd_pid: Some(self.pid),
@@ -571,21 +519,13 @@ impl Containerd {
         for ns in String::from_utf8_lossy(&namespaces.stdout).lines() {
             let in_ns = |args: &[&str]| {
                 let mut cmd = Command::new(&self.ctr_bin);
-                cmd.arg("--address")
-                    .arg(&self.address)
-                    .arg("--namespace")
-                    .arg(ns);
+                cmd.arg("--address").arg(&self.address).arg("--namespace").arg(ns);
                 cmd.args(args).stdin(Stdio::null());
                 output_with_timeout(&mut cmd, quick).ok()
             };
             let list = |args: &[&str]| -> Vec<String> {
                 in_ns(args)
-                    .map(|o| {
-                        String::from_utf8_lossy(&o.stdout)
-                            .lines()
-                            .map(str::to_owned)
-                            .collect()
-                    })
+                    .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect())
                     .unwrap_or_default()
             };
             for task in list(&["tasks", "ls", "-q"]) {
@@ -604,11 +544,7 @@ impl Containerd {
 impl Drop for Containerd {
     fn drop(&mut self) {
         if std::thread::panicking() && self.child.is_some() {
-            eprintln!(
-                "containerd log ({}), last lines:\n{}",
-                self.log_path().display(),
-                self.log_tail(60)
-            );
+            eprintln!("containerd log ({}), last lines:\n{}", self.log_path().display(), self.log_tail(60));
         }
         let report = self.shutdown();
         if !report.remaining.is_empty() {
@@ -654,9 +590,7 @@ pub fn unmount_all_under(dir: &Path) -> Vec<PathBuf> {
         }
         let mut progress = false;
         for point in found {
-            if umount2(&point, MntFlags::empty()).is_ok()
-                || umount2(&point, MntFlags::MNT_DETACH).is_ok()
-            {
+            if umount2(&point, MntFlags::empty()).is_ok() || umount2(&point, MntFlags::MNT_DETACH).is_ok() {
                 progress = true;
                 unmounted.push(point);
             }
@@ -683,12 +617,7 @@ fn check(cmd: &Command, out: Output) -> Result<String, ContainerdError> {
 
 fn read_names(dir: &Path) -> Vec<String> {
     fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-                .collect()
-        })
+        .map(|entries| entries.flatten().filter_map(|e| e.file_name().to_str().map(str::to_owned)).collect())
         .unwrap_or_default()
 }
 
@@ -698,14 +627,7 @@ fn shim_path(shim_dir: Option<&Path>) -> OsString {
     if let Some(path) = std::env::var_os("PATH") {
         dirs.extend(std::env::split_paths(&path));
     }
-    for system in [
-        "/usr/local/sbin",
-        "/usr/local/bin",
-        "/usr/sbin",
-        "/usr/bin",
-        "/sbin",
-        "/bin",
-    ] {
+    for system in ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
         if !dirs.iter().any(|d| d == Path::new(system)) {
             dirs.push(PathBuf::from(system));
         }
@@ -714,15 +636,9 @@ fn shim_path(shim_dir: Option<&Path>) -> OsString {
 }
 
 fn resolve_program(program: &Path) -> Result<PathBuf, ContainerdError> {
-    let not_installed = || ContainerdError::NotInstalled {
-        program: program.display().to_string(),
-    };
+    let not_installed = || ContainerdError::NotInstalled { program: program.display().to_string() };
     if program.components().count() > 1 {
-        return if program.is_file() {
-            Ok(program.to_owned())
-        } else {
-            Err(not_installed())
-        };
+        return if program.is_file() { Ok(program.to_owned()) } else { Err(not_installed()) };
     }
     crate::find_in_path(program.as_os_str()).ok_or_else(not_installed)
 }
@@ -734,14 +650,8 @@ mod tests {
     #[test]
     fn shim_socket_matches_containerd_derivation() {
         // sha256("/run/containerd/containerd.sock/default/abc")
-        let path = shim_socket_path(
-            Path::new("/run/containerd/containerd.sock"),
-            "default",
-            "abc",
-        );
-        let expected = hex::encode(Sha256::digest(
-            b"/run/containerd/containerd.sock/default/abc",
-        ));
+        let path = shim_socket_path(Path::new("/run/containerd/containerd.sock"), "default", "abc");
+        let expected = hex::encode(Sha256::digest(b"/run/containerd/containerd.sock/default/abc"));
         assert_eq!(path, Path::new("/run/containerd/s").join(expected));
     }
 

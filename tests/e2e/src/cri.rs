@@ -17,13 +17,11 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    AttachRequest, ContainerConfig, ContainerMetadata, ContainerStats, ContainerStatsFilter,
-    ContainerStatus, CreateContainerRequest, DnsConfig, ExecRequest, ExecSyncRequest, ImageSpec,
-    KeyValue, LinuxContainerResources, ListContainerStatsRequest, ListImagesRequest,
-    ListPodSandboxRequest, Mount, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatus,
-    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest, VersionRequest,
-    VersionResponse,
+    AttachRequest, ContainerConfig, ContainerMetadata, ContainerStats, ContainerStatsFilter, ContainerStatus,
+    CreateContainerRequest, DnsConfig, ExecRequest, ExecSyncRequest, ImageSpec, KeyValue, LinuxContainerResources,
+    ListContainerStatsRequest, ListImagesRequest, ListPodSandboxRequest, Mount, PodSandboxConfig, PodSandboxMetadata,
+    PodSandboxStatus, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest, VersionRequest, VersionResponse,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -34,8 +32,8 @@ mod stream_checks;
 mod web;
 
 pub use kata_pod::{
-    kata_handler_config, kata_pod_parts, kata_taps_anywhere, qemu_processes, start_containerd,
-    vm_lock, KataPodFootprint, QEMU,
+    kata_handler_config, kata_pod_parts, kata_taps_anywhere, qemu_processes, start_containerd, vm_lock,
+    KataPodFootprint, QEMU,
 };
 pub use network::{bridge_conf, cni_skip_reason, loopback_conf, CniNetwork};
 pub use stream::{StreamError, StreamSession, StreamStatus, Streams};
@@ -60,15 +58,9 @@ pub enum CriError {
         source: Box<tonic::Status>,
     },
     #[error("CRI {method} did not answer within {timeout:?}")]
-    Timeout {
-        method: &'static str,
-        timeout: Duration,
-    },
+    Timeout { method: &'static str, timeout: Duration },
     #[error("CRI {method} answered without {field}")]
-    Missing {
-        method: &'static str,
-        field: &'static str,
-    },
+    Missing { method: &'static str, field: &'static str },
     #[error("pod {pod} has no usable IPv4 address (status says {ip:?})")]
     PodIp { pod: String, ip: String },
     #[error("could not write {path}")]
@@ -104,29 +96,16 @@ pub struct CriClient {
 impl CriClient {
     /// Connects to the CRI service on containerd's grpc socket.
     pub fn connect(socket: &Path) -> Result<Self, CriError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(CriError::Runtime)?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(CriError::Runtime)?;
         let path = socket.to_owned();
         // The URI is required by tonic but unused: every connection goes to the unix socket.
-        let endpoint =
-            Endpoint::from_static("http://[::]:50051").connect_timeout(Duration::from_secs(10));
+        let endpoint = Endpoint::from_static("http://[::]:50051").connect_timeout(Duration::from_secs(10));
         let channel = rt
-            .block_on(
-                endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, io::Error>(TokioIo::new(
-                            tokio::net::UnixStream::connect(path).await?,
-                        ))
-                    }
-                })),
-            )
-            .map_err(|source| CriError::Connect {
-                socket: socket.to_owned(),
-                source,
-            })?;
+            .block_on(endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move { Ok::<_, io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            })))
+            .map_err(|source| CriError::Connect { socket: socket.to_owned(), source })?;
         Ok(Self {
             rt,
             runtime: RuntimeServiceClient::new(channel.clone()),
@@ -145,92 +124,54 @@ impl CriClient {
         F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         // The timer must be created inside the runtime, hence the async block.
-        match self
-            .rt
-            .block_on(async { tokio::time::timeout(deadline, fut).await })
-        {
+        match self.rt.block_on(async { tokio::time::timeout(deadline, fut).await }) {
             Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(CriError::Call {
-                method,
-                source: Box::new(status),
-            }),
-            Err(_) => Err(CriError::Timeout {
-                method,
-                timeout: deadline,
-            }),
+            Ok(Err(status)) => Err(CriError::Call { method, source: Box::new(status) }),
+            Err(_) => Err(CriError::Timeout { method, timeout: deadline }),
         }
     }
 
     /// `Version`: which runtime and CRI API version answer.
     pub fn version(&self) -> Result<VersionResponse, CriError> {
         let mut c = self.runtime.clone();
-        self.call("Version", self.deadline, async move {
-            c.version(VersionRequest {
-                version: "v1".to_owned(),
-            })
-            .await
-        })
+        self.call("Version", self.deadline, async move { c.version(VersionRequest { version: "v1".to_owned() }).await })
     }
 
     /// Image references the CRI plugin sees (its namespace is `k8s.io`).
     pub fn list_images(&self) -> Result<Vec<String>, CriError> {
         let mut c = self.images.clone();
-        let images = self.call("ListImages", self.deadline, async move {
-            c.list_images(ListImagesRequest { filter: None }).await
-        })?;
-        Ok(images
-            .images
-            .into_iter()
-            .flat_map(|i| i.repo_tags)
-            .collect())
+        let images =
+            self.call(
+                "ListImages",
+                self.deadline,
+                async move { c.list_images(ListImagesRequest { filter: None }).await },
+            )?;
+        Ok(images.images.into_iter().flat_map(|i| i.repo_tags).collect())
     }
 
     /// `RunPodSandbox` with `runtime_handler` (e.g. `runc`, `kata`); returns the pod id.
-    pub fn run_pod_sandbox(
-        &self,
-        config: &PodSandboxConfig,
-        runtime_handler: &str,
-    ) -> Result<String, CriError> {
+    pub fn run_pod_sandbox(&self, config: &PodSandboxConfig, runtime_handler: &str) -> Result<String, CriError> {
         let mut c = self.runtime.clone();
-        let request = RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: runtime_handler.to_owned(),
-        };
+        let request =
+            RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: runtime_handler.to_owned() };
         // Sandboxes of VM runtimes boot a VM first: give them more time than other calls.
         let deadline = self.deadline * 4;
-        let r = self.call("RunPodSandbox", deadline, async move {
-            c.run_pod_sandbox(request).await
-        })?;
+        let r = self.call("RunPodSandbox", deadline, async move { c.run_pod_sandbox(request).await })?;
         Ok(r.pod_sandbox_id)
     }
 
     pub fn pod_sandbox_status(&self, pod_id: &str) -> Result<PodSandboxStatus, CriError> {
         let mut c = self.runtime.clone();
-        let request = k8s_cri::v1::PodSandboxStatusRequest {
-            pod_sandbox_id: pod_id.to_owned(),
-            verbose: false,
-        };
-        self.call("PodSandboxStatus", self.deadline, async move {
-            c.pod_sandbox_status(request).await
-        })?
-        .status
-        .ok_or(CriError::Missing {
-            method: "PodSandboxStatus",
-            field: "status",
-        })
+        let request = k8s_cri::v1::PodSandboxStatusRequest { pod_sandbox_id: pod_id.to_owned(), verbose: false };
+        self.call("PodSandboxStatus", self.deadline, async move { c.pod_sandbox_status(request).await })?
+            .status
+            .ok_or(CriError::Missing { method: "PodSandboxStatus", field: "status" })
     }
 
     /// The pod's IPv4 address from `PodSandboxStatus.network.ip`.
     pub fn pod_ip(&self, pod_id: &str) -> Result<Ipv4Addr, CriError> {
-        let ip = self
-            .pod_sandbox_status(pod_id)?
-            .network
-            .map(|n| n.ip)
-            .unwrap_or_default();
-        ip.parse().map_err(|_| CriError::PodIp {
-            pod: pod_id.to_owned(),
-            ip,
-        })
+        let ip = self.pod_sandbox_status(pod_id)?.network.map(|n| n.ip).unwrap_or_default();
+        ip.parse().map_err(|_| CriError::PodIp { pod: pod_id.to_owned(), ip })
     }
 
     /// `CreateContainer` in pod `pod_id` (created from `pod_config`); returns the container id.
@@ -246,55 +187,33 @@ impl CriClient {
             config: Some(config.clone()),
             sandbox_config: Some(pod_config.clone()),
         };
-        let r = self.call("CreateContainer", self.deadline, async move {
-            c.create_container(request).await
-        })?;
+        let r = self.call("CreateContainer", self.deadline, async move { c.create_container(request).await })?;
         Ok(r.container_id)
     }
 
     pub fn start_container(&self, id: &str) -> Result<(), CriError> {
         let mut c = self.runtime.clone();
-        let request = StartContainerRequest {
-            container_id: id.to_owned(),
-        };
-        self.call("StartContainer", self.deadline, async move {
-            c.start_container(request).await
-        })
-        .map(drop)
+        let request = StartContainerRequest { container_id: id.to_owned() };
+        self.call("StartContainer", self.deadline, async move { c.start_container(request).await }).map(drop)
     }
 
     pub fn container_status(&self, id: &str) -> Result<ContainerStatus, CriError> {
         let mut c = self.runtime.clone();
-        let request = k8s_cri::v1::ContainerStatusRequest {
-            container_id: id.to_owned(),
-            verbose: false,
-        };
-        self.call("ContainerStatus", self.deadline, async move {
-            c.container_status(request).await
-        })?
-        .status
-        .ok_or(CriError::Missing {
-            method: "ContainerStatus",
-            field: "status",
-        })
+        let request = k8s_cri::v1::ContainerStatusRequest { container_id: id.to_owned(), verbose: false };
+        self.call("ContainerStatus", self.deadline, async move { c.container_status(request).await })?
+            .status
+            .ok_or(CriError::Missing { method: "ContainerStatus", field: "status" })
     }
 
     /// `ExecSync` of `cmd` in container `id`; the runtime kills it after `timeout`.
-    pub fn exec_sync(
-        &self,
-        id: &str,
-        cmd: &[&str],
-        timeout: Duration,
-    ) -> Result<ExecOutput, CriError> {
+    pub fn exec_sync(&self, id: &str, cmd: &[&str], timeout: Duration) -> Result<ExecOutput, CriError> {
         let mut c = self.runtime.clone();
         let request = ExecSyncRequest {
             container_id: id.to_owned(),
             cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
             timeout: i64::try_from(timeout.as_secs().max(1)).unwrap_or(i64::MAX),
         };
-        let r = self.call("ExecSync", timeout + self.deadline, async move {
-            c.exec_sync(request).await
-        })?;
+        let r = self.call("ExecSync", timeout + self.deadline, async move { c.exec_sync(request).await })?;
         Ok(ExecOutput {
             stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
@@ -329,63 +248,36 @@ impl CriClient {
             stdout: streams.stdout,
             stderr: streams.stderr,
         };
-        let r = self.call(
-            "Attach",
-            self.deadline,
-            async move { c.attach(request).await },
-        )?;
+        let r = self.call("Attach", self.deadline, async move { c.attach(request).await })?;
         Ok(r.url)
     }
 
     pub fn container_stats(&self, id: &str) -> Result<ContainerStats, CriError> {
         let mut c = self.runtime.clone();
-        let request = k8s_cri::v1::ContainerStatsRequest {
-            container_id: id.to_owned(),
-        };
-        self.call("ContainerStats", self.deadline, async move {
-            c.container_stats(request).await
-        })?
-        .stats
-        .ok_or(CriError::Missing {
-            method: "ContainerStats",
-            field: "stats",
-        })
+        let request = k8s_cri::v1::ContainerStatsRequest { container_id: id.to_owned() };
+        self.call("ContainerStats", self.deadline, async move { c.container_stats(request).await })?
+            .stats
+            .ok_or(CriError::Missing { method: "ContainerStats", field: "stats" })
     }
 
     /// `ListContainerStats`, of one pod's containers when `pod_id` is given.
-    pub fn list_container_stats(
-        &self,
-        pod_id: Option<&str>,
-    ) -> Result<Vec<ContainerStats>, CriError> {
+    pub fn list_container_stats(&self, pod_id: Option<&str>) -> Result<Vec<ContainerStats>, CriError> {
         let mut c = self.runtime.clone();
         let request = ListContainerStatsRequest {
-            filter: pod_id.map(|p| ContainerStatsFilter {
-                pod_sandbox_id: p.to_owned(),
-                ..Default::default()
-            }),
+            filter: pod_id.map(|p| ContainerStatsFilter { pod_sandbox_id: p.to_owned(), ..Default::default() }),
         };
-        Ok(self
-            .call("ListContainerStats", self.deadline, async move {
-                c.list_container_stats(request).await
-            })?
-            .stats)
+        Ok(self.call("ListContainerStats", self.deadline, async move { c.list_container_stats(request).await })?.stats)
     }
 
-    pub fn update_container_resources(
-        &self,
-        id: &str,
-        resources: &LinuxContainerResources,
-    ) -> Result<(), CriError> {
+    pub fn update_container_resources(&self, id: &str, resources: &LinuxContainerResources) -> Result<(), CriError> {
         let mut c = self.runtime.clone();
         let request = UpdateContainerResourcesRequest {
             container_id: id.to_owned(),
             linux: Some(resources.clone()),
             ..Default::default()
         };
-        self.call("UpdateContainerResources", self.deadline, async move {
-            c.update_container_resources(request).await
-        })
-        .map(drop)
+        self.call("UpdateContainerResources", self.deadline, async move { c.update_container_resources(request).await })
+            .map(drop)
     }
 
     /// `StopContainer`: SIGTERM, then SIGKILL after `grace`.
@@ -395,40 +287,26 @@ impl CriClient {
             container_id: id.to_owned(),
             timeout: i64::try_from(grace.as_secs()).unwrap_or(i64::MAX),
         };
-        self.call("StopContainer", grace + self.deadline, async move {
-            c.stop_container(request).await
-        })
-        .map(drop)
+        self.call("StopContainer", grace + self.deadline, async move { c.stop_container(request).await }).map(drop)
     }
 
     pub fn remove_container(&self, id: &str) -> Result<(), CriError> {
         let mut c = self.runtime.clone();
-        let request = RemoveContainerRequest {
-            container_id: id.to_owned(),
-        };
-        self.call("RemoveContainer", self.deadline, async move {
-            c.remove_container(request).await
-        })
-        .map(drop)
+        let request = RemoveContainerRequest { container_id: id.to_owned() };
+        self.call("RemoveContainer", self.deadline, async move { c.remove_container(request).await }).map(drop)
     }
 
     pub fn stop_pod_sandbox(&self, pod_id: &str) -> Result<(), CriError> {
         let mut c = self.runtime.clone();
-        let request = StopPodSandboxRequest {
-            pod_sandbox_id: pod_id.to_owned(),
-        };
-        self.call("StopPodSandbox", self.deadline * 2, async move {
-            c.stop_pod_sandbox(request).await
-        })
-        .map(drop)
+        let request = StopPodSandboxRequest { pod_sandbox_id: pod_id.to_owned() };
+        self.call("StopPodSandbox", self.deadline * 2, async move { c.stop_pod_sandbox(request).await }).map(drop)
     }
 
     /// Ids of every pod sandbox the CRI plugin knows.
     pub fn list_pod_sandboxes(&self) -> Result<Vec<String>, CriError> {
         let mut c = self.runtime.clone();
         let pods = self.call("ListPodSandbox", self.deadline, async move {
-            c.list_pod_sandbox(ListPodSandboxRequest { filter: None })
-                .await
+            c.list_pod_sandbox(ListPodSandboxRequest { filter: None }).await
         })?;
         Ok(pods.items.into_iter().map(|p| p.id).collect())
     }
@@ -447,13 +325,8 @@ impl CriClient {
 
     pub fn remove_pod_sandbox(&self, pod_id: &str) -> Result<(), CriError> {
         let mut c = self.runtime.clone();
-        let request = RemovePodSandboxRequest {
-            pod_sandbox_id: pod_id.to_owned(),
-        };
-        self.call("RemovePodSandbox", self.deadline * 2, async move {
-            c.remove_pod_sandbox(request).await
-        })
-        .map(drop)
+        let request = RemovePodSandboxRequest { pod_sandbox_id: pod_id.to_owned() };
+        self.call("RemovePodSandbox", self.deadline * 2, async move { c.remove_pod_sandbox(request).await }).map(drop)
     }
 }
 
@@ -597,24 +470,11 @@ impl ContainerSpec {
 
     pub fn build(&self) -> ContainerConfig {
         ContainerConfig {
-            metadata: Some(ContainerMetadata {
-                name: self.name.clone(),
-                attempt: 0,
-            }),
-            image: Some(ImageSpec {
-                image: self.image.clone(),
-                ..Default::default()
-            }),
+            metadata: Some(ContainerMetadata { name: self.name.clone(), attempt: 0 }),
+            image: Some(ImageSpec { image: self.image.clone(), ..Default::default() }),
             command: self.command.clone(),
             args: self.args.clone(),
-            envs: self
-                .envs
-                .iter()
-                .map(|(key, value)| KeyValue {
-                    key: key.clone(),
-                    value: value.clone(),
-                })
-                .collect(),
+            envs: self.envs.iter().map(|(key, value)| KeyValue { key: key.clone(), value: value.clone() }).collect(),
             mounts: self
                 .mounts
                 .iter()
@@ -664,12 +524,7 @@ pub fn parse_cri_log(text: &str) -> Vec<CriLogLine> {
             if !matches!(stream.as_str(), "stdout" | "stderr") {
                 return None;
             }
-            Some(CriLogLine {
-                timestamp,
-                stream,
-                partial: tag.starts_with('P'),
-                text,
-            })
+            Some(CriLogLine { timestamp, stream, partial: tag.starts_with('P'), text })
         })
         .collect()
 }

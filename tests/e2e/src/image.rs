@@ -123,10 +123,8 @@ impl OciImage {
     /// One-layer image: `busybox` as /bin/busybox, a symlink per applet, /etc/passwd, /etc/group and the
     /// usual empty directories.
     pub fn from_busybox(busybox: &Path, config: &ImageConfig) -> Result<Self, ImageError> {
-        let binary = fs::read(busybox).map_err(|source| ImageError::ReadBusybox {
-            path: busybox.to_owned(),
-            source,
-        })?;
+        let binary =
+            fs::read(busybox).map_err(|source| ImageError::ReadBusybox { path: busybox.to_owned(), source })?;
         let applets = busybox_applets(busybox)?;
         let layer = rootfs_layer(&binary, &applets)?;
         Self::from_layer(layer, config)
@@ -187,21 +185,14 @@ impl OciImage {
         out.file("index.json", &index_blob, 0o644)?;
         out.dir("blobs/", 0o755)?;
         out.dir("blobs/sha256/", 0o755)?;
-        let mut blobs = [
-            (&layer_digest, &layer[..]),
-            (&config_digest, &config_blob[..]),
-            (&manifest_digest, &manifest_blob[..]),
-        ];
+        let mut blobs =
+            [(&layer_digest, &layer[..]), (&config_digest, &config_blob[..]), (&manifest_digest, &manifest_blob[..])];
         blobs.sort_by(|a, b| a.0.cmp(b.0));
         for (digest, blob) in blobs {
             let hex = digest.trim_start_matches("sha256:");
             out.file(&format!("blobs/sha256/{hex}"), blob, 0o644)?;
         }
-        Ok(Self {
-            name: config.name.clone(),
-            manifest_digest,
-            tar: out.finish()?,
-        })
+        Ok(Self { name: config.name.clone(), manifest_digest, tar: out.finish()? })
     }
 
     pub fn name(&self) -> &str {
@@ -219,10 +210,7 @@ impl OciImage {
 
     /// Writes the layout tar to `path` (atomically, through a temporary file beside it).
     pub fn write_to(&self, path: &Path) -> Result<(), ImageError> {
-        let err = |source| ImageError::Write {
-            path: path.to_owned(),
-            source,
-        };
+        let err = |source| ImageError::Write { path: path.to_owned(), source };
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         fs::write(&tmp, &self.tar).map_err(err)?;
         fs::rename(&tmp, path).map_err(err)
@@ -231,25 +219,12 @@ impl OciImage {
     /// Writes the tar into `dir` under a name derived from the image name and manifest digest, unless a
     /// file of that name is already there; returns its path.
     pub fn write_cached(&self, dir: &Path) -> Result<PathBuf, ImageError> {
-        fs::create_dir_all(dir).map_err(|source| ImageError::Write {
-            path: dir.to_owned(),
-            source,
-        })?;
-        let short = self
-            .manifest_digest
-            .trim_start_matches("sha256:")
-            .get(..16)
-            .unwrap_or_default();
+        fs::create_dir_all(dir).map_err(|source| ImageError::Write { path: dir.to_owned(), source })?;
+        let short = self.manifest_digest.trim_start_matches("sha256:").get(..16).unwrap_or_default();
         let safe_name: String = self
             .name
             .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
+            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
             .collect();
         let path = dir.join(format!("{safe_name}-{short}.tar"));
         if !path.exists() {
@@ -264,10 +239,7 @@ pub fn busybox_applets(busybox: &Path) -> Result<Vec<String>, ImageError> {
     let output = Command::new(busybox)
         .arg("--list")
         .output()
-        .map_err(|source| ImageError::ListApplets {
-            path: busybox.to_owned(),
-            source,
-        })?;
+        .map_err(|source| ImageError::ListApplets { path: busybox.to_owned(), source })?;
     let mut applets: Vec<String> = String::from_utf8_lossy(&output.stdout)
         .lines()
         .map(str::trim)
@@ -275,9 +247,7 @@ pub fn busybox_applets(busybox: &Path) -> Result<Vec<String>, ImageError> {
         .map(str::to_owned)
         .collect();
     if !output.status.success() || applets.is_empty() {
-        return Err(ImageError::NoApplets {
-            path: busybox.to_owned(),
-        });
+        return Err(ImageError::NoApplets { path: busybox.to_owned() });
     }
     applets.sort();
     applets.dedup();
@@ -342,37 +312,26 @@ impl TarWriter {
 
     fn file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), ImageError> {
         let mut header = Self::header(tar::EntryType::Regular, mode, data.len() as u64);
-        self.builder
-            .append_data(&mut header, path, data)
-            .map_err(|source| tar_error(path, source))
+        self.builder.append_data(&mut header, path, data).map_err(|source| tar_error(path, source))
     }
 
     fn dir(&mut self, path: &str, mode: u32) -> Result<(), ImageError> {
         let mut header = Self::header(tar::EntryType::Directory, mode, 0);
-        self.builder
-            .append_data(&mut header, path, io::empty())
-            .map_err(|source| tar_error(path, source))
+        self.builder.append_data(&mut header, path, io::empty()).map_err(|source| tar_error(path, source))
     }
 
     fn symlink(&mut self, path: &str, target: &str) -> Result<(), ImageError> {
         let mut header = Self::header(tar::EntryType::Symlink, 0o777, 0);
-        self.builder
-            .append_link(&mut header, path, target)
-            .map_err(|source| tar_error(path, source))
+        self.builder.append_link(&mut header, path, target).map_err(|source| tar_error(path, source))
     }
 
     fn finish(self) -> Result<Vec<u8>, ImageError> {
-        self.builder
-            .into_inner()
-            .map_err(|source| tar_error("(end of archive)", source))
+        self.builder.into_inner().map_err(|source| tar_error("(end of archive)", source))
     }
 }
 
 fn tar_error(entry: &str, source: io::Error) -> ImageError {
-    ImageError::Tar {
-        entry: entry.to_owned(),
-        source,
-    }
+    ImageError::Tar { entry: entry.to_owned(), source }
 }
 
 fn to_json(what: &'static str, value: &serde_json::Value) -> Result<Vec<u8>, ImageError> {
@@ -388,9 +347,7 @@ fn image_tag(name: &str) -> Result<&str, ImageError> {
     let last = name.rsplit('/').next().unwrap_or(name);
     match last.rsplit_once(':') {
         Some((_, tag)) if !tag.is_empty() => Ok(tag),
-        _ => Err(ImageError::NoTag {
-            name: name.to_owned(),
-        }),
+        _ => Err(ImageError::NoTag { name: name.to_owned() }),
     }
 }
 
@@ -429,10 +386,7 @@ mod tests {
 
     #[test]
     fn tags_are_taken_after_the_last_slash() {
-        assert_eq!(
-            image_tag("docker.io/library/busybox:latest").unwrap(),
-            "latest"
-        );
+        assert_eq!(image_tag("docker.io/library/busybox:latest").unwrap(), "latest");
         assert_eq!(image_tag("localhost:5000/pause:3.6").unwrap(), "3.6");
         assert!(image_tag("localhost:5000/pause").is_err());
     }
@@ -453,38 +407,21 @@ mod tests {
         let files = entries(image.tar_bytes());
         let index: serde_json::Value = serde_json::from_slice(&files["index.json"]).unwrap();
         let entry = &index["manifests"][0];
-        assert_eq!(
-            entry["annotations"]["io.containerd.image.name"],
-            BUSYBOX_IMAGE
-        );
-        assert_eq!(
-            entry["annotations"]["org.opencontainers.image.ref.name"],
-            "latest"
-        );
+        assert_eq!(entry["annotations"]["io.containerd.image.name"], BUSYBOX_IMAGE);
+        assert_eq!(entry["annotations"]["org.opencontainers.image.ref.name"], "latest");
         assert_eq!(entry["digest"], image.manifest_digest());
         for (path, data) in &files {
             if let Some(hex) = path.strip_prefix("blobs/sha256/").filter(|h| !h.is_empty()) {
                 assert_eq!(sha256_digest(data), format!("sha256:{hex}"), "{path}");
             }
         }
-        let manifest_path = format!(
-            "blobs/sha256/{}",
-            image.manifest_digest().trim_start_matches("sha256:")
-        );
+        let manifest_path = format!("blobs/sha256/{}", image.manifest_digest().trim_start_matches("sha256:"));
         let manifest: serde_json::Value = serde_json::from_slice(&files[&manifest_path]).unwrap();
-        let config_path = format!(
-            "blobs/sha256/{}",
-            manifest["config"]["digest"]
-                .as_str()
-                .unwrap()
-                .trim_start_matches("sha256:")
-        );
+        let config_path =
+            format!("blobs/sha256/{}", manifest["config"]["digest"].as_str().unwrap().trim_start_matches("sha256:"));
         let config: serde_json::Value = serde_json::from_slice(&files[&config_path]).unwrap();
         assert_eq!(config["config"]["Cmd"], json!(["sh"]));
-        assert_eq!(
-            config["rootfs"]["diff_ids"][0],
-            manifest["layers"][0]["digest"]
-        );
+        assert_eq!(config["rootfs"]["diff_ids"][0], manifest["layers"][0]["digest"]);
     }
 
     #[test]
@@ -497,10 +434,7 @@ mod tests {
             let header = entry.header();
             assert_eq!(header.mtime().unwrap(), FIXED_MTIME);
             let path = entry.path().unwrap().to_string_lossy().into_owned();
-            let link = entry
-                .link_name()
-                .unwrap()
-                .map(|l| l.to_string_lossy().into_owned());
+            let link = entry.link_name().unwrap().map(|l| l.to_string_lossy().into_owned());
             seen.insert(path, (header.entry_type(), link, header.mode().unwrap()));
         }
         assert_eq!(seen["bin/sh"].1.as_deref(), Some("busybox"));

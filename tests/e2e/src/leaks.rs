@@ -12,21 +12,12 @@ use std::time::Duration;
 use crate::process::{stat_ppid, stat_state};
 
 /// Helper programs that belong to one sandbox; any of them mentioning the test is a leak.
-pub const WATCHED_PROGRAMS: &[&str] = &[
-    "containerd-shim-kata-v2",
-    "containerd-shim-runc-v2",
-    "virtiofsd",
-    "vhost-device-vsock",
-    "qemu-system-",
-];
+pub const WATCHED_PROGRAMS: &[&str] =
+    &["containerd-shim-kata-v2", "containerd-shim-runc-v2", "virtiofsd", "vhost-device-vsock", "qemu-system-"];
 
 /// Per-sandbox state directories the Kata runtime keeps; `<dir>/<id>` must be gone after the sandbox.
-pub const KATA_STATE_DIRS: &[&str] = &[
-    "/run/kata-containers",
-    "/run/kata-containers/shared/sandboxes",
-    "/run/vc/sbs",
-    "/run/vc/vm",
-];
+pub const KATA_STATE_DIRS: &[&str] =
+    &["/run/kata-containers", "/run/kata-containers/shared/sandboxes", "/run/vc/sbs", "/run/vc/vm"];
 
 /// What to look for.
 #[derive(Debug, Clone, Default)]
@@ -81,11 +72,7 @@ impl fmt::Display for LeakReport {
             return write!(f, "nothing leaked");
         }
         for p in &self.processes {
-            writeln!(
-                f,
-                "process {} (ppid {}, state {}): {} [{}]",
-                p.pid, p.ppid, p.state, p.cmdline, p.reason
-            )?;
+            writeln!(f, "process {} (ppid {}, state {}): {} [{}]", p.pid, p.ppid, p.state, p.cmdline, p.reason)?;
         }
         for m in &self.mounts {
             writeln!(f, "mount {}", m.display())?;
@@ -126,11 +113,7 @@ fn snapshot_processes() -> BTreeMap<u32, ProcInfo> {
         return procs;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         // Processes vanish while we look: skip those that do.
@@ -175,13 +158,8 @@ fn leaked_processes(query: &LeakQuery) -> Vec<LeakedProcess> {
             reasons.insert(pid, format!("command line mentions id {id}"));
         } else if let Some(id) = query.ids.iter().find(|id| mentions_id(&info.cgroup, id)) {
             reasons.insert(pid, format!("in a cgroup of id {id}"));
-        } else if WATCHED_PROGRAMS
-            .iter()
-            .any(|w| program_name(&info.cmdline).starts_with(w))
-            && query
-                .ids
-                .iter()
-                .any(|id| info.cmdline.contains(id.as_str()))
+        } else if WATCHED_PROGRAMS.iter().any(|w| program_name(&info.cmdline).starts_with(w))
+            && query.ids.iter().any(|id| info.cmdline.contains(id.as_str()))
         {
             reasons.insert(pid, "sandbox helper naming an id".to_owned());
         }
@@ -200,9 +178,7 @@ fn leaked_processes(query: &LeakQuery) -> Vec<LeakedProcess> {
             if child == me || !seen.insert(child) {
                 continue;
             }
-            reasons
-                .entry(child)
-                .or_insert_with(|| format!("descendant of {parent}"));
+            reasons.entry(child).or_insert_with(|| format!("descendant of {parent}"));
             roots.push(child);
         }
     }
@@ -211,13 +187,7 @@ fn leaked_processes(query: &LeakQuery) -> Vec<LeakedProcess> {
         .into_iter()
         .filter_map(|(pid, reason)| {
             let info = procs.get(&pid)?;
-            Some(LeakedProcess {
-                pid,
-                ppid: info.ppid,
-                state: info.state,
-                cmdline: info.cmdline.clone(),
-                reason,
-            })
+            Some(LeakedProcess { pid, ppid: info.ppid, state: info.state, cmdline: info.cmdline.clone(), reason })
         })
         .collect()
 }
@@ -225,9 +195,7 @@ fn leaked_processes(query: &LeakQuery) -> Vec<LeakedProcess> {
 /// Whether `text` names `id` as a whole word (ids are unique, but a short one could be a substring).
 fn mentions_id(text: &str, id: &str) -> bool {
     !id.is_empty()
-        && text
-            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'))
-            .any(|word| word == id)
+        && text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')).any(|word| word == id)
 }
 
 fn program_name(cmdline: &str) -> &str {
@@ -245,11 +213,8 @@ pub fn processes(matches: impl Fn(&[String]) -> bool) -> Vec<(u32, String)> {
         let Ok(raw) = fs::read(entry.path().join("cmdline")) else {
             continue;
         };
-        let argv: Vec<String> = raw
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
+        let argv: Vec<String> =
+            raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
         if !argv.is_empty() && matches(&argv) && crate::process::is_alive(pid) {
             found.push((pid, argv.join(" ")));
         }
@@ -263,11 +228,7 @@ pub const NETNS_DIR: &str = "/var/run/netns";
 /// The names of the network namespaces in [`NETNS_DIR`].
 pub fn netns_entries() -> BTreeSet<String> {
     fs::read_dir(NETNS_DIR)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default()
 }
 
@@ -276,8 +237,7 @@ pub fn links(netns: Option<&Path>) -> Result<Vec<String>, String> {
     let mut cmd = match netns {
         Some(ns) => {
             let mut c = Command::new("nsenter");
-            c.arg(format!("--net={}", ns.display()))
-                .args(["ip", "-o", "link", "show"]);
+            c.arg(format!("--net={}", ns.display())).args(["ip", "-o", "link", "show"]);
             c
         }
         None => {
@@ -286,8 +246,7 @@ pub fn links(netns: Option<&Path>) -> Result<Vec<String>, String> {
             c
         }
     };
-    let out = crate::process::output_with_timeout(&mut cmd, Duration::from_secs(10))
-        .map_err(|e| e.to_string())?;
+    let out = crate::process::output_with_timeout(&mut cmd, Duration::from_secs(10)).map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
@@ -338,13 +297,9 @@ fn unescape_mountinfo(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        let octal = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
         if let (b'\\', Some(digits)) = (bytes[i], octal) {
-            let value = digits
-                .iter()
-                .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
+            let value = digits.iter().fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
             out.push(u8::try_from(value).unwrap_or(b'?'));
             i += 4;
         } else {
@@ -362,34 +317,21 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let mut found: Vec<(usize, PathBuf)> = mounts()
         .into_iter()
         .enumerate()
-        .filter(|(_, m)| {
-            m.mount_point.starts_with(dir) || m.super_options.contains(dir_text.as_ref())
-        })
+        .filter(|(_, m)| m.mount_point.starts_with(dir) || m.super_options.contains(dir_text.as_ref()))
         .map(|(order, m)| (order, m.mount_point))
         .collect();
     // Deepest first; among equals, the most recent mount first (it hides the earlier one).
-    found.sort_by(|a, b| {
-        b.1.components()
-            .count()
-            .cmp(&a.1.components().count())
-            .then(b.0.cmp(&a.0))
-    });
+    found.sort_by(|a, b| b.1.components().count().cmp(&a.1.components().count()).then(b.0.cmp(&a.0)));
     found.into_iter().map(|(_, p)| p).collect()
 }
 
 fn leaked_mounts(query: &LeakQuery) -> Vec<PathBuf> {
-    let mut found: BTreeSet<PathBuf> = if query.dir.as_os_str().is_empty() {
-        BTreeSet::new()
-    } else {
-        mounts_under(&query.dir).into_iter().collect()
-    };
+    let mut found: BTreeSet<PathBuf> =
+        if query.dir.as_os_str().is_empty() { BTreeSet::new() } else { mounts_under(&query.dir).into_iter().collect() };
     for m in mounts() {
         let point = m.mount_point.to_string_lossy().into_owned();
-        if query.ids.iter().any(|id| {
-            m.mount_point
-                .iter()
-                .any(|c| c.to_str() == Some(id.as_str()))
-        }) || query.ids.iter().any(|id| mentions_id(&m.source, id))
+        if query.ids.iter().any(|id| m.mount_point.iter().any(|c| c.to_str() == Some(id.as_str())))
+            || query.ids.iter().any(|id| mentions_id(&m.source, id))
         {
             found.insert(PathBuf::from(point));
         }
@@ -416,10 +358,7 @@ fn leaked_paths(query: &LeakQuery) -> Vec<PathBuf> {
         find_named(&query.dir, &query.ids, 0, &mut found);
     }
     if !query.ids.is_empty() {
-        for m in mounts()
-            .iter()
-            .filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2")
-        {
+        for m in mounts().iter().filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2") {
             find_cgroups(&m.mount_point, &query.ids, 0, &mut found);
         }
     }
@@ -440,11 +379,7 @@ fn find_named(dir: &Path, ids: &[String], depth: usize, found: &mut Vec<PathBuf>
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        if entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| ids.iter().any(|id| id == n))
-        {
+        if entry.file_name().to_str().is_some_and(|n| ids.iter().any(|id| id == n)) {
             found.push(path.clone());
         }
         if entry.file_type().is_ok_and(|t| t.is_dir()) && !path.ends_with("snapshots") {
@@ -466,11 +401,7 @@ fn find_cgroups(dir: &Path, ids: &[String], depth: usize, found: &mut Vec<PathBu
             continue;
         }
         let path = entry.path();
-        if entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| ids.iter().any(|id| n.contains(id.as_str())))
-        {
+        if entry.file_name().to_str().is_some_and(|n| ids.iter().any(|id| n.contains(id.as_str()))) {
             found.push(path);
         } else {
             find_cgroups(&path, ids, depth + 1, found);
@@ -502,41 +433,21 @@ mod tests {
     #[test]
     fn finds_a_listed_child_still_running_and_its_descendants() {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 30 & wait"])
-            .spawn()
-            .unwrap();
+        let mut child = std::process::Command::new("sh").args(["-c", "sleep 30 & wait"]).spawn().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(200));
-        let report = find_leaks(&LeakQuery {
-            dir: dir.path().to_owned(),
-            pids: vec![child.id()],
-            ..Default::default()
-        });
+        let report =
+            find_leaks(&LeakQuery { dir: dir.path().to_owned(), pids: vec![child.id()], ..Default::default() });
         child.kill().unwrap();
         child.wait().unwrap();
-        assert!(
-            report.processes.iter().any(|p| p.pid == child.id()),
-            "{report}"
-        );
-        assert!(
-            report
-                .processes
-                .iter()
-                .any(|p| p.cmdline.contains("sleep 30")),
-            "{report}"
-        );
-        assert!(
-            report.mounts.is_empty() && report.paths.is_empty(),
-            "{report}"
-        );
+        assert!(report.processes.iter().any(|p| p.pid == child.id()), "{report}");
+        assert!(report.processes.iter().any(|p| p.cmdline.contains("sleep 30")), "{report}");
+        assert!(report.mounts.is_empty() && report.paths.is_empty(), "{report}");
     }
 
     #[test]
     fn finds_state_dirs_named_like_an_id() {
         let dir = tempfile::tempdir().unwrap();
-        let bundle = dir
-            .path()
-            .join("state/io.containerd.runtime.v2.task/default/abc-1");
+        let bundle = dir.path().join("state/io.containerd.runtime.v2.task/default/abc-1");
         fs::create_dir_all(&bundle).unwrap();
         let report = find_leaks(&LeakQuery {
             dir: dir.path().to_owned(),

@@ -15,9 +15,7 @@ pub mod leaks;
 pub mod process;
 pub mod pty;
 
-pub use containerd::{
-    Containerd, ContainerdError, ContainerdOptions, CriOptions, RunOptions, ShutdownReport,
-};
+pub use containerd::{Containerd, ContainerdError, ContainerdOptions, CriOptions, RunOptions, ShutdownReport};
 pub use image::{OciImage, BUSYBOX_IMAGE, PAUSE_IMAGE};
 pub use leaks::{find_leaks, LeakQuery, LeakReport};
 pub use pty::PtySession;
@@ -32,10 +30,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub fn unique_id(prefix: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or_default();
     format!("{prefix}-{}-{n}-{nanos:x}", std::process::id())
 }
 
@@ -46,16 +41,11 @@ pub fn skip_reason() -> Option<String> {
     }
     for program in ["containerd", "ctr", "runc"] {
         if find_in_path(OsStr::new(program)).is_none() {
-            return Some(format!(
-                "{program} is not installed (Debian package containerd / runc)"
-            ));
+            return Some(format!("{program} is not installed (Debian package containerd / runc)"));
         }
     }
     if !std::path::Path::new(image::DEFAULT_BUSYBOX).exists() {
-        return Some(format!(
-            "{} is missing (Debian package busybox-static)",
-            image::DEFAULT_BUSYBOX
-        ));
+        return Some(format!("{} is missing (Debian package busybox-static)", image::DEFAULT_BUSYBOX));
     }
     None
 }
@@ -76,22 +66,9 @@ pub fn find_in_path(program: &OsStr) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain(
-            [
-                "/usr/local/sbin",
-                "/usr/local/bin",
-                "/usr/sbin",
-                "/usr/bin",
-                "/sbin",
-                "/bin",
-            ]
-            .map(PathBuf::from),
-        )
+        .chain(["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
         .map(|dir| dir.join(program))
-        .find(|p| {
-            p.metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 #[cfg(test)]
@@ -104,9 +81,6 @@ mod tests {
         let b = unique_id("e2e");
         assert_ne!(a, b);
         assert!(a.len() <= 76, "{a}");
-        assert!(
-            a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
-            "{a}"
-        );
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'), "{a}");
     }
 }

@@ -25,12 +25,7 @@ pub enum ProcessError {
         source: io::Error,
     },
     #[error("`{command}` did not finish within {timeout:?} and was killed; stdout: {stdout:?}; stderr: {stderr:?}")]
-    Timeout {
-        command: String,
-        timeout: Duration,
-        stdout: String,
-        stderr: String,
-    },
+    Timeout { command: String, timeout: Duration, stdout: String, stderr: String },
 }
 
 /// The command line of `cmd`, for messages.
@@ -49,17 +44,11 @@ pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Outpu
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| ProcessError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+        .map_err(|source| ProcessError::Spawn { command: command.clone(), source })?;
     let stdout = collect(child.stdout.take());
     let stderr = collect(child.stderr.take());
-    let status =
-        wait_until(&mut child, Instant::now() + timeout).map_err(|source| ProcessError::Wait {
-            command: command.clone(),
-            source,
-        })?;
+    let status = wait_until(&mut child, Instant::now() + timeout)
+        .map_err(|source| ProcessError::Wait { command: command.clone(), source })?;
     if status.is_none() {
         kill_and_reap(&mut child);
     }
@@ -68,11 +57,7 @@ pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Outpu
     let stdout = stdout.recv_timeout(drain).unwrap_or_default();
     let stderr = stderr.recv_timeout(drain).unwrap_or_default();
     match status {
-        Some(status) => Ok(Output {
-            status,
-            stdout,
-            stderr,
-        }),
+        Some(status) => Ok(Output { status, stdout, stderr }),
         None => Err(ProcessError::Timeout {
             command,
             timeout,
@@ -163,12 +148,7 @@ pub(crate) fn stat_state(stat: &str) -> Option<char> {
 
 /// The parent PID of a `/proc/PID/stat` line.
 pub(crate) fn stat_ppid(stat: &str) -> Option<u32> {
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[cfg(test)]

@@ -41,26 +41,11 @@ pub enum PtyError {
         source: io::Error,
     },
     #[error("`{command}` did not print {pattern:?} within {timeout:?}; terminal output so far:\n{output}")]
-    PatternTimeout {
-        command: String,
-        pattern: String,
-        timeout: Duration,
-        output: String,
-    },
-    #[error(
-        "`{command}` closed its terminal before printing {pattern:?}; terminal output:\n{output}"
-    )]
-    PatternEof {
-        command: String,
-        pattern: String,
-        output: String,
-    },
+    PatternTimeout { command: String, pattern: String, timeout: Duration, output: String },
+    #[error("`{command}` closed its terminal before printing {pattern:?}; terminal output:\n{output}")]
+    PatternEof { command: String, pattern: String, output: String },
     #[error("`{command}` did not exit within {timeout:?}; terminal output:\n{output}")]
-    ExitTimeout {
-        command: String,
-        timeout: Duration,
-        output: String,
-    },
+    ExitTimeout { command: String, timeout: Duration, output: String },
     #[error("could not wait for `{command}`")]
     Wait {
         command: String,
@@ -87,20 +72,13 @@ impl PtySession {
     /// Spawns `cmd` in a new session whose controlling terminal is a fresh 80x24 pty.
     pub fn spawn(mut cmd: Command) -> Result<Self, PtyError> {
         let command = describe(&cmd);
-        let size = Winsize {
-            ws_row: 24,
-            ws_col: 80,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
+        let size = Winsize { ws_row: 24, ws_col: 80, ws_xpixel: 0, ws_ypixel: 0 };
         let pty = openpty(&size, None).map_err(PtyError::Open)?;
         set_cloexec(&pty.master)?;
         set_cloexec(&pty.slave)?;
         let slave_out = pty.slave.try_clone().map_err(PtyError::Descriptor)?;
         let slave_err = pty.slave.try_clone().map_err(PtyError::Descriptor)?;
-        cmd.stdin(Stdio::from(pty.slave))
-            .stdout(Stdio::from(slave_out))
-            .stderr(Stdio::from(slave_err));
+        cmd.stdin(Stdio::from(pty.slave)).stdout(Stdio::from(slave_out)).stderr(Stdio::from(slave_err));
         // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
         // system calls (setsid, ioctl) on descriptors that exist there; it allocates nothing.
         unsafe {
@@ -115,10 +93,7 @@ impl PtySession {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|source| PtyError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+        let child = cmd.spawn().map_err(|source| PtyError::Spawn { command: command.clone(), source })?;
         // Close our copies of the slave so that reading the master reports EOF once the child is gone.
         drop(cmd);
         Ok(Self {
@@ -140,10 +115,7 @@ impl PtySession {
         self.master
             .write_all(keys.as_bytes())
             .and_then(|()| self.master.flush())
-            .map_err(|source| PtyError::Write {
-                command: self.command.clone(),
-                source,
-            })
+            .map_err(|source| PtyError::Write { command: self.command.clone(), source })
     }
 
     /// Types `line` followed by Enter (carriage return, as a terminal sends it).
@@ -190,24 +162,12 @@ impl PtySession {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let chunk = self.expect("\n", left).map_err(|e| match e {
-                PtyError::PatternTimeout {
-                    command,
-                    timeout: _,
-                    output,
-                    ..
-                } => PtyError::PatternTimeout {
-                    command,
-                    pattern: format!("a line {line:?}"),
-                    timeout,
-                    output,
-                },
-                PtyError::PatternEof {
-                    command, output, ..
-                } => PtyError::PatternEof {
-                    command,
-                    pattern: format!("a line {line:?}"),
-                    output,
-                },
+                PtyError::PatternTimeout { command, timeout: _, output, .. } => {
+                    PtyError::PatternTimeout { command, pattern: format!("a line {line:?}"), timeout, output }
+                }
+                PtyError::PatternEof { command, output, .. } => {
+                    PtyError::PatternEof { command, pattern: format!("a line {line:?}"), output }
+                }
                 other => other,
             })?;
             consumed.push_str(&chunk);
@@ -222,10 +182,8 @@ impl PtySession {
     pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus, PtyError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let status = self.child.try_wait().map_err(|source| PtyError::Wait {
-                command: self.command.clone(),
-                source,
-            })?;
+            let status =
+                self.child.try_wait().map_err(|source| PtyError::Wait { command: self.command.clone(), source })?;
             if let Some(status) = status {
                 // Collect what is still buffered in the pty.
                 while !self.eof && self.read_some(Duration::from_millis(50))? {}
@@ -240,11 +198,8 @@ impl PtySession {
                 });
             }
             if self.eof {
-                let status =
-                    wait_until(&mut self.child, deadline).map_err(|source| PtyError::Wait {
-                        command: self.command.clone(),
-                        source,
-                    })?;
+                let status = wait_until(&mut self.child, deadline)
+                    .map_err(|source| PtyError::Wait { command: self.command.clone(), source })?;
                 if let Some(status) = status {
                     return Ok(status);
                 }
@@ -272,12 +227,7 @@ impl PtySession {
             Ok(0) => return Ok(false),
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => return Ok(false),
-            Err(e) => {
-                return Err(PtyError::Read {
-                    command: self.command.clone(),
-                    source: e.into(),
-                })
-            }
+            Err(e) => return Err(PtyError::Read { command: self.command.clone(), source: e.into() }),
         }
         let mut buf = [0u8; 4096];
         match self.master.read(&mut buf) {
@@ -296,10 +246,7 @@ impl PtySession {
                 Ok(false)
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
-            Err(source) => Err(PtyError::Read {
-                command: self.command.clone(),
-                source,
-            }),
+            Err(source) => Err(PtyError::Read { command: self.command.clone(), source }),
         }
     }
 }
@@ -313,12 +260,9 @@ impl Drop for PtySession {
 }
 
 fn set_cloexec(fd: &OwnedFd) -> Result<(), PtyError> {
-    fcntl(
-        std::os::fd::AsRawFd::as_raw_fd(fd),
-        FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC),
-    )
-    .map(|_| ())
-    .map_err(|e| PtyError::Descriptor(e.into()))
+    fcntl(std::os::fd::AsRawFd::as_raw_fd(fd), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+        .map(|_| ())
+        .map_err(|e| PtyError::Descriptor(e.into()))
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -339,9 +283,7 @@ mod tests {
         let mut session = PtySession::spawn(cmd).unwrap();
         session.expect("prompt> ", Duration::from_secs(10)).unwrap();
         session.send_line("tty; echo $((6*7))").unwrap();
-        session
-            .expect("/dev/pts/", Duration::from_secs(10))
-            .unwrap();
+        session.expect("/dev/pts/", Duration::from_secs(10)).unwrap();
         session.expect_line("42", Duration::from_secs(10)).unwrap();
         session.send_line("exit 5").unwrap();
         let status = session.wait(Duration::from_secs(10)).unwrap();
@@ -353,9 +295,7 @@ mod tests {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo hello; exec sleep 30"]);
         let mut session = PtySession::spawn(cmd).unwrap();
-        let err = session
-            .expect("never", Duration::from_millis(300))
-            .unwrap_err();
+        let err = session.expect("never", Duration::from_millis(300)).unwrap_err();
         assert!(err.to_string().contains("hello"), "{err}");
     }
 }

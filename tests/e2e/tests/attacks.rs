@@ -35,7 +35,8 @@ fn start(hypervisor_lines: &str, sections: &str) -> Option<Kata> {
     let parts = KataParts::find().expect("parts were found above");
     let conf = tempfile::tempdir().expect("temp dir");
     let conf_file = conf.path().join("configuration.toml");
-    std::fs::write(&conf_file, format!("{}\n{sections}", parts.configuration(hypervisor_lines))).expect("write configuration");
+    std::fs::write(&conf_file, format!("{}\n{sections}", parts.configuration(hypervisor_lines)))
+        .expect("write configuration");
     let containerd = Containerd::start(ContainerdOptions {
         shim_dir: Some(parts.shim_dir.clone()),
         env: vec![("KATA_CONF_FILE".into(), conf_file.display().to_string())],
@@ -255,7 +256,11 @@ fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
     let Ok(entries) = std::fs::read_dir(dir) else { return found };
     for entry in entries.flatten() {
         let Ok(meta) = entry.path().symlink_metadata() else { continue };
-        if meta.is_dir() && !meta.file_type().is_symlink() && entry.file_name() != "mounts" && entry.file_name() != "shared" {
+        if meta.is_dir()
+            && !meta.file_type().is_symlink()
+            && entry.file_name() != "mounts"
+            && entry.file_name() != "shared"
+        {
             found.extend(files_under(&entry.path()));
         } else if meta.is_file() {
             found.push((entry.path(), meta.len()));
@@ -274,7 +279,8 @@ fn the_guest_cannot_fill_the_host_through_its_console() {
     let flags = vec!["--device".to_string(), "/dev/kmsg".to_string()];
     // The kernel takes records of up to 1 KiB from /dev/kmsg.
     let long = "x".repeat(900);
-    let flood = format!("i=0; while [ $i -lt 4000 ]; do echo \"<0>flood $i {long}\"; i=$((i+1)); done > /dev/kmsg; sleep 600");
+    let flood =
+        format!("i=0; while [ $i -lt 4000 ]; do echo \"<0>flood $i {long}\"; i=$((i+1)); done > /dev/kmsg; sleep 600");
     run_detached(&k, &id, &flags, &["sh", "-c", &flood]);
     let marker = "flood 3999";
     wait_for("the flood to reach the console", RUN_TIMEOUT, || k.containerd.log().contains("console lines dropped"));
@@ -288,7 +294,11 @@ fn the_guest_cannot_fill_the_host_through_its_console() {
     assert!(console_lines.len() < 1000, "{} console lines were forwarded: not rate-limited", console_lines.len());
     let longest = console_lines.iter().map(|l| l.len()).max().unwrap_or(0);
     assert!(longest < 2048 + 512, "a forwarded console line is {longest} bytes long");
-    eprintln!("{} console lines forwarded, longest {longest} bytes, last flood line seen: {}", console_lines.len(), log.contains(marker));
+    eprintln!(
+        "{} console lines forwarded, longest {longest} bytes, last flood line seen: {}",
+        console_lines.len(),
+        log.contains(marker)
+    );
     stop_and_remove(&k, &id);
     assert_no_leaks(&k, &[&id]);
     shutdown(k);

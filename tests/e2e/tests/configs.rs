@@ -38,8 +38,7 @@ fn containerd_files() -> Vec<(i64, String)> {
 fn load(version: i64, name: &str) -> Table {
     let path = config_dir().join(format!("containerd/v{version}/{name}"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    text.parse::<Table>()
-        .unwrap_or_else(|e| panic!("{} is not valid TOML: {e}", path.display()))
+    text.parse::<Table>().unwrap_or_else(|e| panic!("{} is not valid TOML: {e}", path.display()))
 }
 
 /// The value at a dotted path of table keys (keys given separately, so they may contain dots).
@@ -53,9 +52,7 @@ fn get<'a>(table: &'a Table, path: &[&str]) -> Option<&'a Value> {
 }
 
 fn get_str<'a>(table: &'a Table, path: &[&str]) -> &'a str {
-    get(table, path)
-        .and_then(Value::as_str)
-        .unwrap_or_else(|| panic!("missing string {path:?}"))
+    get(table, path).and_then(Value::as_str).unwrap_or_else(|| panic!("missing string {path:?}"))
 }
 
 #[test]
@@ -70,53 +67,26 @@ fn containerd_snippets_have_the_expected_keys_in_their_own_format() {
         "v2/untrusted.toml",
         "v2/default.toml",
     ] {
-        assert!(
-            names.iter().any(|n| n == expected),
-            "{expected} missing: {names:?}"
-        );
+        assert!(names.iter().any(|n| n == expected), "{expected} missing: {names:?}");
     }
     for (version, name) in files {
         let t = load(version, &name);
         let what = format!("v{version}/{name}");
-        assert_eq!(
-            get(&t, &["version"]).and_then(Value::as_integer),
-            Some(version),
-            "{what}: version"
-        );
+        assert_eq!(get(&t, &["version"]).and_then(Value::as_integer), Some(version), "{what}: version");
         // The how-to mixes `plugins.cri` and `plugins."io.containerd.grpc.v1.cri"` in one snippet;
         // containerd reads only the one matching the file's version, so ours never mix.
-        let plugins = t
-            .get("plugins")
-            .and_then(Value::as_table)
-            .unwrap_or_else(|| panic!("{what}: no [plugins]"));
+        let plugins = t.get("plugins").and_then(Value::as_table).unwrap_or_else(|| panic!("{what}: no [plugins]"));
         let keys: Vec<&String> = plugins.keys().collect();
         assert_eq!(keys, [cri_key(version)], "{what}: plugin tables");
         let c: [&'static str; 3] = ["plugins", cri_key(version), "containerd"];
-        let at = |rest: &[&'static str]| -> Vec<&'static str> {
-            c.iter().chain(rest).copied().collect()
-        };
+        let at = |rest: &[&'static str]| -> Vec<&'static str> { c.iter().chain(rest).copied().collect() };
         match name.as_str() {
             "runtimeclass.toml" | "default.toml" => {
-                let default = if name == "default.toml" {
-                    "kata"
-                } else {
-                    "runc"
-                };
+                let default = if name == "default.toml" { "kata" } else { "runc" };
+                assert_eq!(get_str(&t, &at(&["default_runtime_name"])), default, "{what}");
+                assert_eq!(get_str(&t, &at(&["runtimes", "kata", "runtime_type"])), "io.containerd.kata.v2", "{what}");
                 assert_eq!(
-                    get_str(&t, &at(&["default_runtime_name"])),
-                    default,
-                    "{what}"
-                );
-                assert_eq!(
-                    get_str(&t, &at(&["runtimes", "kata", "runtime_type"])),
-                    "io.containerd.kata.v2",
-                    "{what}"
-                );
-                assert_eq!(
-                    get(
-                        &t,
-                        &at(&["runtimes", "kata", "privileged_without_host_devices"])
-                    ),
+                    get(&t, &at(&["runtimes", "kata", "privileged_without_host_devices"])),
                     Some(&Value::Boolean(true)),
                     "{what}"
                 );
@@ -132,17 +102,11 @@ fn containerd_snippets_have_the_expected_keys_in_their_own_format() {
                     "io.containerd.kata.v2",
                     "{what}"
                 );
-                assert_eq!(
-                    get_str(&t, &at(&["default_runtime_name"])),
-                    "runc",
-                    "{what}"
-                );
+                assert_eq!(get_str(&t, &at(&["default_runtime_name"])), "runc", "{what}");
             }
-            "default-legacy.toml" => assert_eq!(
-                get_str(&t, &at(&["default_runtime", "runtime_type"])),
-                "io.containerd.kata.v2",
-                "{what}"
-            ),
+            "default-legacy.toml" => {
+                assert_eq!(get_str(&t, &at(&["default_runtime", "runtime_type"])), "io.containerd.kata.v2", "{what}")
+            }
             "katafc.toml" => assert_eq!(
                 get_str(&t, &at(&["runtimes", "katafc", "runtime_type"])),
                 "io.containerd.katafc.v2",
@@ -152,10 +116,7 @@ fn containerd_snippets_have_the_expected_keys_in_their_own_format() {
         }
         if let Some(runtimes) = get(&t, &at(&["runtimes"])).and_then(Value::as_table) {
             if let Some(runc) = runtimes.get("runc") {
-                assert_eq!(
-                    runc.get("runtime_type").and_then(Value::as_str),
-                    Some("io.containerd.runc.v2")
-                );
+                assert_eq!(runc.get("runtime_type").and_then(Value::as_str), Some("io.containerd.runc.v2"));
             }
         }
     }
@@ -165,14 +126,10 @@ fn containerd_snippets_have_the_expected_keys_in_their_own_format() {
 fn cni_files_are_the_ones_the_tests_use() {
     let read = |name: &str| -> serde_json::Value {
         let path = config_dir().join("cni").join(name);
-        let text =
-            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     };
-    assert_eq!(
-        read("10-mynet.conf"),
-        e2e::cri::bridge_conf("cni0", "172.19.0.0/24", None)
-    );
+    assert_eq!(read("10-mynet.conf"), e2e::cri::bridge_conf("cni0", "172.19.0.0/24", None));
     assert_eq!(read("99-loopback.conf"), e2e::cri::loopback_conf());
 }
 
@@ -180,11 +137,7 @@ fn cni_files_are_the_ones_the_tests_use() {
 fn runtimeclass_names_the_kata_handler_with_overhead() {
     let path = config_dir().join("kubernetes/runtimeclass.yaml");
     let text = std::fs::read_to_string(&path).expect("runtimeclass.yaml");
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .map(str::trim)
-        .collect();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim_start().starts_with('#')).map(str::trim).collect();
     for expected in [
         "apiVersion: node.k8s.io/v1",
         "kind: RuntimeClass",
@@ -195,11 +148,7 @@ fn runtimeclass_names_the_kata_handler_with_overhead() {
         "memory: \"160Mi\"",
         "cpu: \"250m\"",
     ] {
-        assert!(
-            lines.contains(&expected),
-            "{expected:?} missing in {}",
-            path.display()
-        );
+        assert!(lines.contains(&expected), "{expected:?} missing in {}", path.display());
     }
 }
 
@@ -210,16 +159,10 @@ fn katafc_wrapper_sets_the_config_and_execs_the_shim() {
     let text = std::fs::read_to_string(&path).expect("wrapper");
     assert!(text.starts_with("#!/bin/sh\n"));
     assert!(text.contains("export KATA_CONF_FILE="));
-    assert!(text
-        .trim_end()
-        .ends_with("exec containerd-shim-kata-v2 \"$@\""));
+    assert!(text.trim_end().ends_with("exec containerd-shim-kata-v2 \"$@\""));
     let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
     assert!(mode & 0o111 != 0, "{} is not executable", path.display());
-    let syntax = Command::new("sh")
-        .arg("-n")
-        .arg(&path)
-        .status()
-        .expect("sh -n");
+    let syntax = Command::new("sh").arg("-n").arg(&path).status().expect("sh -n");
     assert!(syntax.success());
 }
 
@@ -240,18 +183,9 @@ fn effective(name: &str) -> &'static [&'static str] {
             "PrivilegedWithoutHostDevices:true",
             "ConfigPath:/etc/kata-containers/configuration.toml",
         ],
-        "default.toml" => &[
-            "DefaultRuntimeName:kata",
-            "kata:{Type:io.containerd.kata.v2",
-        ],
-        "untrusted.toml" => &[
-            "DefaultRuntimeName:runc",
-            "untrusted:{Type:io.containerd.kata.v2",
-        ],
-        "default-legacy.toml" => &[
-            "DefaultRuntimeName:default",
-            "default:{Type:io.containerd.kata.v2",
-        ],
+        "default.toml" => &["DefaultRuntimeName:kata", "kata:{Type:io.containerd.kata.v2"],
+        "untrusted.toml" => &["DefaultRuntimeName:runc", "untrusted:{Type:io.containerd.kata.v2"],
+        "default-legacy.toml" => &["DefaultRuntimeName:default", "default:{Type:io.containerd.kata.v2"],
         "katafc.toml" => &["katafc:{Type:io.containerd.katafc.v2"],
         "broken.toml" => &[],
         other => panic!("no expectations for {other}; add them here"),
@@ -264,21 +198,12 @@ fn check_loads(version: i64, name: &str, snippet: Table) -> (bool, Vec<String>) 
     let what = format!("v{version}/{name}");
     let mut failures = Vec::new();
     let text = merged_config(version, snippet);
-    let containerd = match Containerd::start(ContainerdOptions {
-        config_text: Some(text),
-        ..ContainerdOptions::default()
-    }) {
-        Ok(c) => c,
-        Err(e) => {
-            return (
-                false,
-                vec![format!("{what}: containerd did not start: {e}")],
-            )
-        }
-    };
-    let plugins = containerd
-        .ctr_ok(["plugins", "ls"])
-        .expect("ctr plugins ls");
+    let containerd =
+        match Containerd::start(ContainerdOptions { config_text: Some(text), ..ContainerdOptions::default() }) {
+            Ok(c) => c,
+            Err(e) => return (false, vec![format!("{what}: containerd did not start: {e}")]),
+        };
+    let plugins = containerd.ctr_ok(["plugins", "ls"]).expect("ctr plugins ls");
     let cri = plugins.lines().find(|l| {
         let cols: Vec<&str> = l.split_whitespace().collect();
         cols.first() == Some(&"io.containerd.grpc.v1") && cols.get(1) == Some(&"cri")
@@ -290,29 +215,17 @@ fn check_loads(version: i64, name: &str, snippet: Table) -> (bool, Vec<String>) 
     eprintln!("{what}: {}", cri.unwrap_or("no cri plugin line").trim_end());
     let ok = cri.is_some_and(|l| l.split_whitespace().last() == Some("ok"));
     if ok {
-        let started = log
-            .lines()
-            .find(|l| l.contains("Start cri plugin with config"))
-            .unwrap_or_default();
+        let started = log.lines().find(|l| l.contains("Start cri plugin with config")).unwrap_or_default();
         for piece in effective(name).iter().chain(&["RestrictOOMScoreAdj:true"]) {
             if !started.contains(piece) {
-                failures.push(format!(
-                    "{what}: the CRI config in effect lacks {piece}: {started}"
-                ));
+                failures.push(format!("{what}: the CRI config in effect lacks {piece}: {started}"));
             }
         }
     } else {
-        failures.push(format!(
-            "{what}: CRI plugin not ok: {cri:?}; log tail:\n{}",
-            containerd.log_tail(15)
-        ));
+        failures.push(format!("{what}: CRI plugin not ok: {cri:?}; log tail:\n{}", containerd.log_tail(15)));
     }
     let report = containerd.stop();
-    assert!(
-        report.remaining.is_empty(),
-        "{what}: left {}",
-        report.remaining
-    );
+    assert!(report.remaining.is_empty(), "{what}: left {}", report.remaining);
     (ok, failures)
 }
 
@@ -325,10 +238,7 @@ default_runtime_name = "kata""#
         .parse()
         .expect("toml");
     let (ok, _) = check_loads(2, "broken.toml", snippet);
-    assert!(
-        !ok,
-        "containerd accepted default_runtime_name without runtimes.kata"
-    );
+    assert!(!ok, "containerd accepted default_runtime_name without runtimes.kata");
 }
 
 #[test]

@@ -16,9 +16,8 @@ use std::time::Duration;
 use e2e::checks::{check_clean_stop, poll, step, Checks};
 use e2e::config_files::{cri_plugin, merge, private_cri_config};
 use e2e::cri::{
-    http_get,
-    import_pod_images, kata_taps_anywhere, parse_cri_log, qemu_processes, start_containerd,
-    vm_lock, CniNetwork, ContainerSpec, CriClient, KataPodFootprint, PodCleanup, PodSpec, WebVolumes,
+    http_get, import_pod_images, kata_taps_anywhere, parse_cri_log, qemu_processes, start_containerd, vm_lock,
+    CniNetwork, ContainerSpec, CriClient, KataPodFootprint, PodCleanup, PodSpec, WebVolumes,
 };
 use e2e::kata::{sandbox_dir, KataConf};
 use e2e::leaks::{links, netns_entries};
@@ -45,40 +44,27 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
     let mut net = CniNetwork::create().expect("CNI network config");
     eprintln!("bridge {} subnet {}", net.bridge(), net.subnet());
     let containerd = step("containerd with CRI and the kata handler", || {
-        start_containerd(&parts, &conf.path, &net, CRI_DEADLINE)
-            .expect("containerd with CRI starts")
+        start_containerd(&parts, &conf.path, &net, CRI_DEADLINE).expect("containerd with CRI starts")
     });
-    step("images imported", || {
-        import_pod_images(&containerd).expect("images imported")
-    });
+    step("images imported", || import_pod_images(&containerd).expect("images imported"));
     let cri = cri_client(&containerd);
     let cleanup = PodCleanup(&cri);
     let mut checks = Checks::default();
 
     let volumes = WebVolumes::create("kata").expect("host volumes");
     let WebVolumes { ro, rw, logs, page, .. } = &volumes;
-    let host_boot_id =
-        std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("host boot id");
+    let host_boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("host boot id");
 
     let netns_before = netns_entries();
     let pod = PodSpec::new("kata-web", logs);
     let pod_config = pod.build();
     let pod_id = step("RunPodSandbox (kata)", || {
         cri.run_pod_sandbox(&pod_config, "kata")
-            .unwrap_or_else(|e| {
-                panic!(
-                    "RunPodSandbox with handler kata: {e}\n{}",
-                    containerd.log_tail(60)
-                )
-            })
+            .unwrap_or_else(|e| panic!("RunPodSandbox with handler kata: {e}\n{}", containerd.log_tail(60)))
     });
     let footprint = KataPodFootprint::take(&pod_id, netns_before);
     let (qemu, pod_netns) = (&footprint.qemu, &footprint.netns);
-    checks.check(
-        "one QEMU process names the pod sandbox id",
-        qemu.len() == 1,
-        || format!("{qemu:?}"),
-    );
+    checks.check("one QEMU process names the pod sandbox id", qemu.len() == 1, || format!("{qemu:?}"));
     eprintln!("pod {pod_id}: netns {pod_netns:?}");
     let pod_links = pod_netns.as_deref().map(|ns| links(Some(ns)));
     checks.check(
@@ -107,31 +93,21 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
     });
     for id in [&server_id, &client_id] {
         let status = cri.container_status(id).expect("ContainerStatus");
-        checks.check(
-            "containers are running",
-            status.state == ContainerState::ContainerRunning as i32,
-            || format!("{id}: {status:?}"),
-        );
+        checks.check("containers are running", status.state == ContainerState::ContainerRunning as i32, || {
+            format!("{id}: {status:?}")
+        });
     }
     let qemu_now = qemu_processes(&pod_id);
-    checks.check(
-        "still one QEMU for the pod after two containers started",
-        qemu_now == *qemu,
-        || format!("before {qemu:?}, now {qemu_now:?}"),
-    );
+    checks.check("still one QEMU for the pod after two containers started", qemu_now == *qemu, || {
+        format!("before {qemu:?}, now {qemu_now:?}")
+    });
 
     // One VM: both containers see the same guest kernel boot, which is not the host's.
     let boot_ids: Vec<String> = [&server_id, &client_id]
         .iter()
-        .map(|id| {
-            match cri.exec_sync(
-                id,
-                &["cat", "/proc/sys/kernel/random/boot_id"],
-                EXEC_TIMEOUT,
-            ) {
-                Ok(out) => out.stdout.trim().to_owned(),
-                Err(e) => format!("(ExecSync failed: {e})"),
-            }
+        .map(|id| match cri.exec_sync(id, &["cat", "/proc/sys/kernel/random/boot_id"], EXEC_TIMEOUT) {
+            Ok(out) => out.stdout.trim().to_owned(),
+            Err(e) => format!("(ExecSync failed: {e})"),
         })
         .collect();
     checks.check(
@@ -142,13 +118,9 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
 
     // The containers share the pod's network namespace in the guest: localhost reaches the server.
     let local = poll(Duration::from_secs(30), || {
-        cri.exec_sync(
-            &client_id,
-            &["wget", "-qO-", "http://127.0.0.1:8080/index.html"],
-            EXEC_TIMEOUT,
-        )
-        .ok()
-        .filter(|o| o.exit_code == 0)
+        cri.exec_sync(&client_id, &["wget", "-qO-", "http://127.0.0.1:8080/index.html"], EXEC_TIMEOUT)
+            .ok()
+            .filter(|o| o.exit_code == 0)
     });
     checks.check(
         "the client container reaches the server over localhost",
@@ -166,70 +138,49 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
     );
     if let Ok(ip) = ip {
         let mut last = String::new();
-        let response = poll(Duration::from_secs(30), || {
-            match http_get(ip, 8080, "/index.html") {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    last = e.to_string();
-                    None
-                }
+        let response = poll(Duration::from_secs(30), || match http_get(ip, 8080, "/index.html") {
+            Ok(r) => Some(r),
+            Err(e) => {
+                last = e.to_string();
+                None
             }
         });
         checks.check(
             "TCP from the host to the pod IP reaches httpd in the VM",
-            response
-                .as_ref()
-                .is_some_and(|r| r.starts_with("HTTP/1.") && r.ends_with(page.as_str())),
+            response.as_ref().is_some_and(|r| r.starts_with("HTTP/1.") && r.ends_with(page.as_str())),
             || format!("{ip}:8080: {response:?}, last error: {last}"),
         );
     }
 
     // ExecSync: output and exit codes.
     let out = cri.exec_sync(&server_id, &["echo", "hi"], EXEC_TIMEOUT);
-    checks.check(
-        "ExecSync echo hi",
-        out.as_ref()
-            .is_ok_and(|o| o.stdout == "hi\n" && o.exit_code == 0),
-        || format!("{out:?}"),
-    );
-    let out = cri.exec_sync(
-        &server_id,
-        &["sh", "-c", "echo err >&2; exit 3"],
-        EXEC_TIMEOUT,
-    );
+    checks.check("ExecSync echo hi", out.as_ref().is_ok_and(|o| o.stdout == "hi\n" && o.exit_code == 0), || {
+        format!("{out:?}")
+    });
+    let out = cri.exec_sync(&server_id, &["sh", "-c", "echo err >&2; exit 3"], EXEC_TIMEOUT);
     checks.check(
         "ExecSync exit 3 with stderr",
-        out.as_ref()
-            .is_ok_and(|o| o.exit_code == 3 && o.stderr == "err\n"),
+        out.as_ref().is_ok_and(|o| o.exit_code == 3 && o.stderr == "err\n"),
         || format!("{out:?}"),
     );
 
     // Volumes: read-only is readable and not writable; read-write round-trips.
     let out = cri.exec_sync(&server_id, &["cat", "/ro/file"], EXEC_TIMEOUT);
-    checks.check(
-        "read-only volume is readable",
-        out.as_ref()
-            .is_ok_and(|o| o.stdout == "read-only content\n"),
-        || format!("{out:?}"),
-    );
+    checks.check("read-only volume is readable", out.as_ref().is_ok_and(|o| o.stdout == "read-only content\n"), || {
+        format!("{out:?}")
+    });
     let out = cri.exec_sync(&server_id, &["sh", "-c", "echo x > /ro/new"], EXEC_TIMEOUT);
     checks.check(
         "read-only volume is not writable",
-        out.as_ref()
-            .is_ok_and(|o| o.exit_code != 0 && o.stderr.contains("Read-only file system"))
+        out.as_ref().is_ok_and(|o| o.exit_code != 0 && o.stderr.contains("Read-only file system"))
             && !ro.join("new").exists(),
         || format!("{out:?}; host file exists: {}", ro.join("new").exists()),
     );
-    let out = cri.exec_sync(
-        &server_id,
-        &["sh", "-c", "cat /rw/in && echo from-container > /rw/out"],
-        EXEC_TIMEOUT,
-    );
+    let out = cri.exec_sync(&server_id, &["sh", "-c", "cat /rw/in && echo from-container > /rw/out"], EXEC_TIMEOUT);
     let back = std::fs::read_to_string(rw.join("out"));
     checks.check(
         "read-write volume round-trips a file",
-        out.as_ref()
-            .is_ok_and(|o| o.stdout == "from-host\n" && o.exit_code == 0)
+        out.as_ref().is_ok_and(|o| o.stdout == "from-host\n" && o.exit_code == 0)
             && back.as_deref().is_ok_and(|b| b == "from-container\n"),
         || format!("{out:?}; host sees {back:?}"),
     );
@@ -243,12 +194,8 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
     .unwrap_or_else(|| parse_cri_log(&std::fs::read_to_string(&log_path).unwrap_or_default()));
     checks.check(
         "CRI log file has stdout and stderr lines",
-        lines
-            .iter()
-            .any(|l| l.stream == "stdout" && l.text == format!("started-{}", pod.hostname))
-            && lines
-                .iter()
-                .any(|l| l.stream == "stderr" && l.text == "to-stderr"),
+        lines.iter().any(|l| l.stream == "stdout" && l.text == format!("started-{}", pod.hostname))
+            && lines.iter().any(|l| l.stream == "stderr" && l.text == "to-stderr"),
         || format!("{}: {lines:?}", log_path.display()),
     );
 
@@ -256,21 +203,11 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
     let stats = cri.container_stats(&server_id);
     let (cpu, memory) = stats.as_ref().map_or((0, 0), |s| {
         (
-            s.cpu
-                .as_ref()
-                .and_then(|c| c.usage_core_nano_seconds.as_ref())
-                .map_or(0, |v| v.value),
-            s.memory
-                .as_ref()
-                .and_then(|m| m.working_set_bytes.as_ref())
-                .map_or(0, |v| v.value),
+            s.cpu.as_ref().and_then(|c| c.usage_core_nano_seconds.as_ref()).map_or(0, |v| v.value),
+            s.memory.as_ref().and_then(|m| m.working_set_bytes.as_ref()).map_or(0, |v| v.value),
         )
     });
-    checks.check(
-        "ContainerStats cpu and memory are non-zero",
-        cpu > 0 && memory > 0,
-        || format!("{stats:?}"),
-    );
+    checks.check("ContainerStats cpu and memory are non-zero", cpu > 0 && memory > 0, || format!("{stats:?}"));
 
     // UpdateContainerResources reaches the container's cgroup v2 in the guest.
     let limit: i64 = 96 * 1024 * 1024;
@@ -303,11 +240,8 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
     // Teardown through CRI.
     footprint.remove_and_check(&cri, &containerd, &[&server_id, &client_id], &mut checks);
     if let Ok(ip) = ip {
-        checks.check(
-            "the pod IP no longer answers",
-            http_get(ip, 8080, "/").is_err(),
-            || format!("{ip} still answers"),
-        );
+        checks
+            .check("the pod IP no longer answers", http_get(ip, 8080, "/").is_err(), || format!("{ip} still answers"));
     }
 
     drop(cleanup);
@@ -322,8 +256,7 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
 /// and every kata runtime's `ConfigPath` pointed at `conf` (the shipped files name /etc/kata-containers).
 fn config_from_repo(version: i64, file: &str, cni_conf_dir: &Path, conf: &Path) -> String {
     let cri = cri_plugin(version);
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("../../config/containerd/v{version}/{file}"));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../config/containerd/v{version}/{file}"));
     let snippet: toml::Table = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .parse()
@@ -339,21 +272,15 @@ fn config_from_repo(version: i64, file: &str, cni_conf_dir: &Path, conf: &Path) 
         .and_then(toml::Value::as_table_mut)
         .and_then(|t| t.get_mut("runtimes"))
         .and_then(toml::Value::as_table_mut);
-    for runtime in runtimes
-        .into_iter()
-        .flat_map(|r| r.iter_mut().map(|(_, v)| v))
-    {
-        if let Some(path) = runtime
-            .get_mut("options")
-            .and_then(toml::Value::as_table_mut)
-            .and_then(|o| o.get_mut("ConfigPath"))
+    for runtime in runtimes.into_iter().flat_map(|r| r.iter_mut().map(|(_, v)| v)) {
+        if let Some(path) =
+            runtime.get_mut("options").and_then(toml::Value::as_table_mut).and_then(|o| o.get_mut("ConfigPath"))
         {
             *path = toml::Value::String(conf.display().to_string());
         }
     }
     toml::to_string(&table).expect("config serializes")
 }
-
 
 /// Starts containerd with the repository's `v<version>/<file>` and runs pods: every `(handler, untrusted)`
 /// in `kata_pods` must boot a VM whose container runs on the guest kernel; every one in `runc_pods` must
@@ -381,82 +308,52 @@ fn routes_pods(version: i64, file: &str, kata_pods: &[(&str, bool)], runc_pods: 
     let logs = tempfile::tempdir().expect("temp dir");
     let mut checks = Checks::default();
     let mut ids: Vec<String> = Vec::new();
-    let pods = kata_pods
-        .iter()
-        .map(|p| (p, true))
-        .chain(runc_pods.iter().map(|p| (p, false)));
+    let pods = kata_pods.iter().map(|p| (p, true)).chain(runc_pods.iter().map(|p| (p, false)));
     for (n, (&(handler, untrusted), expect_vm)) in pods.enumerate() {
         let what = format!("v{version}/{file}: handler {handler:?}, untrusted {untrusted}");
         let mut pod = PodSpec::new(&format!("route{n}"), logs.path());
         if untrusted {
-            pod.annotations
-                .insert(UNTRUSTED_ANNOTATION.to_owned(), "true".to_owned());
+            pod.annotations.insert(UNTRUSTED_ANNOTATION.to_owned(), "true".to_owned());
         }
         let pod_config = pod.build();
         let pod_id = step(&format!("RunPodSandbox ({what})"), || {
             cri.run_pod_sandbox(&pod_config, handler)
-                .unwrap_or_else(|e| {
-                    panic!("RunPodSandbox {what}: {e}\n{}", containerd.log_tail(60))
-                })
+                .unwrap_or_else(|e| panic!("RunPodSandbox {what}: {e}\n{}", containerd.log_tail(60)))
         });
         let qemu = qemu_processes(&pod_id);
         eprintln!("{what}: QEMU {qemu:?}");
         let spec = ContainerSpec::new(&format!("c{n}"), BUSYBOX_IMAGE, &["sleep", "3600"]);
-        let ctr_id = cri
-            .create_container(&pod_id, &spec.build(), &pod_config)
-            .expect("CreateContainer");
+        let ctr_id = cri.create_container(&pod_id, &spec.build(), &pod_config).expect("CreateContainer");
         cri.start_container(&ctr_id).expect("StartContainer");
-        let uname = cri
-            .exec_sync(&ctr_id, &["uname", "-r"], EXEC_TIMEOUT)
-            .map(|o| o.stdout.trim().to_owned());
+        let uname = cri.exec_sync(&ctr_id, &["uname", "-r"], EXEC_TIMEOUT).map(|o| o.stdout.trim().to_owned());
         if expect_vm {
-            checks.check(
-                "a kata pod boots one QEMU naming the pod",
-                qemu.len() == 1,
-                || format!("{what}: {qemu:?}"),
-            );
+            checks.check("a kata pod boots one QEMU naming the pod", qemu.len() == 1, || format!("{what}: {qemu:?}"));
             checks.check(
                 "its container runs on the guest kernel",
                 uname.as_deref().is_ok_and(|u| u == release),
                 || format!("{what}: uname -r {uname:?}, guest kernel {release}"),
             );
         } else {
-            checks.check("a runc pod boots no VM", qemu.is_empty(), || {
-                format!("{what}: {qemu:?}")
+            checks.check("a runc pod boots no VM", qemu.is_empty(), || format!("{what}: {qemu:?}"));
+            checks.check("its container runs on the host kernel", uname.as_deref().is_ok_and(|u| u != release), || {
+                format!("{what}: uname -r {uname:?}")
             });
-            checks.check(
-                "its container runs on the host kernel",
-                uname.as_deref().is_ok_and(|u| u != release),
-                || format!("{what}: uname -r {uname:?}"),
-            );
         }
         cri.stop_pod_sandbox(&pod_id).expect("StopPodSandbox");
         cri.remove_pod_sandbox(&pod_id).expect("RemovePodSandbox");
-        let left = poll(Duration::from_secs(30), || {
-            qemu_processes(&pod_id).is_empty().then_some(())
+        let left = poll(Duration::from_secs(30), || qemu_processes(&pod_id).is_empty().then_some(()));
+        checks.check("no QEMU left after RemovePodSandbox", left.is_some(), || {
+            format!("{what}: {:?}", qemu_processes(&pod_id))
         });
-        checks.check(
-            "no QEMU left after RemovePodSandbox",
-            left.is_some(),
-            || format!("{what}: {:?}", qemu_processes(&pod_id)),
-        );
-        checks.check(
-            "/run/kata-rs/<pod id> is gone",
-            !sandbox_dir(&pod_id).exists(),
-            || what.clone(),
-        );
+        checks.check("/run/kata-rs/<pod id> is gone", !sandbox_dir(&pod_id).exists(), || what.clone());
         ids.push(pod_id);
         ids.push(ctr_id);
     }
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     let report = containerd.leaks(&id_refs).expect("leak check runs");
-    checks.check("the leak finder finds nothing", report.is_empty(), || {
-        format!("{report}")
-    });
+    checks.check("the leak finder finds nothing", report.is_empty(), || format!("{report}"));
     let taps = kata_taps_anywhere();
-    checks.check("no kata tap left in any namespace", taps.is_empty(), || {
-        format!("{taps:?}")
-    });
+    checks.check("no kata tap left in any namespace", taps.is_empty(), || format!("{taps:?}"));
     drop(cleanup);
     drop(cri);
     check_clean_stop(containerd, &mut checks);
@@ -497,8 +394,7 @@ fn privileged_container_gets_no_host_devices() {
     let _vm = vm_lock();
     let conf = KataConf::write(&parts).expect("kata configuration written");
     let mut net = CniNetwork::create().expect("CNI network config");
-    let containerd = start_containerd(&parts, &conf.path, &net, CRI_DEADLINE)
-        .expect("containerd with CRI starts");
+    let containerd = start_containerd(&parts, &conf.path, &net, CRI_DEADLINE).expect("containerd with CRI starts");
     import_pod_images(&containerd).expect("images imported");
     let cri = cri_client(&containerd);
     let cleanup = PodCleanup(&cri);
@@ -525,7 +421,9 @@ fn privileged_container_gets_no_host_devices() {
     checks.check(
         "no host block device in the privileged container's /dev",
         !host_disks.is_empty()
-            && dev.as_ref().is_ok_and(|o| o.exit_code == 0 && o.stdout.lines().all(|l| !host_disks.contains(&l.to_string()))),
+            && dev
+                .as_ref()
+                .is_ok_and(|o| o.exit_code == 0 && o.stdout.lines().all(|l| !host_disks.contains(&l.to_string()))),
         || format!("host disks {host_disks:?}; container /dev: {dev:?}"),
     );
     // Privileged inside the VM: the full capability set (CAP_SYS_ADMIN among them).
@@ -533,7 +431,11 @@ fn privileged_container_gets_no_host_devices() {
     checks.check(
         "the container is privileged in the guest (all capabilities)",
         caps.as_ref().is_ok_and(|o| {
-            o.stdout.split_whitespace().nth(1).and_then(|h| u64::from_str_radix(h, 16).ok()).is_some_and(|c| c & (1 << 21) != 0)
+            o.stdout
+                .split_whitespace()
+                .nth(1)
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+                .is_some_and(|c| c & (1 << 21) != 0)
         }),
         || format!("{caps:?}"),
     );
@@ -543,15 +445,12 @@ fn privileged_container_gets_no_host_devices() {
     cri.stop_pod_sandbox(&pod_id).expect("StopPodSandbox");
     cri.remove_pod_sandbox(&pod_id).expect("RemovePodSandbox");
     let report = containerd.leaks(&[&pod_id, &ctr_id]).expect("leak check runs");
-    checks.check("nothing of the pod left", report.is_empty() && !sandbox_dir(&pod_id).exists(), || {
-        format!("{report}")
-    });
+    checks
+        .check("nothing of the pod left", report.is_empty() && !sandbox_dir(&pod_id).exists(), || format!("{report}"));
     drop(cleanup);
     drop(cri);
     let report = containerd.stop();
-    checks.check("containerd shut down with nothing to clean", report.remaining.is_empty(), || {
-        format!("{report:?}")
-    });
+    checks.check("containerd shut down with nothing to clean", report.remaining.is_empty(), || format!("{report:?}"));
     net.remove().expect("bridge removed");
     checks.finish();
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use e2e::checks::{check_clean_stop, error_chain, step, Checks};
 use e2e::cri::{
-    attach_target, check_attach, check_exec_streams, import_pod_images, start_containerd, vm_lock,
-    CniNetwork, ContainerSpec, CriClient, KataPodFootprint, PodCleanup, PodSpec,
+    attach_target, check_attach, check_exec_streams, import_pod_images, start_containerd, vm_lock, CniNetwork,
+    ContainerSpec, CriClient, KataPodFootprint, PodCleanup, PodSpec,
 };
 use e2e::kata::KataConf;
 use e2e::leaks::netns_entries;
@@ -37,27 +37,14 @@ fn run_container(
     checks: &mut Checks,
 ) -> (String, bool) {
     let id = step(&format!("CreateContainer {}", spec.name), || {
-        cri.create_container(pod.0, &spec.build(), pod.1)
-            .unwrap_or_else(|e| {
-                panic!(
-                    "CreateContainer {}: {}\n{}",
-                    spec.name,
-                    error_chain(&e),
-                    containerd.log_tail(60)
-                )
-            })
+        cri.create_container(pod.0, &spec.build(), pod.1).unwrap_or_else(|e| {
+            panic!("CreateContainer {}: {}\n{}", spec.name, error_chain(&e), containerd.log_tail(60))
+        })
     });
-    let started = step(&format!("StartContainer {}", spec.name), || {
-        cri.start_container(&id)
-    });
+    let started = step(&format!("StartContainer {}", spec.name), || cri.start_container(&id));
     checks.check("StartContainer", started.is_ok(), || {
         let error = started.as_ref().err().map(|e| error_chain(e));
-        format!(
-            "{} (tty {}): {}",
-            spec.name,
-            spec.tty,
-            error.unwrap_or_default()
-        )
+        format!("{} (tty {}): {}", spec.name, spec.tty, error.unwrap_or_default())
     });
     (id, started.is_ok())
 }
@@ -69,12 +56,9 @@ fn streaming_exec_and_attach_reach_containers_in_the_pod_vm() {
     let conf = KataConf::write(&parts).expect("kata configuration written");
     let mut net = CniNetwork::create().expect("CNI network config");
     let containerd = step("containerd with CRI and the kata handler", || {
-        start_containerd(&parts, &conf.path, &net, CRI_DEADLINE)
-            .expect("containerd with CRI starts")
+        start_containerd(&parts, &conf.path, &net, CRI_DEADLINE).expect("containerd with CRI starts")
     });
-    step("images imported", || {
-        import_pod_images(&containerd).expect("images imported")
-    });
+    step("images imported", || import_pod_images(&containerd).expect("images imported"));
     let mut cri = CriClient::connect(containerd.address()).expect("CRI client connects");
     cri.set_deadline(CRI_DEADLINE);
     let cleanup = PodCleanup(&cri);
@@ -85,34 +69,21 @@ fn streaming_exec_and_attach_reach_containers_in_the_pod_vm() {
     let pod_config = PodSpec::new("kata-stream", logs.path()).build();
     let pod_id = step("RunPodSandbox (kata)", || {
         cri.run_pod_sandbox(&pod_config, "kata")
-            .unwrap_or_else(|e| {
-                panic!(
-                    "RunPodSandbox: {}\n{}",
-                    error_chain(&e),
-                    containerd.log_tail(60)
-                )
-            })
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {}\n{}", error_chain(&e), containerd.log_tail(60)))
     });
     let footprint = KataPodFootprint::take(&pod_id, netns_before);
-    checks.check(
-        "one QEMU process names the pod sandbox id",
-        footprint.qemu.len() == 1,
-        || format!("{:?}", footprint.qemu),
-    );
+    checks.check("one QEMU process names the pod sandbox id", footprint.qemu.len() == 1, || {
+        format!("{:?}", footprint.qemu)
+    });
     let pod = (pod_id.as_str(), &pod_config);
     // PID 1 of a container ignores SIGTERM unless it handles it: trap it so that StopContainer does not
     // wait out its grace period.
-    let shell = ContainerSpec::new(
-        "shell",
-        BUSYBOX_IMAGE,
-        &["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"],
-    );
+    let shell = ContainerSpec::new("shell", BUSYBOX_IMAGE, &["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]);
     let (shell_id, shell_runs) = run_container(&cri, &containerd, pod, &shell, &mut checks);
     let attach = attach_target("attach", BUSYBOX_IMAGE, false);
     let (attach_id, attach_runs) = run_container(&cri, &containerd, pod, &attach, &mut checks);
     let attach_tty = attach_target("attach-tty", BUSYBOX_IMAGE, true);
-    let (attach_tty_id, attach_tty_runs) =
-        run_container(&cri, &containerd, pod, &attach_tty, &mut checks);
+    let (attach_tty_id, attach_tty_runs) = run_container(&cri, &containerd, pod, &attach_tty, &mut checks);
     let release = parts.kernel_release().expect("kernel has a version banner");
     let uname = cri.exec_sync(&shell_id, &["uname", "-r"], STREAM_TIMEOUT);
     checks.check(
@@ -125,10 +96,7 @@ fn streaming_exec_and_attach_reach_containers_in_the_pod_vm() {
         if shell_runs {
             check_exec_streams(&cri, &shell_id, STREAM_TIMEOUT, &mut checks);
         }
-        for (id, tty, runs) in [
-            (&attach_id, false, attach_runs),
-            (&attach_tty_id, true, attach_tty_runs),
-        ] {
+        for (id, tty, runs) in [(&attach_id, false, attach_runs), (&attach_tty_id, true, attach_tty_runs)] {
             if runs {
                 check_attach(&cri, id, tty, STREAM_TIMEOUT, &mut checks);
             }

@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use e2e::checks::{check_clean_stop, poll, step, Checks};
 use e2e::cri::{
-    http_get,import_pod_images, start_containerd, vm_lock, CniNetwork, CriClient, KataPodFootprint, PodCleanup, PodSpec, WebVolumes};
-use e2e::leaks::{netns_entries, processes};
+    http_get, import_pod_images, start_containerd, vm_lock, CniNetwork, CriClient, KataPodFootprint, PodCleanup,
+    PodSpec, WebVolumes,
+};
 use e2e::kata_pod_parts_or_skip;
+use e2e::leaks::{netns_entries, processes};
 
 const CRI_DEADLINE: Duration = Duration::from_secs(90);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -60,7 +62,8 @@ fn a_pod_with_a_network_is_a_clone_with_its_own_mac() {
     let footprint = KataPodFootprint::take(&pod_id, netns_before);
     let cmdline = footprint.qemu.first().map(|(_, c)| c.clone()).unwrap_or_default();
     checks.check("the pod's VM is a clone of the template", cmdline.contains("-incoming defer"), || cmdline.clone());
-    let template_vms = processes(|argv| argv.iter().any(|a| a.contains(&templates.display().to_string()) && a.contains("share=on")));
+    let template_vms =
+        processes(|argv| argv.iter().any(|a| a.contains(&templates.display().to_string()) && a.contains("share=on")));
     checks.check("the template VM is gone once saved", template_vms.is_empty(), || format!("{template_vms:?}"));
 
     let server = volumes.httpd();

@@ -79,7 +79,10 @@ fn ctr_ok(k: &Kata, args: &[&str]) -> String {
 /// The task's STATUS column in `ctr task ls`.
 fn task_status(k: &Kata, id: &str) -> Option<String> {
     let out = ctr_ok(k, &["task", "ls"]);
-    out.lines().find(|l| l.split_whitespace().next() == Some(id)).and_then(|l| l.split_whitespace().nth(2)).map(str::to_string)
+    out.lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .map(str::to_string)
 }
 
 fn wait_status(k: &Kata, id: &str, want: &str, timeout: Duration) {
@@ -231,7 +234,10 @@ fn assert_deleted_with_status(k: &Kata, id: &str, status: u32) {
     let out = ctr(k, &["task", "delete", id]);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "ctr task delete {id}: {stderr}");
-    assert!(stderr.contains(&format!("exit with non-zero exit code {status}")), "expected exit status {status}: {stderr}");
+    assert!(
+        stderr.contains(&format!("exit with non-zero exit code {status}")),
+        "expected exit status {status}: {stderr}"
+    );
     assert_eq!(task_status(k, id), None, "task {id} still listed after delete");
 }
 

@@ -99,17 +99,34 @@ fn pods_are_clones_of_one_template() {
 
     // Later pods are clones, each with its own hostname, clock and random state.
     let (a, b) = (unique_id("tmpl-a"), unique_id("tmpl-b"));
-    let detached = RunOptions { rm: false, extra_flags: vec!["-d".into()], timeout: RUN_TIMEOUT, ..RunOptions::runtime(KATA_RUNTIME) };
+    let detached = RunOptions {
+        rm: false,
+        extra_flags: vec!["-d".into()],
+        timeout: RUN_TIMEOUT,
+        ..RunOptions::runtime(KATA_RUNTIME)
+    };
     for id in [&a, &b] {
         let out = containerd.run(&detached, BUSYBOX_IMAGE, id, &["sleep", "600"]).expect("ctr run -d");
         assert!(out.status.success(), "{}\n{}", text(&out.stderr), containerd.log_tail(60));
         let cmdline = qemu_cmdline(id);
         assert!(cmdline.windows(2).any(|w| w[0] == "-incoming" && w[1] == "defer"), "{id} is a clone: {cmdline:?}");
-        assert!(cmdline.iter().any(|a| a.contains("share=off") && a.contains(&templates.display().to_string())), "{cmdline:?}");
+        assert!(
+            cmdline.iter().any(|a| a.contains("share=off") && a.contains(&templates.display().to_string())),
+            "{cmdline:?}"
+        );
     }
     let probe = |id: &str| {
         let out = containerd
-            .ctr(&["task", "exec", "--exec-id", "probe", id, "sh", "-c", "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s"])
+            .ctr(&[
+                "task",
+                "exec",
+                "--exec-id",
+                "probe",
+                id,
+                "sh",
+                "-c",
+                "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s",
+            ])
             .expect("ctr task exec");
         assert!(out.status.success(), "exec in {id}: {}", text(&out.stderr));
         text(&out.stdout)
@@ -178,7 +195,16 @@ fn pods_are_clones_of_one_template() {
     let out = run(&healed, &["echo", "healed"]);
     assert_eq!(text(&out.stdout), "healed\n", "{}\n{}", text(&out.stderr), containerd.log_tail(60));
 
-    let ids = [first.as_str(), a.as_str(), b.as_str(), bulk.as_str(), tty.as_str(), again.as_str(), broken.as_str(), healed.as_str()];
+    let ids = [
+        first.as_str(),
+        a.as_str(),
+        b.as_str(),
+        bulk.as_str(),
+        tty.as_str(),
+        again.as_str(),
+        broken.as_str(),
+        healed.as_str(),
+    ];
     e2e::kata::assert_no_leaks(&containerd, &ids);
     factory_ok(&parts, &conf, &["destroy"]);
     assert!(qemu_using(dir.path()).is_empty());

@@ -62,7 +62,12 @@ pub fn sandbox_config(req: pb::CreateSandboxRequest) -> Result<SandboxConfig, Co
 }
 
 pub fn guest_details(d: GuestDetails) -> pb::GuestDetails {
-    pb::GuestDetails { kernel_release: d.kernel_release, agent_version: d.agent_version, boot_id: d.boot_id, ..Default::default() }
+    pb::GuestDetails {
+        kernel_release: d.kernel_release,
+        agent_version: d.agent_version,
+        boot_id: d.boot_id,
+        ..Default::default()
+    }
 }
 
 pub fn process_exit(e: ExitInfo) -> pb::ProcessExit {
@@ -71,10 +76,23 @@ pub fn process_exit(e: ExitInfo) -> pb::ProcessExit {
 
 pub fn stats(s: ContainerStats) -> pb::ContainerStats {
     pb::ContainerStats {
-        cpu: Some(pb::CpuStats { usage_usec: s.cpu.usage_usec, user_usec: s.cpu.user_usec, system_usec: s.cpu.system_usec, ..Default::default() }).into(),
-        memory: Some(pb::MemoryStats { usage: s.memory.usage, limit: s.memory.limit, stat: s.memory.stat, ..Default::default() }).into(),
+        cpu: Some(pb::CpuStats {
+            usage_usec: s.cpu.usage_usec,
+            user_usec: s.cpu.user_usec,
+            system_usec: s.cpu.system_usec,
+            ..Default::default()
+        })
+        .into(),
+        memory: Some(pb::MemoryStats {
+            usage: s.memory.usage,
+            limit: s.memory.limit,
+            stat: s.memory.stat,
+            ..Default::default()
+        })
+        .into(),
         pids: Some(pb::PidsStats { current: s.pids.current, limit: s.pids.limit, ..Default::default() }).into(),
-        io: Some(pb::IoStats { read_bytes: s.io.read_bytes, write_bytes: s.io.write_bytes, ..Default::default() }).into(),
+        io: Some(pb::IoStats { read_bytes: s.io.read_bytes, write_bytes: s.io.write_bytes, ..Default::default() })
+            .into(),
         ..Default::default()
     }
 }
@@ -86,12 +104,14 @@ fn ip(s: &str, what: &'static str) -> Result<IpAddr, ConvertError> {
 fn ip_net(addr: &str, prefix_len: u32, what: &'static str) -> Result<IpNet, ConvertError> {
     let addr = ip(addr, what)?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
-    let prefix_len = u8::try_from(prefix_len).ok().filter(|p| *p <= max).ok_or_else(|| invalid("prefix length", prefix_len))?;
+    let prefix_len =
+        u8::try_from(prefix_len).ok().filter(|p| *p <= max).ok_or_else(|| invalid("prefix length", prefix_len))?;
     Ok(IpNet { addr, prefix_len })
 }
 
 pub fn interface(i: pb::Interface) -> Result<Interface, ConvertError> {
-    let addresses = i.addresses.iter().map(|a| ip_net(&a.address, a.prefix_len, "interface address")).collect::<Result<_, _>>()?;
+    let addresses =
+        i.addresses.iter().map(|a| ip_net(&a.address, a.prefix_len, "interface address")).collect::<Result<_, _>>()?;
     for mac in [&i.mac, &i.device_mac] {
         if !mac.is_empty() {
             network::parse_mac(mac)?;
@@ -112,7 +132,11 @@ pub fn interface_to_pb(i: Interface) -> pb::Interface {
         addresses: i
             .addresses
             .into_iter()
-            .map(|a| pb::IpAddress { address: a.addr.to_string(), prefix_len: u32::from(a.prefix_len), ..Default::default() })
+            .map(|a| pb::IpAddress {
+                address: a.addr.to_string(),
+                prefix_len: u32::from(a.prefix_len),
+                ..Default::default()
+            })
             .collect(),
         ..Default::default()
     }
@@ -127,7 +151,12 @@ pub fn route(r: pb::Route) -> Result<Route, ConvertError> {
         Some(ip_net(a, p, "route destination")?)
     };
     let opt_ip = |s: &str, what| if s.is_empty() { Ok(None) } else { ip(s, what).map(Some) };
-    Ok(Route { destination, gateway: opt_ip(&r.gateway, "route gateway")?, device: r.device, source: opt_ip(&r.source, "route source")? })
+    Ok(Route {
+        destination,
+        gateway: opt_ip(&r.gateway, "route gateway")?,
+        device: r.device,
+        source: opt_ip(&r.source, "route source")?,
+    })
 }
 
 pub fn arp_neighbor(n: pb::ArpNeighbor) -> Result<ArpNeighbor, ConvertError> {
@@ -140,9 +169,19 @@ mod tests {
 
     #[test]
     fn sandbox_request_converts() {
-        let mut req = pb::CreateSandboxRequest { sandbox_id: "sb".into(), hostname: "h".into(), host_time_unix_nanos: 1_000_000_000, ..Default::default() };
+        let mut req = pb::CreateSandboxRequest {
+            sandbox_id: "sb".into(),
+            hostname: "h".into(),
+            host_time_unix_nanos: 1_000_000_000,
+            ..Default::default()
+        };
         req.dns = vec!["nameserver 10.0.0.1".into()];
-        req.shared_fs = Some(pb::SharedFs { type_: pb::SharedFsType::SHARED_FS_TYPE_NINEP.into(), tag: "kataShared".into(), ..Default::default() }).into();
+        req.shared_fs = Some(pb::SharedFs {
+            type_: pb::SharedFsType::SHARED_FS_TYPE_NINEP.into(),
+            tag: "kataShared".into(),
+            ..Default::default()
+        })
+        .into();
         let cfg = sandbox_config(req).expect("config");
         assert_eq!(cfg.host_time, Some(UNIX_EPOCH + Duration::from_secs(1)));
         let fs = cfg.shared_fs.expect("fs");
@@ -153,7 +192,11 @@ mod tests {
     #[test]
     fn shared_fs_without_tag_is_rejected() {
         let req = pb::CreateSandboxRequest {
-            shared_fs: Some(pb::SharedFs { type_: pb::SharedFsType::SHARED_FS_TYPE_VIRTIOFS.into(), ..Default::default() }).into(),
+            shared_fs: Some(pb::SharedFs {
+                type_: pb::SharedFsType::SHARED_FS_TYPE_VIRTIOFS.into(),
+                ..Default::default()
+            })
+            .into(),
             ..Default::default()
         };
         assert!(sandbox_config(req).unwrap_err().to_string().contains("shared_fs.tag"));
@@ -197,9 +240,16 @@ mod tests {
         assert_eq!(interface_to_pb(interface(cloned.clone()).expect("clone's iface")), cloned);
         let no_mac = pb::Interface { mac: String::new(), ..cloned };
         assert!(interface(no_mac).unwrap_err().to_string().contains("device_mac without mac"));
-        let r = route(pb::Route { destination: "10.0.0.0/8".into(), gateway: "10.0.0.1".into(), ..Default::default() }).expect("route");
+        let r = route(pb::Route { destination: "10.0.0.0/8".into(), gateway: "10.0.0.1".into(), ..Default::default() })
+            .expect("route");
         assert_eq!(r.destination.map(|d| d.prefix_len), Some(8));
-        assert!(route(pb::Route { destination: "default".into(), ..Default::default() }).expect("default").destination.is_none());
-        assert!(arp_neighbor(pb::ArpNeighbor { ip_address: "x".into(), ..Default::default() }).unwrap_err().to_string().contains("'x'"));
+        assert!(route(pb::Route { destination: "default".into(), ..Default::default() })
+            .expect("default")
+            .destination
+            .is_none());
+        assert!(arp_neighbor(pb::ArpNeighbor { ip_address: "x".into(), ..Default::default() })
+            .unwrap_err()
+            .to_string()
+            .contains("'x'"));
     }
 }

@@ -43,7 +43,9 @@ fn sandbox_status(err: SandboxError) -> ttrpc::Error {
 
 fn container_status(err: &ContainerError) -> ttrpc::Error {
     let code = match err {
-        ContainerError::Spec(_) | ContainerError::NoProcess | ContainerError::InvalidSignal(_) => Code::INVALID_ARGUMENT,
+        ContainerError::Spec(_) | ContainerError::NoProcess | ContainerError::InvalidSignal(_) => {
+            Code::INVALID_ARGUMENT
+        }
         ContainerError::Process(_) | ContainerError::NoRootfs(_) => Code::FAILED_PRECONDITION,
         ContainerError::NoSuchExec(_) => Code::NOT_FOUND,
         ContainerError::ExecExists(_) => Code::ALREADY_EXISTS,
@@ -67,7 +69,11 @@ impl AgentService {
 #[async_trait]
 impl Agent for AgentService {
     async fn check(&self, _: &TtrpcContext, _: pb::Empty) -> R<pb::Version> {
-        Ok(pb::Version { agent_version: env!("CARGO_PKG_VERSION").into(), protocol_version: protocols::PROTOCOL_VERSION, ..Default::default() })
+        Ok(pb::Version {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            protocol_version: protocols::PROTOCOL_VERSION,
+            ..Default::default()
+        })
     }
 
     async fn guest_details(&self, _: &TtrpcContext, _: pb::Empty) -> R<pb::GuestDetails> {
@@ -86,8 +92,9 @@ impl Agent for AgentService {
     }
 
     async fn set_guest_time(&self, _: &TtrpcContext, req: pb::SetGuestTimeRequest) -> R<pb::Empty> {
-        let t = convert::time_from_nanos(req.host_time_unix_nanos)
-            .ok_or_else(|| ttrpc::Error::RpcStatus(ttrpc::get_status(Code::INVALID_ARGUMENT, "host_time_unix_nanos must be positive")))?;
+        let t = convert::time_from_nanos(req.host_time_unix_nanos).ok_or_else(|| {
+            ttrpc::Error::RpcStatus(ttrpc::get_status(Code::INVALID_ARGUMENT, "host_time_unix_nanos must be positive"))
+        })?;
         self.sandbox.set_time(t).map_err(sandbox_status)?;
         Ok(pb::Empty::new())
     }
@@ -140,7 +147,9 @@ impl Agent for AgentService {
     }
 
     async fn signal_process(&self, _: &TtrpcContext, req: pb::SignalProcessRequest) -> R<pb::Empty> {
-        self.container(&req.container_id)?.signal(&req.exec_id, req.signal, req.all).map_err(|e| container_status(&e))?;
+        self.container(&req.container_id)?
+            .signal(&req.exec_id, req.signal, req.all)
+            .map_err(|e| container_status(&e))?;
         Ok(pb::Empty::new())
     }
 
@@ -149,11 +158,21 @@ impl Agent for AgentService {
         Ok(convert::process_exit(exit))
     }
 
-    async fn read_stdout(&self, _: &TtrpcContext, req: pb::ProcessRequest, tx: ServerStreamSender<pb::OutputChunk>) -> R<()> {
+    async fn read_stdout(
+        &self,
+        _: &TtrpcContext,
+        req: pb::ProcessRequest,
+        tx: ServerStreamSender<pb::OutputChunk>,
+    ) -> R<()> {
         streams::read_output(self.process(&req.container_id, &req.exec_id)?, false, tx).await
     }
 
-    async fn read_stderr(&self, _: &TtrpcContext, req: pb::ProcessRequest, tx: ServerStreamSender<pb::OutputChunk>) -> R<()> {
+    async fn read_stderr(
+        &self,
+        _: &TtrpcContext,
+        req: pb::ProcessRequest,
+        tx: ServerStreamSender<pb::OutputChunk>,
+    ) -> R<()> {
         streams::read_output(self.process(&req.container_id, &req.exec_id)?, true, tx).await
     }
 
@@ -182,13 +201,23 @@ impl Agent for AgentService {
     }
 
     async fn update_routes(&self, _: &TtrpcContext, req: pb::UpdateRoutesRequest) -> R<pb::Empty> {
-        let routes = req.routes.into_iter().map(convert::route).collect::<Result<Vec<_>, _>>().map_err(|e| status(Code::INVALID_ARGUMENT, &e))?;
+        let routes = req
+            .routes
+            .into_iter()
+            .map(convert::route)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| status(Code::INVALID_ARGUMENT, &e))?;
         crate::network::update_routes(&routes).await.map_err(|e| status(Code::INTERNAL, &e))?;
         Ok(pb::Empty::new())
     }
 
     async fn add_arp_neighbors(&self, _: &TtrpcContext, req: pb::AddArpNeighborsRequest) -> R<pb::Empty> {
-        let ns = req.neighbors.into_iter().map(convert::arp_neighbor).collect::<Result<Vec<_>, _>>().map_err(|e| status(Code::INVALID_ARGUMENT, &e))?;
+        let ns = req
+            .neighbors
+            .into_iter()
+            .map(convert::arp_neighbor)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| status(Code::INVALID_ARGUMENT, &e))?;
         crate::network::add_arp_neighbors(&ns).await.map_err(|e| status(Code::INTERNAL, &e))?;
         Ok(pb::Empty::new())
     }

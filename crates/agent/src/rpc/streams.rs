@@ -25,9 +25,8 @@ pub async fn read_output(p: Arc<Process>, stderr: bool, tx: ServerStreamSender<p
         }
     }
     let tx = &tx;
-    let r = p
-        .io
-        .read_output(stderr, |data| async move {
+    let r =
+        p.io.read_output(stderr, |data| async move {
             tx.send(&pb::OutputChunk { data, ..Default::default() }).await.map_err(E::Send)
         })
         .await;
@@ -60,7 +59,10 @@ where
     Ok(())
 }
 
-pub async fn oom_events(mut rx: broadcast::Receiver<String>, tx: ServerStreamSender<pb::OomEvent>) -> ttrpc::Result<()> {
+pub async fn oom_events(
+    mut rx: broadcast::Receiver<String>,
+    tx: ServerStreamSender<pb::OomEvent>,
+) -> ttrpc::Result<()> {
     loop {
         match rx.recv().await {
             Ok(container_id) => tx.send(&pb::OomEvent { container_id, ..Default::default() }).await?,

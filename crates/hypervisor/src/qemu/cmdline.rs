@@ -24,9 +24,7 @@ pub struct VmPaths {
 
 impl VmPaths {
     pub fn new(work_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            work_dir: work_dir.into(),
-        }
+        Self { work_dir: work_dir.into() }
     }
     /// QMP control socket (QEMU listens).
     pub fn qmp_socket(&self) -> PathBuf {
@@ -69,9 +67,7 @@ impl VmPaths {
 
 /// Kernel arguments the backend always sets, in order, before the user's.
 pub fn kernel_params(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<String> {
-    let mut params: Vec<String> = ["console=ttyS0", "reboot=t", "panic=-1"]
-        .map(String::from)
-        .to_vec();
+    let mut params: Vec<String> = ["console=ttyS0", "reboot=t", "panic=-1"].map(String::from).to_vec();
     if !config.debug {
         params.push("quiet".into());
     }
@@ -81,7 +77,6 @@ pub fn kernel_params(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> V
     params.extend(config.kernel_params.iter().cloned());
     params
 }
-
 
 /// QEMU's arguments (without the program itself) for `config` running with `accel`. `tsc_khz` is the host TSC
 /// frequency; it is passed to the guest only under TCG.
@@ -144,79 +139,37 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<S
     // A connected socket passed as an fd: QEMU needs no path and never learns where the output goes.
     args.push2("-chardev", format!("socket,id=console,fd={CONSOLE_FD}"));
     args.push2("-serial", "chardev:console");
-    args.push2(
-        "-chardev",
-        format!(
-            "socket,id=qmp,path={},server=on,wait=off",
-            path_str(&paths.qmp_socket())
-        ),
-    );
+    args.push2("-chardev", format!("socket,id=qmp,path={},server=on,wait=off", path_str(&paths.qmp_socket())));
     args.push2("-mon", "chardev=qmp,mode=control");
 
     if config.free_page_reporting {
         // The guest reports free 2 MiB blocks a few seconds after freeing them; QEMU then punches them out of
         // the memfd, so the host gets back what booting touched once (the initrd and its unpacking).
-        args.push2(
-            "-device",
-            format!("virtio-balloon-{},free-page-reporting=on", bus.suffix()),
-        );
+        args.push2("-device", format!("virtio-balloon-{},free-page-reporting=on", bus.suffix()));
     }
     if config.vsock_daemon.is_some() {
-        args.push2(
-            "-chardev",
-            format!(
-                "socket,id=vsock,path={}",
-                path_str(&paths.vhost_vsock_socket())
-            ),
-        );
-        args.push2(
-            "-device",
-            format!("vhost-user-vsock-{},chardev=vsock", bus.suffix()),
-        );
+        args.push2("-chardev", format!("socket,id=vsock,path={}", path_str(&paths.vhost_vsock_socket())));
+        args.push2("-device", format!("vhost-user-vsock-{},chardev=vsock", bus.suffix()));
     }
     if let Some(name) = &config.agent_serial_port {
         args.push2("-device", format!("virtio-serial-{},max_ports=2", bus.suffix()));
         args.push2(
             "-chardev",
-            format!(
-                "socket,id=agent,path={},server=on,wait=off",
-                path_str(&paths.agent_serial_socket())
-            ),
+            format!("socket,id=agent,path={},server=on,wait=off", path_str(&paths.agent_serial_socket())),
         );
         args.push2("-device", format!("virtserialport,chardev=agent,name={name}"));
     }
     match &config.shared_fs {
         SharedFs::VirtioFs { .. } => {
-            args.push2(
-                "-chardev",
-                format!(
-                    "socket,id=virtiofs,path={}",
-                    path_str(&paths.virtiofsd_socket())
-                ),
-            );
-            args.push2(
-                "-device",
-                format!(
-                    "vhost-user-fs-{},chardev=virtiofs,tag={SHARED_FS_TAG}",
-                    bus.suffix()
-                ),
-            );
+            args.push2("-chardev", format!("socket,id=virtiofs,path={}", path_str(&paths.virtiofsd_socket())));
+            args.push2("-device", format!("vhost-user-fs-{},chardev=virtiofs,tag={SHARED_FS_TAG}", bus.suffix()));
         }
         SharedFs::Virtio9p { shared_dir } => {
             args.push2(
                 "-fsdev",
-                format!(
-                    "local,id=shared9p,path={},security_model=none,multidevs=remap",
-                    path_str(shared_dir)
-                ),
+                format!("local,id=shared9p,path={},security_model=none,multidevs=remap", path_str(shared_dir)),
             );
-            args.push2(
-                "-device",
-                format!(
-                    "virtio-9p-{},fsdev=shared9p,mount_tag={SHARED_FS_TAG}",
-                    bus.suffix()
-                ),
-            );
+            args.push2("-device", format!("virtio-9p-{},fsdev=shared9p,mount_tag={SHARED_FS_TAG}", bus.suffix()));
         }
         SharedFs::None => {}
     }
@@ -249,15 +202,13 @@ fn memory_backend(memory: &GuestMemory, size: &str) -> String {
         // vhost-user daemons map guest memory, so it must be a shareable file descriptor.
         GuestMemory::Memfd => format!("memory-backend-memfd,id=mem,size={size},share=on"),
         // Shared: the guest's writes land in the file, which is the template's memory once saved.
-        GuestMemory::Template { file } => format!(
-            "memory-backend-file,id=mem,size={size},mem-path={},share=on",
-            path_str(file)
-        ),
+        GuestMemory::Template { file } => {
+            format!("memory-backend-file,id=mem,size={size},mem-path={},share=on", path_str(file))
+        }
         // Private: the clone reads the template's pages and gets its own copy of a page when it writes one.
-        GuestMemory::Clone { file, .. } => format!(
-            "memory-backend-file,id=mem,size={size},mem-path={},share=off",
-            path_str(file)
-        ),
+        GuestMemory::Clone { file, .. } => {
+            format!("memory-backend-file,id=mem,size={size},mem-path={},share=off", path_str(file))
+        }
     }
 }
 
@@ -337,12 +288,7 @@ mod tests {
     use crate::config::NetDevice;
 
     fn base(machine: MachineType) -> VmConfig {
-        let mut c = VmConfig::new(
-            "vm1",
-            "/usr/bin/qemu-system-x86_64",
-            "/k/vmlinux",
-            "/run/vm1",
-        );
+        let mut c = VmConfig::new("vm1", "/usr/bin/qemu-system-x86_64", "/k/vmlinux", "/run/vm1");
         c.initrd = Some("/k/initrd.img".into());
         c.machine = machine;
         c.accel = AccelChoice::Auto;
@@ -353,10 +299,7 @@ mod tests {
 
     /// The value following `flag`, for each occurrence.
     fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
-        args.windows(2)
-            .filter(|w| w[0] == flag)
-            .map(|w| w[1].as_str())
-            .collect()
+        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
     }
 
     fn append(args: &[String]) -> Vec<&str> {
@@ -366,18 +309,12 @@ mod tests {
     #[test]
     fn microvm_tcg_basics() {
         let args = qemu_args(&base(MachineType::Microvm), Accel::Tcg, Some(2_596_140));
-        assert_eq!(
-            values(&args, "-machine"),
-            ["microvm,pit=on,pic=off,isa-serial=on,rtc=on,memory-backend=mem"]
-        );
+        assert_eq!(values(&args, "-machine"), ["microvm,pit=on,pic=off,isa-serial=on,rtc=on,memory-backend=mem"]);
         assert_eq!(values(&args, "-accel"), ["tcg,tb-size=64"]);
         assert_eq!(values(&args, "-cpu"), ["max"]);
         assert_eq!(values(&args, "-smp"), ["2"]);
         assert_eq!(values(&args, "-m"), ["512M"]);
-        assert_eq!(
-            values(&args, "-object"),
-            ["memory-backend-memfd,id=mem,size=512M,share=on"]
-        );
+        assert_eq!(values(&args, "-object"), ["memory-backend-memfd,id=mem,size=512M,share=on"]);
         for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
             assert!(args.iter().any(|a| a == flag), "missing {flag}");
         }
@@ -385,25 +322,12 @@ mod tests {
         assert_eq!(values(&args, "-global"), ["virtio-mmio.force-legacy=false"]);
         assert_eq!(values(&args, "-kernel"), ["/k/vmlinux"]);
         assert_eq!(values(&args, "-initrd"), ["/k/initrd.img"]);
-        assert_eq!(
-            append(&args),
-            [
-                "console=ttyS0",
-                "reboot=t",
-                "panic=-1",
-                "quiet",
-                "tsc_early_khz=2596140"
-            ]
-        );
+        assert_eq!(append(&args), ["console=ttyS0", "reboot=t", "panic=-1", "quiet", "tsc_early_khz=2596140"]);
         assert_eq!(values(&args, "-chardev")[0], "socket,id=console,fd=3");
         assert_eq!(values(&args, "-serial"), ["chardev:console"]);
-        assert!(values(&args, "-chardev")
-            .contains(&"socket,id=qmp,path=/run/vm1/qmp.sock,server=on,wait=off"));
+        assert!(values(&args, "-chardev").contains(&"socket,id=qmp,path=/run/vm1/qmp.sock,server=on,wait=off"));
         assert_eq!(values(&args, "-mon"), ["chardev=qmp,mode=control"]);
-        assert!(
-            values(&args, "-device").is_empty(),
-            "no devices were configured"
-        );
+        assert!(values(&args, "-device").is_empty(), "no devices were configured");
     }
 
     /// The whole command line of a default VM, so any change to it shows here.
@@ -443,17 +367,7 @@ mod tests {
         assert!(values(&args, "-machine")[0].starts_with("microvm,pit=on,"));
         assert_eq!(values(&args, "-accel"), ["kvm"]);
         assert_eq!(values(&args, "-cpu"), ["host"]);
-        assert_eq!(
-            append(&args),
-            [
-                "console=ttyS0",
-                "reboot=t",
-                "panic=-1",
-                "quiet",
-                "agent.log=debug",
-                "init=/init"
-            ]
-        );
+        assert_eq!(append(&args), ["console=ttyS0", "reboot=t", "panic=-1", "quiet", "agent.log=debug", "init=/init"]);
     }
 
     #[test]
@@ -491,10 +405,7 @@ mod tests {
         assert!(chardevs.contains(&"socket,id=virtiofs,path=/run/vm1/virtiofsd.sock"));
         assert_eq!(
             values(&args, "-device"),
-            [
-                "vhost-user-vsock-device,chardev=vsock",
-                "vhost-user-fs-device,chardev=virtiofs,tag=kataShared"
-            ]
+            ["vhost-user-vsock-device,chardev=vsock", "vhost-user-fs-device,chardev=virtiofs,tag=kataShared"]
         );
         assert!(values(&args, "-fsdev").is_empty());
     }
@@ -509,58 +420,39 @@ mod tests {
             shared_dir: "/run/shared".into(),
         };
         let args = qemu_args(&config, Accel::Kvm, None);
-        assert_eq!(
-            values(&args, "-machine"),
-            ["q35,memory-backend=mem"]
-        );
+        assert_eq!(values(&args, "-machine"), ["q35,memory-backend=mem"]);
         assert_eq!(values(&args, "-accel"), ["kvm"]);
         assert!(values(&args, "-global").is_empty());
         assert_eq!(
             values(&args, "-device"),
-            [
-                "vhost-user-vsock-pci,chardev=vsock",
-                "vhost-user-fs-pci,chardev=virtiofs,tag=kataShared"
-            ]
+            ["vhost-user-vsock-pci,chardev=vsock", "vhost-user-fs-pci,chardev=virtiofs,tag=kataShared"]
         );
     }
 
     #[test]
     fn virtio_9p_microvm_and_q35() {
-        for (machine, device) in [
-            (MachineType::Microvm, "virtio-9p-device"),
-            (MachineType::Q35, "virtio-9p-pci"),
-        ] {
+        for (machine, device) in [(MachineType::Microvm, "virtio-9p-device"), (MachineType::Q35, "virtio-9p-pci")] {
             let mut config = base(machine);
-            config.shared_fs = SharedFs::Virtio9p {
-                shared_dir: "/run/shared".into(),
-            };
+            config.shared_fs = SharedFs::Virtio9p { shared_dir: "/run/shared".into() };
             let args = qemu_args(&config, Accel::Tcg, None);
             assert_eq!(
                 values(&args, "-fsdev"),
                 ["local,id=shared9p,path=/run/shared,security_model=none,multidevs=remap"]
             );
-            assert_eq!(
-                values(&args, "-device"),
-                [format!("{device},fsdev=shared9p,mount_tag=kataShared")]
-            );
-            assert!(!values(&args, "-chardev")
-                .iter()
-                .any(|c| c.contains("virtiofs")));
+            assert_eq!(values(&args, "-device"), [format!("{device},fsdev=shared9p,mount_tag=kataShared")]);
+            assert!(!values(&args, "-chardev").iter().any(|c| c.contains("virtiofs")));
         }
     }
 
     fn tap(id: &str, mac: &str) -> NetDevice {
         let file = std::fs::File::open("/dev/null").expect("open /dev/null");
-        NetDevice {
-            id: id.into(),
-            mac: mac.into(),
-            fd: Some(std::sync::Arc::new(file.into())),
-        }
+        NetDevice { id: id.into(), mac: mac.into(), fd: Some(std::sync::Arc::new(file.into())) }
     }
 
     #[test]
     fn agent_serial_port_on_the_machine_bus() {
-        for (machine, bus) in [(MachineType::Microvm, "virtio-serial-device"), (MachineType::Q35, "virtio-serial-pci")] {
+        for (machine, bus) in [(MachineType::Microvm, "virtio-serial-device"), (MachineType::Q35, "virtio-serial-pci")]
+        {
             let mut config = base(machine);
             config.agent_serial_port = Some("agent.channel.0".into());
             let args = qemu_args(&config, Accel::Tcg, None);
@@ -591,20 +483,13 @@ mod tests {
 
     #[test]
     fn net_devices_get_inherited_fds_in_order() {
-        for (machine, device, extra) in [
-            (MachineType::Microvm, "virtio-net-device", ""),
-            (MachineType::Q35, "virtio-net-pci", ",romfile="),
-        ] {
+        for (machine, device, extra) in
+            [(MachineType::Microvm, "virtio-net-device", ""), (MachineType::Q35, "virtio-net-pci", ",romfile=")]
+        {
             let mut config = base(machine);
-            config.net_devices = vec![
-                tap("net0", "02:00:ca:fe:00:01"),
-                tap("net1", "02:00:ca:fe:00:02"),
-            ];
+            config.net_devices = vec![tap("net0", "02:00:ca:fe:00:01"), tap("net1", "02:00:ca:fe:00:02")];
             let args = qemu_args(&config, Accel::Tcg, None);
-            assert_eq!(
-                values(&args, "-netdev"),
-                ["tap,id=net0,fd=4,vhost=off", "tap,id=net1,fd=5,vhost=off"]
-            );
+            assert_eq!(values(&args, "-netdev"), ["tap,id=net0,fd=4,vhost=off", "tap,id=net1,fd=5,vhost=off"]);
             assert_eq!(
                 values(&args, "-device"),
                 [
@@ -638,24 +523,12 @@ mod tests {
         let paths = VmPaths::new("/run/vm1");
         assert_eq!(
             vsock_daemon_args(&paths),
-            [
-                "--vm",
-                "guest-cid=3,socket=/run/vm1/vhost-vsock.sock,uds-path=/run/vm1/kata.sock"
-            ]
+            ["--vm", "guest-cid=3,socket=/run/vm1/vhost-vsock.sock,uds-path=/run/vm1/kata.sock"]
         );
-        let args = virtiofsd_args(
-            &paths,
-            Path::new("/run/shared"),
-            &["--sandbox=none".to_string()],
-        );
+        let args = virtiofsd_args(&paths, Path::new("/run/shared"), &["--sandbox=none".to_string()]);
         assert_eq!(
             args,
-            [
-                "--socket-path=/run/vm1/virtiofsd.sock",
-                "--shared-dir=/run/shared",
-                "--cache=auto",
-                "--sandbox=none"
-            ]
+            ["--socket-path=/run/vm1/virtiofsd.sock", "--shared-dir=/run/shared", "--cache=auto", "--sandbox=none"]
         );
         assert!(!args.iter().any(|a| a.starts_with("--tag")));
     }

@@ -129,10 +129,7 @@ impl QemuVm {
 
     /// QEMU's full argument list (without the program), once prepared.
     pub fn qemu_args(&self) -> Option<Vec<String>> {
-        self.state()
-            .plan
-            .as_ref()
-            .map(|plan| plan.qemu_args.clone())
+        self.state().plan.as_ref().map(|plan| plan.qemu_args.clone())
     }
 
     /// QEMU's own stdout and stderr, once it was started (also after it exited).
@@ -146,29 +143,21 @@ impl QemuVm {
 
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock leaves plain data behind; keep going rather than cascade.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn qmp(&self, op: &'static str) -> Result<Arc<QmpClient>> {
         let state = self.state();
         match (state.phase, &state.qmp) {
             (Phase::Running, Some(qmp)) => Ok(qmp.clone()),
-            (phase, _) => Err(Error::InvalidState {
-                op,
-                state: phase.name(),
-            }),
+            (phase, _) => Err(Error::InvalidState { op, state: phase.name() }),
         }
     }
 
     async fn prepare_locked(&self) -> Result<()> {
         let phase = self.state().phase;
         if phase != Phase::Created {
-            return Err(Error::InvalidState {
-                op: "prepare",
-                state: phase.name(),
-            });
+            return Err(Error::InvalidState { op: "prepare", state: phase.name() });
         }
         validate(&self.config)?;
         let report = detect_accel();
@@ -177,9 +166,7 @@ impl QemuVm {
             tracing::info!(reason = %report.kvm.reason, "KVM not usable, VM runs under TCG");
         }
         let tsc_khz = match accel {
-            Accel::Tcg => tokio::task::spawn_blocking(crate::tsc::host_tsc_khz)
-                .await
-                .unwrap_or(None),
+            Accel::Tcg => tokio::task::spawn_blocking(crate::tsc::host_tsc_khz).await.unwrap_or(None),
             Accel::Kvm => None,
         };
         create_private_dir(&self.config.work_dir)?;
@@ -188,12 +175,7 @@ impl QemuVm {
         let plan = Plan {
             accel,
             qemu_args: cmdline::qemu_args(&self.config, accel, tsc_khz),
-            tap_fds: self
-                .config
-                .net_devices
-                .iter()
-                .filter_map(|net| net.fd.clone())
-                .collect(),
+            tap_fds: self.config.net_devices.iter().filter_map(|net| net.fd.clone()).collect(),
             helpers: helper_plans(&self.config, &self.paths),
         };
         let mut state = self.state();
@@ -210,12 +192,7 @@ impl QemuVm {
             let state = self.state();
             match (&state.phase, &state.plan) {
                 (Phase::Prepared, Some(plan)) => plan.clone(),
-                (phase, _) => {
-                    return Err(Error::InvalidState {
-                        op: "start",
-                        state: phase.name(),
-                    })
-                }
+                (phase, _) => return Err(Error::InvalidState { op: "start", state: phase.name() }),
             }
         };
         let mut spawned = Spawned::default();
@@ -241,34 +218,19 @@ impl QemuVm {
 
     /// Starts helpers, then QEMU, then connects QMP. Records every process in `spawned` as soon as it exists so
     /// the caller can kill it on failure.
-    async fn launch(
-        &self,
-        plan: &Plan,
-        spawned: &mut Spawned,
-    ) -> Result<(Arc<ManagedChild>, QmpClient)> {
+    async fn launch(&self, plan: &Plan, spawned: &mut Spawned) -> Result<(Arc<ManagedChild>, QmpClient)> {
         for helper in &plan.helpers {
-            let child = ManagedChild::spawn(
-                helper.role,
-                &helper.program,
-                &helper.args,
-                &[],
-                0,
-                false,
-            )?;
+            let child = ManagedChild::spawn(helper.role, &helper.program, &helper.args, &[], 0, false)?;
             spawned.helpers.push(Arc::new(child));
         }
         // Both helpers are already running; wait for their sockets together.
-        let waits = plan
-            .helpers
-            .iter()
-            .zip(&spawned.helpers)
-            .map(|(helper, child)| wait_for_socket(child, helper));
+        let waits = plan.helpers.iter().zip(&spawned.helpers).map(|(helper, child)| wait_for_socket(child, helper));
         for result in join_all(waits).await {
             result?;
         }
 
-        let (console, qemu_console) = std::os::unix::net::UnixStream::pair()
-            .map_err(Error::io("cannot create the console socket pair"))?;
+        let (console, qemu_console) =
+            std::os::unix::net::UnixStream::pair().map_err(Error::io("cannot create the console socket pair"))?;
         let mut qemu_fds = vec![Arc::new(OwnedFd::from(qemu_console))];
         qemu_fds.extend(plan.tap_fds.iter().cloned());
         let qemu = ManagedChild::spawn(
@@ -289,10 +251,9 @@ impl QemuVm {
         tracing::info!(vm = %self.config.name, pid = qemu.info().pid, accel = %plan.accel, "QEMU started");
         let qmp = self.connect_qmp(&qemu, &spawned.helpers).await?;
         if let GuestMemory::Clone { state, .. } = &self.config.memory {
-            self.load_state(&qemu, &qmp, state).await.map_err(|cause| Error::StateLoad {
-                state: state.clone(),
-                cause: Box::new(cause),
-            })?;
+            self.load_state(&qemu, &qmp, state)
+                .await
+                .map_err(|cause| Error::StateLoad { state: state.clone(), cause: Box::new(cause) })?;
         }
         Ok((qemu, qmp))
     }
@@ -307,8 +268,7 @@ impl QemuVm {
             .open(state)
             .map_err(Error::io(format!("cannot open the template state {}", state.display())))?;
         hand_over_migration_fd(qmp, file).await?;
-        qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": cmdline::migration_uri() })))
-            .await?;
+        qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": cmdline::migration_uri() }))).await?;
         let deadline = Instant::now() + MIGRATION_TIMEOUT;
         loop {
             if let Some(status) = qemu.exited() {
@@ -380,11 +340,7 @@ impl QemuVm {
         self.config.agent_serial_port.as_ref().map(|_| self.paths.agent_serial_socket())
     }
 
-    async fn connect_qmp(
-        &self,
-        qemu: &ManagedChild,
-        helpers: &[Arc<ManagedChild>],
-    ) -> Result<QmpClient> {
+    async fn connect_qmp(&self, qemu: &ManagedChild, helpers: &[Arc<ManagedChild>]) -> Result<QmpClient> {
         let socket = self.paths.qmp_socket();
         let deadline = Instant::now() + QMP_READY_TIMEOUT;
         loop {
@@ -436,12 +392,7 @@ impl QemuVm {
     async fn stop_locked(&self) -> Result<()> {
         let (phase, qemu, helpers, qmp) = {
             let state = self.state();
-            (
-                state.phase,
-                state.qemu.clone(),
-                state.helpers.clone(),
-                state.qmp.clone(),
-            )
+            (state.phase, state.qemu.clone(), state.helpers.clone(), state.qmp.clone())
         };
         if phase == Phase::Stopped {
             return Ok(());
@@ -474,10 +425,7 @@ impl QemuVm {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => {
                     return Err(Error::Io {
-                        context: format!(
-                            "cannot remove VM work dir {}",
-                            self.config.work_dir.display()
-                        ),
+                        context: format!("cannot remove VM work dir {}", self.config.work_dir.display()),
                         source,
                     })
                 }
@@ -509,12 +457,7 @@ impl Hypervisor for QemuVm {
             let state = self.state();
             match &state.qemu {
                 Some(qemu) => qemu.exit_watch(),
-                None => {
-                    return Err(Error::InvalidState {
-                        op: "wait for",
-                        state: state.phase.name(),
-                    })
-                }
+                None => return Err(Error::InvalidState { op: "wait for", state: state.phase.name() }),
             }
         };
         Ok(wait_exit(exit).await)
@@ -550,10 +493,7 @@ impl Hypervisor for QemuVm {
     }
 
     fn agent_socket(&self) -> Option<PathBuf> {
-        self.config
-            .vsock_daemon
-            .as_ref()
-            .map(|_| self.paths.agent_socket())
+        self.config.vsock_daemon.as_ref().map(|_| self.paths.agent_socket())
     }
 
     fn pids(&self) -> Vec<VmProcess> {
@@ -576,10 +516,7 @@ impl Drop for QemuVm {
     /// Safety net for a VM dropped without `stop()`: dropping the last handle of each child makes its reaper
     /// kill it (QEMU first; the helper watcher then kills the helpers). Sockets go now.
     fn drop(&mut self) {
-        let state = self
-            .state
-            .get_mut()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let state = self.state.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
         if state.phase == Phase::Running {
             tracing::warn!(vm = %self.config.name, "VM dropped without stop(); killing its processes");
             state.qmp = None;
@@ -603,12 +540,7 @@ impl Spawned {
         if let Some(qemu) = self.qemu.take() {
             qemu.kill().await;
         }
-        join_all(
-            self.helpers
-                .drain(..)
-                .map(|h| async move { h.kill().await }),
-        )
-        .await;
+        join_all(self.helpers.drain(..).map(|h| async move { h.kill().await })).await;
     }
 }
 
@@ -622,11 +554,8 @@ async fn hand_over_migration_fd(qmp: &QmpClient, file: File) -> Result<()> {
 
 /// Reads QEMU's console socket into `console` until QEMU closes it, so QEMU never blocks on a full socket.
 fn drain_console(socket: std::os::unix::net::UnixStream, console: GuestConsole) -> Result<()> {
-    socket
-        .set_nonblocking(true)
-        .map_err(Error::io("cannot make the console socket non-blocking"))?;
-    let socket = tokio::net::UnixStream::from_std(socket)
-        .map_err(Error::io("cannot register the console socket"))?;
+    socket.set_nonblocking(true).map_err(Error::io("cannot make the console socket non-blocking"))?;
+    let socket = tokio::net::UnixStream::from_std(socket).map_err(Error::io("cannot register the console socket"))?;
     console::drain(socket, console, "the guest console".into());
     Ok(())
 }
@@ -659,12 +588,7 @@ fn helper_plans(config: &VmConfig, paths: &VmPaths) -> Vec<HelperPlan> {
             socket: paths.vhost_vsock_socket(),
         });
     }
-    if let SharedFs::VirtioFs {
-        daemon,
-        extra_args,
-        shared_dir,
-    } = &config.shared_fs
-    {
+    if let SharedFs::VirtioFs { daemon, extra_args, shared_dir } = &config.shared_fs {
         helpers.push(HelperPlan {
             role: ProcessRole::Virtiofsd,
             program: daemon.clone(),
@@ -699,11 +623,7 @@ async fn wait_for_socket(child: &ManagedChild, helper: &HelperPlan) -> Result<()
 async fn helper_exited(child: &ManagedChild, status: VmExit) -> Error {
     // The helper is gone; let the reader take in its last words before quoting them.
     let _ = tokio::time::timeout(OUTPUT_DRAIN, child.output().closed()).await;
-    Error::HelperExited {
-        role: child.role(),
-        status,
-        tail: child.output().tail(TAIL_LINES),
-    }
+    Error::HelperExited { role: child.role(), status, tail: child.output().tail(TAIL_LINES) }
 }
 
 fn is_socket(path: &Path) -> bool {
@@ -724,13 +644,9 @@ fn remove_runtime_files(paths: &VmPaths) {
 
 /// The work dir holds the agent socket: root only.
 fn create_private_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(Error::io(format!(
-        "cannot create VM work dir {}",
-        dir.display()
-    )))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(Error::io(
-        format!("cannot restrict permissions of {}", dir.display()),
-    ))
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("cannot create VM work dir {}", dir.display())))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io(format!("cannot restrict permissions of {}", dir.display())))
 }
 
 #[cfg(test)]
@@ -752,10 +668,7 @@ mod tests {
         assert_eq!(vm.status().await.expect("status"), VmStatus::Created);
         vm.prepare().await.expect("prepare");
         assert_eq!(vm.accel(), Some(Accel::Tcg));
-        let mode = std::fs::metadata(dir.path().join("vm"))
-            .expect("work dir")
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(dir.path().join("vm")).expect("work dir").permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         assert_eq!(vm.status().await.expect("status"), VmStatus::Prepared);
         assert!(vm.pids().is_empty());
@@ -793,13 +706,17 @@ mod tests {
     #[tokio::test]
     async fn qemu_output_reaches_the_start_error_after_it_exited() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let vm = fake_qemu_vm(dir.path(), "#!/bin/sh\necho 'qemu: -sandbox on: unsupported' >&2\necho 'on stdout too'\nexit 1\n");
+        let vm = fake_qemu_vm(
+            dir.path(),
+            "#!/bin/sh\necho 'qemu: -sandbox on: unsupported' >&2\necho 'on stdout too'\nexit 1\n",
+        );
         let err = vm.start().await.expect_err("start must fail").to_string();
         assert!(
             err.contains("QEMU exited during VM start (exit code 1); last lines of its output:\nqemu: -sandbox on: unsupported\non stdout too\n"),
             "{err}"
         );
-        let files: Vec<_> = std::fs::read_dir(dir.path().join("vm")).expect("ls").flatten().map(|e| e.file_name()).collect();
+        let files: Vec<_> =
+            std::fs::read_dir(dir.path().join("vm")).expect("ls").flatten().map(|e| e.file_name()).collect();
         assert!(files.is_empty(), "the VM left files: {files:?}");
         vm.stop().await.expect("stop");
     }
@@ -809,7 +726,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         // Stands in for a QEMU whose guest wrote to the console and died: it writes to the inherited console
         // socket (fd 3) and exits.
-        let vm = fake_qemu_vm(dir.path(), "#!/bin/sh\nprintf 'Linux version 6.1\\r\\nKernel panic - not syncing' >&3\nexit 1\n");
+        let vm = fake_qemu_vm(
+            dir.path(),
+            "#!/bin/sh\nprintf 'Linux version 6.1\\r\\nKernel panic - not syncing' >&3\nexit 1\n",
+        );
         let err = vm.start().await.expect_err("start must fail").to_string();
         assert!(err.contains("last lines of the console:\nLinux version 6.1\nKernel panic - not syncing"), "{err}");
         assert_eq!(vm.console().tail(1), "Kernel panic - not syncing");
@@ -822,11 +742,7 @@ mod tests {
     async fn helper_exiting_early_is_reported_with_its_output() {
         let dir = tempfile::tempdir().expect("tempdir");
         let daemon = dir.path().join("fake-vsock-daemon");
-        std::fs::write(
-            &daemon,
-            "#!/bin/sh\necho 'cannot bind: address in use' >&2\nexit 3\n",
-        )
-        .expect("script");
+        std::fs::write(&daemon, "#!/bin/sh\necho 'cannot bind: address in use' >&2\nexit 3\n").expect("script");
         std::fs::set_permissions(&daemon, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let mut c = config(dir.path());
         c.vsock_daemon = Some(daemon);

@@ -16,20 +16,14 @@ pub(super) fn validate(config: &VmConfig) -> Result<()> {
         return invalid("vcpus must be at least 1".into());
     }
     if config.memory_mib < 64 {
-        return invalid(format!(
-            "memory_mib is {}, at least 64 is needed to boot",
-            config.memory_mib
-        ));
+        return invalid(format!("memory_mib is {}, at least 64 is needed to boot", config.memory_mib));
     }
     let must_be_file = |what: &str, path: &Path| -> Result<()> {
         if path.to_str().is_none() {
             return invalid(format!("{what} path {} is not UTF-8", path.display()));
         }
         if !path.is_file() {
-            return invalid(format!(
-                "{what} {} does not exist or is not a file",
-                path.display()
-            ));
+            return invalid(format!("{what} {} does not exist or is not a file", path.display()));
         }
         Ok(())
     };
@@ -42,23 +36,15 @@ pub(super) fn validate(config: &VmConfig) -> Result<()> {
         must_be_file("vsock daemon", daemon)?;
     }
     match &config.shared_fs {
-        SharedFs::VirtioFs {
-            daemon, shared_dir, ..
-        } => {
+        SharedFs::VirtioFs { daemon, shared_dir, .. } => {
             must_be_file("virtiofsd", daemon)?;
             if !shared_dir.is_dir() {
-                return invalid(format!(
-                    "shared directory {} does not exist",
-                    shared_dir.display()
-                ));
+                return invalid(format!("shared directory {} does not exist", shared_dir.display()));
             }
         }
         SharedFs::Virtio9p { shared_dir } => {
             if !shared_dir.is_dir() {
-                return invalid(format!(
-                    "shared directory {} does not exist",
-                    shared_dir.display()
-                ));
+                return invalid(format!("shared directory {} does not exist", shared_dir.display()));
             }
         }
         SharedFs::None => {}
@@ -67,9 +53,7 @@ pub(super) fn validate(config: &VmConfig) -> Result<()> {
     validate_memory(config)?;
     if let Some(sandbox) = &config.seccomp_sandbox {
         // One QEMU option string: `on`/`off` and `key=value` pairs, nothing QEMU would read as another option.
-        let ok = sandbox
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, ',' | '=' | '-' | '_'));
+        let ok = sandbox.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, ',' | '=' | '-' | '_'));
         if !ok {
             return invalid(format!(
                 "seccomp sandbox {sandbox:?} must hold only letters, digits, ',', '=', '-' and '_' (e.g. \"on,spawn=deny\")"
@@ -81,38 +65,22 @@ pub(super) fn validate(config: &VmConfig) -> Result<()> {
         return invalid(format!("work dir {} is not UTF-8", work.display()));
     };
     if !work.is_absolute() {
-        return invalid(format!(
-            "work dir {} must be an absolute path",
-            work.display()
-        ));
+        return invalid(format!("work dir {} must be an absolute path", work.display()));
     }
     // QEMU and vhost-device-vsock both split their options at commas.
     if work_str.contains(',') {
-        return invalid(format!(
-            "work dir {} must not contain a comma",
-            work.display()
-        ));
+        return invalid(format!("work dir {} must not contain a comma", work.display()));
     }
-    let longest = VmPaths::new(work)
-        .sockets()
-        .iter()
-        .map(|s| s.as_os_str().len())
-        .max()
-        .unwrap_or(0);
+    let longest = VmPaths::new(work).sockets().iter().map(|s| s.as_os_str().len()).max().unwrap_or(0);
     if longest > MAX_SOCKET_PATH {
         return invalid(format!(
             "work dir {} is too long: socket paths in it would exceed {MAX_SOCKET_PATH} bytes",
             work.display()
         ));
     }
-    if let SharedFs::Virtio9p { shared_dir } | SharedFs::VirtioFs { shared_dir, .. } =
-        &config.shared_fs
-    {
+    if let SharedFs::Virtio9p { shared_dir } | SharedFs::VirtioFs { shared_dir, .. } = &config.shared_fs {
         if !matches!(shared_dir.to_str(), Some(s) if !s.contains(',')) {
-            return invalid(format!(
-                "shared directory {} must be UTF-8 without commas",
-                shared_dir.display()
-            ));
+            return invalid(format!("shared directory {} must be UTF-8 without commas", shared_dir.display()));
         }
     }
     Ok(())
@@ -123,9 +91,9 @@ pub(super) fn validate(config: &VmConfig) -> Result<()> {
 fn validate_memory(config: &VmConfig) -> Result<()> {
     let plain = |what: &str, path: &Path| -> Result<()> {
         let ok = path.is_absolute()
-            && path.to_str().is_some_and(|s| {
-                s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'))
-            });
+            && path
+                .to_str()
+                .is_some_and(|s| s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.')));
         if ok {
             Ok(())
         } else {
@@ -162,10 +130,7 @@ fn validate_net_devices(config: &VmConfig) -> Result<()> {
     for (i, net) in config.net_devices.iter().enumerate() {
         let id_ok = net.id.starts_with(|c: char| c.is_ascii_alphabetic())
             && net.id.len() <= 64
-            && net
-                .id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            && net.id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if !id_ok {
             return Err(Error::InvalidConfig(format!(
                 "net_devices[{i}]: id {:?} must start with a letter and hold only letters, digits, '-', '_', '.'",
@@ -173,10 +138,7 @@ fn validate_net_devices(config: &VmConfig) -> Result<()> {
             )));
         }
         if !seen.insert(net.id.as_str()) {
-            return Err(Error::InvalidConfig(format!(
-                "net_devices[{i}]: id {:?} is used twice",
-                net.id
-            )));
+            return Err(Error::InvalidConfig(format!("net_devices[{i}]: id {:?} is used twice", net.id)));
         }
         if !is_unicast_mac(&net.mac) {
             return Err(Error::InvalidConfig(format!(
@@ -192,9 +154,7 @@ fn validate_net_devices(config: &VmConfig) -> Result<()> {
 fn is_unicast_mac(mac: &str) -> bool {
     let octets: Vec<&str> = mac.split(':').collect();
     octets.len() == 6
-        && octets
-            .iter()
-            .all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()))
+        && octets.iter().all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()))
         && u8::from_str_radix(octets[0], 16).is_ok_and(|first| first & 1 == 0)
 }
 
@@ -217,10 +177,7 @@ mod tests {
 
         c.kernel = dir.path().join("missing-vmlinux");
         let err = validate(&c).expect_err("missing kernel").to_string();
-        assert!(
-            err.contains("guest kernel") && err.contains("missing-vmlinux"),
-            "{err}"
-        );
+        assert!(err.contains("guest kernel") && err.contains("missing-vmlinux"), "{err}");
 
         let mut c = config(dir.path());
         c.work_dir = PathBuf::from(format!("/{}", "x".repeat(100)));
@@ -228,13 +185,8 @@ mod tests {
         assert!(err.contains("too long"), "{err}");
 
         let mut c = config(dir.path());
-        c.shared_fs = SharedFs::Virtio9p {
-            shared_dir: dir.path().join("nope"),
-        };
-        assert!(validate(&c)
-            .expect_err("missing shared dir")
-            .to_string()
-            .contains("nope"));
+        c.shared_fs = SharedFs::Virtio9p { shared_dir: dir.path().join("nope") };
+        assert!(validate(&c).expect_err("missing shared dir").to_string().contains("nope"));
 
         let mut c = config(dir.path());
         c.seccomp_sandbox = Some("on -device evil".into());
@@ -270,52 +222,23 @@ mod tests {
     #[test]
     fn net_devices_need_unique_ids_and_unicast_macs() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let fd = std::sync::Arc::new(std::os::fd::OwnedFd::from(
-            std::fs::File::open("/dev/null").expect("open"),
-        ));
-        let net = |id: &str, mac: &str| crate::config::NetDevice {
-            id: id.into(),
-            mac: mac.into(),
-            fd: Some(fd.clone()),
-        };
+        let fd = std::sync::Arc::new(std::os::fd::OwnedFd::from(std::fs::File::open("/dev/null").expect("open")));
+        let net =
+            |id: &str, mac: &str| crate::config::NetDevice { id: id.into(), mac: mac.into(), fd: Some(fd.clone()) };
         let mut c = config(dir.path());
-        c.net_devices = vec![
-            net("net0", "02:00:ca:fe:00:01"),
-            net("net1", "AA:BB:CC:DD:EE:FF"),
-        ];
+        c.net_devices = vec![net("net0", "02:00:ca:fe:00:01"), net("net1", "AA:BB:CC:DD:EE:FF")];
         assert!(validate(&c).is_ok());
         for (devices, expected) in [
-            (
-                vec![
-                    net("net0", "02:00:00:00:00:01"),
-                    net("net0", "02:00:00:00:00:02"),
-                ],
-                "used twice",
-            ),
-            (
-                vec![net("net,0", "02:00:00:00:00:01")],
-                "must start with a letter",
-            ),
-            (
-                vec![net("", "02:00:00:00:00:01")],
-                "must start with a letter",
-            ),
-            (
-                vec![net("net0", "01:00:5e:00:00:01")],
-                "not a unicast address",
-            ),
+            (vec![net("net0", "02:00:00:00:00:01"), net("net0", "02:00:00:00:00:02")], "used twice"),
+            (vec![net("net,0", "02:00:00:00:00:01")], "must start with a letter"),
+            (vec![net("", "02:00:00:00:00:01")], "must start with a letter"),
+            (vec![net("net0", "01:00:5e:00:00:01")], "not a unicast address"),
             (vec![net("net0", "02:00:00:00:00")], "not a unicast address"),
-            (
-                vec![net("net0", "02:00:00:00:00:0g")],
-                "not a unicast address",
-            ),
+            (vec![net("net0", "02:00:00:00:00:0g")], "not a unicast address"),
         ] {
             c.net_devices = devices;
             let err = validate(&c).expect_err(expected).to_string();
-            assert!(
-                err.contains(expected) && err.contains("net_devices["),
-                "{err}"
-            );
+            assert!(err.contains(expected) && err.contains("net_devices["), "{err}");
         }
     }
 }

@@ -51,7 +51,11 @@ pub enum AgentError {
     #[error("agent call {call} timed out after {after:?}")]
     Timeout { call: &'static str, after: Duration },
     #[error("agent call {call} failed in transport")]
-    Transport { call: &'static str, #[source] source: ttrpc::Error },
+    Transport {
+        call: &'static str,
+        #[source]
+        source: ttrpc::Error,
+    },
     #[error(transparent)]
     Convert(#[from] ConvertError),
     #[error(transparent)]
@@ -195,37 +199,62 @@ impl AgentClient {
     }
 
     pub async fn check(&self) -> Result<AgentVersion> {
-        let v = self.rpc.check(ctx(self.timeouts.call), &pb::Empty::new()).await.map_err(|e| AgentError::from_ttrpc("Check", e))?;
+        let v = self
+            .rpc
+            .check(ctx(self.timeouts.call), &pb::Empty::new())
+            .await
+            .map_err(|e| AgentError::from_ttrpc("Check", e))?;
         Ok(convert::version(v))
     }
 
     pub async fn guest_details(&self) -> Result<GuestDetails> {
-        let d = self.rpc.guest_details(ctx(self.timeouts.call), &pb::Empty::new()).await.map_err(|e| AgentError::from_ttrpc("GuestDetails", e))?;
+        let d = self
+            .rpc
+            .guest_details(ctx(self.timeouts.call), &pb::Empty::new())
+            .await
+            .map_err(|e| AgentError::from_ttrpc("GuestDetails", e))?;
         Ok(convert::guest_details(d))
     }
 
     pub async fn create_sandbox(&self, setup: &SandboxSetup) -> Result<()> {
         let req = convert::sandbox_request(setup);
-        self.rpc.create_sandbox(ctx(self.timeouts.container), &req).await.map_err(|e| AgentError::from_ttrpc("CreateSandbox", e))?;
+        self.rpc
+            .create_sandbox(ctx(self.timeouts.container), &req)
+            .await
+            .map_err(|e| AgentError::from_ttrpc("CreateSandbox", e))?;
         Ok(())
     }
 
     pub async fn destroy_sandbox(&self) -> Result<()> {
-        self.rpc.destroy_sandbox(ctx(self.timeouts.container), &pb::Empty::new()).await.map_err(|e| AgentError::from_ttrpc("DestroySandbox", e))?;
+        self.rpc
+            .destroy_sandbox(ctx(self.timeouts.container), &pb::Empty::new())
+            .await
+            .map_err(|e| AgentError::from_ttrpc("DestroySandbox", e))?;
         Ok(())
     }
 
     pub async fn set_guest_time(&self, now: SystemTime) -> Result<()> {
         let req = pb::SetGuestTimeRequest { host_time_unix_nanos: convert::nanos(now), ..Default::default() };
-        self.rpc.set_guest_time(ctx(self.timeouts.call), &req).await.map_err(|e| AgentError::from_ttrpc("SetGuestTime", e))?;
+        self.rpc
+            .set_guest_time(ctx(self.timeouts.call), &req)
+            .await
+            .map_err(|e| AgentError::from_ttrpc("SetGuestTime", e))?;
         Ok(())
     }
 
     /// `oci_spec_json` is the bundle's config.json; `rootfs` is relative to the shared mount
     /// (or absolute in the guest).
     pub async fn create_container(&self, container_id: &str, oci_spec_json: &[u8], rootfs: &str) -> Result<()> {
-        let req = pb::CreateContainerRequest { container_id: container_id.into(), oci_spec_json: oci_spec_json.to_vec(), rootfs: rootfs.into(), ..Default::default() };
-        self.rpc.create_container(ctx(self.timeouts.container), &req).await.map_err(|e| AgentError::from_ttrpc("CreateContainer", e))?;
+        let req = pb::CreateContainerRequest {
+            container_id: container_id.into(),
+            oci_spec_json: oci_spec_json.to_vec(),
+            rootfs: rootfs.into(),
+            ..Default::default()
+        };
+        self.rpc
+            .create_container(ctx(self.timeouts.container), &req)
+            .await
+            .map_err(|e| AgentError::from_ttrpc("CreateContainer", e))?;
         Ok(())
     }
 
@@ -234,46 +263,81 @@ impl AgentClient {
     }
 
     pub async fn start_container(&self, container_id: &str) -> Result<()> {
-        self.rpc.start_container(ctx(self.timeouts.container), &Self::container_req(container_id)).await.map_err(|e| AgentError::from_ttrpc("StartContainer", e))?;
+        self.rpc
+            .start_container(ctx(self.timeouts.container), &Self::container_req(container_id))
+            .await
+            .map_err(|e| AgentError::from_ttrpc("StartContainer", e))?;
         Ok(())
     }
 
     pub async fn remove_container(&self, container_id: &str) -> Result<()> {
-        self.rpc.remove_container(ctx(self.timeouts.container), &Self::container_req(container_id)).await.map_err(|e| AgentError::from_ttrpc("RemoveContainer", e))?;
+        self.rpc
+            .remove_container(ctx(self.timeouts.container), &Self::container_req(container_id))
+            .await
+            .map_err(|e| AgentError::from_ttrpc("RemoveContainer", e))?;
         Ok(())
     }
 
     pub async fn pause_container(&self, container_id: &str) -> Result<()> {
-        self.rpc.pause_container(ctx(self.timeouts.call), &Self::container_req(container_id)).await.map_err(|e| AgentError::from_ttrpc("PauseContainer", e))?;
+        self.rpc
+            .pause_container(ctx(self.timeouts.call), &Self::container_req(container_id))
+            .await
+            .map_err(|e| AgentError::from_ttrpc("PauseContainer", e))?;
         Ok(())
     }
 
     pub async fn resume_container(&self, container_id: &str) -> Result<()> {
-        self.rpc.resume_container(ctx(self.timeouts.call), &Self::container_req(container_id)).await.map_err(|e| AgentError::from_ttrpc("ResumeContainer", e))?;
+        self.rpc
+            .resume_container(ctx(self.timeouts.call), &Self::container_req(container_id))
+            .await
+            .map_err(|e| AgentError::from_ttrpc("ResumeContainer", e))?;
         Ok(())
     }
 
     /// `linux_resources_json` is an OCI LinuxResources object.
     pub async fn update_container(&self, container_id: &str, linux_resources_json: &[u8]) -> Result<()> {
-        let req = pb::UpdateContainerRequest { container_id: container_id.into(), linux_resources_json: linux_resources_json.to_vec(), ..Default::default() };
-        self.rpc.update_container(ctx(self.timeouts.call), &req).await.map_err(|e| AgentError::from_ttrpc("UpdateContainer", e))?;
+        let req = pb::UpdateContainerRequest {
+            container_id: container_id.into(),
+            linux_resources_json: linux_resources_json.to_vec(),
+            ..Default::default()
+        };
+        self.rpc
+            .update_container(ctx(self.timeouts.call), &req)
+            .await
+            .map_err(|e| AgentError::from_ttrpc("UpdateContainer", e))?;
         Ok(())
     }
 
     pub async fn list_processes(&self, container_id: &str) -> Result<Vec<i32>> {
-        let r = self.rpc.list_processes(ctx(self.timeouts.call), &Self::container_req(container_id)).await.map_err(|e| AgentError::from_ttrpc("ListProcesses", e))?;
+        let r = self
+            .rpc
+            .list_processes(ctx(self.timeouts.call), &Self::container_req(container_id))
+            .await
+            .map_err(|e| AgentError::from_ttrpc("ListProcesses", e))?;
         Ok(r.pids)
     }
 
     pub async fn stats(&self, container_id: &str) -> Result<ContainerStats> {
-        let r = self.rpc.stats(ctx(self.timeouts.call), &Self::container_req(container_id)).await.map_err(|e| AgentError::from_ttrpc("Stats", e))?;
+        let r = self
+            .rpc
+            .stats(ctx(self.timeouts.call), &Self::container_req(container_id))
+            .await
+            .map_err(|e| AgentError::from_ttrpc("Stats", e))?;
         Ok(convert::stats(r))
     }
 
     /// `oci_process_json` is an OCI Process object.
     pub async fn exec_process(&self, container_id: &str, exec_id: &str, oci_process_json: &[u8]) -> Result<()> {
-        let req = pb::ExecProcessRequest { container_id: container_id.into(), exec_id: exec_id.into(), oci_process_json: oci_process_json.to_vec(), ..Default::default() };
-        self.rpc.exec_process(ctx(self.timeouts.container), &req).await.map_err(|e| AgentError::from_ttrpc("ExecProcess", e))?;
+        let req = pb::ExecProcessRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            oci_process_json: oci_process_json.to_vec(),
+            ..Default::default()
+        };
+        self.rpc
+            .exec_process(ctx(self.timeouts.container), &req)
+            .await
+            .map_err(|e| AgentError::from_ttrpc("ExecProcess", e))?;
         Ok(())
     }
 
@@ -285,25 +349,40 @@ impl AgentClient {
             all,
             ..Default::default()
         };
-        self.rpc.signal_process(ctx(self.timeouts.call), &req).await.map_err(|e| AgentError::from_ttrpc("SignalProcess", e))?;
+        self.rpc
+            .signal_process(ctx(self.timeouts.call), &req)
+            .await
+            .map_err(|e| AgentError::from_ttrpc("SignalProcess", e))?;
         Ok(())
     }
 
     /// Waits (without timeout) until the process exits.
     pub async fn wait_process(&self, process: &ProcessRef) -> Result<ProcessExit> {
-        let r = self.rpc.wait_process(no_timeout(), &convert::process_request(process)).await.map_err(|e| AgentError::from_ttrpc("WaitProcess", e))?;
+        let r = self
+            .rpc
+            .wait_process(no_timeout(), &convert::process_request(process))
+            .await
+            .map_err(|e| AgentError::from_ttrpc("WaitProcess", e))?;
         Ok(convert::process_exit(r))
     }
 
     /// The process's stdout until EOF. Output written before this call is not lost.
     pub async fn read_stdout(&self, process: &ProcessRef) -> Result<OutputStream> {
-        let rx = self.rpc.read_stdout(no_timeout(), &convert::process_request(process)).await.map_err(|e| AgentError::from_ttrpc("ReadStdout", e))?;
+        let rx = self
+            .rpc
+            .read_stdout(no_timeout(), &convert::process_request(process))
+            .await
+            .map_err(|e| AgentError::from_ttrpc("ReadStdout", e))?;
         Ok(OutputStream { rx, call: "ReadStdout" })
     }
 
     /// The process's stderr until EOF (empty at once for a terminal).
     pub async fn read_stderr(&self, process: &ProcessRef) -> Result<OutputStream> {
-        let rx = self.rpc.read_stderr(no_timeout(), &convert::process_request(process)).await.map_err(|e| AgentError::from_ttrpc("ReadStderr", e))?;
+        let rx = self
+            .rpc
+            .read_stderr(no_timeout(), &convert::process_request(process))
+            .await
+            .map_err(|e| AgentError::from_ttrpc("ReadStderr", e))?;
         Ok(OutputStream { rx, call: "ReadStderr" })
     }
 
@@ -314,7 +393,10 @@ impl AgentClient {
     }
 
     pub async fn close_stdin(&self, process: &ProcessRef) -> Result<()> {
-        self.rpc.close_stdin(ctx(self.timeouts.call), &convert::process_request(process)).await.map_err(|e| AgentError::from_ttrpc("CloseStdin", e))?;
+        self.rpc
+            .close_stdin(ctx(self.timeouts.call), &convert::process_request(process))
+            .await
+            .map_err(|e| AgentError::from_ttrpc("CloseStdin", e))?;
         Ok(())
     }
 
@@ -331,29 +413,45 @@ impl AgentClient {
     }
 
     pub async fn update_interface(&self, iface: &Interface) -> Result<Interface> {
-        let r = self.rpc.update_interface(ctx(self.timeouts.call), &convert::interface_request(iface)).await.map_err(|e| AgentError::from_ttrpc("UpdateInterface", e))?;
+        let r = self
+            .rpc
+            .update_interface(ctx(self.timeouts.call), &convert::interface_request(iface))
+            .await
+            .map_err(|e| AgentError::from_ttrpc("UpdateInterface", e))?;
         Ok(convert::interface(r)?)
     }
 
     pub async fn update_routes(&self, routes: &[Route]) -> Result<()> {
         let req = pb::UpdateRoutesRequest { routes: routes.iter().map(convert::route).collect(), ..Default::default() };
-        self.rpc.update_routes(ctx(self.timeouts.call), &req).await.map_err(|e| AgentError::from_ttrpc("UpdateRoutes", e))?;
+        self.rpc
+            .update_routes(ctx(self.timeouts.call), &req)
+            .await
+            .map_err(|e| AgentError::from_ttrpc("UpdateRoutes", e))?;
         Ok(())
     }
 
     pub async fn add_arp_neighbors(&self, neighbors: &[ArpNeighbor]) -> Result<()> {
-        let req = pb::AddArpNeighborsRequest { neighbors: neighbors.iter().map(convert::arp_neighbor).collect(), ..Default::default() };
-        self.rpc.add_arp_neighbors(ctx(self.timeouts.call), &req).await.map_err(|e| AgentError::from_ttrpc("AddArpNeighbors", e))?;
+        let req = pb::AddArpNeighborsRequest {
+            neighbors: neighbors.iter().map(convert::arp_neighbor).collect(),
+            ..Default::default()
+        };
+        self.rpc
+            .add_arp_neighbors(ctx(self.timeouts.call), &req)
+            .await
+            .map_err(|e| AgentError::from_ttrpc("AddArpNeighbors", e))?;
         Ok(())
     }
 
     /// A stream of container ids, one per OOM kill.
     pub async fn oom_events(&self) -> Result<OomStream> {
-        let rx = self.rpc.oom_events(no_timeout(), &pb::Empty::new()).await.map_err(|e| AgentError::from_ttrpc("OomEvents", e))?;
+        let rx = self
+            .rpc
+            .oom_events(no_timeout(), &pb::Empty::new())
+            .await
+            .map_err(|e| AgentError::from_ttrpc("OomEvents", e))?;
         Ok(OomStream { rx })
     }
 }
-
 
 /// Output of one process stream; `next` returns None at EOF.
 pub struct OutputStream {

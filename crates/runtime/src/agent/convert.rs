@@ -58,7 +58,11 @@ pub fn guest_details(d: pb::GuestDetails) -> GuestDetails {
 }
 
 pub fn process_request(p: &ProcessRef) -> pb::ProcessRequest {
-    pb::ProcessRequest { container_id: p.container_id.clone(), exec_id: p.exec_id.clone().unwrap_or_default(), ..Default::default() }
+    pb::ProcessRequest {
+        container_id: p.container_id.clone(),
+        exec_id: p.exec_id.clone().unwrap_or_default(),
+        ..Default::default()
+    }
 }
 
 pub fn process_exit(e: pb::ProcessExit) -> ProcessExit {
@@ -87,7 +91,11 @@ pub fn interface_request(i: &Interface) -> pb::Interface {
         addresses: i
             .addresses
             .iter()
-            .map(|a| pb::IpAddress { address: a.addr.to_string(), prefix_len: u32::from(a.prefix_len), ..Default::default() })
+            .map(|a| pb::IpAddress {
+                address: a.addr.to_string(),
+                prefix_len: u32::from(a.prefix_len),
+                ..Default::default()
+            })
             .collect(),
         ..Default::default()
     }
@@ -98,8 +106,10 @@ pub fn interface(i: pb::Interface) -> Result<Interface, ConvertError> {
         .addresses
         .into_iter()
         .map(|a| {
-            let addr = a.address.parse().map_err(|_| ConvertError::Invalid { what: "address", value: a.address.clone() })?;
-            let prefix_len = u8::try_from(a.prefix_len).map_err(|_| ConvertError::Invalid { what: "prefix length", value: a.prefix_len.to_string() })?;
+            let addr =
+                a.address.parse().map_err(|_| ConvertError::Invalid { what: "address", value: a.address.clone() })?;
+            let prefix_len = u8::try_from(a.prefix_len)
+                .map_err(|_| ConvertError::Invalid { what: "prefix length", value: a.prefix_len.to_string() })?;
             Ok(IpNet { addr, prefix_len })
         })
         .collect::<Result<_, ConvertError>>()?;
@@ -131,7 +141,11 @@ mod tests {
             sandbox_id: "sb".into(),
             hostname: "pod".into(),
             dns: vec!["nameserver 1.1.1.1".into()],
-            shared_fs: Some(SharedFsMount { fs_type: SharedFsType::NineP, tag: "kataShared".into(), mount_point: Some(PathBuf::from("/mnt")) }),
+            shared_fs: Some(SharedFsMount {
+                fs_type: SharedFsType::NineP,
+                tag: "kataShared".into(),
+                mount_point: Some(PathBuf::from("/mnt")),
+            }),
             host_time: Some(UNIX_EPOCH + Duration::from_secs(2)),
             entropy: vec![7; 32],
         };
@@ -173,10 +187,18 @@ mod tests {
             device_mac: "02:6b:61:74:61:00".into(),
         };
         assert_eq!(interface(interface_request(&i)).expect("iface"), i);
-        let r = Route { destination: Some(IpNet { addr: "10.1.0.0".parse().expect("ip"), prefix_len: 16 }), gateway: Some("10.0.0.1".parse().expect("ip")), device: "eth0".into(), source: None };
+        let r = Route {
+            destination: Some(IpNet { addr: "10.1.0.0".parse().expect("ip"), prefix_len: 16 }),
+            gateway: Some("10.0.0.1".parse().expect("ip")),
+            device: "eth0".into(),
+            source: None,
+        };
         let p = route(&r);
         assert_eq!((p.destination.as_str(), p.gateway.as_str(), p.source.as_str()), ("10.1.0.0/16", "10.0.0.1", ""));
-        let bad = pb::Interface { addresses: vec![pb::IpAddress { address: "nope".into(), ..Default::default() }], ..Default::default() };
+        let bad = pb::Interface {
+            addresses: vec![pb::IpAddress { address: "nope".into(), ..Default::default() }],
+            ..Default::default()
+        };
         assert!(interface(bad).unwrap_err().to_string().contains("'nope'"));
     }
 }

@@ -13,9 +13,17 @@ use tokio::net::UnixListener;
 #[derive(Debug, thiserror::Error)]
 pub enum ReadyError {
     #[error("listen for the agent's readiness on {path}")]
-    Bind { path: PathBuf, #[source] source: std::io::Error },
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("accept the agent's readiness connection on {path}")]
-    Accept { path: PathBuf, #[source] source: std::io::Error },
+    Accept {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the agent did not signal readiness within {timeout:?}")]
     Timeout { timeout: Duration },
 }

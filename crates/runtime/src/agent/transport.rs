@@ -12,9 +12,17 @@ use ttrpc::r#async::transport::Socket;
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
     #[error("cannot connect to {path}")]
-    Connect { path: PathBuf, #[source] source: std::io::Error },
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("hybrid vsock handshake on {path} failed")]
-    Handshake { path: PathBuf, #[source] source: std::io::Error },
+    Handshake {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("hybrid vsock at {path} refused port {port}: {reply:?}")]
     Refused { path: PathBuf, port: u32, reply: String },
 }
@@ -67,7 +75,8 @@ const MAX_REPLY: usize = 64;
 impl AgentDialer for HybridVsockDialer {
     async fn dial(&self) -> Result<Socket, DialError> {
         let path = self.uds_path.clone();
-        let mut stream = UnixStream::connect(&path).await.map_err(|source| DialError::Connect { path: path.clone(), source })?;
+        let mut stream =
+            UnixStream::connect(&path).await.map_err(|source| DialError::Connect { path: path.clone(), source })?;
         let hs = |source| DialError::Handshake { path: path.clone(), source };
         stream.write_all(format!("CONNECT {}\n", self.port).as_bytes()).await.map_err(hs)?;
         // Byte by byte, so no ttrpc bytes after the newline are swallowed.

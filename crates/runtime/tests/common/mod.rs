@@ -36,8 +36,20 @@ pub fn make_rootfs(root: &Path) {
 }
 
 pub const CAPS: &[&str] = &[
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
-    "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
 ];
 
 pub fn process_json(args: &[&str], terminal: bool) -> serde_json::Value {
@@ -108,4 +120,3 @@ pub async fn run_spec(agent: &AgentClient, id: &str, spec: &[u8]) -> (i32, Strin
 pub fn step(name: &str, t0: Instant) {
     println!("PASS {name} ({:.2}s)", t0.elapsed().as_secs_f64());
 }
-

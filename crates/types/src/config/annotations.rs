@@ -14,11 +14,8 @@ use super::schema::Config;
 use super::{ConfigError, ANNOTATION_PREFIX};
 
 /// `*` must not cross `/`: `/usr/bin/*` allows `/usr/bin/qemu`, not `/usr/bin/x/qemu`.
-const PATH_MATCH: MatchOptions = MatchOptions {
-    case_sensitive: true,
-    require_literal_separator: true,
-    require_literal_leading_dot: false,
-};
+const PATH_MATCH: MatchOptions =
+    MatchOptions { case_sensitive: true, require_literal_separator: true, require_literal_leading_dot: false };
 
 impl LoadedConfig {
     /// Applies configuration annotations; all or nothing. Annotations outside
@@ -40,14 +37,8 @@ impl LoadedConfig {
     ///   lists as a JSON array or space-separated words.
     ///
     /// Reads this host's limits ([`HostLimits::detect`]) when there is a configuration annotation.
-    pub fn apply_annotations(
-        &mut self,
-        annotations: &BTreeMap<String, String>,
-    ) -> Result<(), ConfigError> {
-        if !annotations
-            .keys()
-            .any(|name| name.starts_with(ANNOTATION_PREFIX))
-        {
+    pub fn apply_annotations(&mut self, annotations: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+        if !annotations.keys().any(|name| name.starts_with(ANNOTATION_PREFIX)) {
             return Ok(());
         }
         let host = HostLimits::detect().map_err(|source| ConfigError::HostLimits { source })?;
@@ -85,9 +76,7 @@ impl LoadedConfig {
                 continue;
             };
             let Some((_, key)) = ANNOTATIONS.iter().find(|(known, _)| *known == name) else {
-                return Err(ConfigError::UnknownAnnotation {
-                    annotation: annotation.clone(),
-                });
+                return Err(ConfigError::UnknownAnnotation { annotation: annotation.clone() });
             };
             let gated = name.strip_prefix("hypervisor.").unwrap_or(name);
             if !allowed.iter().any(|re| re.is_match(gated)) {
@@ -97,12 +86,7 @@ impl LoadedConfig {
                 });
             }
             if let Some((_, list_key)) = PATH_ALLOW_LISTS.iter().find(|(k, _)| k == key) {
-                check_path(
-                    annotation,
-                    raw,
-                    list_key,
-                    &string_list(&self.config, list_key),
-                )?;
+                check_path(annotation, raw, list_key, &string_list(&self.config, list_key))?;
             }
             let mut value = typed_value(annotation, key, raw)?;
             if *key == "hypervisor.qemu.kernel_params" {
@@ -113,16 +97,8 @@ impl LoadedConfig {
             }
             next.config
                 .assign(key, value)
-                .map_err(|message| ConfigError::AnnotationValue {
-                    annotation: annotation.clone(),
-                    message,
-                })?;
-            next.origins.insert(
-                (*key).to_owned(),
-                Origin::Annotation {
-                    name: annotation.clone(),
-                },
-            );
+                .map_err(|message| ConfigError::AnnotationValue { annotation: annotation.clone(), message })?;
+            next.origins.insert((*key).to_owned(), Origin::Annotation { name: annotation.clone() });
         }
         next.normalize_boot_image();
         next.check_annotated_limits(host)?;
@@ -141,8 +117,7 @@ impl LoadedConfig {
     /// memory, and a pod spec could grow both without bound.
     pub fn vm_annotated(&self) -> bool {
         self.origins.iter().any(|(key, origin)| {
-            matches!(origin, Origin::Annotation { .. })
-                && !ANNOTATED_OUTSIDE_THE_VM.contains(&key.as_str())
+            matches!(origin, Origin::Annotation { .. }) && !ANNOTATED_OUTSIDE_THE_VM.contains(&key.as_str())
         })
     }
 }
@@ -156,17 +131,10 @@ fn string_list(config: &Config, key: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn check_path(
-    annotation: &str,
-    value: &str,
-    list_key: &'static str,
-    globs: &[String],
-) -> Result<(), ConfigError> {
+fn check_path(annotation: &str, value: &str, list_key: &'static str, globs: &[String]) -> Result<(), ConfigError> {
     let path = Path::new(value);
-    let normal = path.is_absolute()
-        && path
-            .components()
-            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    let normal =
+        path.is_absolute() && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
     if !normal {
         // `*` matches `..`, so `/opt/qemu/*` would otherwise admit `/opt/qemu/..`.
         return Err(ConfigError::AnnotationPathNotNormal {
@@ -181,9 +149,7 @@ fn check_path(
             list_key,
         });
     }
-    let allowed = globs
-        .iter()
-        .any(|glob| Pattern::new(glob).is_ok_and(|p| p.matches_path_with(path, PATH_MATCH)));
+    let allowed = globs.iter().any(|glob| Pattern::new(glob).is_ok_and(|p| p.matches_path_with(path, PATH_MATCH)));
     if allowed {
         Ok(())
     } else {
@@ -197,11 +163,8 @@ fn check_path(
 
 /// Parses the annotation string with the type of `key`'s default value.
 fn typed_value(annotation: &str, key: &str, raw: &str) -> Result<toml::Value, ConfigError> {
-    let mismatch = |expected| ConfigError::AnnotationType {
-        annotation: annotation.to_owned(),
-        value: raw.to_owned(),
-        expected,
-    };
+    let mismatch =
+        |expected| ConfigError::AnnotationType { annotation: annotation.to_owned(), value: raw.to_owned(), expected };
     let trimmed = raw.trim();
     match Config::default_value(key) {
         Some(serde_json::Value::Bool(_)) => match trimmed {
@@ -209,10 +172,9 @@ fn typed_value(annotation: &str, key: &str, raw: &str) -> Result<toml::Value, Co
             "false" => Ok(toml::Value::Boolean(false)),
             _ => Err(mismatch("a boolean (true or false)")),
         },
-        Some(serde_json::Value::Number(_)) => trimmed
-            .parse()
-            .map(toml::Value::Integer)
-            .map_err(|_| mismatch("an integer")),
+        Some(serde_json::Value::Number(_)) => {
+            trimmed.parse().map(toml::Value::Integer).map_err(|_| mismatch("an integer"))
+        }
         Some(serde_json::Value::Array(_)) => {
             const EXPECTED: &str = "a list of strings (a JSON array or space-separated words)";
             let items: Vec<String> = if trimmed.starts_with('[') {
@@ -220,9 +182,7 @@ fn typed_value(annotation: &str, key: &str, raw: &str) -> Result<toml::Value, Co
             } else {
                 trimmed.split_whitespace().map(str::to_owned).collect()
             };
-            Ok(toml::Value::Array(
-                items.into_iter().map(toml::Value::String).collect(),
-            ))
+            Ok(toml::Value::Array(items.into_iter().map(toml::Value::String).collect()))
         }
         _ => Ok(toml::Value::String(raw.to_owned())),
     }

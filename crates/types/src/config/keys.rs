@@ -140,81 +140,26 @@ impl Accepted {
 /// -> what any other value asks for. Any other value is a load error (file, line, key), never a
 /// warning: an operator who asked for the protection must not silently run without it.
 pub(crate) const UNIMPLEMENTED_SECURITY_KEYS: &[(&str, Accepted, &str)] = &[
-    (
-        "hypervisor.qemu.confidential_guest",
-        Accepted::False,
-        "confidential guests (encrypted guest memory)",
-    ),
-    (
-        "hypervisor.qemu.sev_snp_guest",
-        Accepted::False,
-        "AMD SEV-SNP guests",
-    ),
-    (
-        "hypervisor.qemu.rootless",
-        Accepted::False,
-        "running QEMU as a non-root user",
-    ),
-    (
-        "hypervisor.qemu.jailer_path",
-        Accepted::Empty,
-        "a jailer around the VMM",
-    ),
+    ("hypervisor.qemu.confidential_guest", Accepted::False, "confidential guests (encrypted guest memory)"),
+    ("hypervisor.qemu.sev_snp_guest", Accepted::False, "AMD SEV-SNP guests"),
+    ("hypervisor.qemu.rootless", Accepted::False, "running QEMU as a non-root user"),
+    ("hypervisor.qemu.jailer_path", Accepted::Empty, "a jailer around the VMM"),
     // kata-rs applies no SELinux label to QEMU; Kata's default (false) asks it to.
-    (
-        "hypervisor.qemu.disable_selinux",
-        Accepted::True,
-        "SELinux labels on the VMM",
-    ),
-    (
-        "hypervisor.qemu.disable_guest_selinux",
-        Accepted::True,
-        "SELinux in the guest",
-    ),
-    (
-        "runtime.guest_selinux_label",
-        Accepted::Empty,
-        "SELinux labels in the guest",
-    ),
-    (
-        "hypervisor.qemu.guest_hook_path",
-        Accepted::Empty,
-        "OCI hooks from the guest image",
-    ),
-    (
-        "hypervisor.qemu.enable_iommu",
-        Accepted::False,
-        "a virtual IOMMU",
-    ),
-    (
-        "hypervisor.qemu.enable_iommu_platform",
-        Accepted::False,
-        "IOMMU-platform virtio devices",
-    ),
-    (
-        "hypervisor.qemu.kernel_verity_params",
-        Accepted::Empty,
-        "dm-verity for the guest image",
-    ),
+    ("hypervisor.qemu.disable_selinux", Accepted::True, "SELinux labels on the VMM"),
+    ("hypervisor.qemu.disable_guest_selinux", Accepted::True, "SELinux in the guest"),
+    ("runtime.guest_selinux_label", Accepted::Empty, "SELinux labels in the guest"),
+    ("hypervisor.qemu.guest_hook_path", Accepted::Empty, "OCI hooks from the guest image"),
+    ("hypervisor.qemu.enable_iommu", Accepted::False, "a virtual IOMMU"),
+    ("hypervisor.qemu.enable_iommu_platform", Accepted::False, "IOMMU-platform virtio devices"),
+    ("hypervisor.qemu.kernel_verity_params", Accepted::Empty, "dm-verity for the guest image"),
     // Bandwidth limits keep one pod from starving the others' network.
-    (
-        "hypervisor.qemu.rx_rate_limiter_max_rate",
-        Accepted::Zero,
-        "network rate limits",
-    ),
-    (
-        "hypervisor.qemu.tx_rate_limiter_max_rate",
-        Accepted::Zero,
-        "network rate limits",
-    ),
+    ("hypervisor.qemu.rx_rate_limiter_max_rate", Accepted::Zero, "network rate limits"),
+    ("hypervisor.qemu.tx_rate_limiter_max_rate", Accepted::Zero, "network rate limits"),
 ];
 
 /// The rule for `key` when it is one of [`UNIMPLEMENTED_SECURITY_KEYS`].
 pub(crate) fn unimplemented_security_key(key: &str) -> Option<(Accepted, &'static str)> {
-    UNIMPLEMENTED_SECURITY_KEYS
-        .iter()
-        .find(|(k, _, _)| *k == key)
-        .map(|(_, accepted, what)| (*accepted, *what))
+    UNIMPLEMENTED_SECURITY_KEYS.iter().find(|(k, _, _)| *k == key).map(|(_, accepted, what)| (*accepted, *what))
 }
 
 /// Top-level sections and whether their tables are nested one level (`[hypervisor.qemu]`).
@@ -245,75 +190,43 @@ pub(crate) const ANNOTATIONS: &[(&str, &str)] = &[
     ("hypervisor.kernel_params", "hypervisor.qemu.kernel_params"),
     ("hypervisor.default_vcpus", "hypervisor.qemu.default_vcpus"),
     // Kata's annotation name differs from its configuration key here.
-    (
-        "hypervisor.default_max_vcpus",
-        "hypervisor.qemu.default_maxvcpus",
-    ),
-    (
-        "hypervisor.default_memory",
-        "hypervisor.qemu.default_memory",
-    ),
+    ("hypervisor.default_max_vcpus", "hypervisor.qemu.default_maxvcpus"),
+    ("hypervisor.default_memory", "hypervisor.qemu.default_memory"),
     ("hypervisor.shared_fs", "hypervisor.qemu.shared_fs"),
-    (
-        "hypervisor.virtio_fs_daemon",
-        "hypervisor.qemu.virtio_fs_daemon",
-    ),
-    (
-        "hypervisor.virtio_fs_extra_args",
-        "hypervisor.qemu.virtio_fs_extra_args",
-    ),
+    ("hypervisor.virtio_fs_daemon", "hypervisor.qemu.virtio_fs_daemon"),
+    ("hypervisor.virtio_fs_extra_args", "hypervisor.qemu.virtio_fs_extra_args"),
     ("hypervisor.vsock_daemon", "hypervisor.qemu.vsock_daemon"),
     ("agent.debug", "agent.kata.debug"),
     ("agent.dial_timeout", "agent.kata.dial_timeout"),
     ("runtime.enable_debug", "runtime.enable_debug"),
     ("runtime.experimental", "runtime.experimental"),
-    (
-        "runtime.internetworking_model",
-        "runtime.internetworking_model",
-    ),
+    ("runtime.internetworking_model", "runtime.internetworking_model"),
     ("runtime.sandbox_cgroup_only", "runtime.sandbox_cgroup_only"),
 ];
 
 /// Annotatable keys that do not change the guest VM (its devices, memory, kernel command line),
 /// so a pod that sets only these may still be cloned from the shared VM template. Every other
 /// annotation counts as changing the VM, including any added later.
-pub(crate) const ANNOTATED_OUTSIDE_THE_VM: &[&str] =
-    &["agent.kata.dial_timeout", "runtime.sandbox_cgroup_only"];
+pub(crate) const ANNOTATED_OUTSIDE_THE_VM: &[&str] = &["agent.kata.dial_timeout", "runtime.sandbox_cgroup_only"];
 
 /// Keys naming a binary the host will execute -> the glob list an annotation value must match.
 pub(crate) const PATH_ALLOW_LISTS: &[(&str, &str)] = &[
-    (
-        "hypervisor.qemu.path",
-        "hypervisor.qemu.valid_hypervisor_paths",
-    ),
-    (
-        "hypervisor.qemu.virtio_fs_daemon",
-        "hypervisor.qemu.valid_virtio_fs_daemon_paths",
-    ),
-    (
-        "hypervisor.qemu.vsock_daemon",
-        "hypervisor.qemu.valid_vsock_daemon_paths",
-    ),
+    ("hypervisor.qemu.path", "hypervisor.qemu.valid_hypervisor_paths"),
+    ("hypervisor.qemu.virtio_fs_daemon", "hypervisor.qemu.valid_virtio_fs_daemon_paths"),
+    ("hypervisor.qemu.vsock_daemon", "hypervisor.qemu.valid_vsock_daemon_paths"),
 ];
 
 /// Whether Kata knows `key` and kata-rs deliberately ignores it.
 pub(crate) fn is_ignored_kata_key(key: &str) -> bool {
-    KATA_IGNORED_KEYS
-        .iter()
-        .any(|entry| match entry.strip_suffix(".*") {
-            Some(section) => key
-                .strip_prefix(section)
-                .is_some_and(|rest| rest.starts_with('.')),
-            None => *entry == key,
-        })
+    KATA_IGNORED_KEYS.iter().any(|entry| match entry.strip_suffix(".*") {
+        Some(section) => key.strip_prefix(section).is_some_and(|rest| rest.starts_with('.')),
+        None => *entry == key,
+    })
 }
 
 /// The kata-rs key for `key`, resolving Kata spellings.
 pub(crate) fn canonical_key(key: &str) -> &str {
-    KEY_ALIASES
-        .iter()
-        .find(|(alias, _)| *alias == key)
-        .map_or(key, |(_, canonical)| canonical)
+    KEY_ALIASES.iter().find(|(alias, _)| *alias == key).map_or(key, |(_, canonical)| canonical)
 }
 
 #[cfg(test)]
@@ -323,37 +236,21 @@ mod tests {
 
     #[test]
     fn lists_name_real_keys_and_do_not_overlap() {
-        for (_, key) in ANNOTATIONS
-            .iter()
-            .chain(KEY_ALIASES)
-            .chain(PATH_ALLOW_LISTS)
-        {
-            assert!(
-                Config::default_value(key).is_some(),
-                "{key} is not an implemented key"
-            );
+        for (_, key) in ANNOTATIONS.iter().chain(KEY_ALIASES).chain(PATH_ALLOW_LISTS) {
+            assert!(Config::default_value(key).is_some(), "{key} is not an implemented key");
         }
         for (_, list) in PATH_ALLOW_LISTS {
-            assert!(
-                Config::default_value(list).is_some(),
-                "{list} is not an implemented key"
-            );
+            assert!(Config::default_value(list).is_some(), "{list} is not an implemented key");
         }
         for key in KATA_IGNORED_KEYS {
-            assert!(
-                Config::default_value(key).is_none(),
-                "{key} is implemented, not ignored"
-            );
+            assert!(Config::default_value(key).is_none(), "{key} is implemented, not ignored");
         }
         for (key, _, _) in UNIMPLEMENTED_SECURITY_KEYS {
             assert!(Config::default_value(key).is_none(), "{key} is implemented");
             assert!(!is_ignored_kata_key(key), "{key} is also ignored");
         }
         for key in ANNOTATED_OUTSIDE_THE_VM {
-            assert!(
-                ANNOTATIONS.iter().any(|(_, k)| k == key),
-                "{key} is not annotatable"
-            );
+            assert!(ANNOTATIONS.iter().any(|(_, k)| k == key), "{key} is not annotatable");
         }
         for (_, key) in ANNOTATIONS {
             assert!(

@@ -24,17 +24,10 @@ impl HostLimits {
     /// Reads this host's limits.
     pub fn detect() -> io::Result<Self> {
         let meminfo = fs::read_to_string("/proc/meminfo")?;
-        let memory_mib = mem_total_mib(&meminfo).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                "/proc/meminfo has no MemTotal line",
-            )
-        })?;
+        let memory_mib = mem_total_mib(&meminfo)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "/proc/meminfo has no MemTotal line"))?;
         let cpus = std::thread::available_parallelism()?.get();
-        Ok(Self {
-            memory_mib,
-            cpus: u32::try_from(cpus).unwrap_or(u32::MAX),
-        })
+        Ok(Self { memory_mib, cpus: u32::try_from(cpus).unwrap_or(u32::MAX) })
     }
 }
 
@@ -48,25 +41,13 @@ fn mem_total_mib(meminfo: &str) -> Option<u64> {
 
 /// A configured maximum (`0` meaning the host's) resolved against what the host has: the limit
 /// and why it is that, for the error message.
-fn resolve_max(
-    key: &str,
-    configured: u32,
-    origin: &Origin,
-    host: u64,
-    host_has: &str,
-) -> (u64, String) {
+fn resolve_max(key: &str, configured: u32, origin: &Origin, host: u64, host_has: &str) -> (u64, String) {
     if configured == 0 {
         (host, format!("{key} = 0: {host_has}"))
     } else if u64::from(configured) > host {
-        (
-            host,
-            format!("{host_has}: {key} = {configured} from {origin} is more"),
-        )
+        (host, format!("{host_has}: {key} = {configured} from {origin} is more"))
     } else {
-        (
-            u64::from(configured),
-            format!("{key} = {configured} from {origin}"),
-        )
+        (u64::from(configured), format!("{key} = {configured} from {origin}"))
     }
 }
 
@@ -86,11 +67,7 @@ impl LoadedConfig {
     pub(crate) fn check_annotated_limits(&self, host: &HostLimits) -> Result<(), ConfigError> {
         let hv = &self.config.hypervisor;
         let refuse = |annotation: &str, value: u32, problem: String| {
-            Err(ConfigError::AnnotationOutOfRange {
-                annotation: annotation.to_owned(),
-                value,
-                problem,
-            })
+            Err(ConfigError::AnnotationOutOfRange { annotation: annotation.to_owned(), value, problem })
         };
         if let Some(annotation) = self.annotation_for("hypervisor.qemu.default_memory") {
             let value = hv.default_memory;
@@ -102,18 +79,10 @@ impl LoadedConfig {
                 "the host's memory",
             );
             if value < MIN_MEMORY_MIB {
-                return refuse(
-                    annotation,
-                    value,
-                    format!("less than the minimum of {MIN_MEMORY_MIB} MiB"),
-                );
+                return refuse(annotation, value, format!("less than the minimum of {MIN_MEMORY_MIB} MiB"));
             }
             if u64::from(value) > limit {
-                return refuse(
-                    annotation,
-                    value,
-                    format!("more than the limit of {limit} MiB ({why})"),
-                );
+                return refuse(annotation, value, format!("more than the limit of {limit} MiB ({why})"));
             }
         }
         if let Some(annotation) = self.annotation_for("hypervisor.qemu.default_vcpus") {
@@ -126,18 +95,10 @@ impl LoadedConfig {
                 "the host's CPUs",
             );
             if value < 1 {
-                return refuse(
-                    annotation,
-                    value,
-                    "less than the minimum of 1 vCPU".to_owned(),
-                );
+                return refuse(annotation, value, "less than the minimum of 1 vCPU".to_owned());
             }
             if u64::from(value) > limit {
-                return refuse(
-                    annotation,
-                    value,
-                    format!("more than the limit of {limit} vCPUs ({why})"),
-                );
+                return refuse(annotation, value, format!("more than the limit of {limit} vCPUs ({why})"));
             }
         }
         if let Some(annotation) = self.annotation_for("hypervisor.qemu.default_maxvcpus") {
@@ -146,10 +107,7 @@ impl LoadedConfig {
                 return refuse(
                     annotation,
                     value,
-                    format!(
-                        "more than the limit of {} vCPUs (the host's CPUs)",
-                        host.cpus
-                    ),
+                    format!("more than the limit of {} vCPUs (the host's CPUs)", host.cpus),
                 );
             }
             // An annotated count over the maximum was refused above, naming the count.
@@ -237,24 +195,12 @@ mod tests {
 
     #[test]
     fn a_configured_maximum_is_capped_by_the_host() {
-        let origin = Origin::File {
-            path: "/c.toml".into(),
-            line: 3,
-        };
-        assert_eq!(
-            resolve_max("k", 0, &origin, 8, "the host's CPUs"),
-            (8, "k = 0: the host's CPUs".to_owned())
-        );
-        assert_eq!(
-            resolve_max("k", 4, &origin, 8, "the host's CPUs"),
-            (4, "k = 4 from /c.toml:3".to_owned())
-        );
+        let origin = Origin::File { path: "/c.toml".into(), line: 3 };
+        assert_eq!(resolve_max("k", 0, &origin, 8, "the host's CPUs"), (8, "k = 0: the host's CPUs".to_owned()));
+        assert_eq!(resolve_max("k", 4, &origin, 8, "the host's CPUs"), (4, "k = 4 from /c.toml:3".to_owned()));
         assert_eq!(
             resolve_max("k", 16, &origin, 8, "the host's CPUs"),
-            (
-                8,
-                "the host's CPUs: k = 16 from /c.toml:3 is more".to_owned()
-            )
+            (8, "the host's CPUs: k = 16 from /c.toml:3 is more".to_owned())
         );
     }
 }

@@ -14,10 +14,8 @@ use super::schema::{Config, SharedFs};
 use super::{seccomp_sandbox, ConfigError};
 
 /// The standard locations, in the order they are tried after ConfigPath and KATA_CONF_FILE.
-pub const DEFAULT_CONFIG_PATHS: [&str; 2] = [
-    "/etc/kata-containers/configuration.toml",
-    "/usr/share/defaults/kata-containers/configuration.toml",
-];
+pub const DEFAULT_CONFIG_PATHS: [&str; 2] =
+    ["/etc/kata-containers/configuration.toml", "/usr/share/defaults/kata-containers/configuration.toml"];
 
 /// Drop-in directory beside the chosen file: its `*.toml` files are applied in file-name order.
 pub const DROP_IN_DIR: &str = "config.d";
@@ -40,9 +38,7 @@ impl ConfigSearch {
     pub fn standard(config_path: Option<PathBuf>) -> Self {
         Self {
             config_path: config_path.filter(|p| !p.as_os_str().is_empty()),
-            env_conf_file: std::env::var_os("KATA_CONF_FILE")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from),
+            env_conf_file: std::env::var_os("KATA_CONF_FILE").filter(|v| !v.is_empty()).map(PathBuf::from),
             defaults: DEFAULT_CONFIG_PATHS.iter().map(PathBuf::from).collect(),
         }
     }
@@ -52,18 +48,12 @@ impl ConfigSearch {
     pub fn find(&self) -> Result<PathBuf, ConfigError> {
         let explicit = [
             (&self.config_path, "containerd's ConfigPath runtime option"),
-            (
-                &self.env_conf_file,
-                "the KATA_CONF_FILE environment variable",
-            ),
+            (&self.env_conf_file, "the KATA_CONF_FILE environment variable"),
         ];
         for (path, named_by) in explicit {
             if let Some(path) = path {
                 if !path.exists() {
-                    return Err(ConfigError::ExplicitFileMissing {
-                        path: path.clone(),
-                        named_by,
-                    });
+                    return Err(ConfigError::ExplicitFileMissing { path: path.clone(), named_by });
                 }
                 return Ok(path.clone());
             }
@@ -72,9 +62,7 @@ impl ConfigSearch {
             .iter()
             .find(|path| path.exists())
             .cloned()
-            .ok_or_else(|| ConfigError::NotFound {
-                tried: self.defaults.clone(),
-            })
+            .ok_or_else(|| ConfigError::NotFound { tried: self.defaults.clone() })
     }
 
     /// Finds the file, then loads it and its drop-ins.
@@ -104,12 +92,7 @@ fn drop_ins(main: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     };
     let mut files = Vec::new();
     for entry in entries {
-        let path = entry
-            .map_err(|source| ConfigError::Read {
-                path: dir.clone(),
-                source,
-            })?
-            .path();
+        let path = entry.map_err(|source| ConfigError::Read { path: dir.clone(), source })?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.ends_with(".toml") && !name.starts_with('.') && path.is_file() {
             files.push(path);
@@ -137,17 +120,8 @@ impl Default for LoadedConfig {
     /// Built-in defaults only, no files.
     fn default() -> Self {
         let config = Config::default();
-        let origins = config
-            .flatten()
-            .into_iter()
-            .map(|(key, _)| (key, Origin::Default))
-            .collect();
-        Self {
-            config,
-            files: Vec::new(),
-            origins,
-            warnings: Vec::new(),
-        }
+        let origins = config.flatten().into_iter().map(|(key, _)| (key, Origin::Default)).collect();
+        Self { config, files: Vec::new(), origins, warnings: Vec::new() }
     }
 }
 
@@ -178,10 +152,7 @@ impl LoadedConfig {
                         }
                     }
                     loaded.config.assign(key, entry.value).map_err(type_error)?;
-                    let origin = Origin::File {
-                        path: path.clone(),
-                        line: entry.line,
-                    };
+                    let origin = Origin::File { path: path.clone(), line: entry.line };
                     loaded.origins.insert(key.to_owned(), origin);
                 } else if let Some((accepted, what)) = unimplemented_security_key(key) {
                     // The accepted value is what kata-rs does anyway: nothing to warn about.
@@ -203,11 +174,7 @@ impl LoadedConfig {
                         entry.key
                     ));
                 } else {
-                    return Err(ConfigError::UnknownKey {
-                        path: path.clone(),
-                        line: entry.line,
-                        key: entry.key,
-                    });
+                    return Err(ConfigError::UnknownKey { path: path.clone(), line: entry.line, key: entry.key });
                 }
             }
         }
@@ -226,11 +193,7 @@ impl LoadedConfig {
         self.config
             .flatten()
             .into_iter()
-            .map(|(key, value)| Setting {
-                origin: self.origin(&key).clone(),
-                key,
-                value,
-            })
+            .map(|(key, value)| Setting { origin: self.origin(&key).clone(), key, value })
             .collect()
     }
 
@@ -255,27 +218,16 @@ impl LoadedConfig {
             message,
         };
         for pattern in &hv.enable_annotations {
-            anchored_regex(pattern)
-                .map_err(|err| invalid("hypervisor.qemu.enable_annotations", pattern, err))?;
+            anchored_regex(pattern).map_err(|err| invalid("hypervisor.qemu.enable_annotations", pattern, err))?;
         }
         let globs = [
-            (
-                "hypervisor.qemu.valid_hypervisor_paths",
-                &hv.valid_hypervisor_paths,
-            ),
-            (
-                "hypervisor.qemu.valid_virtio_fs_daemon_paths",
-                &hv.valid_virtio_fs_daemon_paths,
-            ),
-            (
-                "hypervisor.qemu.valid_vsock_daemon_paths",
-                &hv.valid_vsock_daemon_paths,
-            ),
+            ("hypervisor.qemu.valid_hypervisor_paths", &hv.valid_hypervisor_paths),
+            ("hypervisor.qemu.valid_virtio_fs_daemon_paths", &hv.valid_virtio_fs_daemon_paths),
+            ("hypervisor.qemu.valid_vsock_daemon_paths", &hv.valid_vsock_daemon_paths),
         ];
         for (key, patterns) in globs {
             for pattern in patterns {
-                glob::Pattern::new(pattern)
-                    .map_err(|err| invalid(key, pattern, err.to_string()))?;
+                glob::Pattern::new(pattern).map_err(|err| invalid(key, pattern, err.to_string()))?;
             }
         }
         Ok(())
@@ -355,9 +307,7 @@ impl LoadedConfig {
         }
         let path = &self.config.factory.template_path;
         let plain = path.starts_with('/')
-            && path
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'));
+            && path.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'));
         if !plain {
             problems.push(format!(
                 "{}: factory.template_path: {path:?} must be an absolute path of letters, digits, '/', '-', '_' and '.'",

@@ -52,10 +52,7 @@ mod tests {
 
     #[test]
     fn displays_and_serializes() {
-        let file = Origin::File {
-            path: "/etc/k.toml".into(),
-            line: 7,
-        };
+        let file = Origin::File { path: "/etc/k.toml".into(), line: 7 };
         assert_eq!(file.to_string(), "/etc/k.toml:7");
         assert_eq!(Origin::Default.to_string(), "(default)");
         let json = serde_json::to_string(&file).expect("serializable");

@@ -63,11 +63,7 @@ impl<'de> Visitor<'de> for RawDocVisitor {
 /// 1-based line of byte offset `offset` in `text`.
 pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count()
-        + 1
+    text.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
 }
 
 /// Parses `text` (the contents of `path`) into entries in file order.
@@ -128,26 +124,13 @@ mod tests {
                     [netmon]\nenable = true\n";
         let entries = parse_file(Path::new("c.toml"), text).expect("valid");
         let got: Vec<(&str, usize)> = entries.iter().map(|e| (e.key.as_str(), e.line)).collect();
-        assert_eq!(
-            got,
-            [
-                ("hypervisor.qemu.path", 2),
-                ("runtime.experimental", 5),
-                ("netmon.enable", 9)
-            ]
-        );
+        assert_eq!(got, [("hypervisor.qemu.path", 2), ("runtime.experimental", 5), ("netmon.enable", 9)]);
     }
 
     #[test]
     fn other_hypervisors_are_refused() {
-        let err = parse_file(
-            Path::new("c.toml"),
-            "[hypervisor.qemu]\n[hypervisor.clh]\npath = \"x\"\n",
-        )
-        .expect_err("clh");
-        assert_eq!(
-            err.to_string(),
-            "c.toml:2: [hypervisor.clh]: only qemu is supported"
-        );
+        let err =
+            parse_file(Path::new("c.toml"), "[hypervisor.qemu]\n[hypervisor.clh]\npath = \"x\"\n").expect_err("clh");
+        assert_eq!(err.to_string(), "c.toml:2: [hypervisor.clh]: only qemu is supported");
     }
 }

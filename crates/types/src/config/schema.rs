@@ -28,8 +28,7 @@ pub const DEFAULT_TEMPLATE_PATH: &str = "/run/vc/vm/template";
 /// Default `hypervisor.qemu.seccompsandbox`: QEMU's `-sandbox` with no obsolete system calls, no gaining
 /// privileges, no new processes and no changing scheduling or CPU affinity. Kata ships the key commented out
 /// (no sandbox); kata-rs turns it on.
-pub const DEFAULT_SECCOMP_SANDBOX: &str =
-    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+pub const DEFAULT_SECCOMP_SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// The least guest memory, MiB, an annotation may ask for: below it the guest kernel and agent do not boot.
 pub const MIN_MEMORY_MIB: u32 = 64;
 /// The longest `agent.kata.dial_timeout`, seconds, a configuration file may set.
@@ -146,11 +145,7 @@ impl Default for HypervisorConfig {
 impl HypervisorConfig {
     /// Maximum vCPUs with Kata's "0 means all host CPUs" resolved, never below `default_vcpus`.
     pub fn max_vcpus(&self, host_cpus: u32) -> u32 {
-        let max = if self.default_maxvcpus == 0 {
-            host_cpus
-        } else {
-            self.default_maxvcpus
-        };
+        let max = if self.default_maxvcpus == 0 { host_cpus } else { self.default_maxvcpus };
         max.max(self.default_vcpus)
     }
 }
@@ -191,10 +186,7 @@ pub struct AgentConfig {
 
 impl Default for AgentConfig {
     fn default() -> Self {
-        Self {
-            debug: false,
-            dial_timeout: DEFAULT_DIAL_TIMEOUT_SECS,
-        }
+        Self { debug: false, dial_timeout: DEFAULT_DIAL_TIMEOUT_SECS }
     }
 }
 
@@ -246,20 +238,13 @@ pub struct FactoryConfig {
 
 impl Default for FactoryConfig {
     fn default() -> Self {
-        Self {
-            enable_template: false,
-            template_path: DEFAULT_TEMPLATE_PATH.to_owned(),
-        }
+        Self { enable_template: false, template_path: DEFAULT_TEMPLATE_PATH.to_owned() }
     }
 }
 
 /// Where each `Config` field lives in the TOML file: (field of `Config`, dotted TOML prefix).
-pub(crate) const SECTIONS: &[(&str, &str)] = &[
-    ("hypervisor", "hypervisor.qemu"),
-    ("agent", "agent.kata"),
-    ("runtime", "runtime"),
-    ("factory", "factory"),
-];
+pub(crate) const SECTIONS: &[(&str, &str)] =
+    &[("hypervisor", "hypervisor.qemu"), ("agent", "agent.kata"), ("runtime", "runtime"), ("factory", "factory")];
 
 impl Config {
     /// Every effective setting as (dotted TOML key, value), in key order.
@@ -281,11 +266,7 @@ impl Config {
 
     /// The default value of an implemented dotted key, `None` when kata-rs has no such key.
     pub(crate) fn default_value(key: &str) -> Option<serde_json::Value> {
-        Config::default()
-            .flatten()
-            .into_iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v)
+        Config::default().flatten().into_iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
     /// Sets one dotted key, type-checking `value` against the field. The error is the
@@ -293,10 +274,7 @@ impl Config {
     pub(crate) fn assign(&mut self, key: &str, value: toml::Value) -> Result<(), String> {
         let (field, prefix) = SECTIONS
             .iter()
-            .find(|(_, prefix)| {
-                key.strip_prefix(prefix)
-                    .is_some_and(|rest| rest.starts_with('.'))
-            })
+            .find(|(_, prefix)| key.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('.')))
             .ok_or_else(|| "unknown configuration key".to_owned())?;
         let name = &key[prefix.len() + 1..];
         match *field {
@@ -336,49 +314,27 @@ mod tests {
         assert_eq!(c.hypervisor.machine_type, "q35");
         assert_eq!(c.hypervisor.shared_fs, SharedFs::VirtioFs);
         assert_eq!(c.hypervisor.accel, Accel::Auto);
-        assert_eq!(
-            c.runtime.internetworking_model,
-            InterNetworkingModel::TcFilter
-        );
+        assert_eq!(c.runtime.internetworking_model, InterNetworkingModel::TcFilter);
         assert_eq!(c.hypervisor.max_vcpus(8), 8);
     }
 
     #[test]
     fn assign_type_checks_one_key() {
         let mut c = Config::default();
-        c.assign("hypervisor.qemu.default_memory", toml::Value::Integer(512))
-            .expect("valid");
+        c.assign("hypervisor.qemu.default_memory", toml::Value::Integer(512)).expect("valid");
         assert_eq!(c.hypervisor.default_memory, 512);
-        let err = c
-            .assign(
-                "hypervisor.qemu.default_memory",
-                toml::Value::String("x".into()),
-            )
-            .expect_err("string for u32");
+        let err =
+            c.assign("hypervisor.qemu.default_memory", toml::Value::String("x".into())).expect_err("string for u32");
         assert_eq!(err, "invalid type: string \"x\", expected u32");
-        let err = c
-            .assign(
-                "hypervisor.qemu.shared_fs",
-                toml::Value::String("virtio-blk".into()),
-            )
-            .expect_err("bad variant");
-        assert_eq!(
-            err,
-            "unknown variant `virtio-blk`, expected `virtio-fs` or `virtio-9p`"
-        );
-        assert_eq!(
-            c.hypervisor.default_memory, 512,
-            "a failed assign leaves the value alone"
-        );
+        let err =
+            c.assign("hypervisor.qemu.shared_fs", toml::Value::String("virtio-blk".into())).expect_err("bad variant");
+        assert_eq!(err, "unknown variant `virtio-blk`, expected `virtio-fs` or `virtio-9p`");
+        assert_eq!(c.hypervisor.default_memory, 512, "a failed assign leaves the value alone");
     }
 
     #[test]
     fn flatten_uses_dotted_toml_keys() {
-        let keys: Vec<String> = Config::default()
-            .flatten()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
+        let keys: Vec<String> = Config::default().flatten().into_iter().map(|(k, _)| k).collect();
         assert!(keys.contains(&"hypervisor.qemu.kernel".to_owned()));
         assert!(keys.contains(&"agent.kata.dial_timeout".to_owned()));
         assert!(keys.contains(&"factory.template_path".to_owned()));

@@ -25,10 +25,7 @@ pub(crate) fn check(value: &str) -> Result<(), String> {
         let (name, setting) = item.split_once('=').unwrap_or((item, ""));
         let Some((_, allowed)) = OPTIONS.iter().find(|(option, _)| *option == name) else {
             let names: Vec<&str> = OPTIONS.iter().map(|(option, _)| *option).collect();
-            return Err(format!(
-                "{value:?}: {name:?} is not a -sandbox option ({})",
-                names.join(", ")
-            ));
+            return Err(format!("{value:?}: {name:?} is not a -sandbox option ({})", names.join(", ")));
         };
         if !allowed.contains(&setting) {
             return Err(format!("{value:?}: {name} must be {}", one_of(allowed)));
@@ -86,19 +83,13 @@ mod tests {
                 "\"on,\": \"\" is not a -sandbox option \
                  (obsolete, elevateprivileges, spawn, resourcecontrol)",
             ),
-            (
-                "on,spawn=children",
-                "\"on,spawn=children\": spawn must be allow or deny",
-            ),
+            ("on,spawn=children", "\"on,spawn=children\": spawn must be allow or deny"),
             ("on,spawn", "\"on,spawn\": spawn must be allow or deny"),
             (
                 "on,elevateprivileges=no",
                 "\"on,elevateprivileges=no\": elevateprivileges must be allow, deny or children",
             ),
-            (
-                "on,spawn=deny,spawn=allow",
-                "\"on,spawn=deny,spawn=allow\": spawn is given twice",
-            ),
+            ("on,spawn=deny,spawn=allow", "\"on,spawn=deny,spawn=allow\": spawn is given twice"),
         ];
         for (value, message) in cases {
             assert_eq!(check(value), Err(message.to_owned()), "{value}");

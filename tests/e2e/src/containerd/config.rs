@@ -42,12 +42,7 @@ const NOISY_PLUGINS: &[&str] = &[
     "io.containerd.snapshotter.v1.zfs",
 ];
 
-pub(crate) fn render(
-    layout: &Layout,
-    cri: Option<&CriOptions>,
-    debug: bool,
-    extra: &str,
-) -> String {
+pub(crate) fn render(layout: &Layout, cri: Option<&CriOptions>, debug: bool, extra: &str) -> String {
     let mut disabled: Vec<String> = NOISY_PLUGINS.iter().map(|p| quote(p)).collect();
     if cri.is_none() {
         disabled.push(quote("io.containerd.grpc.v1.cri"));
@@ -162,8 +157,7 @@ mod tests {
         let cri = CriOptions::new("/t/cni");
         let text = render(&layout(), Some(&cri), true, "# extra");
         assert!(
-            !text.contains(r#""io.containerd.grpc.v1.cri","#)
-                && !text.contains(r#", "io.containerd.grpc.v1.cri"]"#)
+            !text.contains(r#""io.containerd.grpc.v1.cri","#) && !text.contains(r#", "io.containerd.grpc.v1.cri"]"#)
         );
         assert!(text.contains("restrict_oom_score_adj = true"));
         assert!(text.contains(r#"sandbox_image = "registry.k8s.io/pause:3.6""#));

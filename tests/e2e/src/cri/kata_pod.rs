@@ -22,9 +22,7 @@ static VM_LOCK: Mutex<()> = Mutex::new(());
 /// One pod VM of a test binary at a time: the machines have two cores and other tests may run VMs too.
 pub fn vm_lock() -> MutexGuard<'static, ()> {
     // A test that panicked while holding the lock left nothing shared behind.
-    VM_LOCK
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    VM_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The kata parts, or why kata pods cannot run here (not root, containerd, CNI plugins, `ip`, `nsenter`
@@ -37,9 +35,7 @@ pub fn kata_pod_parts() -> Result<KataParts, String> {
         return Err("nsenter is not installed (Debian package util-linux)".to_owned());
     }
     if !Path::new(QEMU).is_file() {
-        return Err(format!(
-            "{QEMU} is missing (Debian package qemu-system-x86)"
-        ));
+        return Err(format!("{QEMU} is missing (Debian package qemu-system-x86)"));
     }
     KataParts::find()
 }
@@ -94,12 +90,8 @@ pub fn start_containerd(
 /// The PIDs and command lines of live QEMU processes naming `id`.
 pub fn qemu_processes(id: &str) -> Vec<(u32, String)> {
     processes(|argv| {
-        argv.first().is_some_and(|a| {
-            a.rsplit('/')
-                .next()
-                .unwrap_or(a)
-                .starts_with("qemu-system-")
-        }) && argv.iter().any(|a| a.contains(id))
+        argv.first().is_some_and(|a| a.rsplit('/').next().unwrap_or(a).starts_with("qemu-system-"))
+            && argv.iter().any(|a| a.contains(id))
     })
 }
 
@@ -107,18 +99,13 @@ pub fn qemu_processes(id: &str) -> Vec<(u32, String)> {
 pub fn kata_taps_anywhere() -> Vec<String> {
     let mut found = Vec::new();
     let mut spaces: Vec<Option<PathBuf>> = vec![None];
-    spaces.extend(
-        netns_entries()
-            .into_iter()
-            .map(|n| Some(Path::new(NETNS_DIR).join(n))),
-    );
+    spaces.extend(netns_entries().into_iter().map(|n| Some(Path::new(NETNS_DIR).join(n))));
     for ns in spaces {
         for link in links(ns.as_deref()).unwrap_or_default() {
             if link.ends_with("_kata") {
                 found.push(format!(
                     "{link} in {}",
-                    ns.as_deref()
-                        .map_or("the host namespace".into(), |p| p.display().to_string())
+                    ns.as_deref().map_or("the host namespace".into(), |p| p.display().to_string())
                 ));
             }
         }
@@ -141,35 +128,20 @@ impl KataPodFootprint {
     /// Takes the footprint of the running pod `pod_id`; `netns_before` are the [`netns_entries`] from
     /// before `RunPodSandbox`.
     pub fn take(pod_id: &str, netns_before: BTreeSet<String>) -> Self {
-        let netns = sandbox_state(pod_id)
-            .and_then(|s| s["netns"].as_str().map(PathBuf::from))
-            .or_else(|| {
-                match netns_entries()
-                    .difference(&netns_before)
-                    .collect::<Vec<_>>()[..]
-                {
+        let netns =
+            sandbox_state(pod_id).and_then(|s| s["netns"].as_str().map(PathBuf::from)).or_else(
+                || match netns_entries().difference(&netns_before).collect::<Vec<_>>()[..] {
                     [one] => Some(Path::new(NETNS_DIR).join(one)),
                     _ => None,
-                }
-            });
-        Self {
-            pod_id: pod_id.to_owned(),
-            qemu: qemu_processes(pod_id),
-            netns,
-            netns_before,
-        }
+                },
+            );
+        Self { pod_id: pod_id.to_owned(), qemu: qemu_processes(pod_id), netns, netns_before }
     }
 
     /// Stops and removes `containers` and then the pod through CRI, and checks that nothing of the pod is
     /// left: no QEMU, helper daemon or shim process, nothing the leak finder finds, no sandbox directory,
     /// network namespace or kata tap.
-    pub fn remove_and_check(
-        &self,
-        cri: &CriClient,
-        containerd: &Containerd,
-        containers: &[&str],
-        checks: &mut Checks,
-    ) {
+    pub fn remove_and_check(&self, cri: &CriClient, containerd: &Containerd, containers: &[&str], checks: &mut Checks) {
         let pod_id = self.pod_id.as_str();
         // QEMU and its helpers, as the sandbox persisted them (plus the QEMU seen before, in case it did not).
         let vm_pids: BTreeSet<u32> = sandbox_state(pod_id)
@@ -180,23 +152,17 @@ impl KataPodFootprint {
             .chain(self.qemu.iter().map(|(pid, _)| *pid))
             .collect();
         let shims = processes(|argv| {
-            argv[0].ends_with("containerd-shim-kata-v2")
-                && argv.windows(2).any(|w| w[0] == "-id" && w[1] == pod_id)
+            argv[0].ends_with("containerd-shim-kata-v2") && argv.windows(2).any(|w| w[0] == "-id" && w[1] == pod_id)
         });
         eprintln!("VM processes {vm_pids:?}, shims {shims:?}");
         for id in containers {
             let stopped = cri.stop_container(id, Duration::from_secs(10));
-            checks.check("StopContainer", stopped.is_ok(), || {
-                format!("{id}: {stopped:?}")
-            });
+            checks.check("StopContainer", stopped.is_ok(), || format!("{id}: {stopped:?}"));
             let removed = cri.remove_container(id);
-            checks.check("RemoveContainer", removed.is_ok(), || {
-                format!("{id}: {removed:?}")
-            });
+            checks.check("RemoveContainer", removed.is_ok(), || format!("{id}: {removed:?}"));
         }
         step("StopPodSandbox", || {
-            cri.stop_pod_sandbox(pod_id)
-                .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", containerd.log_tail(60)))
+            cri.stop_pod_sandbox(pod_id).unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", containerd.log_tail(60)))
         });
         step("RemovePodSandbox", || {
             cri.remove_pod_sandbox(pod_id)
@@ -204,23 +170,13 @@ impl KataPodFootprint {
         });
 
         let left = qemu_processes(pod_id);
-        checks.check("no QEMU of the pod left", left.is_empty(), || {
-            format!("{left:?}")
-        });
-        let all_pids: Vec<u32> = vm_pids
-            .iter()
-            .copied()
-            .chain(shims.iter().map(|(pid, _)| *pid))
-            .collect();
+        checks.check("no QEMU of the pod left", left.is_empty(), || format!("{left:?}"));
+        let all_pids: Vec<u32> = vm_pids.iter().copied().chain(shims.iter().map(|(pid, _)| *pid)).collect();
         let alive = crate::process::wait_gone(&all_pids, Duration::from_secs(30));
-        checks.check(
-            "no QEMU/virtiofsd/vhost-device-vsock/shim process of the pod left",
-            alive.is_empty(),
-            || format!("still alive: {alive:?}"),
-        );
-        let ids: Vec<&str> = std::iter::once(pod_id)
-            .chain(containers.iter().copied())
-            .collect();
+        checks.check("no QEMU/virtiofsd/vhost-device-vsock/shim process of the pod left", alive.is_empty(), || {
+            format!("still alive: {alive:?}")
+        });
+        let ids: Vec<&str> = std::iter::once(pod_id).chain(containers.iter().copied()).collect();
         let report = containerd.leaks_with_pids(&ids, &all_pids);
         checks.check(
             "the leak finder finds nothing (processes, mounts, state)",
@@ -230,23 +186,16 @@ impl KataPodFootprint {
                 Err(e) => format!("the leak check failed: {e}"),
             },
         );
-        checks.check(
-            "/run/kata-rs/<pod id> is gone",
-            !sandbox_dir(pod_id).exists(),
-            || format!("{} left", sandbox_dir(pod_id).display()),
-        );
-        let new_netns: Vec<String> = netns_entries()
-            .difference(&self.netns_before)
-            .cloned()
-            .collect();
+        checks.check("/run/kata-rs/<pod id> is gone", !sandbox_dir(pod_id).exists(), || {
+            format!("{} left", sandbox_dir(pod_id).display())
+        });
+        let new_netns: Vec<String> = netns_entries().difference(&self.netns_before).cloned().collect();
         checks.check(
             "no network namespace left",
             new_netns.is_empty() && !self.netns.as_deref().is_some_and(Path::exists),
             || format!("new entries {new_netns:?}; pod netns {:?}", self.netns),
         );
         let taps = kata_taps_anywhere();
-        checks.check("no kata tap left in any namespace", taps.is_empty(), || {
-            format!("{taps:?}")
-        });
+        checks.check("no kata tap left in any namespace", taps.is_empty(), || format!("{taps:?}"));
     }
 }

@@ -42,9 +42,7 @@ pub fn loopback_conf() -> serde_json::Value {
 pub fn cni_skip_reason() -> Option<String> {
     for plugin in ["bridge", "host-local", "loopback"] {
         if !Path::new("/usr/lib/cni").join(plugin).exists() {
-            return Some(format!(
-                "/usr/lib/cni/{plugin} is missing (Debian package containernetworking-plugins)"
-            ));
+            return Some(format!("/usr/lib/cni/{plugin} is missing (Debian package containernetworking-plugins)"));
         }
     }
     if crate::find_in_path("ip".as_ref()).is_none() {
@@ -85,9 +83,7 @@ impl CniNetwork {
             let subnet_base = Ipv4Addr::new(172, 19, octet, 0);
             if bridge.len() <= 15
                 && !Path::new("/sys/class/net").join(&bridge).exists()
-                && !taken
-                    .iter()
-                    .any(|&(net, len)| overlaps(net, len, subnet_base, 24))
+                && !taken.iter().any(|&(net, len)| overlaps(net, len, subnet_base, 24))
             {
                 choice = Some((bridge, octet));
                 break;
@@ -102,15 +98,9 @@ impl CniNetwork {
         let dir = tempfile::Builder::new()
             .prefix("kata-e2e-cni-")
             .tempdir()
-            .map_err(|source| CriError::Write {
-                path: std::env::temp_dir(),
-                source,
-            })?;
-        let base: Ipv4Addr = subnet
-            .split('/')
-            .next()
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| CriError::Command {
+            .map_err(|source| CriError::Write { path: std::env::temp_dir(), source })?;
+        let base: Ipv4Addr =
+            subnet.split('/').next().and_then(|a| a.parse().ok()).ok_or_else(|| CriError::Command {
                 command: "CniNetwork::with".to_owned(),
                 detail: format!("subnet {subnet:?} is not A.B.C.D/N"),
             })?;
@@ -121,10 +111,7 @@ impl CniNetwork {
             let text = serde_json::to_string_pretty(&value).unwrap_or_default();
             fs::write(&path, text + "\n").map_err(|source| CriError::Write { path, source })
         };
-        write(
-            "10-mynet.conf",
-            bridge_conf(bridge, subnet, Some(&ipam_dir)),
-        )?;
+        write("10-mynet.conf", bridge_conf(bridge, subnet, Some(&ipam_dir)))?;
         write("99-loopback.conf", loopback_conf())?;
         Ok(Self {
             dir,
@@ -170,11 +157,9 @@ impl CniNetwork {
         }
         let mut cmd = Command::new("ip");
         cmd.args(["link", "del", &self.bridge]);
-        let out = output_with_timeout(&mut cmd, Duration::from_secs(10)).map_err(|e| {
-            CriError::Command {
-                command: format!("ip link del {}", self.bridge),
-                detail: e.to_string(),
-            }
+        let out = output_with_timeout(&mut cmd, Duration::from_secs(10)).map_err(|e| CriError::Command {
+            command: format!("ip link del {}", self.bridge),
+            detail: e.to_string(),
         })?;
         if !out.status.success() && self.bridge_exists() {
             return Err(CriError::Command {
@@ -205,10 +190,7 @@ impl Drop for CniNetwork {
 /// IPv4 prefixes of the host's routes (main table) and interface addresses.
 fn host_ipv4_prefixes() -> Vec<(Ipv4Addr, u8)> {
     let mut out = Vec::new();
-    for args in [
-        &["-4", "-o", "route", "show", "table", "all"][..],
-        &["-4", "-o", "addr", "show"][..],
-    ] {
+    for args in [&["-4", "-o", "route", "show", "table", "all"][..], &["-4", "-o", "addr", "show"][..]] {
         let mut cmd = Command::new("ip");
         cmd.args(args);
         let Ok(o) = output_with_timeout(&mut cmd, Duration::from_secs(5)) else {
@@ -229,11 +211,7 @@ fn host_ipv4_prefixes() -> Vec<(Ipv4Addr, u8)> {
 
 fn overlaps(a: Ipv4Addr, a_len: u8, b: Ipv4Addr, b_len: u8) -> bool {
     let len = a_len.min(b_len);
-    let mask = if len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(len))
-    };
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
     u32::from(a) & mask == u32::from(b) & mask
 }
 

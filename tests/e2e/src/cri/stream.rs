@@ -67,9 +67,7 @@ pub enum StreamStatus {
 impl StreamStatus {
     /// Parses the JSON the server sends on channel 3.
     pub fn parse(json: &[u8]) -> Result<Self, StreamError> {
-        let bad = || StreamError::Status {
-            text: String::from_utf8_lossy(json).into_owned(),
-        };
+        let bad = || StreamError::Status { text: String::from_utf8_lossy(json).into_owned() };
         let status: serde_json::Value = serde_json::from_slice(json).map_err(|_| bad())?;
         let field = |name: &str| status[name].as_str().unwrap_or_default().to_owned();
         match (field("status").as_str(), field("reason").as_str()) {
@@ -82,10 +80,7 @@ impl StreamStatus {
                 .and_then(|c| c["message"].as_str()?.parse().ok())
                 .map(Self::Exited)
                 .ok_or_else(bad),
-            ("Failure", reason) => Ok(Self::Failed {
-                reason: reason.to_owned(),
-                message: field("message"),
-            }),
+            ("Failure", reason) => Ok(Self::Failed { reason: reason.to_owned(), message: field("message") }),
             _ => Err(bad()),
         }
     }
@@ -105,64 +100,31 @@ pub struct StreamSession {
 impl StreamSession {
     /// Opens the websocket at `url` (as returned by `Exec` or `Attach`; a single-use token).
     pub fn connect(url: &str) -> Result<Self, StreamError> {
-        let bad_url = || StreamError::Url {
-            url: url.to_owned(),
-        };
+        let bad_url = || StreamError::Url { url: url.to_owned() };
         let ws_url = url.strip_prefix("http://").ok_or_else(bad_url)?;
-        let mut request = format!("ws://{ws_url}")
-            .into_client_request()
-            .map_err(|_| bad_url())?;
-        request
-            .headers_mut()
-            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(PROTOCOL));
-        let authority = request
-            .uri()
-            .authority()
-            .ok_or_else(bad_url)?
-            .as_str()
-            .to_owned();
-        let connect_error = |source| StreamError::Connect {
-            url: url.to_owned(),
-            source,
-        };
-        let addr = authority
-            .to_socket_addrs()
-            .map_err(connect_error)?
-            .next()
-            .ok_or_else(bad_url)?;
-        let tcp =
-            TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(connect_error)?;
+        let mut request = format!("ws://{ws_url}").into_client_request().map_err(|_| bad_url())?;
+        request.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(PROTOCOL));
+        let authority = request.uri().authority().ok_or_else(bad_url)?.as_str().to_owned();
+        let connect_error = |source| StreamError::Connect { url: url.to_owned(), source };
+        let addr = authority.to_socket_addrs().map_err(connect_error)?.next().ok_or_else(bad_url)?;
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(connect_error)?;
         // Bounds the handshake; later reads set their own timeout.
         tcp.set_read_timeout(Some(Duration::from_secs(30)))
             .and_then(|()| tcp.set_write_timeout(Some(Duration::from_secs(30))))
             .map_err(connect_error)?;
-        let (ws, response) =
-            tungstenite::client(request, tcp).map_err(|e| StreamError::Handshake {
-                url: url.to_owned(),
-                source: Box::new(match e {
-                    tungstenite::HandshakeError::Failure(e) => e,
-                    // Only a non-blocking stream can be interrupted; ours blocks or times out.
-                    tungstenite::HandshakeError::Interrupted(_) => {
-                        tungstenite::Error::Io(io::ErrorKind::TimedOut.into())
-                    }
-                }),
-            })?;
-        let chosen = response
-            .headers()
-            .get("Sec-WebSocket-Protocol")
-            .and_then(|v| v.to_str().ok());
+        let (ws, response) = tungstenite::client(request, tcp).map_err(|e| StreamError::Handshake {
+            url: url.to_owned(),
+            source: Box::new(match e {
+                tungstenite::HandshakeError::Failure(e) => e,
+                // Only a non-blocking stream can be interrupted; ours blocks or times out.
+                tungstenite::HandshakeError::Interrupted(_) => tungstenite::Error::Io(io::ErrorKind::TimedOut.into()),
+            }),
+        })?;
+        let chosen = response.headers().get("Sec-WebSocket-Protocol").and_then(|v| v.to_str().ok());
         if chosen != Some(PROTOCOL) {
-            return Err(StreamError::Subprotocol {
-                chosen: chosen.map(str::to_owned),
-            });
+            return Err(StreamError::Subprotocol { chosen: chosen.map(str::to_owned) });
         }
-        Ok(Self {
-            ws,
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-            status: None,
-            closed: false,
-        })
+        Ok(Self { ws, stdout: Vec::new(), stderr: Vec::new(), status: None, closed: false })
     }
 
     /// Sends `data` to the process's stdin.
@@ -180,9 +142,7 @@ impl StreamSession {
         let mut message = Vec::with_capacity(data.len() + 1);
         message.push(channel);
         message.extend_from_slice(data);
-        self.ws
-            .send(Message::Binary(message.into()))
-            .map_err(|e| StreamError::Websocket(Box::new(e)))
+        self.ws.send(Message::Binary(message.into())).map_err(|e| StreamError::Websocket(Box::new(e)))
     }
 
     /// Everything received on stdout so far (lossy UTF-8).
@@ -218,11 +178,7 @@ impl StreamSession {
 
     /// Reads messages until `done(self)` holds (`true`), or the server closed the websocket or
     /// `timeout` passed without it (`false`).
-    pub fn read_until(
-        &mut self,
-        timeout: Duration,
-        mut done: impl FnMut(&Self) -> bool,
-    ) -> Result<bool, StreamError> {
+    pub fn read_until(&mut self, timeout: Duration, mut done: impl FnMut(&Self) -> bool) -> Result<bool, StreamError> {
         let deadline = Instant::now() + timeout;
         loop {
             if done(self) {
@@ -239,10 +195,7 @@ impl StreamSession {
             match self.ws.read() {
                 Ok(message) => self.take(message)?,
                 Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
+                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
                 Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                     self.closed = true;
                 }
@@ -304,10 +257,7 @@ mod tests {
     #[test]
     fn non_zero_exit_code_comes_from_the_exit_code_cause() {
         let json = br#"{"metadata":{},"status":"Failure","message":"command terminated with non-zero exit code: error executing command [sh -c exit 7], exit code 7","reason":"NonZeroExitCode","details":{"causes":[{"reason":"ExitCode","message":"7"}]}}"#;
-        assert_eq!(
-            StreamStatus::parse(json).expect("parse"),
-            StreamStatus::Exited(7)
-        );
+        assert_eq!(StreamStatus::parse(json).expect("parse"), StreamStatus::Exited(7));
     }
 
     #[test]
@@ -315,26 +265,18 @@ mod tests {
         let json = br#"{"metadata":{},"status":"Failure","message":"no such container","reason":"InternalError"}"#;
         assert_eq!(
             StreamStatus::parse(json).expect("parse"),
-            StreamStatus::Failed {
-                reason: "InternalError".to_owned(),
-                message: "no such container".to_owned()
-            }
+            StreamStatus::Failed { reason: "InternalError".to_owned(), message: "no such container".to_owned() }
         );
     }
 
     #[test]
     fn garbage_is_an_error() {
         assert!(StreamStatus::parse(b"not json").is_err());
-        assert!(
-            StreamStatus::parse(br#"{"status":"Failure","reason":"NonZeroExitCode"}"#).is_err()
-        );
+        assert!(StreamStatus::parse(br#"{"status":"Failure","reason":"NonZeroExitCode"}"#).is_err());
     }
 
     #[test]
     fn urls_must_be_http() {
-        assert!(matches!(
-            StreamSession::connect("https://127.0.0.1:1/exec/x"),
-            Err(StreamError::Url { .. })
-        ));
+        assert!(matches!(StreamSession::connect("https://127.0.0.1:1/exec/x"), Err(StreamError::Url { .. })));
     }
 }

@@ -13,11 +13,7 @@ use crate::checks::{error_chain, poll, Checks};
 /// A container for [`check_attach`]: `sh` reading commands from its stdin, on a
 /// terminal if `tty`.
 pub fn attach_target(name: &str, image: &str, tty: bool) -> ContainerSpec {
-    ContainerSpec {
-        stdin: true,
-        tty,
-        ..ContainerSpec::new(name, image, &["sh"])
-    }
+    ContainerSpec { stdin: true, tty, ..ContainerSpec::new(name, image, &["sh"]) }
 }
 
 /// Streams through `Exec` in the running container `id`: stdin, stderr apart, a tty. Every read waits
@@ -29,15 +25,8 @@ pub fn check_exec_streams(cri: &CriClient, id: &str, timeout: Duration, checks: 
 }
 
 /// `Exec` then connect to its URL.
-fn open_exec(
-    cri: &CriClient,
-    id: &str,
-    cmd: &[&str],
-    streams: Streams,
-) -> Result<StreamSession, String> {
-    let url = cri
-        .exec(id, cmd, streams)
-        .map_err(|e| format!("Exec {cmd:?}: {}", error_chain(&e)))?;
+fn open_exec(cri: &CriClient, id: &str, cmd: &[&str], streams: Streams) -> Result<StreamSession, String> {
+    let url = cri.exec(id, cmd, streams).map_err(|e| format!("Exec {cmd:?}: {}", error_chain(&e)))?;
     StreamSession::connect(&url).map_err(|e| format!("connect to {url}: {}", error_chain(&e)))
 }
 
@@ -52,20 +41,12 @@ fn exec_to_end(
     input: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<Ended, String> {
-    let streams = Streams {
-        stdin: input.is_some(),
-        stdout: true,
-        stderr: true,
-        tty: false,
-    };
+    let streams = Streams { stdin: input.is_some(), stdout: true, stderr: true, tty: false };
     let mut s = open_exec(cri, id, cmd, streams)?;
     if let Some(input) = input {
-        s.send_stdin(input)
-            .map_err(|e| format!("send stdin: {}", error_chain(&e)))?;
+        s.send_stdin(input).map_err(|e| format!("send stdin: {}", error_chain(&e)))?;
     }
-    let end = s
-        .wait_end(timeout)
-        .map_err(|e| format!("read: {}; {}", error_chain(&e), s.describe()))?;
+    let end = s.wait_end(timeout).map_err(|e| format!("read: {}; {}", error_chain(&e), s.describe()))?;
     Ok((s.stdout(), s.stderr(), end))
 }
 
@@ -74,9 +55,7 @@ fn exec_with_stdin(cri: &CriClient, id: &str, timeout: Duration, checks: &mut Ch
     let result = exec_to_end(cri, id, &cmd, Some(b"hello-stream\n"), timeout);
     checks.check(
         "streaming Exec without tty passes a stdin line to the process and its stdout back",
-        result.as_ref().is_ok_and(|(out, _, end)| {
-            out == "got:hello-stream\n" && *end == Some(StreamStatus::Exited(0))
-        }),
+        result.as_ref().is_ok_and(|(out, _, end)| out == "got:hello-stream\n" && *end == Some(StreamStatus::Exited(0))),
         || {
             let want = "stdout \"got:hello-stream\\n\" and exit code 0";
             format!("expected {want} within {timeout:?}; got {result:?}")
@@ -89,9 +68,9 @@ fn exec_with_separate_stderr(cri: &CriClient, id: &str, timeout: Duration, check
     let result = exec_to_end(cri, id, &cmd, None, timeout);
     checks.check(
         "streaming Exec keeps stderr apart from stdout and reports exit code 3",
-        result.as_ref().is_ok_and(|(out, err, end)| {
-            out == "out\n" && err == "err\n" && *end == Some(StreamStatus::Exited(3))
-        }),
+        result
+            .as_ref()
+            .is_ok_and(|(out, err, end)| out == "out\n" && err == "err\n" && *end == Some(StreamStatus::Exited(3))),
         || {
             let want = "stdout \"out\\n\", stderr \"err\\n\" and exit code 3";
             format!("expected {want} within {timeout:?}; got {result:?}")
@@ -100,12 +79,7 @@ fn exec_with_separate_stderr(cri: &CriClient, id: &str, timeout: Duration, check
 }
 
 fn exec_with_tty(cri: &CriClient, id: &str, timeout: Duration, checks: &mut Checks) {
-    let streams = Streams {
-        stdin: true,
-        stdout: true,
-        stderr: false,
-        tty: true,
-    };
+    let streams = Streams { stdin: true, stdout: true, stderr: false, tty: true };
     let mut session = match open_exec(cri, id, &["sh"], streams) {
         Ok(s) => s,
         Err(e) => {
@@ -116,45 +90,28 @@ fn exec_with_tty(cri: &CriClient, id: &str, timeout: Duration, checks: &mut Chec
     // The resize travels apart from stdin (containerd -> shim ResizePty -> guest), so the shell may see
     // it after its first commands: poll the terminal's size until it has changed, asking again each time.
     let deadline = Instant::now() + timeout;
-    let resized = session
-        .resize(100, 40)
-        .map_err(|e| error_chain(&e))
-        .and_then(|()| loop {
-            session
-                .send_stdin(b"stty size\n")
-                .map_err(|e| error_chain(&e))?;
-            let seen = session
-                .read_until(Duration::from_secs(2), |s| s.stdout().contains("40 100"))
-                .map_err(|e| error_chain(&e))?;
-            if seen {
-                break Ok(());
-            }
-            if session.is_closed() || Instant::now() >= deadline {
-                break Err("no \"40 100\"".to_owned());
-            }
-        });
+    let resized = session.resize(100, 40).map_err(|e| error_chain(&e)).and_then(|()| loop {
+        session.send_stdin(b"stty size\n").map_err(|e| error_chain(&e))?;
+        let seen = session
+            .read_until(Duration::from_secs(2), |s| s.stdout().contains("40 100"))
+            .map_err(|e| error_chain(&e))?;
+        if seen {
+            break Ok(());
+        }
+        if session.is_closed() || Instant::now() >= deadline {
+            break Err("no \"40 100\"".to_owned());
+        }
+    });
     checks.check(
         "streaming Exec with a tty: a resize to 100x40 reaches the terminal (stty size)",
         resized.is_ok(),
-        || {
-            format!(
-                "expected \"40 100\" within {timeout:?}: {resized:?}; {}",
-                session.describe()
-            )
-        },
+        || format!("expected \"40 100\" within {timeout:?}: {resized:?}; {}", session.describe()),
     );
-    let end = session
-        .send_stdin(b"exit 7\n")
-        .and_then(|()| session.wait_end(timeout));
+    let end = session.send_stdin(b"exit 7\n").and_then(|()| session.wait_end(timeout));
     checks.check(
         "streaming Exec with a tty: `exit 7` ends the stream with exit code 7",
         matches!(end, Ok(Some(StreamStatus::Exited(7)))),
-        || {
-            format!(
-                "expected exit code 7 within {timeout:?}; got {end:?}; {}",
-                session.describe()
-            )
-        },
+        || format!("expected exit code 7 within {timeout:?}; got {end:?}; {}", session.describe()),
     );
 }
 
@@ -162,25 +119,15 @@ fn exec_with_tty(cri: &CriClient, id: &str, timeout: Duration, checks: &mut Chec
 /// a command and `exit 5`; the container has exited when this returns. Every read waits at most
 /// `timeout`.
 pub fn check_attach(cri: &CriClient, id: &str, tty: bool, timeout: Duration, checks: &mut Checks) {
-    let streams = Streams {
-        stdin: true,
-        stdout: true,
-        stderr: !tty,
-        tty,
-    };
+    let streams = Streams { stdin: true, stdout: true, stderr: !tty, tty };
     let session = cri
         .attach(id, streams)
         .map_err(|e| format!("Attach: {}", error_chain(&e)))
-        .and_then(|url| {
-            StreamSession::connect(&url)
-                .map_err(|e| format!("connect to {url}: {}", error_chain(&e)))
-        });
+        .and_then(|url| StreamSession::connect(&url).map_err(|e| format!("connect to {url}: {}", error_chain(&e))));
     let mut session = match session {
         Ok(s) => s,
         Err(e) => {
-            checks.check("streaming Attach connects", false, || {
-                format!("tty {tty}: {e}")
-            });
+            checks.check("streaming Attach connects", false, || format!("tty {tty}: {e}"));
             return;
         }
     };
@@ -195,16 +142,9 @@ pub fn check_attach(cri: &CriClient, id: &str, tty: bool, timeout: Duration, che
             "streaming Attach on a tty: a command sent to the main process answers",
         ),
         matches!(echoed, Ok(true)),
-        || {
-            format!(
-                "tty {tty}: expected stdout \"attached-42\" within {timeout:?}: {echoed:?}; {}",
-                session.describe()
-            )
-        },
+        || format!("tty {tty}: expected stdout \"attached-42\" within {timeout:?}: {echoed:?}; {}", session.describe()),
     );
-    let end = session
-        .send_stdin(b"exit 5\n")
-        .and_then(|()| session.wait_end(timeout));
+    let end = session.send_stdin(b"exit 5\n").and_then(|()| session.wait_end(timeout));
     // containerd ends an attach with status Success whatever the exit code: that comes from
     // ContainerStatus below.
     checks.check(
@@ -224,9 +164,7 @@ pub fn check_attach(cri: &CriClient, id: &str, tty: bool, timeout: Duration, che
     let mut last = None;
     let exited = poll(timeout, || {
         let status = cri.container_status(id);
-        let done = status
-            .as_ref()
-            .is_ok_and(|s| s.state == ContainerState::ContainerExited as i32);
+        let done = status.as_ref().is_ok_and(|s| s.state == ContainerState::ContainerExited as i32);
         last = Some(status);
         done.then_some(())
     });
@@ -236,10 +174,7 @@ pub fn check_attach(cri: &CriClient, id: &str, tty: bool, timeout: Duration, che
             "the attached container is reported exited with code 5",
             "the attached tty container is reported exited with code 5",
         ),
-        exited.is_some()
-            && last
-                .as_ref()
-                .is_some_and(|s| s.as_ref().is_ok_and(|s| s.exit_code == 5)),
+        exited.is_some() && last.as_ref().is_some_and(|s| s.as_ref().is_ok_and(|s| s.exit_code == 5)),
         || {
             format!(
                 "tty {tty}: expected CONTAINER_EXITED with exit code 5 within {timeout:?}; last \
