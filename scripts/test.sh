@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, then VM and containerd tests against the installed guest assets.
 source "$(dirname "$0")/lib.sh"
+
+# Habits first: cheap, and a formatting slip or a lint fails CI just as a broken test does.
+cd "$REPO"
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
+step "cargo fmt --check" cargo fmt --all --check
+step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
+
 bash "$REPO/scripts/setup.sh"
 
 # VM tests find their parts here; each test skips with a reason when one is missing.

@@ -148,7 +148,7 @@ async fn session(
 async fn read_port(port: &AsyncFd<File>, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         let mut guard = port.readable().await?;
-        if let Ok(result) = guard.try_io(|fd| (&*fd.get_ref()).read(buf)) {
+        if let Ok(result) = guard.try_io(|fd| fd.get_ref().read(buf)) {
             return result;
         }
     }
@@ -157,7 +157,7 @@ async fn read_port(port: &AsyncFd<File>, buf: &mut [u8]) -> io::Result<usize> {
 async fn write_port(port: &AsyncFd<File>, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         let mut guard = port.writable().await?;
-        if let Ok(result) = guard.try_io(|fd| (&*fd.get_ref()).write(data)) {
+        if let Ok(result) = guard.try_io(|fd| fd.get_ref().write(data)) {
             data = &data[result?..];
         }
     }

@@ -117,7 +117,7 @@ fn pods_are_clones_of_one_template() {
     }
     let probe = |id: &str| {
         let out = containerd
-            .ctr(&[
+            .ctr([
                 "task",
                 "exec",
                 "--exec-id",
@@ -139,15 +139,15 @@ fn pods_are_clones_of_one_template() {
         assert!(now.abs_diff(guest) < 30, "guest clock {guest}, host {now}");
     }
     for id in [&a, &b] {
-        containerd.ctr(&["task", "kill", "-s", "KILL", id]).expect("kill");
+        containerd.ctr(["task", "kill", "-s", "KILL", id]).expect("kill");
     }
     for id in [&a, &b] {
         let deadline = std::time::Instant::now() + RUN_TIMEOUT;
-        while !containerd.ctr(&["task", "rm", id]).expect("task rm").status.success() {
+        while !containerd.ctr(["task", "rm", id]).expect("task rm").status.success() {
             assert!(std::time::Instant::now() < deadline, "task {id} did not stop");
             std::thread::sleep(Duration::from_millis(200));
         }
-        containerd.ctr(&["container", "rm", id]).expect("container rm");
+        containerd.ctr(["container", "rm", id]).expect("container rm");
     }
 
     // Bulk output crosses the agent's virtio-serial port intact (1.3 MB, well past the port's buffers).
