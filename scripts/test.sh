@@ -4,11 +4,13 @@ source "$(dirname "$0")/lib.sh"
 
 # Habits first: cheap, and a formatting slip or a lint fails CI just as a broken test does.
 cd "$REPO"
-rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
+for component in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
+done
 step "cargo fmt --check" cargo fmt --all --check
-step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
-
 bash "$REPO/scripts/setup.sh"
+# After set-up: the agent's crates need the Debian -dev packages it installs.
+step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # VM tests find their parts here; each test skips with a reason when one is missing.
 export KATA_TEST_KERNEL=$ASSET_DIR/vmlinux.container
