@@ -5,8 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use hypervisor::{Hypervisor, QemuVm, SharedFs, VmConfig};
-use runtime::agent::{AgentClient, ReadySignal, AGENT_PORT};
+use hypervisor::{AgentTransport, Hypervisor, Qemu, SharedFs, VmConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::{memory, Memory};
@@ -36,7 +35,7 @@ impl BootParts {
 /// One bare boot.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct BootSample {
-    /// QEMU launch -> `QemuVm::start` returned (QEMU and helpers up, QMP answering).
+    /// QEMU launch -> `Vm::start` returned (QEMU and helpers up, QMP answering).
     pub qemu_up_s: f64,
     /// QEMU launch -> the agent answered over hybrid vsock.
     pub agent_s: f64,
@@ -48,31 +47,29 @@ pub struct BootSample {
 pub async fn boot_once(name: &str, parts: &BootParts, work: &Path) -> Result<BootSample> {
     let shared = work.join("shared");
     std::fs::create_dir_all(&shared).with_context(|| format!("create {}", shared.display()))?;
-    let mut config = VmConfig::new(name.to_owned(), &parts.qemu, parts.kernel.clone(), work.join("vm"));
+    let mut config = VmConfig::new(name.to_owned(), parts.kernel.clone(), work.join("vm"));
+    config.qemu.path = parts.qemu.clone();
     config.initrd = Some(parts.initrd.clone());
-    config.vsock_daemon = Some(parts.vsock_daemon.clone());
+    config.agent = Some(AgentTransport::HybridVsock);
+    config.qemu.vsock_daemon = Some(parts.vsock_daemon.clone());
     config.shared_fs = SharedFs::VirtioFs { daemon: parts.virtiofsd.clone(), extra_args: vec![], shared_dir: shared };
     // The same devices a kata pod's VM has (the shipped configuration reclaims freed guest memory).
     config.free_page_reporting = true;
-    let vm = QemuVm::new(config);
+    let vm = Qemu.vm(config);
     vm.prepare().await.context("prepare the VM")?;
-    let socket = vm.agent_socket().context("the VM has no agent socket")?;
-    let ready = ReadySignal::bind(&socket)?;
     let launched = Instant::now();
-    if let Err(e) = vm.start().await {
-        let _ = vm.stop().await;
-        return Err(e).context("start QEMU");
-    }
-    let qemu_up_s = launched.elapsed().as_secs_f64();
-    let agent = AgentClient::connect_when_ready(&ready, socket, AGENT_PORT, Duration::from_secs(60))
-        .await
-        .map_err(anyhow::Error::from);
+    let mut qemu_up_s = 0.0;
+    let booted = runtime::boot::boot_and_connect(&vm, Duration::from_secs(60), |_| {
+        qemu_up_s = launched.elapsed().as_secs_f64();
+    })
+    .await;
     let agent_s = launched.elapsed().as_secs_f64();
+    let agent = booted.context("boot the VM and connect to its agent")?;
     // Let the guest settle so the memory figure is the idle one, not the boot peak.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let memory = vm.pids().iter().map(|p| memory(p.pid)).fold(Memory::default(), |a, b| a + b);
+    drop(agent);
     vm.stop().await.context("stop QEMU")?;
-    agent.context("agent did not answer")?;
     Ok(BootSample { qemu_up_s, agent_s, memory })
 }
 

@@ -11,95 +11,117 @@ use types::config::DEFAULT_TCG_TB_SIZE_MIB;
 
 use crate::accel::AccelChoice;
 
-/// The same default as the configuration's, so a VM built without one (tests, the bench floor) matches pods.
-fn default_tcg_tb_size_mib() -> u32 {
-    DEFAULT_TCG_TB_SIZE_MIB
-}
-
 /// QEMU's `-sandbox` (seccomp) by default: no obsolete syscalls, no gaining privileges, no new processes, no
 /// changing scheduling or CPU affinity. Kata's `seccompsandbox` recommends the same.
 pub const DEFAULT_SECCOMP_SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
-fn default_seccomp_sandbox() -> Option<String> {
-    Some(DEFAULT_SECCOMP_SANDBOX.to_string())
-}
-
-/// Everything needed to boot one VM.
+/// Everything needed to boot one VM, in words every backend shares. What only QEMU needs is in [`QemuConfig`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
-    /// Name shown by QEMU (`-name`) and in logs, e.g. the sandbox id.
+    /// Name shown by the VMM and in logs, e.g. the sandbox id.
     pub name: String,
-    /// The QEMU binary, e.g. `/usr/bin/qemu-system-x86_64`.
-    pub qemu_path: PathBuf,
     /// Guest kernel, an uncompressed PVH `vmlinux`.
     pub kernel: PathBuf,
     /// Guest initrd holding the agent.
     pub initrd: Option<PathBuf>,
-    pub machine: MachineType,
     pub vcpus: u32,
     pub memory_mib: u32,
     /// Extra kernel parameters, appended after the ones the backend always sets.
     pub kernel_params: Vec<String>,
     pub accel: AccelChoice,
     pub shared_fs: SharedFs,
-    /// `vhost-device-vsock`; `None` boots without a vsock (tests, probes, VMs made from a template).
-    pub vsock_daemon: Option<PathBuf>,
-    /// A virtio-serial port with this name, served by QEMU itself on [`crate::VmPaths::agent_serial_socket`]:
-    /// the agent transport of VMs made from a template, which can have no vhost-user device.
+    /// How the host reaches the guest agent; `None` boots without a channel for it (tests, probes).
     #[serde(default)]
-    pub agent_serial_port: Option<String>,
+    pub agent: Option<AgentTransport>,
     /// Where guest RAM lives.
     #[serde(default)]
     pub memory: GuestMemory,
-    /// Private per-VM directory for sockets and logs. Created by `prepare`, removed by `stop`.
+    /// Private per-VM directory for sockets. Created by `prepare`, removed by `stop`.
     /// Keep it short: unix socket paths inside it must fit in 107 bytes.
     pub work_dir: PathBuf,
-    /// Boot without `quiet`, so the whole kernel log lands in the console log.
+    /// Boot without `quiet`, so the whole kernel log lands in the console.
     pub debug: bool,
     /// A virtio-balloon with free page reporting: memory the guest frees is dropped on the host.
     #[serde(default)]
     pub free_page_reporting: bool,
-    /// TCG translation buffer in MiB (`-accel tcg,tb-size=`); unused under KVM.
-    #[serde(default = "default_tcg_tb_size_mib")]
-    pub tcg_tb_size_mib: u32,
-    /// QEMU's `-sandbox` value, e.g. [`DEFAULT_SECCOMP_SANDBOX`]; `None` or empty runs QEMU without seccomp.
-    #[serde(default = "default_seccomp_sandbox")]
-    pub seccomp_sandbox: Option<String>,
     /// Guest NICs backed by tap devices the caller opened. Open fds cannot be persisted: serialising a config
     /// leaves them out, and a deserialised config has none.
     #[serde(skip)]
     pub net_devices: Vec<NetDevice>,
+    /// The QEMU backend's own settings.
+    #[serde(default)]
+    pub qemu: QemuConfig,
 }
 
 impl VmConfig {
-    /// A config with the defaults Kata uses (microvm, 1 vCPU, 256 MiB, automatic accelerator,
-    /// no shared fs, no vsock daemon, QEMU under [`DEFAULT_SECCOMP_SANDBOX`]); callers fill in the rest.
-    pub fn new(
-        name: impl Into<String>,
-        qemu_path: impl Into<PathBuf>,
-        kernel: impl Into<PathBuf>,
-        work_dir: impl Into<PathBuf>,
-    ) -> Self {
+    /// A config with the defaults Kata uses (1 vCPU, 256 MiB, automatic accelerator, no shared fs, no agent
+    /// channel; for QEMU a microvm under [`DEFAULT_SECCOMP_SANDBOX`]); callers fill in the rest.
+    pub fn new(name: impl Into<String>, kernel: impl Into<PathBuf>, work_dir: impl Into<PathBuf>) -> Self {
         Self {
             name: name.into(),
-            qemu_path: qemu_path.into(),
             kernel: kernel.into(),
             initrd: None,
-            machine: MachineType::default(),
             vcpus: 1,
             memory_mib: 256,
             kernel_params: Vec::new(),
             accel: AccelChoice::Auto,
             shared_fs: SharedFs::None,
-            vsock_daemon: None,
-            agent_serial_port: None,
+            agent: None,
             memory: GuestMemory::Memfd,
             work_dir: work_dir.into(),
             debug: false,
             free_page_reporting: false,
-            tcg_tb_size_mib: DEFAULT_TCG_TB_SIZE_MIB,
-            seccomp_sandbox: default_seccomp_sandbox(),
             net_devices: Vec::new(),
+            qemu: QemuConfig::default(),
+        }
+    }
+}
+
+/// How the host reaches the agent in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "type")]
+pub enum AgentTransport {
+    /// A guest vsock port, reached from the host through a unix socket (`CONNECT <port>\n`). The kind every
+    /// VMM offers; QEMU needs [`QemuConfig::vsock_daemon`] for it.
+    HybridVsock,
+    /// A virtio-serial port with this name. Unlike a vhost-user vsock it survives saving and loading a VM, so
+    /// VMs made from a template use it.
+    Serial { port: String },
+}
+
+/// Where a running VM's agent channel is on the host, as [`crate::Vm::agent_endpoint`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "type", content = "path")]
+pub enum AgentEndpoint {
+    /// A hybrid vsock unix socket: write `CONNECT <port>\n`, read `OK <n>\n`, then the stream is the port's.
+    HybridVsock(PathBuf),
+    /// A unix socket whose one stream is the agent's serial port.
+    Serial(PathBuf),
+}
+
+/// What only the QEMU backend needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QemuConfig {
+    /// The QEMU binary, e.g. `/usr/bin/qemu-system-x86_64`.
+    pub path: PathBuf,
+    pub machine: MachineType,
+    /// TCG translation buffer in MiB (`-accel tcg,tb-size=`); unused under KVM.
+    pub tcg_tb_size_mib: u32,
+    /// QEMU's `-sandbox` value, e.g. [`DEFAULT_SECCOMP_SANDBOX`]; `None` or empty runs QEMU without seccomp.
+    pub seccomp_sandbox: Option<String>,
+    /// `vhost-device-vsock`, which serves [`AgentTransport::HybridVsock`] for QEMU.
+    pub vsock_daemon: Option<PathBuf>,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            machine: MachineType::default(),
+            tcg_tb_size_mib: DEFAULT_TCG_TB_SIZE_MIB,
+            seccomp_sandbox: Some(DEFAULT_SECCOMP_SANDBOX.to_string()),
+            vsock_daemon: None,
         }
     }
 }
@@ -113,7 +135,7 @@ pub enum GuestMemory {
     #[default]
     Memfd,
     /// A template being made: RAM is the (shared) `file`, which holds the guest's memory once it is saved with
-    /// [`crate::QemuVm::save_template`].
+    /// [`crate::Snapshot::save`].
     Template { file: PathBuf },
     /// A clone of a template: its memory `file` mapped privately, and its device state loaded from `state`
     /// when the VM starts, instead of a boot.
@@ -148,7 +170,7 @@ impl PartialEq for NetDevice {
 
 impl Eq for NetDevice {}
 
-/// QEMU machine type. Devices are virtio-mmio on `microvm` and virtio-pci on `q35`.
+/// QEMU machine type (the configuration's `machine_type`). Devices are virtio-mmio on `microvm` and virtio-pci on `q35`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MachineType {

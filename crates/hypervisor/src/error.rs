@@ -1,4 +1,4 @@
-//! Errors of the `Hypervisor` trait, shared by every backend.
+//! Errors of the [`crate::Vm`] trait, shared by every backend.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,8 +25,8 @@ pub enum Error {
     HelperExited { role: ProcessRole, status: VmExit, tail: String },
     #[error("{role} did not create {socket} within {timeout:?}; last lines of its output:\n{tail}")]
     SocketTimeout { role: ProcessRole, socket: PathBuf, timeout: Duration, tail: String },
-    #[error("QEMU exited during VM start ({status}); last lines of its output:\n{qemu_tail}\nlast lines of the console:\n{console_tail}")]
-    QemuExited { status: VmExit, qemu_tail: String, console_tail: String },
+    #[error("{vmm} exited during VM start ({status}); last lines of its output:\n{vmm_tail}\nlast lines of the console:\n{console_tail}")]
+    VmmExited { vmm: &'static str, status: VmExit, vmm_tail: String, console_tail: String },
     #[error("VM template: {0}")]
     Migration(String),
     /// A clone could not load its template's saved state (QEMU refused it or died loading it).

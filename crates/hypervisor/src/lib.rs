@@ -1,13 +1,15 @@
-//! The VM seam of kata-rs: a small backend-neutral [`Hypervisor`] trait and its QEMU backend ([`QemuVm`]).
+//! The VM seam of kata-rs: backend-neutral traits ([`Hypervisor`] makes a [`Vm`] from a [`VmConfig`]; [`Snapshot`]
+//! saves one for templating) and the QEMU backend ([`Qemu`]).
 //!
-//! The runtime maps its configuration onto [`VmConfig`], drives the VM through [`Hypervisor`], and persists
-//! [`Hypervisor::pids`] so a later `delete` can run [`cleanup_vm`] when the shim died. Nothing here knows about
-//! containerd, TOML, or the agent protocol; the agent client only needs [`Hypervisor::agent_socket`]. The guest
-//! console ([`GuestConsole`]) and the host processes' own output ([`ProcessOutput`]) are bounded in-memory rings,
-//! never host files.
+//! The runtime maps its configuration onto [`VmConfig`], drives VMs only through these traits, and persists
+//! [`Vm::pids`] and [`Vm::agent_endpoint`] so another process can find the VM again ([`Hypervisor::attach`]) or
+//! clean up after a crash ([`cleanup_vm`]). Nothing here knows about containerd, TOML, or the agent protocol. The
+//! guest console ([`GuestConsole`]) and the host processes' own output ([`ProcessOutput`]) are bounded in-memory
+//! rings, never host files.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::Path;
+use std::sync::Arc;
 
 pub mod accel;
 pub mod config;
@@ -19,11 +21,14 @@ pub mod qmp;
 pub mod tsc;
 
 pub use accel::{detect_accel, resolve_accel, Accel, AccelChoice, AccelReport, KvmStatus};
-pub use config::{GuestMemory, MachineType, NetDevice, SharedFs, VmConfig, DEFAULT_SECCOMP_SANDBOX, SHARED_FS_TAG};
+pub use config::{
+    AgentEndpoint, AgentTransport, GuestMemory, MachineType, NetDevice, QemuConfig, SharedFs, VmConfig,
+    DEFAULT_SECCOMP_SANDBOX, SHARED_FS_TAG,
+};
 pub use console::{ConsoleEvent, ConsoleFollower, GuestConsole, RateLimit};
 pub use error::{Error, Result};
-pub use process::{cleanup_vm, CleanupReport, ProcessOutput, ProcessRole, VmExit, VmProcess};
-pub use qemu::QemuVm;
+pub use process::{cleanup_vm, pid_alive, CleanupReport, ProcessOutput, ProcessRole, VmExit, VmProcess};
+pub use qemu::Qemu;
 
 /// Where a VM is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,13 +45,42 @@ pub enum VmStatus {
     Stopped(Option<VmExit>),
 }
 
-/// One VM and its host-side helper processes.
-///
-/// All methods take `&self` so one task can sit in [`wait`](Hypervisor::wait) while another calls
-/// [`stop`](Hypervisor::stop). Hot-plugging devices (`add_device`) is not part of the trait yet: it arrives with
-/// the first caller that needs it (block volumes, network hotplug).
+/// A VM backend: makes VMs from a [`VmConfig`], and finds one again from what was persisted about it.
 #[async_trait::async_trait]
 pub trait Hypervisor: Send + Sync + fmt::Debug {
+    /// A VM for `config`, not prepared or started.
+    fn vm(&self, config: VmConfig) -> Arc<dyn Vm>;
+
+    /// A running VM that this backend started, possibly in another process that has since exited, found by
+    /// what [`Vm::saved`] recorded. It can be paused, resumed, queried, waited for and stopped; its console is
+    /// the part the attaching process sees (nothing of what came before).
+    async fn attach(&self, saved: SavedVm) -> Result<Arc<dyn Vm>>;
+
+    /// The unix sockets a VM of this backend creates in `work_dir` (each must fit in 107 bytes).
+    fn sockets(&self, work_dir: &Path) -> Vec<std::path::PathBuf>;
+
+    /// The host programs whose build shapes the guest of `config` (the VMM binary): a template made with
+    /// another build of one of them is not used.
+    fn programs(&self, config: &VmConfig) -> Vec<std::path::PathBuf>;
+}
+
+/// What another process needs to find a running VM again: persist it beside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedVm {
+    /// The VM's configuration (its tap fds left out).
+    pub config: VmConfig,
+    /// Its host processes, VMM first, with start times so a reused PID is never taken for them.
+    pub processes: Vec<VmProcess>,
+}
+
+/// One VM and its host-side helper processes.
+///
+/// All methods take `&self` so one task can sit in [`wait`](Vm::wait) while another calls [`stop`](Vm::stop).
+/// A VM's life is not tied to this value: dropping it without [`stop`](Vm::stop) leaves the VM running (the
+/// runtime persists [`saved`](Vm::saved) first, so it can be stopped by id later). Hot-plugging devices is not
+/// part of the trait yet: it arrives with the first caller that needs it.
+#[async_trait::async_trait]
+pub trait Vm: Send + Sync + fmt::Debug {
     /// Checks the configuration, chooses the accelerator and creates the work dir. Starts nothing.
     async fn prepare(&self) -> Result<()>;
 
@@ -57,7 +91,7 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// Stops the VM, gracefully then forcibly, reaps it and its helpers and removes the work dir. Idempotent.
     async fn stop(&self) -> Result<()>;
 
-    /// Resolves when the VM process exits, with how it exited.
+    /// Resolves when the VMM process exits, with how it exited.
     async fn wait(&self) -> Result<VmExit>;
 
     /// Pauses all vCPUs.
@@ -68,13 +102,28 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
 
     async fn status(&self) -> Result<VmStatus>;
 
-    /// The unix socket the host connects to for guest vsock ports (hybrid vsock: `CONNECT <port>\n`), or `None`
-    /// when the VM has no vsock device.
-    fn agent_socket(&self) -> Option<PathBuf>;
+    /// Where the host reaches the agent, once prepared; `None` when the VM has no agent channel.
+    fn agent_endpoint(&self) -> Option<AgentEndpoint>;
 
     /// The host processes of this VM still running (VMM first), to persist for crash cleanup.
     fn pids(&self) -> Vec<VmProcess>;
 
+    /// What [`Hypervisor::attach`] needs to find this VM again.
+    fn saved(&self) -> SavedVm;
+
     /// The guest serial console: its last lines (also after the VM exited) and new ones as they come.
     fn console(&self) -> &GuestConsole;
+
+    /// Saving the VM as a template, when this backend can.
+    fn snapshot(&self) -> Option<&dyn Snapshot> {
+        None
+    }
+}
+
+/// Saving a running VM so that others start from it ([`GuestMemory::Clone`] loads what this saved).
+#[async_trait::async_trait]
+pub trait Snapshot: Send + Sync {
+    /// Pauses the guest and writes its device state to `state`; its RAM is already in the template's memory
+    /// file ([`GuestMemory::Template`]). The VM stays paused; stop it afterwards.
+    async fn save(&self, state: &Path) -> Result<()>;
 }

@@ -29,7 +29,9 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProcessRole {
-    Qemu,
+    /// The VMM itself (QEMU). Persisted state from before the name change says `qemu`.
+    #[serde(alias = "qemu")]
+    Vmm,
     Virtiofsd,
     VsockDaemon,
 }
@@ -37,7 +39,7 @@ pub enum ProcessRole {
 impl fmt::Display for ProcessRole {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            ProcessRole::Qemu => "QEMU",
+            ProcessRole::Vmm => "the VMM",
             ProcessRole::Virtiofsd => "virtiofsd",
             ProcessRole::VsockDaemon => "vhost-device-vsock",
         })
@@ -147,7 +149,7 @@ impl ManagedChild {
         let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(output_rx)
             .map_err(Error::io(format!("cannot read {role}'s output")))?;
         let mut command = tokio::process::Command::new(program);
-        command.args(args).stdin(Stdio::null()).stdout(output_tx).stderr(stderr).kill_on_drop(true);
+        command.args(args).stdin(Stdio::null()).stdout(output_tx).stderr(stderr);
         if !inherit.is_empty() {
             // The closure sees plain numbers; `inherit` keeps the fds open until `spawn` has returned.
             let sources: Vec<RawFd> = inherit.iter().map(|fd| fd.as_raw_fd()).collect();
@@ -206,10 +208,8 @@ impl ManagedChild {
                     signal = signal_rx.recv() => match signal {
                         // Not yet reaped by us, so `pid` is still this child (at worst a zombie).
                         Some(signal) => { let _ = kill(nix_pid, signal); }
-                        None => {
-                            let _ = child.start_kill();
-                            break child.wait().await;
-                        }
+                        // The handle is gone but the process is not ended with it: keep reaping it.
+                        None => break child.wait().await,
                     },
                 }
             };
@@ -339,6 +339,18 @@ fn proc_argv(pid: u32) -> Option<Vec<String>> {
     Some(argv)
 }
 
+/// Whether `pid` exists and is not a zombie (a zombie is dead; its parent reaps it). Not necessarily our child.
+pub fn pid_alive(pid: u32) -> bool {
+    !matches!(proc_state(pid), None | Some('Z') | Some('X'))
+}
+
+impl VmProcess {
+    /// Whether this process still runs and is still the one we started, not a newcomer that got its PID.
+    pub fn is_running(&self) -> bool {
+        pid_alive(self.pid) && still_ours(self)
+    }
+}
+
 /// Whether `process` is still the process we started, not a newcomer that got its PID.
 fn still_ours(process: &VmProcess) -> bool {
     let Some(argv) = proc_argv(process.pid) else {
@@ -364,11 +376,11 @@ pub struct CleanupReport {
     pub survivors: Vec<u32>,
 }
 
-/// Cleans up after a VM whose owner died: kills the persisted processes that are still ours (QEMU first, then
+/// Cleans up after a VM whose owner died: kills the persisted processes that are still ours (the VMM first, then
 /// its helpers) and removes `work_dir`. Processes whose command line no longer matches are left alone.
 pub async fn cleanup_vm(processes: &[VmProcess], work_dir: &Path) -> Result<CleanupReport> {
     let mut ordered: Vec<&VmProcess> = processes.iter().collect();
-    ordered.sort_by_key(|p| p.role != ProcessRole::Qemu);
+    ordered.sort_by_key(|p| p.role != ProcessRole::Vmm);
     let mut report = CleanupReport::default();
     for process in ordered {
         if !still_ours(process) {
@@ -394,11 +406,13 @@ pub async fn cleanup_vm(processes: &[VmProcess], work_dir: &Path) -> Result<Clea
 async fn wait_gone(pid: u32, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        match proc_state(pid) {
-            None | Some('Z') | Some('X') => return true,
-            Some(_) if tokio::time::Instant::now() >= deadline => return false,
-            Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        if !pid_alive(pid) {
+            return true;
         }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -411,7 +425,7 @@ mod tests {
     /// Runs `script` under `/bin/sh` in `dir` and returns its output once it exited and all of it was read.
     async fn run_sh(dir: &Path, script: &str, inherit: &[Arc<OwnedFd>], first_fd: RawFd) -> (VmExit, ProcessOutput) {
         let child = ManagedChild::spawn(
-            ProcessRole::Qemu,
+            ProcessRole::Vmm,
             Path::new("/bin/sh"),
             &["-c".into(), format!("cd {} && {script}", dir.display())],
             inherit,
@@ -504,15 +518,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn dropping_a_managed_child_kills_it() {
-        let child = ManagedChild::spawn(ProcessRole::Virtiofsd, Path::new("/bin/sleep"), &["30".into()], &[], 3, false)
-            .expect("spawn sleep");
-        let pid = child.info().pid;
+    async fn a_dropped_managed_child_keeps_running_and_is_still_reaped() {
+        let child =
+            ManagedChild::spawn(ProcessRole::Virtiofsd, Path::new("/bin/sleep"), &["0.5".into()], &[], 3, false)
+                .expect("spawn sleep");
+        let info = child.info().clone();
         let exit = child.exit_watch();
         drop(child);
-        let exit = tokio::time::timeout(Duration::from_secs(5), wait_exit(exit)).await.expect("killed on drop");
-        assert_eq!(exit.signal, Some(9));
-        assert!(proc_state(pid).is_none());
+        assert!(info.is_running(), "a VM process outlives its handle");
+        let exit = tokio::time::timeout(Duration::from_secs(10), wait_exit(exit)).await.expect("sleep exits");
+        assert_eq!(exit.code, Some(0));
+        assert!(proc_state(info.pid).is_none(), "reaped, not left a zombie");
+        assert!(!info.is_running());
     }
 
     #[tokio::test]
@@ -526,7 +543,7 @@ mod tests {
         let mut stranger = spawn_sleep("31");
         let persisted = [
             VmProcess {
-                role: ProcessRole::Qemu,
+                role: ProcessRole::Vmm,
                 pid: ours.id(),
                 argv: vec!["/bin/sleep".into(), "30".into()],
                 start_time: proc_start_time(ours.id()),

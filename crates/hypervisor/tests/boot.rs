@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 
+use hypervisor::qemu::QemuVm;
 use hypervisor::{
-    cleanup_vm, AccelChoice, Hypervisor, MachineType, NetDevice, ProcessRole, QemuVm, SharedFs, VmConfig, VmStatus,
+    cleanup_vm, AccelChoice, AgentTransport, MachineType, NetDevice, ProcessRole, SharedFs, Vm, VmConfig, VmStatus,
 };
 
 const READY: &str = "KATA_TEST_READY";
@@ -126,7 +127,8 @@ fn helper(test: &str, var: &str) -> Option<PathBuf> {
 }
 
 fn vm_config(assets: &Assets, name: &str, work_dir: &Path) -> VmConfig {
-    let mut config = VmConfig::new(name, &assets.qemu, &assets.kernel, work_dir);
+    let mut config = VmConfig::new(name, &assets.kernel, work_dir);
+    config.qemu.path = assets.qemu.clone();
     config.initrd = Some(assets.initrd.clone());
     config.accel = AccelChoice::Tcg;
     config.memory_mib = 256;
@@ -186,7 +188,8 @@ async fn microvm_boots_pauses_resumes_and_stops() {
     let work = root.path().join("vm");
     let mut config = vm_config(&assets, "microvm-test", &work);
     config.free_page_reporting = true;
-    config.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
+    config.qemu.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
+    config.agent = config.qemu.vsock_daemon.as_ref().map(|_| AgentTransport::HybridVsock);
     config.shared_fs = match helper(test, "KATA_TEST_VIRTIOFSD") {
         Some(daemon) => SharedFs::VirtioFs {
             daemon,
@@ -214,7 +217,7 @@ async fn microvm_boots_pauses_resumes_and_stops() {
         let console = vm.console().tail(CONSOLE_LINES);
         let ids = console.lines().find(|l| l.starts_with("VIRTIO-IDS:")).expect("virtio ids line");
         eprintln!("{test}: guest sees {ids}");
-        if vm.config().vsock_daemon.is_some() {
+        if vm.config().qemu.vsock_daemon.is_some() {
             assert!(ids.contains("0x0013"), "no vsock device in the guest: {ids}");
         }
         if matches!(vm.config().shared_fs, SharedFs::VirtioFs { .. }) {
@@ -224,17 +227,17 @@ async fn microvm_boots_pauses_resumes_and_stops() {
     }
     let pids = vm.pids();
     let expected = 1
-        + usize::from(vm.config().vsock_daemon.is_some())
+        + usize::from(vm.config().qemu.vsock_daemon.is_some())
         + usize::from(matches!(vm.config().shared_fs, SharedFs::VirtioFs { .. }));
     assert_eq!(pids.len(), expected, "{pids:?}");
     assert!(pids.iter().all(|p| alive(p.pid)));
     // Under TCG QEMU runs without transparent huge pages (its translation buffer would take 2 MiB steps).
-    let qemu = pids.iter().find(|p| p.role == ProcessRole::Qemu).expect("QEMU pid");
+    let qemu = pids.iter().find(|p| p.role == ProcessRole::Vmm).expect("QEMU pid");
     let status = std::fs::read_to_string(format!("/proc/{}/status", qemu.pid)).expect("QEMU status");
     assert!(status.contains("THP_enabled:\t0"), "QEMU has huge pages on: {status}");
     // QEMU runs under its seccomp sandbox (filter mode 2) by default.
     assert!(status.contains("Seccomp:\t2"), "QEMU runs without seccomp: {status}");
-    if let Some(socket) = vm.agent_socket() {
+    if let Some(hypervisor::AgentEndpoint::HybridVsock(socket)) = vm.agent_endpoint() {
         assert!(socket.exists(), "agent socket {} missing", socket.display());
     }
 
@@ -271,10 +274,11 @@ async fn q35_with_9p_boots_and_crash_cleanup_kills_it() {
     let root = tempfile::Builder::new().prefix("kata-hv-").tempdir_in("/tmp").expect("tempdir");
     let work = root.path().join("vm");
     let mut config = vm_config(&assets, "q35-test", &work);
-    config.machine = MachineType::Q35;
+    config.qemu.machine = MachineType::Q35;
     config.free_page_reporting = true;
     config.shared_fs = SharedFs::Virtio9p { shared_dir: shared_dir(root.path()) };
-    config.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
+    config.qemu.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
+    config.agent = config.qemu.vsock_daemon.as_ref().map(|_| AgentTransport::HybridVsock);
     let vm = QemuVm::new(config);
 
     let started = Instant::now();
@@ -310,7 +314,8 @@ async fn dropping_a_running_vm_kills_its_processes() {
     let _slot = vm_slot().await;
     let root = tempfile::Builder::new().prefix("kata-hv-").tempdir_in("/tmp").expect("tempdir");
     let mut config = vm_config(&assets, "drop-test", &root.path().join("vm"));
-    config.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
+    config.qemu.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
+    config.agent = config.qemu.vsock_daemon.as_ref().map(|_| AgentTransport::HybridVsock);
     let vm = QemuVm::new(config);
     vm.start().await.expect("start");
     let pids = vm.pids();
@@ -338,15 +343,17 @@ async fn qemu_failing_at_start_leaves_nothing_behind() {
     let kernel = root.path().join("not-a-kernel");
     std::fs::write(&kernel, b"garbage").expect("write");
     let work = root.path().join("vm");
-    let mut config = VmConfig::new("fail-test", &qemu, &kernel, &work);
+    let mut config = VmConfig::new("fail-test", &kernel, &work);
+    config.qemu.path = qemu.clone();
     config.accel = AccelChoice::Tcg;
-    config.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
+    config.qemu.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
+    config.agent = config.qemu.vsock_daemon.as_ref().map(|_| AgentTransport::HybridVsock);
     let vm = QemuVm::new(config);
 
     let err = vm.start().await.expect_err("QEMU cannot load this kernel");
     let message = err.to_string();
     eprintln!("{test}: start failed as expected: {message}");
-    assert!(matches!(err, hypervisor::Error::QemuExited { .. }), "{message}");
+    assert!(matches!(err, hypervisor::Error::VmmExited { .. }), "{message}");
     assert!(message.contains("exit code 1"), "{message}");
     assert!(message.to_lowercase().contains("kernel"), "QEMU's complaint is quoted: {message}");
     assert!(vm.pids().is_empty());
@@ -388,7 +395,7 @@ async fn tap_fds_become_guest_nics_with_their_macs() {
         let macs = ["02:00:ca:fe:00:01", "02:00:ca:fe:00:02"];
         let root = tempfile::Builder::new().prefix("kata-hv-").tempdir_in("/tmp").expect("tempdir");
         let mut config = vm_config(&assets, name, &root.path().join("vm"));
-        config.machine = machine;
+        config.qemu.machine = machine;
         config.kernel_params.extend([
             format!("hvtest.ping_mac={}", macs[0]),
             format!("hvtest.ping_ip={GUEST_IP}/24"),

@@ -37,14 +37,12 @@ pub fn run(config_path: Option<PathBuf>, command: FactoryCommand) -> Result<Exit
             let scratch = std::env::temp_dir().join(format!("kata-runtime-factory-{}", std::process::id()));
             let vm =
                 runtime::vm_config::vm_config("template", &loaded.config, &SandboxPaths::new(&scratch, "template"))?;
-            // The two templates the shim clones from (see runtime::sandbox): for pods without a network, and
-            // for pods with one interface, whose VM has one NIC.
-            let mut with_nic = vm.clone();
-            with_nic.net_devices = vec![runtime::factory::template_nic(None)];
             let timeout = Duration::from_secs(u64::from(loaded.config.agent.dial_timeout.max(1)));
             let rt = tokio_runtime()?;
-            for config in [vm, with_nic] {
-                let template = rt.block_on(runtime::factory::ensure_waiting(&root, &config, timeout))?;
+            let hv = runtime::Host::real().hypervisor;
+            // Every template a shim may clone from (see runtime::factory::template_config).
+            for config in runtime::factory::template_configs(&vm) {
+                let template = rt.block_on(runtime::factory::ensure_waiting(&*hv, &root, &config, timeout))?;
                 println!("{}", template.dir.display());
             }
         }

@@ -16,13 +16,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
-use hypervisor::{GuestMemory, Hypervisor, NetDevice, QemuVm, SharedFs, VmConfig, VmProcess};
+use hypervisor::{GuestMemory, Hypervisor, NetDevice, SharedFs, Vm, VmConfig, VmProcess};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::agent::AgentClient;
+use crate::boot::{self, BootError};
 
 /// Files of a complete template.
 const MEMORY: &str = "memory";
@@ -52,14 +52,14 @@ pub enum FactoryError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the template VM: {0}")]
+    #[error("the template VM")]
     Vm(#[source] hypervisor::Error),
-    #[error("the template VM's agent did not answer: {source}; last lines of its console:\n{console}")]
-    Agent { source: crate::agent::AgentError, console: String },
-    #[error("the template VM has no agent serial port; templating needs the virtio-serial agent transport")]
-    NoSerialPort,
-    #[error("template_path {root} is too long: the template VM's sockets in {root}/<{KEY_LEN}-digit key>/vm/ would exceed {MAX_SOCKET_PATH} bytes; use a path of at most {max} bytes", max = max_root_len())]
-    RootTooLong { root: PathBuf },
+    #[error("the template VM")]
+    Boot(#[source] BootError),
+    #[error("the template VM cannot be saved: its hypervisor has no snapshots")]
+    NoSnapshot,
+    #[error("template_path {root} is too long: the template VM's sockets in {root}/<{KEY_LEN}-digit key>/vm/ would exceed {MAX_SOCKET_PATH} bytes; use a path of at most {max} bytes")]
+    RootTooLong { root: PathBuf, max: usize },
 }
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
@@ -71,20 +71,10 @@ const MAX_SOCKET_PATH: usize = 107;
 /// make a pod clone the wrong VM.
 const KEY_LEN: usize = 32;
 
-/// The longest template root whose template VMs' sockets still fit.
-fn max_root_len() -> usize {
-    MAX_SOCKET_PATH - longest_socket(Path::new("")).len()
-}
-
-/// The longest socket path of the template VM of `<root>/<key>`.
-fn longest_socket(root: &Path) -> String {
+/// The length of the longest socket path of the template VM of `<root>/<key>`.
+fn longest_socket(hv: &dyn Hypervisor, root: &Path) -> usize {
     let vm_dir = root.join("0".repeat(KEY_LEN)).join("vm");
-    hypervisor::qemu::cmdline::VmPaths::new(vm_dir)
-        .sockets()
-        .iter()
-        .map(|s| s.to_string_lossy().into_owned())
-        .max_by_key(String::len)
-        .unwrap_or_default()
+    hv.sockets(&vm_dir).iter().map(|s| s.as_os_str().len()).max().unwrap_or(0)
 }
 
 type Result<T> = std::result::Result<T, FactoryError>;
@@ -102,6 +92,26 @@ pub const TEMPLATE_NIC_MAC: &str = "02:6b:61:74:61:00";
 /// on the pod's tap in a clone.
 pub fn template_nic(tap: Option<std::sync::Arc<std::os::fd::OwnedFd>>) -> NetDevice {
     NetDevice { id: "net0".to_string(), mac: TEMPLATE_NIC_MAC.to_string(), fd: tap }
+}
+
+/// Most network interfaces a pod may have and still be a clone.
+const MAX_TEMPLATE_NICS: usize = 1;
+
+/// The one rule for which template a pod clones: pods without a network clone the template without a NIC, pods
+/// with one interface the template with one NIC (a NIC costs a clone about 4 MiB). `None`: a pod with more
+/// interfaces boots its own VM.
+pub fn template_config(pod: &VmConfig, interfaces: usize) -> Option<VmConfig> {
+    if interfaces > MAX_TEMPLATE_NICS {
+        return None;
+    }
+    let mut like_template = pod.clone();
+    like_template.net_devices = (0..interfaces).map(|_| template_nic(None)).collect();
+    Some(like_template)
+}
+
+/// Every template [`template_config`] can ask for pods like `pod`, for making them ahead of time.
+pub fn template_configs(pod: &VmConfig) -> Vec<VmConfig> {
+    (0..=MAX_TEMPLATE_NICS).filter_map(|nics| template_config(pod, nics)).collect()
 }
 
 /// A complete template.
@@ -137,11 +147,12 @@ pub enum Ensured {
 
 /// The template for VMs like `config`: an existing one, or one made now (booting one VM) when there is none
 /// yet and no other process is making templates. Never waits for another process.
-pub async fn ensure(root: &Path, config: &VmConfig, timeout: Duration) -> Result<Ensured> {
-    if longest_socket(root).len() > MAX_SOCKET_PATH {
-        return Err(FactoryError::RootTooLong { root: root.to_path_buf() });
+pub async fn ensure(hv: &dyn Hypervisor, root: &Path, config: &VmConfig, timeout: Duration) -> Result<Ensured> {
+    if longest_socket(hv, root) > MAX_SOCKET_PATH {
+        let max = MAX_SOCKET_PATH.saturating_sub(longest_socket(hv, Path::new("")));
+        return Err(FactoryError::RootTooLong { root: root.to_path_buf(), max });
     }
-    let spec = TemplateSpec::of(config);
+    let spec = TemplateSpec::of(hv, config);
     let template = Template { dir: root.join(spec.key()) };
     if saved(&template.dir, &spec) == Saved::Matches {
         return Ok(Ensured::Ready(template));
@@ -168,7 +179,7 @@ pub async fn ensure(root: &Path, config: &VmConfig, timeout: Duration) -> Result
         }
     }
     let started = std::time::Instant::now();
-    if let Err(e) = make(&template.dir, &spec, config, timeout).await {
+    if let Err(e) = make(hv, &template.dir, &spec, config, timeout).await {
         let _ = std::fs::remove_dir_all(&template.dir);
         return Err(e);
     }
@@ -177,9 +188,14 @@ pub async fn ensure(root: &Path, config: &VmConfig, timeout: Duration) -> Result
 }
 
 /// [`ensure`], waiting while another process makes templates: for `kata-runtime factory init`, not for pods.
-pub async fn ensure_waiting(root: &Path, config: &VmConfig, timeout: Duration) -> Result<Template> {
+pub async fn ensure_waiting(
+    hv: &dyn Hypervisor,
+    root: &Path,
+    config: &VmConfig,
+    timeout: Duration,
+) -> Result<Template> {
     loop {
-        match ensure(root, config, timeout).await? {
+        match ensure(hv, root, config, timeout).await? {
             Ensured::Ready(template) => return Ok(template),
             Ensured::Busy => tokio::time::sleep(BUSY_POLL).await,
         }
@@ -246,7 +262,13 @@ fn is_complete(dir: &Path) -> bool {
 
 /// Makes the template in `dir` itself (its template VM's sockets must fit in 107 bytes: `<root>/<key>/vm/` plus
 /// a socket name, no suffix to spare), with `config.json` written last.
-async fn make(dir: &Path, spec: &TemplateSpec, config: &VmConfig, timeout: Duration) -> Result<()> {
+async fn make(
+    hv: &dyn Hypervisor,
+    dir: &Path,
+    spec: &TemplateSpec,
+    config: &VmConfig,
+    timeout: Duration,
+) -> Result<()> {
     create_private_dir(dir)?;
     let shared = dir.join("shared");
     std::fs::create_dir_all(&shared).map_err(io("cannot create", &shared))?;
@@ -262,7 +284,7 @@ async fn make(dir: &Path, spec: &TemplateSpec, config: &VmConfig, timeout: Durat
     for nic in &mut c.net_devices {
         nic.fd = None;
     }
-    let vm = QemuVm::new(c);
+    let vm = hv.vm(c);
     let result = boot_and_save(&vm, dir, timeout).await;
     if let Err(e) = vm.stop().await {
         tracing::warn!("stopping the template VM: {e}");
@@ -275,22 +297,21 @@ async fn make(dir: &Path, spec: &TemplateSpec, config: &VmConfig, timeout: Durat
     std::fs::rename(&partial, &path).map_err(io("cannot write", &path))
 }
 
-async fn boot_and_save(vm: &QemuVm, dir: &Path, timeout: Duration) -> Result<()> {
-    let started = vm.start().await;
-    let processes = serde_json::to_vec(&vm.pids()).unwrap_or_default();
+async fn boot_and_save(vm: &std::sync::Arc<dyn Vm>, dir: &Path, timeout: Duration) -> Result<()> {
+    let snapshot = vm.snapshot().ok_or(FactoryError::NoSnapshot)?;
     let path = dir.join(PROCESSES);
-    std::fs::write(&path, processes).map_err(io("cannot write", &path))?;
-    started.map_err(FactoryError::Vm)?;
-    let socket = vm.agent_serial_socket().ok_or(FactoryError::NoSerialPort)?;
-    match AgentClient::connect_serial(&socket, timeout).await {
-        Ok(agent) => drop(agent),
-        Err(source) => {
-            let console = vm.console().tail(20);
-            return Err(FactoryError::Agent { source, console });
-        }
-    }
+    let mut persisted = Ok(());
+    let booted = boot::boot_and_connect(vm, timeout, |processes| {
+        let processes = serde_json::to_vec(processes).unwrap_or_default();
+        persisted = std::fs::write(&path, processes).map_err(io("cannot write", &path));
+    })
+    .await;
+    persisted?;
+    // The template's guest must notice that the host left the agent port before it is paused, so a clone
+    // starts with no session open.
+    drop(booted.map_err(FactoryError::Boot)?);
     tokio::time::sleep(SETTLE).await;
-    vm.save_template(&dir.join(STATE)).await.map_err(FactoryError::Vm)
+    snapshot.save(&dir.join(STATE)).await.map_err(FactoryError::Vm)
 }
 
 /// Everything that shapes a template's guest, as the JSON saved in its `config.json`; the key is its SHA-256.
@@ -315,10 +336,12 @@ struct FileStamp {
 }
 
 impl TemplateSpec {
-    fn of(config: &VmConfig) -> Self {
-        let files = [Some(&config.qemu_path), Some(&config.kernel), config.initrd.as_ref()]
-            .into_iter()
-            .flatten()
+    fn of(hv: &dyn Hypervisor, config: &VmConfig) -> Self {
+        let programs = hv.programs(config);
+        let files = programs
+            .iter()
+            .chain([&config.kernel])
+            .chain(config.initrd.as_ref())
             .map(|file| {
                 let (len, mtime) = std::fs::metadata(file)
                     .map(|m| {
@@ -359,8 +382,8 @@ fn normalized(config: &VmConfig) -> VmConfig {
 }
 
 /// The name of the template for `config` under the template root: [`KEY_LEN`] hex digits of a SHA-256.
-pub fn key(config: &VmConfig) -> String {
-    TemplateSpec::of(config).key()
+pub fn key(hv: &dyn Hypervisor, config: &VmConfig) -> String {
+    TemplateSpec::of(hv, config).key()
 }
 
 /// An exclusive `flock` on `path`, or `None` at once when another process holds it.
@@ -460,9 +483,11 @@ pub async fn destroy(root: &Path) -> Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hypervisor::Qemu;
 
     fn config(dir: &Path, name: &str) -> VmConfig {
-        let mut c = VmConfig::new(name, "/bin/true", dir.join("vmlinux"), dir.join(name));
+        let mut c = VmConfig::new(name, dir.join("vmlinux"), dir.join(name));
+        c.qemu.path = "/bin/true".into();
         c.shared_fs = SharedFs::Virtio9p { shared_dir: dir.join(name).join("shared") };
         c
     }
@@ -473,23 +498,23 @@ mod tests {
         std::fs::write(dir.path().join("vmlinux"), b"k1").unwrap();
         let a = config(dir.path(), "pod-a");
         let b = config(dir.path(), "pod-b");
-        assert_eq!(key(&a), key(&b));
-        assert_eq!(key(&a).len(), KEY_LEN);
-        assert!(key(&a).chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{}", key(&a));
+        assert_eq!(key(&Qemu, &a), key(&Qemu, &b));
+        assert_eq!(key(&Qemu, &a).len(), KEY_LEN);
+        assert!(key(&Qemu, &a).chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{}", key(&Qemu, &a));
 
         let mut more_memory = a.clone();
         more_memory.memory_mib += 128;
-        assert_ne!(key(&a), key(&more_memory));
+        assert_ne!(key(&Qemu, &a), key(&Qemu, &more_memory));
         let mut no_sandbox = a.clone();
-        no_sandbox.seccomp_sandbox = None;
-        assert_ne!(key(&a), key(&no_sandbox));
+        no_sandbox.qemu.seccomp_sandbox = None;
+        assert_ne!(key(&Qemu, &a), key(&Qemu, &no_sandbox));
         let mut with_nic = a.clone();
         with_nic.net_devices = vec![template_nic(None)];
-        assert_ne!(key(&a), key(&with_nic));
+        assert_ne!(key(&Qemu, &a), key(&Qemu, &with_nic));
 
-        let before = key(&a);
+        let before = key(&Qemu, &a);
         std::fs::write(dir.path().join("vmlinux"), b"kernel two").unwrap();
-        assert_ne!(key(&a), before, "a rebuilt kernel needs a new template");
+        assert_ne!(key(&Qemu, &a), before, "a rebuilt kernel needs a new template");
     }
 
     #[tokio::test]
@@ -505,7 +530,7 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "the child never showed its argv");
             std::thread::sleep(Duration::from_millis(1));
         }
-        let recorded = vec![VmProcess { role: hypervisor::ProcessRole::Qemu, pid: child.id(), argv, start_time: None }];
+        let recorded = vec![VmProcess { role: hypervisor::ProcessRole::Vmm, pid: child.id(), argv, start_time: None }];
         std::fs::write(new_dir.join(PROCESSES), serde_json::to_vec(&recorded).unwrap()).unwrap();
 
         remove_unfinished(&new_dir).await;
@@ -551,7 +576,7 @@ mod tests {
 
     /// A complete template for `config` under `root`, as `make` leaves it, with `config.json` as given.
     fn fake_template(root: &Path, config: &VmConfig, saved_config: &serde_json::Value) -> Template {
-        let template = Template { dir: root.join(key(config)) };
+        let template = Template { dir: root.join(key(&Qemu, config)) };
         std::fs::create_dir_all(&template.dir).unwrap();
         std::fs::write(template.memory_file(), b"m").unwrap();
         std::fs::write(template.state_file(), b"s").unwrap();
@@ -563,8 +588,8 @@ mod tests {
     fn failing_config(dir: &Path) -> VmConfig {
         std::fs::write(dir.join("vmlinux"), b"k").unwrap();
         let mut c = config(dir, "pod");
-        c.qemu_path = "/bin/false".into();
-        c.agent_serial_port = Some("agent.channel.0".into());
+        c.qemu.path = "/bin/false".into();
+        c.agent = Some(hypervisor::AgentTransport::Serial { port: "agent.channel.0".into() });
         c
     }
 
@@ -572,7 +597,8 @@ mod tests {
     async fn template_sockets_fit_under_the_default_template_path_and_a_long_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("vmlinux"), b"k").unwrap();
-        let vm_dir = Path::new(types::config::DEFAULT_TEMPLATE_PATH).join(key(&config(dir.path(), "pod"))).join("vm");
+        let vm_dir =
+            Path::new(types::config::DEFAULT_TEMPLATE_PATH).join(key(&Qemu, &config(dir.path(), "pod"))).join("vm");
         let longest = hypervisor::qemu::cmdline::VmPaths::new(&vm_dir)
             .sockets()
             .iter()
@@ -580,12 +606,13 @@ mod tests {
             .max()
             .unwrap();
         assert!(longest <= MAX_SOCKET_PATH, "{longest} bytes under {}", vm_dir.display());
-        assert!(types::config::DEFAULT_TEMPLATE_PATH.len() <= max_root_len());
+        let max_root_len = MAX_SOCKET_PATH - longest_socket(&Qemu, Path::new(""));
+        assert!(types::config::DEFAULT_TEMPLATE_PATH.len() <= max_root_len);
 
-        let root = Path::new("/").join("r".repeat(max_root_len()));
-        let err = ensure(&root, &config(dir.path(), "pod"), Duration::from_secs(1)).await.expect_err("too long");
+        let root = Path::new("/").join("r".repeat(max_root_len));
+        let err = ensure(&Qemu, &root, &config(dir.path(), "pod"), Duration::from_secs(1)).await.expect_err("too long");
         assert!(matches!(err, FactoryError::RootTooLong { .. }), "{err}");
-        assert!(err.to_string().contains(&format!("at most {} bytes", max_root_len())), "{err}");
+        assert!(err.to_string().contains(&format!("at most {max_root_len} bytes")), "{err}");
         assert!(!root.exists());
     }
 
@@ -594,10 +621,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("t");
         let config = failing_config(dir.path());
-        let spec = TemplateSpec::of(&config);
+        let spec = TemplateSpec::of(&Qemu, &config);
 
         let template = fake_template(&root, &config, &spec.0);
-        let ensured = ensure(&root, &config, Duration::from_secs(5)).await.unwrap();
+        let ensured = ensure(&Qemu, &root, &config, Duration::from_secs(5)).await.unwrap();
         assert_eq!(ensured, Ensured::Ready(template.clone()), "a matching template is used without a boot");
 
         // Same key, but config.json describes another VM (edited, or a colliding key): not used. `ensure` removes
@@ -605,8 +632,9 @@ mod tests {
         let mut other = spec.0.clone();
         other["vm"]["memory_mib"] = serde_json::json!(4096);
         fake_template(&root, &config, &other);
-        let err = ensure(&root, &config, Duration::from_secs(5)).await.expect_err("makes a new one, which fails");
-        assert!(matches!(err, FactoryError::Vm(_)), "{err}");
+        let err =
+            ensure(&Qemu, &root, &config, Duration::from_secs(5)).await.expect_err("makes a new one, which fails");
+        assert!(matches!(err, FactoryError::Boot(_)), "{err}");
         assert!(!template.dir.exists(), "the mismatched template is gone");
 
         // Unreadable config.json, and a template a pod marked broken: not used either.
@@ -632,25 +660,30 @@ mod tests {
             .unwrap();
 
         let started = std::time::Instant::now();
-        let ensured = tokio::time::timeout(Duration::from_secs(2), ensure(&root, &config, Duration::from_secs(60)))
-            .await
-            .expect("ensure returns at once")
-            .unwrap();
+        let ensured =
+            tokio::time::timeout(Duration::from_secs(2), ensure(&Qemu, &root, &config, Duration::from_secs(60)))
+                .await
+                .expect("ensure returns at once")
+                .unwrap();
         assert_eq!(ensured, Ensured::Busy);
         assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
-        assert!(!root.join(key(&config)).exists(), "nothing was started");
+        assert!(!root.join(key(&Qemu, &config)).exists(), "nothing was started");
 
         // A complete template is used whoever holds the lock.
-        let template = fake_template(&root, &config, &TemplateSpec::of(&config).0);
-        assert_eq!(ensure(&root, &config, Duration::from_secs(5)).await.unwrap(), Ensured::Ready(template.clone()));
+        let template = fake_template(&root, &config, &TemplateSpec::of(&Qemu, &config).0);
+        assert_eq!(
+            ensure(&Qemu, &root, &config, Duration::from_secs(5)).await.unwrap(),
+            Ensured::Ready(template.clone())
+        );
 
         // A pod that cannot load it while the lock is held only marks it; the lock's next holder removes it.
         discard(&template);
         assert!(template.dir.join(BROKEN).exists());
-        assert_eq!(ensure(&root, &config, Duration::from_secs(5)).await.unwrap(), Ensured::Busy);
+        assert_eq!(ensure(&Qemu, &root, &config, Duration::from_secs(5)).await.unwrap(), Ensured::Busy);
         drop(held);
-        let err = ensure(&root, &config, Duration::from_secs(5)).await.expect_err("remakes it, which fails here");
-        assert!(matches!(err, FactoryError::Vm(_)), "{err}");
+        let err =
+            ensure(&Qemu, &root, &config, Duration::from_secs(5)).await.expect_err("remakes it, which fails here");
+        assert!(matches!(err, FactoryError::Boot(_)), "{err}");
         assert!(!template.dir.exists());
     }
 }

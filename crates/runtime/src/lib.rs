@@ -2,14 +2,24 @@
 //! the [`agent`] client, and shares container filesystems into the VM. No containerd types here.
 
 pub mod agent;
+pub mod boot;
+mod console;
 pub mod factory;
 pub mod host_fs;
+pub mod io;
+pub mod lifecycle;
 pub mod mounts;
 pub mod network;
 pub mod paths;
+pub mod pod_config;
+pub mod process;
 pub mod sandbox;
 pub mod spec;
 pub mod state;
 pub mod vm_config;
 
-pub use sandbox::{Rootfs, Sandbox, SandboxError, SandboxOptions};
+pub use hypervisor::{GuestConsole, VmExit};
+pub use lifecycle::{Deleted, ErrorKind, LifecycleError, ProcessState, Status};
+pub use process::Exit;
+pub use protocols::error_chain;
+pub use sandbox::{Host, Rootfs, Sandbox, SandboxError, SandboxOptions};

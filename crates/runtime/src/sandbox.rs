@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use hypervisor::{Hypervisor, NetDevice, QemuVm, VmExit, SHARED_FS_TAG};
+use hypervisor::{Hypervisor, NetDevice, Vm, VmExit, SHARED_FS_TAG};
 use oci_spec::runtime::Spec;
 use tokio::sync::watch;
 use types::config::{self, Config};
 
-use crate::agent::{AgentClient, AgentError, ReadySignal, SandboxSetup, SharedFsMount, SharedFsType, AGENT_PORT};
+use crate::agent::{AgentClient, AgentError, SandboxSetup, SharedFsMount, SharedFsType};
+use crate::boot::{self, BootError};
 use crate::factory::{self, FactoryError};
 use crate::host_fs::{self, Root};
 use crate::mounts::{self, MountPoint, MountSpec, MountSyscalls};
@@ -26,14 +27,10 @@ pub enum SandboxError {
     InvalidId(String),
     #[error(transparent)]
     VmConfig(#[from] VmConfigError),
-    #[error("start the VM: {0}")]
+    #[error("stop the VM")]
     Vm(#[source] hypervisor::Error),
-    #[error("the VM has no agent socket (no vsock daemon configured)")]
-    NoAgentSocket,
-    #[error("connect to the agent: {source}; last lines of the guest console:\n{console}")]
-    Connect { source: AgentError, console: String },
-    #[error("the VM exited ({exit}) before its agent answered; last lines of the guest console:\n{console}")]
-    ExitedBeforeAgent { exit: VmExit, console: String },
+    #[error(transparent)]
+    Boot(#[from] BootError),
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error(transparent)]
@@ -46,6 +43,20 @@ pub enum SandboxError {
     Template(#[from] FactoryError),
     #[error("pod network: {0}")]
     Network(#[from] network::NetworkError),
+}
+
+/// The parts of the host a sandbox uses, behind seams that unit tests replace with doubles.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub hypervisor: Arc<dyn Hypervisor>,
+    pub mounts: Arc<dyn MountSyscalls>,
+}
+
+impl Host {
+    /// QEMU and the kernel's mount calls.
+    pub fn real() -> Self {
+        Host { hypervisor: Arc::new(hypervisor::Qemu), mounts: Arc::new(mounts::Syscalls) }
+    }
 }
 
 /// What a sandbox needs to start.
@@ -76,10 +87,11 @@ pub enum Rootfs {
 pub struct Sandbox {
     id: String,
     paths: SandboxPaths,
-    vm: Arc<QemuVm>,
+    vm: Arc<dyn Vm>,
     agent: AgentClient,
     sys: Arc<dyn MountSyscalls>,
     vm_exit: watch::Receiver<Option<VmExit>>,
+    pub(crate) containers: crate::lifecycle::Containers,
 }
 
 impl std::fmt::Debug for dyn MountSyscalls {
@@ -90,14 +102,15 @@ impl std::fmt::Debug for dyn MountSyscalls {
 
 impl Sandbox {
     /// Boots the VM and connects the agent. On failure everything created so far is torn down.
-    pub async fn start(opts: SandboxOptions, sys: Arc<dyn MountSyscalls>) -> Result<Self, SandboxError> {
+    pub async fn start(opts: SandboxOptions, host: Host) -> Result<Self, SandboxError> {
+        let sys = host.mounts.clone();
         paths::check_id("sandbox", &opts.id).map_err(SandboxError::InvalidId)?;
         let sandbox_paths = SandboxPaths::new(&opts.root, &opts.id);
         if sandbox_paths.root.exists() {
             // Left over by a crashed shim with the same id: clean it before reuse.
             state::cleanup(&*sys, &sandbox_paths).await?;
         }
-        match Self::boot(&opts, &sandbox_paths, sys.clone()).await {
+        match Self::boot(&opts, &sandbox_paths, &host).await {
             Ok(sandbox) => Ok(sandbox),
             Err(e) => {
                 if let Err(clean) = state::cleanup(&*sys, &sandbox_paths).await {
@@ -108,7 +121,8 @@ impl Sandbox {
         }
     }
 
-    async fn boot(opts: &SandboxOptions, p: &SandboxPaths, sys: Arc<dyn MountSyscalls>) -> Result<Self, SandboxError> {
+    async fn boot(opts: &SandboxOptions, p: &SandboxPaths, host: &Host) -> Result<Self, SandboxError> {
+        let sys = host.mounts.clone();
         // Root-only all the way down: container rootfs (with whatever setuid binaries a container made) and
         // volumes are under here, and no other host user may reach them.
         let parent = p.root.parent().unwrap_or(&p.root);
@@ -132,26 +146,24 @@ impl Sandbox {
             pod_network = setup.network;
         }
         let dial_timeout = Duration::from_secs(u64::from(opts.config.agent.dial_timeout.max(1)));
-        // A clone has exactly its template's devices. There is a template without a NIC (pods without a
-        // network) and one with a NIC (pods with one interface): the NIC costs a clone ~4 MiB.
-        let template = if opts.config.factory.enable_template && taps.len() <= 1 {
-            let mut like_template = config.clone();
-            like_template.net_devices = taps.iter().map(|_| factory::template_nic(None)).collect();
-            let root = PathBuf::from(&opts.config.factory.template_path);
-            match factory::ensure(&root, &like_template, dial_timeout).await? {
-                factory::Ensured::Ready(template) => Some(template),
-                // Another shim is making a template: boot this VM rather than wait for that boot.
-                factory::Ensured::Busy => None,
+        // A clone has exactly its template's devices: factory::template_config says which template fits.
+        let like_template =
+            factory::template_config(&config, taps.len()).filter(|_| opts.config.factory.enable_template);
+        let template = match like_template {
+            Some(like_template) => {
+                let root = PathBuf::from(&opts.config.factory.template_path);
+                match factory::ensure(&*host.hypervisor, &root, &like_template, dial_timeout).await? {
+                    factory::Ensured::Ready(template) => Some(template),
+                    // Another shim is making a template: boot this VM rather than wait for that boot.
+                    factory::Ensured::Busy => None,
+                }
             }
-        } else {
-            if opts.config.factory.enable_template {
-                tracing::info!(
-                    "sandbox {} has {} network interfaces, the VM template one: booting it",
-                    opts.id,
-                    taps.len()
-                );
+            None => {
+                if opts.config.factory.enable_template {
+                    tracing::info!(sandbox = %opts.id, interfaces = taps.len(), "too many network interfaces for a VM template: booting");
+                }
+                None
             }
-            None
         };
         let cloned_from = if let Some(template) = template {
             if let Some(tap) = taps.pop() {
@@ -169,64 +181,27 @@ impl Sandbox {
             }
             None
         };
-        let vm = Arc::new(QemuVm::new(config));
-        vm.prepare().await.map_err(SandboxError::Vm)?;
-        let transport = match (vm.agent_serial_socket(), vm.agent_socket()) {
-            (Some(serial), _) => Transport::Serial(serial),
-            (None, Some(socket)) => {
-                let ready = ReadySignal::bind(&socket).map_err(|e| SandboxError::Agent(e.into()))?;
-                Transport::Vsock(socket, ready)
+        let vm = host.hypervisor.vm(config);
+        let booted = boot::boot_and_connect(&vm, dial_timeout, |processes| {
+            // Persist whatever got started, even on failure, so cleanup can find it.
+            state.processes = processes.to_vec();
+            if let Err(e) = state.save(&p.state_file()) {
+                tracing::warn!(sandbox = %opts.id, error = %crate::error_chain(&e), "cannot persist the VM's processes");
             }
-            (None, None) => return Err(SandboxError::NoAgentSocket),
-        };
-        let started = vm.start().await;
-        // Persist whatever got started, even on failure, so cleanup can find it.
-        state.processes = vm.pids();
-        state.save(&p.state_file())?;
-        if let Err(e) = started {
-            if let (Some(template), hypervisor::Error::StateLoad { .. }) = (&cloned_from, &e) {
-                // Every later clone would fail the same way: make way for a new template.
-                factory::discard(template);
-                tracing::warn!(
-                    "removed the VM template {} (its state does not load); the next pod makes a new one",
-                    template.dir.display()
-                );
-            }
-            return Err(SandboxError::Vm(e));
-        }
-        let (exit_tx, vm_exit) = watch::channel(None);
-        let watched = vm.clone();
-        tokio::spawn(async move {
-            if let Ok(exit) = watched.wait().await {
-                let _ = exit_tx.send(Some(exit));
-            }
-        });
-        let dial = async {
-            match &transport {
-                Transport::Serial(path) => AgentClient::connect_serial(path, dial_timeout).await,
-                Transport::Vsock(socket, ready) => {
-                    AgentClient::connect_when_ready(ready, socket, AGENT_PORT, dial_timeout).await
+        })
+        .await;
+        let (agent, vm_exit) = match booted {
+            Ok(booted) => (booted.agent, booted.exit),
+            Err(e) => {
+                if let (Some(template), Some(hypervisor::Error::StateLoad { .. })) = (&cloned_from, e.vm_error()) {
+                    // Every later clone would fail the same way: make way for a new template.
+                    factory::discard(template);
+                    tracing::warn!(
+                        "removed the VM template {} (its state does not load); the next pod makes a new one",
+                        template.dir.display()
+                    );
                 }
-            }
-        };
-        // A VM that dies while we dial (a guest panic, QEMU killed) ends the dial at once.
-        let mut exited = vm_exit.clone();
-        let connected = tokio::select! {
-            connected = dial => connected.map_err(Some),
-            _ = exited.wait_for(Option::is_some) => Err(None),
-        };
-        let agent = match connected {
-            Ok(agent) => agent,
-            Err(failure) => {
-                let console = vm.console().tail(20);
-                let _ = vm.stop().await;
-                return Err(match failure {
-                    Some(source) => SandboxError::Connect { source, console },
-                    None => SandboxError::ExitedBeforeAgent {
-                        exit: vm_exit.borrow().unwrap_or(VmExit { code: None, signal: None }),
-                        console,
-                    },
-                });
+                return Err(e.into());
             }
         };
         tracing::info!("agent connected {}", opts.id);
@@ -253,7 +228,7 @@ impl Sandbox {
             let _ = vm.stop().await;
             return Err(e.into());
         }
-        Ok(Sandbox { id: opts.id.clone(), paths: p.clone(), vm, agent, sys, vm_exit })
+        Ok(Sandbox { id: opts.id.clone(), paths: p.clone(), vm, agent, sys, vm_exit, containers: Default::default() })
     }
 
     pub fn id(&self) -> &str {
@@ -265,8 +240,19 @@ impl Sandbox {
         &self.agent
     }
 
-    pub fn vm(&self) -> &Arc<QemuVm> {
-        &self.vm
+    /// The VMM's host PID, which stands for every process of the sandbox (guest PIDs mean nothing here).
+    pub fn vmm_pid(&self) -> u32 {
+        self.vm.pids().first().map(|p| p.pid).unwrap_or(0)
+    }
+
+    /// The guest serial console.
+    pub fn console(&self) -> &hypervisor::GuestConsole {
+        self.vm.console()
+    }
+
+    /// Copies the guest console into the log (at a bounded rate) until the VM exits.
+    pub fn forward_console(&self) {
+        crate::console::forward(self.vm.console(), self.id.clone());
     }
 
     /// Changes to `Some(exit)` when the VM process dies, for whatever reason.
@@ -352,14 +338,6 @@ pub fn release_container_dir(sys: &dyn MountSyscalls, paths: &SandboxPaths, cont
     if let Err(e) = mounts::unmount_and_remove(sys, &paths.root.join(SandboxPaths::container_rel(container_id))) {
         tracing::warn!(container = container_id, "releasing the container's mounts: {e}");
     }
-}
-
-/// How the host reaches this sandbox's agent.
-enum Transport {
-    /// QEMU's socket for the agent's virtio-serial port.
-    Serial(PathBuf),
-    /// vhost-device-vsock's hybrid vsock socket, and the agent's readiness signal beside it.
-    Vsock(PathBuf, ReadySignal),
 }
 
 /// 64 bytes from the host's generator for the guest to reseed with. A clone of a template would otherwise

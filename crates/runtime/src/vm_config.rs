@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use hypervisor::{AccelChoice, GuestMemory, MachineType, SharedFs, VmConfig};
+use hypervisor::{AccelChoice, AgentTransport, GuestMemory, MachineType, QemuConfig, SharedFs, VmConfig};
 use types::config::{self, Config};
 
 use crate::paths::SandboxPaths;
@@ -41,10 +41,8 @@ pub fn vm_config(sandbox_id: &str, config: &Config, paths: &SandboxPaths) -> Res
     let initrd = (!hv.initrd.is_empty()).then(|| PathBuf::from(&hv.initrd));
     Ok(VmConfig {
         name: sandbox_id.to_string(),
-        qemu_path: PathBuf::from(&hv.path),
         kernel: PathBuf::from(&hv.kernel),
         initrd,
-        machine,
         vcpus: hv.default_vcpus.max(1),
         memory_mib: hv.default_memory,
         kernel_params,
@@ -54,15 +52,22 @@ pub fn vm_config(sandbox_id: &str, config: &Config, paths: &SandboxPaths) -> Res
             config::Accel::Tcg => AccelChoice::Tcg,
         },
         shared_fs,
-        vsock_daemon: (!templated).then(|| PathBuf::from(&hv.vsock_daemon)),
-        agent_serial_port: templated.then(|| protocols::AGENT_SERIAL_PORT.to_string()),
+        agent: Some(match templated {
+            true => AgentTransport::Serial { port: protocols::AGENT_SERIAL_PORT.to_string() },
+            false => AgentTransport::HybridVsock,
+        }),
         memory: GuestMemory::Memfd,
         work_dir: paths.vm_dir(),
         net_devices: Vec::new(),
         debug: hv.enable_debug || config.runtime.enable_debug,
         free_page_reporting: hv.reclaim_guest_freed_memory,
-        tcg_tb_size_mib: hv.tcg_tb_size,
-        seccomp_sandbox: (!hv.seccompsandbox.is_empty()).then(|| hv.seccompsandbox.clone()),
+        qemu: QemuConfig {
+            path: PathBuf::from(&hv.path),
+            machine,
+            tcg_tb_size_mib: hv.tcg_tb_size,
+            seccomp_sandbox: (!hv.seccompsandbox.is_empty()).then(|| hv.seccompsandbox.clone()),
+            vsock_daemon: (!templated).then(|| PathBuf::from(&hv.vsock_daemon)),
+        },
     })
 }
 
@@ -83,9 +88,9 @@ mod tests {
         let c = config(types::config::DEFAULT_CONFIGURATION);
         let paths = SandboxPaths::new(Path::new("/run/kata-rs"), "sb1");
         let vm = vm_config("sb1", &c, &paths).unwrap();
-        assert_eq!(vm.machine, MachineType::Microvm);
+        assert_eq!(vm.qemu.machine, MachineType::Microvm);
         assert_eq!(vm.memory_mib, 256);
-        assert_eq!(vm.seccomp_sandbox.as_deref(), Some(hypervisor::DEFAULT_SECCOMP_SANDBOX));
+        assert_eq!(vm.qemu.seccomp_sandbox.as_deref(), Some(hypervisor::DEFAULT_SECCOMP_SANDBOX));
         assert_eq!(vm.work_dir, Path::new("/run/kata-rs/sb1/vm"));
         match vm.shared_fs {
             SharedFs::VirtioFs { shared_dir, daemon, .. } => {
@@ -111,8 +116,8 @@ mod tests {
     fn templating_puts_the_agent_on_virtio_serial() {
         let c = config("[hypervisor.qemu]\nshared_fs = \"virtio-9p\"\n[factory]\nenable_template = true\n");
         let vm = vm_config("s", &c, &SandboxPaths::new(Path::new("/r"), "s")).unwrap();
-        assert_eq!(vm.vsock_daemon, None);
-        assert_eq!(vm.agent_serial_port.as_deref(), Some("agent.channel.0"));
+        assert_eq!(vm.qemu.vsock_daemon, None);
+        assert_eq!(vm.agent, Some(AgentTransport::Serial { port: "agent.channel.0".into() }));
         assert!(vm.kernel_params.contains(&"agent.transport=serial".to_string()));
         assert_eq!(vm.memory, GuestMemory::Memfd, "the sandbox makes it a clone once the template exists");
     }

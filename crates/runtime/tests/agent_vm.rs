@@ -6,19 +6,19 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
-use hypervisor::{Hypervisor, QemuVm, SharedFs, VmConfig};
-use runtime::agent::{AgentClient, ProcessRef, ReadySignal, RpcCode, SandboxSetup, SharedFsMount, SharedFsType};
+use hypervisor::{AgentTransport, Hypervisor, Qemu, SharedFs, Vm, VmConfig};
+use runtime::agent::{ProcessRef, RpcCode, SandboxSetup, SharedFsMount, SharedFsType};
+use runtime::boot::{boot_and_connect, BootError, Booted};
 
-/// The VM under test: the hypervisor crate's `QemuVm` (microvm, virtio-fs, hybrid vsock), the same path the
-/// shim uses.
+/// The VM under test: QEMU (microvm, virtio-fs, hybrid vsock) booted as the shim boots it.
 struct TestVm {
-    vm: QemuVm,
-    vsock_uds: PathBuf,
-    ready: ReadySignal,
+    vm: Arc<dyn Vm>,
+    booted: Result<Booted, BootError>,
 }
 
 impl TestVm {
@@ -35,18 +35,16 @@ async fn start_vm(
     virtiofsd: &Path,
     share: &Path,
 ) -> TestVm {
-    let mut config = VmConfig::new("agent-vm-test", "/usr/bin/qemu-system-x86_64", kernel, dir.join("vm"));
+    let mut config = VmConfig::new("agent-vm-test", kernel, dir.join("vm"));
     config.initrd = Some(initrd.to_path_buf());
-    config.vsock_daemon = Some(vsock_daemon.to_path_buf());
+    config.agent = Some(AgentTransport::HybridVsock);
+    config.qemu.vsock_daemon = Some(vsock_daemon.to_path_buf());
     config.kernel_params = vec!["agent.debug".into()];
     config.shared_fs =
         SharedFs::VirtioFs { daemon: virtiofsd.to_path_buf(), extra_args: vec![], shared_dir: share.to_path_buf() };
-    let vm = QemuVm::new(config);
-    vm.prepare().await.expect("VM prepares");
-    let vsock_uds = vm.agent_socket().expect("the VM has a vsock device");
-    let ready = ReadySignal::bind(&vsock_uds).expect("listen for the agent's readiness");
-    vm.start().await.expect("VM starts");
-    TestVm { vm, vsock_uds, ready }
+    let vm = Qemu.vm(config);
+    let booted = boot_and_connect(&vm, Duration::from_secs(60), |_| {}).await;
+    TestVm { vm, booted }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,10 +83,7 @@ async fn agent_runs_containers_in_a_vm() {
 
 async fn scenario(vm: &TestVm) -> Result<(), String> {
     let t0 = Instant::now();
-    let agent =
-        AgentClient::connect_when_ready(&vm.ready, &vm.vsock_uds, runtime::agent::AGENT_PORT, Duration::from_secs(60))
-            .await
-            .map_err(|e| e.to_string())?;
+    let agent = vm.booted.as_ref().map_err(|e| protocols::error_chain(e))?.agent.clone();
     step("connect (boot + Check)", t0);
     let details = agent.guest_details().await.map_err(|e| e.to_string())?;
     println!("guest kernel {} agent {} boot {}", details.kernel_release, details.agent_version, details.boot_id);

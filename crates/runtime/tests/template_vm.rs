@@ -9,7 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
-use hypervisor::{Hypervisor, QemuVm, SharedFs, VmConfig};
+use std::sync::Arc;
+
+use hypervisor::{AgentTransport, Hypervisor, Qemu, SharedFs, Vm, VmConfig};
 use runtime::agent::{AgentClient, SandboxSetup, SharedFsMount, SharedFsType};
 use runtime::factory;
 
@@ -17,9 +19,9 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A pod VM's configuration as `vm_config` makes it with templating on: agent on virtio-serial, 9p.
 fn pod_config(dir: &Path, name: &str, kernel: &Path, initrd: &Path) -> VmConfig {
-    let mut c = VmConfig::new(name, "/usr/bin/qemu-system-x86_64", kernel, dir.join(name).join("vm"));
+    let mut c = VmConfig::new(name, kernel, dir.join(name).join("vm"));
     c.initrd = Some(initrd.to_path_buf());
-    c.agent_serial_port = Some(protocols::AGENT_SERIAL_PORT.to_string());
+    c.agent = Some(AgentTransport::Serial { port: protocols::AGENT_SERIAL_PORT.to_string() });
     c.kernel_params = vec![protocols::AGENT_SERIAL_PARAM.to_string()];
     c.shared_fs = SharedFs::Virtio9p { shared_dir: dir.join(name).join("shared") };
     c.free_page_reporting = true;
@@ -27,7 +29,7 @@ fn pod_config(dir: &Path, name: &str, kernel: &Path, initrd: &Path) -> VmConfig 
 }
 
 struct Clone {
-    vm: QemuVm,
+    vm: Arc<dyn Vm>,
     agent: AgentClient,
 }
 
@@ -36,17 +38,11 @@ async fn start_clone(template: &factory::Template, mut config: VmConfig) -> Resu
     make_rootfs(&shared_dir.join("rootfs"));
     template.clone_into(&mut config);
     let name = config.name.clone();
-    let vm = QemuVm::new(config);
-    vm.start().await.map_err(|e| format!("clone {name} starts: {}", protocols::error_chain(&e)))?;
-    let socket = vm.agent_serial_socket().expect("serial port");
-    let agent = match AgentClient::connect_serial(&socket, TIMEOUT).await {
-        Ok(agent) => agent,
-        Err(e) => {
-            let console = vm.console().tail(40);
-            let _ = vm.stop().await;
-            return Err(format!("clone {name}: agent: {e}\n{console}"));
-        }
-    };
+    let vm = Qemu.vm(config);
+    let agent = runtime::boot::boot_and_connect(&vm, TIMEOUT, |_| {})
+        .await
+        .map_err(|e| format!("clone {name}: {}", protocols::error_chain(&e)))?
+        .agent;
     let mut entropy = vec![0u8; 64];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").expect("urandom"), &mut entropy)
         .expect("random");
@@ -79,7 +75,7 @@ async fn clones_of_a_template_run_containers() {
     let root = dir.path().join("t");
 
     let t0 = Instant::now();
-    let template = factory::ensure(&root, &pod_config(dir.path(), "pod-0", &kernel, &initrd), TIMEOUT)
+    let template = factory::ensure(&Qemu, &root, &pod_config(dir.path(), "pod-0", &kernel, &initrd), TIMEOUT)
         .await
         .unwrap_or_else(|e| panic!("template: {}", protocols::error_chain(&e)));
     let factory::Ensured::Ready(template) = template else { panic!("nobody else holds the template lock") };
@@ -93,8 +89,9 @@ async fn clones_of_a_template_run_containers() {
     assert!(!template.dir.join("vm").exists(), "the template VM's work dir must go with it");
 
     let t = Instant::now();
-    let again =
-        factory::ensure(&root, &pod_config(dir.path(), "pod-1", &kernel, &initrd), TIMEOUT).await.expect("again");
+    let again = factory::ensure(&Qemu, &root, &pod_config(dir.path(), "pod-1", &kernel, &initrd), TIMEOUT)
+        .await
+        .expect("again");
     assert_eq!(
         again,
         factory::Ensured::Ready(template.clone()),
@@ -119,7 +116,7 @@ async fn clones_of_a_template_run_containers() {
     let pids: Vec<u32> = clones.iter().flat_map(|c| c.vm.pids()).map(|p| p.pid).collect();
     for clone in &clones {
         // Loaded through an fd we handed over, under QEMU's seccomp sandbox, which forbids spawning `cat`.
-        let args = clone.vm.qemu_args().unwrap_or_default();
+        let args = clone.vm.pids()[0].argv.clone();
         assert!(args.iter().any(|a| a == "-sandbox") && !args.iter().any(|a| a.contains("exec:")), "{args:?}");
         let qemu = clone.vm.pids()[0].pid;
         let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap_or_default();

@@ -14,7 +14,8 @@ const QUEUE: usize = 1024;
 /// How long one publish may take before it is given up, so a stuck containerd cannot hold the queue.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
-type Event = (&'static str, Box<dyn MessageDyn>);
+/// A topic and its event.
+pub type Event = (&'static str, Box<dyn MessageDyn>);
 
 #[derive(Clone)]
 pub struct Events {
@@ -31,18 +32,24 @@ impl std::fmt::Debug for Events {
 impl Events {
     /// Starts the task that publishes queued events in order, each within [`PUBLISH_TIMEOUT`].
     pub fn new(publisher: RemotePublisher, namespace: String) -> Self {
-        let (queue, mut rx) = tokio::sync::mpsc::channel::<Event>(QUEUE);
+        let (events, mut rx) = Self::channel();
         tokio::spawn(async move {
             while let Some((topic, event)) = rx.recv().await {
                 let sent = publisher.publish(context::Context::default(), topic, &namespace, event);
                 match tokio::time::timeout(PUBLISH_TIMEOUT, sent).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => log::warn!("publish {topic}: {e}"),
-                    Err(_) => log::warn!("publish {topic}: containerd did not take it within {PUBLISH_TIMEOUT:?}"),
+                    Ok(Err(e)) => tracing::warn!(topic, error = %e, "cannot publish an event"),
+                    Err(_) => tracing::warn!(topic, "containerd did not take an event within {PUBLISH_TIMEOUT:?}"),
                 }
             }
         });
-        Events { queue, dropped: Arc::default() }
+        events
+    }
+
+    /// The queue and its receiving end, for whoever publishes (containerd's publisher, or a test).
+    pub fn channel() -> (Self, tokio::sync::mpsc::Receiver<Event>) {
+        let (queue, rx) = tokio::sync::mpsc::channel::<Event>(QUEUE);
+        (Events { queue, dropped: Arc::default() }, rx)
     }
 
     /// Queues an event: it must never block or fail a task request, and the queue is bounded.
@@ -50,7 +57,7 @@ impl Events {
         if self.queue.try_send((topic, event)).is_err() {
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if dropped.is_power_of_two() {
-                log::warn!("event queue full ({QUEUE}): dropped {topic}; {dropped} events dropped so far");
+                tracing::warn!(topic, dropped, "event queue full ({QUEUE}): event dropped");
             }
         }
     }

@@ -1,10 +1,7 @@
 //! `containerd-shim-kata-v2`: the containerd runtime v2 shim of kata-rs. One shim per pod; each pod is a VM.
 
-mod console;
 mod events;
-mod io;
 mod metrics;
-mod process;
 mod serve;
 mod service;
 mod shim;

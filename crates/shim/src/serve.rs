@@ -45,10 +45,10 @@ pub async fn serve(flags: Flags) -> Result<()> {
     let mut server = Server::new().add_listener(listener).register_service(services);
     server.start().await.context("start the ttrpc server")?;
     server_started()?;
-    log::info!("shim serving {}", flags.socket);
+    tracing::info!(socket = %flags.socket, "shim serving");
     tokio::spawn(ignore_termination_signals());
     shim.wait().await;
-    log::info!("shim shutting down");
+    tracing::info!("shim shutting down");
     let _ = server.shutdown().await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
@@ -89,8 +89,8 @@ async fn ignore_termination_signals() {
     };
     loop {
         tokio::select! {
-            _ = term.recv() => log::debug!("SIGTERM ignored"),
-            _ = int.recv() => log::debug!("SIGINT ignored"),
+            _ = term.recv() => tracing::debug!("SIGTERM ignored"),
+            _ = int.recv() => tracing::debug!("SIGINT ignored"),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! serving the task service.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -12,12 +12,13 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, Flags, StartOpts};
 use containerd_shim_protos::api::DeleteResponse;
 use containerd_shim_protos::protobuf::MessageField;
+use runtime::error_chain;
 use runtime::mounts::Syscalls;
 use runtime::paths::{SandboxPaths, DEFAULT_ROOT};
 
 use crate::events::{timestamp, Events};
 use crate::options;
-use crate::service::KataTask;
+use crate::service::{KataTask, Setup};
 
 pub struct KataShim {
     id: String,
@@ -89,8 +90,8 @@ async fn remove_dead_socket() {
     let path = address.trim().trim_start_matches("unix://").to_string();
     if std::os::unix::net::UnixStream::connect(&path).is_err() && Path::new(&path).exists() {
         match std::fs::remove_file(&path) {
-            Ok(()) => log::info!("removed dead shim socket {path}"),
-            Err(e) => log::warn!("remove dead shim socket {path}: {e}"),
+            Ok(()) => tracing::info!(path, "removed a dead shim's socket"),
+            Err(e) => tracing::warn!(path, error = %e, "cannot remove a dead shim's socket"),
         }
     }
 }
@@ -114,8 +115,8 @@ impl Shim for KataShim {
         if options::starts_sandbox(annotations.as_ref()) {
             let paths = SandboxPaths::new(Path::new(DEFAULT_ROOT), &self.id);
             match runtime::state::cleanup(&Syscalls, &paths).await {
-                Ok(summary) => log::info!("cleaned up sandbox {}: {summary:?}", self.id),
-                Err(e) => log::warn!("clean up sandbox {}: {e}", self.id),
+                Ok(summary) => tracing::info!(sandbox = %self.id, ?summary, "cleaned up the sandbox"),
+                Err(e) => tracing::warn!(sandbox = %self.id, error = %error_chain(&e), "cannot clean up the sandbox"),
             }
         } else {
             let sandbox = options::grouping(&self.id, annotations.as_ref());
@@ -135,6 +136,7 @@ impl Shim for KataShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> KataTask {
-        KataTask::new(Events::new(publisher, self.namespace.clone()), self.exit.clone())
+        let setup = Setup { host: runtime::Host::real(), root: PathBuf::from(DEFAULT_ROOT) };
+        KataTask::new(Events::new(publisher, self.namespace.clone()), self.exit.clone(), setup)
     }
 }

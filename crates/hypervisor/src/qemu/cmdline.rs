@@ -5,7 +5,7 @@ use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use crate::accel::Accel;
-use crate::config::{GuestMemory, MachineType, SharedFs, VmConfig, GUEST_CID, SHARED_FS_TAG};
+use crate::config::{AgentTransport, GuestMemory, MachineType, SharedFs, VmConfig, GUEST_CID, SHARED_FS_TAG};
 
 /// QEMU inherits fds from this one on (right after stdio): first the console socket ([`CONSOLE_FD`]), then the
 /// tap fds of `config.net_devices` in order; NICs without a tap take no fd.
@@ -82,17 +82,17 @@ pub fn kernel_params(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> V
 /// frequency; it is passed to the guest only under TCG.
 pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<String> {
     let paths = VmPaths::new(&config.work_dir);
-    let bus = Bus::of(config.machine);
+    let bus = Bus::of(config.qemu.machine);
     let mem = format!("{}M", config.memory_mib);
     let mut args = Args::default();
 
     if !config.name.is_empty() {
         args.push2("-name", &config.name);
     }
-    if let Some(sandbox) = config.seccomp_sandbox.as_deref().filter(|s| !s.is_empty()) {
+    if let Some(sandbox) = config.qemu.seccomp_sandbox.as_deref().filter(|s| !s.is_empty()) {
         args.push2("-sandbox", sandbox);
     }
-    let machine = match config.machine {
+    let machine = match config.qemu.machine {
         // isa-serial carries the console. rtc=on: without it a TCG boot takes ~3 s longer. pit=on: a fallback
         // clock source for calibration; under TCG what really prevents the "Marking TSC unstable" hang is
         // `tsc_early_khz` (see `kernel_params`).
@@ -106,7 +106,7 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<S
             Accel::Kvm => "kvm".to_string(),
             // TCG's translation buffer defaults to 1 GiB and a booted guest fills tens of MiB of it: the
             // largest part of an idle VM's host memory. A small guest runs as fast with a capped buffer.
-            Accel::Tcg => format!("tcg,tb-size={}", config.tcg_tb_size_mib),
+            Accel::Tcg => format!("tcg,tb-size={}", config.qemu.tcg_tb_size_mib),
         },
     );
     args.push2(
@@ -124,7 +124,7 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<S
         // The state is loaded over QMP once QEMU is up (`migrate-incoming`), with the capability it needs.
         args.push2("-incoming", "defer");
     }
-    if config.machine == MachineType::Microvm {
+    if config.qemu.machine == MachineType::Microvm {
         // QEMU defaults virtio-mmio to the legacy (virtio 0.9) register layout for old guests. Our kernel speaks
         // virtio 1.x, the layout the vhost-user backends and other VMMs (Firecracker, Cloud Hypervisor) use.
         args.push2("-global", "virtio-mmio.force-legacy=false");
@@ -147,11 +147,11 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<S
         // the memfd, so the host gets back what booting touched once (the initrd and its unpacking).
         args.push2("-device", format!("virtio-balloon-{},free-page-reporting=on", bus.suffix()));
     }
-    if config.vsock_daemon.is_some() {
+    if config.agent == Some(AgentTransport::HybridVsock) {
         args.push2("-chardev", format!("socket,id=vsock,path={}", path_str(&paths.vhost_vsock_socket())));
         args.push2("-device", format!("vhost-user-vsock-{},chardev=vsock", bus.suffix()));
     }
-    if let Some(name) = &config.agent_serial_port {
+    if let Some(AgentTransport::Serial { port: name }) = &config.agent {
         args.push2("-device", format!("virtio-serial-{},max_ports=2", bus.suffix()));
         args.push2(
             "-chardev",
@@ -288,9 +288,9 @@ mod tests {
     use crate::config::NetDevice;
 
     fn base(machine: MachineType) -> VmConfig {
-        let mut c = VmConfig::new("vm1", "/usr/bin/qemu-system-x86_64", "/k/vmlinux", "/run/vm1");
+        let mut c = VmConfig::new("vm1", "/k/vmlinux", "/run/vm1");
         c.initrd = Some("/k/initrd.img".into());
-        c.machine = machine;
+        c.qemu.machine = machine;
         c.accel = AccelChoice::Auto;
         c.vcpus = 2;
         c.memory_mib = 512;
@@ -350,10 +350,10 @@ mod tests {
     #[test]
     fn seccomp_sandbox_follows_the_config() {
         let mut config = base(MachineType::Q35);
-        config.seccomp_sandbox = Some("on,spawn=deny".into());
+        config.qemu.seccomp_sandbox = Some("on,spawn=deny".into());
         assert_eq!(values(&qemu_args(&config, Accel::Kvm, None), "-sandbox"), ["on,spawn=deny"]);
         for off in [None, Some(String::new())] {
-            config.seccomp_sandbox = off;
+            config.qemu.seccomp_sandbox = off;
             let args = qemu_args(&config, Accel::Kvm, None);
             assert!(!args.iter().any(|a| a == "-sandbox"), "{args:?}");
         }
@@ -393,7 +393,8 @@ mod tests {
     #[test]
     fn microvm_virtiofs_and_vsock_use_mmio_devices() {
         let mut config = base(MachineType::Microvm);
-        config.vsock_daemon = Some("/usr/bin/vhost-device-vsock".into());
+        config.agent = Some(AgentTransport::HybridVsock);
+        config.qemu.vsock_daemon = Some("/usr/bin/vhost-device-vsock".into());
         config.shared_fs = SharedFs::VirtioFs {
             daemon: "/usr/libexec/virtiofsd".into(),
             extra_args: vec![],
@@ -413,7 +414,8 @@ mod tests {
     #[test]
     fn q35_uses_pci_devices_and_no_mmio_global() {
         let mut config = base(MachineType::Q35);
-        config.vsock_daemon = Some("/usr/bin/vhost-device-vsock".into());
+        config.agent = Some(AgentTransport::HybridVsock);
+        config.qemu.vsock_daemon = Some("/usr/bin/vhost-device-vsock".into());
         config.shared_fs = SharedFs::VirtioFs {
             daemon: "/usr/libexec/virtiofsd".into(),
             extra_args: vec![],
@@ -454,7 +456,7 @@ mod tests {
         for (machine, bus) in [(MachineType::Microvm, "virtio-serial-device"), (MachineType::Q35, "virtio-serial-pci")]
         {
             let mut config = base(machine);
-            config.agent_serial_port = Some("agent.channel.0".into());
+            config.agent = Some(AgentTransport::Serial { port: "agent.channel.0".into() });
             let args = qemu_args(&config, Accel::Tcg, None);
             assert_eq!(
                 values(&args, "-device"),

@@ -19,12 +19,12 @@ use futures_util::future::join_all;
 use tokio::time::Instant;
 
 use crate::accel::{detect_accel, resolve_accel, Accel, AccelChoice};
-use crate::config::{GuestMemory, SharedFs, VmConfig};
+use crate::config::{AgentEndpoint, AgentTransport, GuestMemory, SharedFs, VmConfig};
 use crate::console::{self, GuestConsole};
 use crate::error::{Error, Result};
 use crate::process::{wait_exit, ManagedChild, ProcessOutput, ProcessRole, VmExit, VmProcess};
 use crate::qmp::{QmpClient, QmpError};
-use crate::{Hypervisor, VmStatus};
+use crate::{Hypervisor, SavedVm, Snapshot, Vm, VmStatus};
 use cmdline::VmPaths;
 use validate::validate;
 
@@ -46,8 +46,33 @@ const TAIL_LINES: usize = 20;
 /// How long the readers get to take in what a process (or the guest, through QEMU) wrote before it exited, for
 /// the error message.
 const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
+/// How often an attached VM's processes are looked at while waiting for them to end.
+const ADOPTED_POLL: Duration = Duration::from_millis(100);
 
-/// A VM run by QEMU. See [`Hypervisor`] for the lifecycle.
+/// The QEMU backend.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Qemu;
+
+#[async_trait::async_trait]
+impl Hypervisor for Qemu {
+    fn vm(&self, config: VmConfig) -> Arc<dyn Vm> {
+        Arc::new(QemuVm::new(config))
+    }
+
+    async fn attach(&self, saved: SavedVm) -> Result<Arc<dyn Vm>> {
+        Ok(Arc::new(QemuVm::attach(saved).await?))
+    }
+
+    fn sockets(&self, work_dir: &Path) -> Vec<PathBuf> {
+        VmPaths::new(work_dir).sockets().to_vec()
+    }
+
+    fn programs(&self, config: &VmConfig) -> Vec<PathBuf> {
+        vec![config.qemu.path.clone()]
+    }
+}
+
+/// A VM run by QEMU. See [`Vm`] for the lifecycle.
 #[derive(Debug)]
 pub struct QemuVm {
     config: VmConfig,
@@ -66,6 +91,9 @@ struct State {
     qemu: Option<Arc<ManagedChild>>,
     helpers: Vec<Arc<ManagedChild>>,
     qmp: Option<Arc<QmpClient>>,
+    /// The processes of a VM another process started ([`QemuVm::attach`]): not our children, so they are
+    /// watched and ended by PID, each checked to still be the process that was started.
+    adopted: Vec<VmProcess>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -120,6 +148,25 @@ impl QemuVm {
 
     pub fn config(&self) -> &VmConfig {
         &self.config
+    }
+
+    /// Finds a running VM again from what [`Vm::saved`] recorded, through its QMP socket. QEMU serves one QMP
+    /// client at a time, so this succeeds only once the process that started the VM let go of it (exited).
+    pub async fn attach(saved: SavedVm) -> Result<Self> {
+        let vm = QemuVm::new(saved.config);
+        match saved.processes.first() {
+            Some(vmm) if vmm.role == ProcessRole::Vmm && vmm.is_running() => {}
+            _ => return Err(Error::InvalidState { op: "attach to", state: "not running" }),
+        }
+        let qmp = QmpClient::connect(&vm.paths.qmp_socket(), QMP_COMMAND_TIMEOUT).await?;
+        {
+            let mut state = vm.state();
+            state.phase = Phase::Running;
+            state.qmp = Some(Arc::new(qmp));
+            state.adopted = saved.processes;
+        }
+        tracing::info!(vm = %vm.config.name, "attached to a running VM");
+        Ok(vm)
     }
 
     /// The accelerator chosen by `prepare`.
@@ -234,8 +281,8 @@ impl QemuVm {
         let mut qemu_fds = vec![Arc::new(OwnedFd::from(qemu_console))];
         qemu_fds.extend(plan.tap_fds.iter().cloned());
         let qemu = ManagedChild::spawn(
-            ProcessRole::Qemu,
-            &self.config.qemu_path,
+            ProcessRole::Vmm,
+            &self.config.qemu.path,
             &plan.qemu_args,
             &qemu_fds,
             cmdline::CONSOLE_FD,
@@ -297,9 +344,8 @@ impl QemuVm {
         }
     }
 
-    /// Saves a template: pauses the guest and writes its device state to `state`. Its RAM is already in the
-    /// memory file. The VM stays paused; stop it afterwards.
-    pub async fn save_template(&self, state: &Path) -> Result<()> {
+    /// See [`Snapshot::save`].
+    async fn save_template(&self, state: &Path) -> Result<()> {
         let _lifecycle = self.lifecycle.lock().await;
         if !matches!(self.config.memory, GuestMemory::Template { .. }) {
             return Err(Error::InvalidConfig("only a VM with template memory can be saved as a template".into()));
@@ -335,11 +381,6 @@ impl QemuVm {
         }
     }
 
-    /// The agent's virtio-serial socket, when the VM has that port.
-    pub fn agent_serial_socket(&self) -> Option<PathBuf> {
-        self.config.agent_serial_port.as_ref().map(|_| self.paths.agent_serial_socket())
-    }
-
     async fn connect_qmp(&self, qemu: &ManagedChild, helpers: &[Arc<ManagedChild>]) -> Result<QmpClient> {
         let socket = self.paths.qmp_socket();
         let deadline = Instant::now() + QMP_READY_TIMEOUT;
@@ -368,7 +409,7 @@ impl QemuVm {
             }
             if Instant::now() >= deadline {
                 return Err(Error::SocketTimeout {
-                    role: ProcessRole::Qemu,
+                    role: ProcessRole::Vmm,
                     socket,
                     timeout: QMP_READY_TIMEOUT,
                     tail: qemu.output().tail(TAIL_LINES),
@@ -382,9 +423,10 @@ impl QemuVm {
         // QEMU is gone; let the readers take in its last words and the guest's before quoting them.
         let drained = futures_util::future::join(self.console.closed(), qemu.output().closed());
         let _ = tokio::time::timeout(OUTPUT_DRAIN, drained).await;
-        Error::QemuExited {
+        Error::VmmExited {
+            vmm: "QEMU",
             status,
-            qemu_tail: qemu.output().tail(TAIL_LINES),
+            vmm_tail: qemu.output().tail(TAIL_LINES),
             console_tail: self.console.tail(TAIL_LINES),
         }
     }
@@ -412,6 +454,22 @@ impl QemuVm {
         }
         // After QEMU: a helper killed first would make QEMU see its vhost-user peer vanish.
         join_all(helpers.iter().map(|h| h.terminate(HELPER_GRACE))).await;
+        let adopted = std::mem::take(&mut self.state().adopted);
+        if let Some(vmm) = adopted.first().filter(|vmm| vmm.is_running()) {
+            if let Some(qmp) = &qmp {
+                if let Err(e) = qmp.quit().await {
+                    tracing::warn!(vm = %self.config.name, error = %e, "QMP quit failed, killing QEMU");
+                }
+            }
+            let deadline = Instant::now() + QUIT_GRACE;
+            while vmm.is_running() && Instant::now() < deadline {
+                tokio::time::sleep(ADOPTED_POLL).await;
+            }
+        }
+        if !adopted.is_empty() {
+            // Kills what is left (QEMU first, then its helpers), each only if it is still the process started.
+            crate::process::cleanup_vm(&adopted, &self.config.work_dir).await?;
+        }
 
         {
             let mut state = self.state();
@@ -436,7 +494,14 @@ impl QemuVm {
 }
 
 #[async_trait::async_trait]
-impl Hypervisor for QemuVm {
+impl Snapshot for QemuVm {
+    async fn save(&self, state: &Path) -> Result<()> {
+        self.save_template(state).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Vm for QemuVm {
     async fn prepare(&self) -> Result<()> {
         let _lifecycle = self.lifecycle.lock().await;
         self.prepare_locked().await
@@ -453,14 +518,22 @@ impl Hypervisor for QemuVm {
     }
 
     async fn wait(&self) -> Result<VmExit> {
-        let exit = {
+        let (exit, adopted) = {
             let state = self.state();
-            match &state.qemu {
-                Some(qemu) => qemu.exit_watch(),
-                None => return Err(Error::InvalidState { op: "wait for", state: state.phase.name() }),
+            match (&state.qemu, state.adopted.first()) {
+                (Some(qemu), _) => (Some(qemu.exit_watch()), None),
+                (None, Some(vmm)) => (None, Some(vmm.clone())),
+                (None, None) => return Err(Error::InvalidState { op: "wait for", state: state.phase.name() }),
             }
         };
-        Ok(wait_exit(exit).await)
+        if let Some(exit) = exit {
+            return Ok(wait_exit(exit).await);
+        }
+        // Attached: QEMU is not our child, so its exit status is its parent's to read. Watch for it to be gone.
+        while adopted.as_ref().is_some_and(VmProcess::is_running) {
+            tokio::time::sleep(ADOPTED_POLL).await;
+        }
+        Ok(VmExit { code: None, signal: None })
     }
 
     async fn pause(&self) -> Result<()> {
@@ -472,11 +545,15 @@ impl Hypervisor for QemuVm {
     }
 
     async fn status(&self) -> Result<VmStatus> {
-        let (phase, qemu, qmp) = {
+        let (phase, qemu, qmp, adopted_gone) = {
             let state = self.state();
-            (state.phase, state.qemu.clone(), state.qmp.clone())
+            let adopted_gone = state.adopted.first().is_some_and(|vmm| !vmm.is_running());
+            (state.phase, state.qemu.clone(), state.qmp.clone(), adopted_gone)
         };
-        let exited = qemu.as_ref().and_then(|q| q.exited());
+        let mut exited = qemu.as_ref().and_then(|q| q.exited());
+        if adopted_gone {
+            exited = Some(VmExit { code: None, signal: None });
+        }
         match (phase, exited, qmp) {
             (Phase::Created, ..) => Ok(VmStatus::Created),
             (Phase::Prepared, ..) => Ok(VmStatus::Prepared),
@@ -492,19 +569,26 @@ impl Hypervisor for QemuVm {
         }
     }
 
-    fn agent_socket(&self) -> Option<PathBuf> {
-        self.config.vsock_daemon.as_ref().map(|_| self.paths.agent_socket())
+    fn agent_endpoint(&self) -> Option<AgentEndpoint> {
+        match self.config.agent.as_ref()? {
+            AgentTransport::HybridVsock => Some(AgentEndpoint::HybridVsock(self.paths.agent_socket())),
+            AgentTransport::Serial { .. } => Some(AgentEndpoint::Serial(self.paths.agent_serial_socket())),
+        }
+    }
+
+    fn saved(&self) -> SavedVm {
+        SavedVm { config: self.config.clone(), processes: self.pids() }
+    }
+
+    fn snapshot(&self) -> Option<&dyn Snapshot> {
+        Some(self)
     }
 
     fn pids(&self) -> Vec<VmProcess> {
         let state = self.state();
-        state
-            .qemu
-            .iter()
-            .chain(&state.helpers)
-            .filter(|child| child.exited().is_none())
-            .map(|child| child.info().clone())
-            .collect()
+        let adopted = state.adopted.iter().filter(|p| p.is_running()).cloned();
+        let children = state.qemu.iter().chain(&state.helpers).filter(|child| child.exited().is_none());
+        children.map(|child| child.info().clone()).chain(adopted).collect()
     }
 
     fn console(&self) -> &GuestConsole {
@@ -513,16 +597,11 @@ impl Hypervisor for QemuVm {
 }
 
 impl Drop for QemuVm {
-    /// Safety net for a VM dropped without `stop()`: dropping the last handle of each child makes its reaper
-    /// kill it (QEMU first; the helper watcher then kills the helpers). Sockets go now.
+    /// The VM outlives this handle: it is stopped explicitly, by this process or by another from [`Vm::saved`].
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if state.phase == Phase::Running {
-            tracing::warn!(vm = %self.config.name, "VM dropped without stop(); killing its processes");
-            state.qmp = None;
-            state.qemu = None;
-            state.helpers.clear();
-            remove_runtime_files(&self.paths);
+        if state.phase == Phase::Running && state.qemu.as_ref().is_some_and(|q| q.exited().is_none()) {
+            tracing::debug!(vm = %self.config.name, "VM handle dropped; the VM keeps running");
         }
     }
 }
@@ -580,7 +659,7 @@ fn reap_helpers_after_qemu(qemu: &ManagedChild, helpers: &[Arc<ManagedChild>]) {
 
 fn helper_plans(config: &VmConfig, paths: &VmPaths) -> Vec<HelperPlan> {
     let mut helpers = Vec::new();
-    if let Some(daemon) = &config.vsock_daemon {
+    if let (Some(AgentTransport::HybridVsock), Some(daemon)) = (&config.agent, &config.qemu.vsock_daemon) {
         helpers.push(HelperPlan {
             role: ProcessRole::VsockDaemon,
             program: daemon.clone(),
@@ -656,7 +735,8 @@ mod tests {
     fn config(dir: &Path) -> VmConfig {
         let kernel = dir.join("vmlinux");
         std::fs::write(&kernel, b"").expect("fake kernel");
-        let mut config = VmConfig::new("t", "/bin/true", kernel, dir.join("vm"));
+        let mut config = VmConfig::new("t", kernel, dir.join("vm"));
+        config.qemu.path = "/bin/true".into();
         config.accel = AccelChoice::Tcg;
         config
     }
@@ -683,10 +763,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         // `/bin/false` stands in for a QEMU that rejects its command line.
         let mut c = config(dir.path());
-        c.qemu_path = "/bin/false".into();
+        c.qemu.path = "/bin/false".into();
         let vm = QemuVm::new(c);
         let err = vm.start().await.expect_err("start must fail");
-        assert!(matches!(err, Error::QemuExited { .. }), "{err}");
+        assert!(matches!(err, Error::VmmExited { .. }), "{err}");
         assert!(err.to_string().contains("exit code 1"), "{err}");
         assert!(vm.pids().is_empty());
         assert!(!dir.path().join("vm/qmp.sock").exists());
@@ -699,7 +779,7 @@ mod tests {
         std::fs::write(&fake, script).expect("script");
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let mut c = config(dir);
-        c.qemu_path = fake;
+        c.qemu.path = fake;
         QemuVm::new(c)
     }
 
@@ -745,7 +825,8 @@ mod tests {
         std::fs::write(&daemon, "#!/bin/sh\necho 'cannot bind: address in use' >&2\nexit 3\n").expect("script");
         std::fs::set_permissions(&daemon, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let mut c = config(dir.path());
-        c.vsock_daemon = Some(daemon);
+        c.agent = Some(AgentTransport::HybridVsock);
+        c.qemu.vsock_daemon = Some(daemon);
         let vm = QemuVm::new(c);
         let err = vm.start().await.expect_err("start must fail").to_string();
         assert!(

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use super::cmdline::VmPaths;
-use crate::config::{GuestMemory, SharedFs, VmConfig};
+use crate::config::{AgentTransport, GuestMemory, SharedFs, VmConfig};
 use crate::error::{Error, Result};
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
@@ -27,13 +27,17 @@ pub(super) fn validate(config: &VmConfig) -> Result<()> {
         }
         Ok(())
     };
-    must_be_file("QEMU binary", &config.qemu_path)?;
+    must_be_file("QEMU binary", &config.qemu.path)?;
     must_be_file("guest kernel", &config.kernel)?;
     if let Some(initrd) = &config.initrd {
         must_be_file("guest initrd", initrd)?;
     }
-    if let Some(daemon) = &config.vsock_daemon {
-        must_be_file("vsock daemon", daemon)?;
+    match (&config.agent, &config.qemu.vsock_daemon) {
+        (Some(AgentTransport::HybridVsock), Some(daemon)) => must_be_file("vsock daemon", daemon)?,
+        (Some(AgentTransport::HybridVsock), None) => {
+            return invalid("the agent's hybrid vsock needs a vsock daemon (vhost-device-vsock) under QEMU".into())
+        }
+        _ => {}
     }
     match &config.shared_fs {
         SharedFs::VirtioFs { daemon, shared_dir, .. } => {
@@ -51,7 +55,7 @@ pub(super) fn validate(config: &VmConfig) -> Result<()> {
     }
     validate_net_devices(config)?;
     validate_memory(config)?;
-    if let Some(sandbox) = &config.seccomp_sandbox {
+    if let Some(sandbox) = &config.qemu.seccomp_sandbox {
         // One QEMU option string: `on`/`off` and `key=value` pairs, nothing QEMU would read as another option.
         let ok = sandbox.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, ',' | '=' | '-' | '_'));
         if !ok {
@@ -113,7 +117,9 @@ fn validate_memory(config: &VmConfig) -> Result<()> {
                     return Err(Error::InvalidConfig(format!("{what} {} does not exist", path.display())));
                 }
             }
-            if config.vsock_daemon.is_some() || matches!(config.shared_fs, SharedFs::VirtioFs { .. }) {
+            if config.agent == Some(AgentTransport::HybridVsock)
+                || matches!(config.shared_fs, SharedFs::VirtioFs { .. })
+            {
                 return Err(Error::InvalidConfig(
                     "a VM cloned from a template cannot use vhost-user devices (vsock daemon, virtio-fs): \
                      its memory is private to its QEMU"
@@ -166,7 +172,9 @@ mod tests {
     fn config(dir: &Path) -> VmConfig {
         let kernel = dir.join("vmlinux");
         std::fs::write(&kernel, b"").expect("fake kernel");
-        VmConfig::new("t", "/bin/true", kernel, dir.join("vm"))
+        let mut c = VmConfig::new("t", kernel, dir.join("vm"));
+        c.qemu.path = "/bin/true".into();
+        c
     }
 
     #[test]
@@ -189,10 +197,10 @@ mod tests {
         assert!(validate(&c).expect_err("missing shared dir").to_string().contains("nope"));
 
         let mut c = config(dir.path());
-        c.seccomp_sandbox = Some("on -device evil".into());
+        c.qemu.seccomp_sandbox = Some("on -device evil".into());
         let err = validate(&c).expect_err("odd sandbox value").to_string();
         assert!(err.contains("seccomp sandbox"), "{err}");
-        c.seccomp_sandbox = None;
+        c.qemu.seccomp_sandbox = None;
         assert!(validate(&c).is_ok());
     }
 
@@ -209,7 +217,8 @@ mod tests {
         std::fs::write(&state, b"").expect("state");
         assert!(validate(&c).is_ok());
 
-        c.vsock_daemon = Some(PathBuf::from("/bin/true"));
+        c.agent = Some(AgentTransport::HybridVsock);
+        c.qemu.vsock_daemon = Some(PathBuf::from("/bin/true"));
         let err = validate(&c).expect_err("vhost-user vsock").to_string();
         assert!(err.contains("cannot use vhost-user devices"), "{err}");
 

@@ -2,8 +2,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use crate::agent::{AgentClient, ProcessRef};
 use hypervisor::VmExit;
-use runtime::agent::{AgentClient, ProcessRef};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -90,7 +90,7 @@ impl Process {
                 r = agent.wait_process(&process) => match r {
                     Ok(e) => u32::try_from(e.status).unwrap_or(VM_DIED_STATUS),
                     Err(e) => {
-                        log::warn!("wait for {process:?}: {e}");
+                        tracing::warn!("wait for {process:?}: {e}");
                         VM_DIED_STATUS
                     }
                 },

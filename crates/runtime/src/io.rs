@@ -6,7 +6,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use runtime::agent::{AgentClient, AgentError, ProcessRef};
+use crate::agent::{AgentClient, AgentError, ProcessRef};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
@@ -51,14 +51,14 @@ pub async fn attach(agent: &AgentClient, process: &ProcessRef, paths: &IoPaths) 
             let mut chunks = read_fifo_in_thread(path);
             while let Some(chunk) = chunks.recv().await {
                 if let Err(e) = sink.write(&chunk).await {
-                    log::warn!("stdin of {process:?}: {e}");
+                    tracing::warn!("stdin of {process:?}: {e}");
                     return;
                 }
             }
             // EOF from containerd's side: the process must see EOF too.
             let _ = sink.finish().await;
             if let Err(e) = agent.close_stdin(&process).await {
-                log::debug!("close stdin of {process:?}: {e}");
+                tracing::debug!("close stdin of {process:?}: {e}");
             }
         }));
     }
@@ -70,11 +70,11 @@ fn fifo(path: &str) -> Option<PathBuf> {
 }
 
 /// Copies an agent output stream into a FIFO; without a FIFO the output is drained so the process never blocks.
-async fn copy_out(mut stream: runtime::agent::OutputStream, path: Option<PathBuf>, name: &'static str) {
+async fn copy_out(mut stream: crate::agent::OutputStream, path: Option<PathBuf>, name: &'static str) {
     let mut sink = match path.as_deref().map(open_writer).transpose() {
         Ok(s) => s,
         Err(e) => {
-            log::warn!("open {name} FIFO: {e}");
+            tracing::warn!("open {name} FIFO: {e}");
             None
         }
     };
@@ -83,14 +83,14 @@ async fn copy_out(mut stream: runtime::agent::OutputStream, path: Option<PathBuf
             Ok(Some(chunk)) => {
                 if let Some(w) = sink.as_mut() {
                     if let Err(e) = w.write_all(&chunk).await {
-                        log::warn!("write {name}: {e}");
+                        tracing::warn!("write {name}: {e}");
                         sink = None;
                     }
                 }
             }
             Ok(None) => break,
             Err(e) => {
-                log::debug!("{name} stream ended: {e}");
+                tracing::debug!("{name} stream ended: {e}");
                 break;
             }
         }
@@ -110,7 +110,7 @@ fn read_fifo_in_thread(path: PathBuf) -> mpsc::Receiver<Vec<u8>> {
         let mut file = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) => {
-                log::warn!("open stdin FIFO {}: {e}", path.display());
+                tracing::warn!("open stdin FIFO {}: {e}", path.display());
                 return;
             }
         };
