@@ -1,12 +1,13 @@
 //! Boot a VM and connect to its agent: the one sequence every VM goes through (pods, templates, the bench
 //! floor, the VM tests).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hypervisor::{AgentEndpoint, Vm, VmExit, VmProcess};
 use tokio::sync::watch;
 
-use crate::agent::{AgentClient, AgentError, ReadySignal, AGENT_PORT};
+use crate::agent::{AgentClient, AgentDialer, AgentError, ReadySignal, AGENT_PORT};
 
 /// Lines of the guest console quoted when the agent does not answer.
 const CONSOLE_LINES: usize = 20;
@@ -48,8 +49,19 @@ pub struct Booted {
 /// persist them for cleanup), then connects to the agent within `dial_timeout`. A VM that dies while we dial
 /// ends the dial at once. On any failure after the start, the VM is stopped.
 pub async fn boot_and_connect(
-    vm: &std::sync::Arc<dyn Vm>,
+    vm: &Arc<dyn Vm>,
     dial_timeout: Duration,
+    started: impl FnOnce(&[VmProcess]),
+) -> Result<Booted, BootError> {
+    boot_and_connect_with(vm, dial_timeout, None, started).await
+}
+
+/// [`boot_and_connect`], with the agent reached through `dialer` instead of the VM's endpoint when one is given
+/// (a test double).
+pub async fn boot_and_connect_with(
+    vm: &Arc<dyn Vm>,
+    dial_timeout: Duration,
+    dialer: Option<Arc<dyn AgentDialer>>,
     started: impl FnOnce(&[VmProcess]),
 ) -> Result<Booted, BootError> {
     if matches!(vm.status().await, Ok(hypervisor::VmStatus::Created)) {
@@ -61,13 +73,16 @@ pub async fn boot_and_connect(
         AgentEndpoint::HybridVsock(socket) => Some(
             ReadySignal::bind(socket).map_err(|e| BootError::Connect { source: e.into(), console: String::new() })?,
         ),
-        AgentEndpoint::Serial(_) => None,
+        _ => None,
     };
     let start = vm.start().await;
     started(&vm.pids());
     start.map_err(BootError::Vm)?;
     let exit = watch_exit(vm);
     let dial = async {
+        if let Some(dialer) = dialer {
+            return AgentClient::connect_with(dialer, dial_timeout).await;
+        }
         match (&endpoint, &ready) {
             (AgentEndpoint::HybridVsock(socket), Some(ready)) => {
                 AgentClient::connect_when_ready(ready, socket, AGENT_PORT, dial_timeout).await
@@ -100,7 +115,7 @@ pub async fn boot_and_connect(
 }
 
 /// A watch that turns `Some` when `vm` exits, for whatever reason.
-pub fn watch_exit(vm: &std::sync::Arc<dyn Vm>) -> watch::Receiver<Option<VmExit>> {
+pub fn watch_exit(vm: &Arc<dyn Vm>) -> watch::Receiver<Option<VmExit>> {
     let (tx, rx) = watch::channel(None);
     let vm = vm.clone();
     tokio::spawn(async move {

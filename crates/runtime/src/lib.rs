@@ -5,9 +5,14 @@ pub mod agent;
 pub mod boot;
 mod console;
 pub mod factory;
+/// A VMM that starts nothing, for unit tests of the lifecycle (feature `test-doubles`).
+#[cfg(any(test, feature = "test-doubles"))]
+pub mod fake_vm;
 pub mod host_fs;
 pub mod io;
 pub mod lifecycle;
+#[cfg(test)]
+mod lifecycle_tests;
 pub mod mounts;
 pub mod network;
 pub mod paths;

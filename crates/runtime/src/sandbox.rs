@@ -50,12 +50,21 @@ pub enum SandboxError {
 pub struct Host {
     pub hypervisor: Arc<dyn Hypervisor>,
     pub mounts: Arc<dyn MountSyscalls>,
+    /// Reaches every VM's agent instead of its endpoint: a test double's dialer, `None` for real VMs.
+    pub agent_dialer: Option<Arc<dyn crate::agent::AgentDialer>>,
+    /// Bounds on agent calls.
+    pub agent_timeouts: crate::agent::Timeouts,
 }
 
 impl Host {
     /// QEMU and the kernel's mount calls.
     pub fn real() -> Self {
-        Host { hypervisor: Arc::new(hypervisor::Qemu), mounts: Arc::new(mounts::Syscalls) }
+        Host {
+            hypervisor: Arc::new(hypervisor::Qemu),
+            mounts: Arc::new(mounts::Syscalls),
+            agent_dialer: None,
+            agent_timeouts: Default::default(),
+        }
     }
 }
 
@@ -182,7 +191,7 @@ impl Sandbox {
             None
         };
         let vm = host.hypervisor.vm(config);
-        let booted = boot::boot_and_connect(&vm, dial_timeout, |processes| {
+        let booted = boot::boot_and_connect_with(&vm, dial_timeout, host.agent_dialer.clone(), |processes| {
             // Persist whatever got started, even on failure, so cleanup can find it.
             state.processes = processes.to_vec();
             if let Err(e) = state.save(&p.state_file()) {
@@ -191,7 +200,7 @@ impl Sandbox {
         })
         .await;
         let (agent, vm_exit) = match booted {
-            Ok(booted) => (booted.agent, booted.exit),
+            Ok(booted) => (booted.agent.with_timeouts(host.agent_timeouts), booted.exit),
             Err(e) => {
                 if let (Some(template), Some(hypervisor::Error::StateLoad { .. })) = (&cloned_from, e.vm_error()) {
                     // Every later clone would fail the same way: make way for a new template.
