@@ -45,7 +45,7 @@ impl Hypervisor for FakeHypervisor {
         let vm = self
             .vms()
             .into_iter()
-            .find(|vm| vm.config.name == saved.config.name && *vm.exit.borrow() == None && vm.running())
+            .find(|vm| vm.config.name == saved.config.name && vm.exit.borrow().is_none() && vm.running())
             .ok_or(hypervisor::Error::InvalidState { op: "attach to", state: "not running" })?;
         Ok(vm)
     }

@@ -4,6 +4,8 @@ mod events;
 mod metrics;
 mod serve;
 mod service;
+#[cfg(test)]
+mod service_tests;
 mod shim;
 
 use containerd_shim::Config;
