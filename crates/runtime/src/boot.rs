@@ -18,12 +18,9 @@ pub enum BootError {
     Vm(#[source] hypervisor::Error),
     #[error("the VM has no agent channel (no vsock daemon or serial port configured)")]
     NoAgentChannel,
-    #[error("connect to the agent; last lines of the guest console:\n{console}")]
-    Connect {
-        #[source]
-        source: AgentError,
-        console: String,
-    },
+    /// The cause is part of the message, before the console's lines, which read best last.
+    #[error("connect to the agent: {}; last lines of the guest console:\n{console}", crate::error_chain(cause))]
+    Connect { cause: AgentError, console: String },
     #[error("the VM exited ({exit}) before its agent answered; last lines of the guest console:\n{console}")]
     ExitedBeforeAgent { exit: VmExit, console: String },
 }
@@ -71,7 +68,7 @@ pub async fn boot_and_connect_with(
     // Over vsock the agent says when it listens, on a socket that must exist before the guest runs.
     let ready = match &endpoint {
         AgentEndpoint::HybridVsock(socket) => Some(
-            ReadySignal::bind(socket).map_err(|e| BootError::Connect { source: e.into(), console: String::new() })?,
+            ReadySignal::bind(socket).map_err(|e| BootError::Connect { cause: e.into(), console: String::new() })?,
         ),
         _ => None,
     };
@@ -80,15 +77,11 @@ pub async fn boot_and_connect_with(
     start.map_err(BootError::Vm)?;
     let exit = watch_exit(vm);
     let dial = async {
-        if let Some(dialer) = dialer {
-            return AgentClient::connect_with(dialer, dial_timeout).await;
-        }
         match (&endpoint, &ready) {
             (AgentEndpoint::HybridVsock(socket), Some(ready)) => {
                 AgentClient::connect_when_ready(ready, socket, AGENT_PORT, dial_timeout).await
             }
-            (AgentEndpoint::HybridVsock(socket), None) => AgentClient::connect(socket, AGENT_PORT, dial_timeout).await,
-            (AgentEndpoint::Serial(path), _) => AgentClient::connect_serial(path, dial_timeout).await,
+            _ => dial(&endpoint, dialer, dial_timeout).await,
         }
     };
     let mut exited = exit.clone();
@@ -104,13 +97,26 @@ pub async fn boot_and_connect_with(
                 tracing::warn!(error = %crate::error_chain(&e), "stopping a VM whose agent did not answer");
             }
             Err(match failure {
-                Some(source) => BootError::Connect { source, console },
+                Some(cause) => BootError::Connect { cause, console },
                 None => {
                     let exit = exit.borrow().unwrap_or(VmExit { code: None, signal: None });
                     BootError::ExitedBeforeAgent { exit, console }
                 }
             })
         }
+    }
+}
+
+/// Connects to an agent that is up at `endpoint` (or through `dialer`, a test double), within `timeout`.
+pub async fn dial(
+    endpoint: &AgentEndpoint,
+    dialer: Option<Arc<dyn AgentDialer>>,
+    timeout: Duration,
+) -> Result<AgentClient, AgentError> {
+    match (dialer, endpoint) {
+        (Some(dialer), _) => AgentClient::connect_with(dialer, timeout).await,
+        (None, AgentEndpoint::HybridVsock(socket)) => AgentClient::connect(socket, AGENT_PORT, timeout).await,
+        (None, AgentEndpoint::Serial(path)) => AgentClient::connect_serial(path, timeout).await,
     }
 }
 

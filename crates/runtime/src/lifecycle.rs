@@ -17,6 +17,7 @@ use crate::agent::{AgentError, ContainerStats, ProcessRef};
 use crate::io::{self, IoPaths};
 use crate::process::{Exit, Phase, Process};
 use crate::sandbox::{Rootfs, Sandbox, SandboxError};
+use crate::state::{ContainerRecord, ProcessRecord, SandboxState};
 
 /// At most one OOM report per container in this interval.
 const OOM_EVENT_INTERVAL: Duration = Duration::from_secs(1);
@@ -101,6 +102,92 @@ impl Container {
             return Ok(&mut self.init);
         }
         self.execs.get_mut(exec_id).ok_or_else(|| no_exec(id, exec_id))
+    }
+}
+
+impl Container {
+    fn record(&self, id: &str) -> ContainerRecord {
+        let execs = self.execs.iter().map(|(exec_id, p)| (exec_id.clone(), record(p))).collect();
+        ContainerRecord {
+            id: id.to_string(),
+            bundle: self.bundle.clone(),
+            is_sandbox: self.is_sandbox,
+            paused: self.paused,
+            init: record(&self.init),
+            execs,
+        }
+    }
+
+    /// A container found again from its record: its processes in their recorded states, their IO not
+    /// connected (whoever held it is gone).
+    fn restore(record: &ContainerRecord) -> Self {
+        Container {
+            bundle: record.bundle.clone(),
+            is_sandbox: record.is_sandbox,
+            paused: record.paused,
+            init: restore(&record.init),
+            execs: record.execs.iter().map(|(id, p)| (id.clone(), restore(p))).collect(),
+        }
+    }
+}
+
+fn record(process: &Process) -> ProcessRecord {
+    ProcessRecord {
+        started: process.started,
+        exit_status: process.exit().map(|e| e.status),
+        exec_spec: process.exec_spec.clone(),
+    }
+}
+
+fn restore(record: &ProcessRecord) -> Process {
+    let mut process = Process::new(IoPaths::default(), record.exec_spec.clone());
+    process.started = record.started;
+    if let Some(status) = record.exit_status {
+        process.set_exit(Exit { status, at: SystemTime::now() });
+    }
+    process
+}
+
+/// Writes the sandbox's state file with the containers as they are now. Shared with the tasks that wait for
+/// processes, which save each exit.
+#[derive(Debug, Clone)]
+pub(crate) struct Persister {
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) base: Arc<Mutex<SandboxState>>,
+    pub(crate) containers: Containers,
+    /// Set once the sandbox is being stopped: its directory goes, and nothing may write into it again.
+    pub(crate) stopped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Persister {
+    pub(crate) fn save(&self) {
+        if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let mut state = lock(&self.base).clone();
+        state.containers = lock(&self.containers).iter().map(|(id, c)| c.record(id)).collect();
+        state.containers.sort_by(|a, b| a.id.cmp(&b.id));
+        if let Err(e) = state.save(&self.path) {
+            tracing::warn!(sandbox = %state.sandbox_id, error = %crate::error_chain(&e), "cannot persist the sandbox state");
+        }
+    }
+}
+
+/// Containers from their persisted records; the started, not exited processes get a task that waits for them.
+pub(crate) fn restore_containers(sandbox: &Sandbox, records: &[ContainerRecord]) {
+    let mut containers = sandbox.containers();
+    for record in records {
+        let mut container = Container::restore(record);
+        let waiting = std::iter::once((String::new(), &mut container.init))
+            .chain(container.execs.iter_mut().map(|(id, p)| (id.clone(), p)));
+        for (exec_id, process) in waiting {
+            if process.phase() == Phase::Running {
+                let persister = sandbox.persister.clone();
+                let pref = process_ref(&record.id, &exec_id);
+                process.spawn_waiter(sandbox.agent().clone(), sandbox.vm_exit(), pref, move |_| persister.save());
+            }
+        }
+        containers.insert(record.id.clone(), container);
     }
 }
 
@@ -198,6 +285,8 @@ impl Sandbox {
             return Err(LifecycleError::ContainerExists(id.to_string()));
         }
         containers.insert(id.to_string(), container);
+        drop(containers);
+        self.persister.save();
         Ok(())
     }
 
@@ -210,6 +299,8 @@ impl Sandbox {
             return Err(LifecycleError::ExecExists(exec_id.to_string()));
         }
         container.execs.insert(exec_id.to_string(), Process::new(io_paths, Some(process_json)));
+        drop(containers);
+        self.persister.save();
         Ok(())
     }
 
@@ -253,7 +344,14 @@ impl Sandbox {
                     process.outputs = copies.outputs;
                     process.stdin = copies.stdin;
                 }
+                let persister = self.persister.clone();
+                let on_exit = move |exit| {
+                    persister.save();
+                    on_exit(exit);
+                };
                 process.spawn_waiter(self.agent().clone(), self.vm_exit(), pref, on_exit);
+                drop(containers);
+                self.persister.save();
                 Ok(())
             }
             Err(e) => {
@@ -275,7 +373,10 @@ impl Sandbox {
         })?;
         match phase {
             Phase::Stopped => return Err(LifecycleError::Finished),
-            Phase::Created if exec_id.is_empty() => return Ok(()),
+            Phase::Created if exec_id.is_empty() => {
+                self.persister.save();
+                return Ok(());
+            }
             _ => {}
         }
         if self.vm_exit().borrow().is_some() {
@@ -298,6 +399,8 @@ impl Sandbox {
                 }
                 let exit = process.exit();
                 container.execs.remove(exec_id);
+                drop(containers);
+                self.persister.save();
                 return Ok(Deleted { exit, was_sandbox: false });
             }
             if container.init.phase() == Phase::Running {
@@ -308,6 +411,7 @@ impl Sandbox {
             containers.remove(id);
             (exit, was_sandbox)
         };
+        self.persister.save();
         if !was_sandbox {
             if let Err(e) = self.remove_container(id).await {
                 tracing::warn!(sandbox = %self.id(), container = id, error = %crate::error_chain(&e), "remove container");
@@ -367,6 +471,7 @@ impl Sandbox {
         if let Some(container) = self.containers().get_mut(id) {
             container.paused = true;
         }
+        self.persister.save();
         Ok(())
     }
 
@@ -376,6 +481,7 @@ impl Sandbox {
         if let Some(container) = self.containers().get_mut(id) {
             container.paused = false;
         }
+        self.persister.save();
         Ok(())
     }
 

@@ -271,3 +271,35 @@ async fn stop_stops_the_vm_and_removes_the_sandbox_directory() {
     assert!(!root.exists());
     pod.sandbox.stop().await.expect("stop is idempotent");
 }
+
+#[tokio::test]
+async fn another_process_finds_the_sandbox_by_id_and_drives_it() {
+    let pod = pod().await;
+    pod.create("c1").await;
+    let _init = pod.start("c1", "").await;
+    pod.sandbox.exec("c1", "e1", b"{}".to_vec(), IoPaths::default()).expect("exec added");
+    pod.create("c2").await;
+    pod.agent.exit(&ProcessRef::init("c1"), 0);
+    pod.sandbox.kill("c2", "", 9, false).await.expect("c2 exits before it starts");
+    assert_eq!(pod.exit_of("c1", "").await.status, 0);
+    let Pod { sandbox, agent, hv, dir } = pod;
+    // What another process has: the state file, nothing of this one's memory.
+    drop(sandbox);
+
+    let root = dir.path().join("run");
+    let sandbox = Sandbox::connect(&root, "pod", host(&agent, &hv), WAIT).await.expect("connects by id");
+    assert_eq!(hv.vms().len(), 1, "attached to the running VM, booted none");
+    let c1 = sandbox.state("c1", "").expect("c1");
+    assert_eq!((c1.status, c1.exit.map(|e| e.status), c1.bundle.as_str()), (Status::Stopped, Some(0), "/bundle"));
+    assert_eq!(sandbox.state("c2", "").expect("c2").exit.map(|e| e.status), Some(128 + 9));
+    assert_eq!(sandbox.state("c1", "e1").expect("e1").status, Status::Created);
+    sandbox.start_process("c1", "e1", |_| {}).await.expect("the exec recorded by the other process starts");
+    agent.exit(&exec_ref("c1", "e1"), 4);
+    let exit = tokio::time::timeout(WAIT, sandbox.wait("c1", "e1")).await.expect("wait ends").expect("wait");
+    assert_eq!(exit.map(|e| e.status), Some(4));
+    sandbox.stop().await.expect("stop");
+    assert!(hv.vms()[0].stopped());
+    assert!(!dir.path().join("run/pod").exists());
+    let gone = Sandbox::connect(&root, "pod", host(&agent, &hv), WAIT).await;
+    assert!(gone.is_err(), "a stopped sandbox cannot be found");
+}

@@ -90,7 +90,7 @@ impl Process {
                 r = agent.wait_process(&process) => match r {
                     Ok(e) => u32::try_from(e.status).unwrap_or(VM_DIED_STATUS),
                     Err(e) => {
-                        tracing::warn!("wait for {process:?}: {e}");
+                        tracing::warn!(container = %process.container_id, exec = ?process.exec_id, error = %crate::error_chain(&e), "wait for a process");
                         VM_DIED_STATUS
                     }
                 },

@@ -14,6 +14,7 @@ use crate::agent::{AgentClient, AgentError, SandboxSetup, SharedFsMount, SharedF
 use crate::boot::{self, BootError};
 use crate::factory::{self, FactoryError};
 use crate::host_fs::{self, Root};
+use crate::lifecycle::Persister;
 use crate::mounts::{self, MountPoint, MountSpec, MountSyscalls};
 use crate::network::{self, PodNetwork};
 use crate::paths::{self, SandboxPaths};
@@ -27,8 +28,16 @@ pub enum SandboxError {
     InvalidId(String),
     #[error(transparent)]
     VmConfig(#[from] VmConfigError),
-    #[error("stop the VM")]
+    #[error("the VM")]
     Vm(#[source] hypervisor::Error),
+    #[error("sandbox {0} has no running VM on record")]
+    NoVm(String),
+    #[error("connect to the agent of sandbox {id}")]
+    Reconnect {
+        id: String,
+        #[source]
+        source: AgentError,
+    },
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
@@ -39,9 +48,9 @@ pub enum SandboxError {
     State(#[from] StateError),
     #[error(transparent)]
     Spec(#[from] SpecError),
-    #[error("VM template: {0}")]
+    #[error("VM template")]
     Template(#[from] FactoryError),
-    #[error("pod network: {0}")]
+    #[error("pod network")]
     Network(#[from] network::NetworkError),
 }
 
@@ -101,6 +110,7 @@ pub struct Sandbox {
     sys: Arc<dyn MountSyscalls>,
     vm_exit: watch::Receiver<Option<VmExit>>,
     pub(crate) containers: crate::lifecycle::Containers,
+    pub(crate) persister: Persister,
 }
 
 impl std::fmt::Debug for dyn MountSyscalls {
@@ -123,7 +133,7 @@ impl Sandbox {
             Ok(sandbox) => Ok(sandbox),
             Err(e) => {
                 if let Err(clean) = state::cleanup(&*sys, &sandbox_paths).await {
-                    tracing::warn!("cleanup after failed start of {}: {clean}", opts.id);
+                    tracing::warn!(sandbox = %opts.id, error = %crate::error_chain(&clean), "cleanup after a failed start");
                 }
                 Err(e)
             }
@@ -144,6 +154,7 @@ impl Sandbox {
             processes: vec![],
             shim_pid: Some(std::process::id()),
             netns: opts.netns.clone(),
+            ..Default::default()
         };
         state.save(&p.state_file())?;
         let mut config = vm_config::vm_config(&opts.id, &opts.config, p)?;
@@ -213,7 +224,9 @@ impl Sandbox {
                 return Err(e.into());
             }
         };
-        tracing::info!("agent connected {}", opts.id);
+        tracing::info!(sandbox = %opts.id, "agent connected");
+        state.vm = Some(vm.saved().config);
+        state.agent = vm.agent_endpoint();
         let fs_type = match opts.config.hypervisor.shared_fs {
             config::SharedFs::VirtioFs => SharedFsType::VirtioFs,
             config::SharedFs::Virtio9p => SharedFsType::NineP,
@@ -237,7 +250,48 @@ impl Sandbox {
             let _ = vm.stop().await;
             return Err(e.into());
         }
-        Ok(Sandbox { id: opts.id.clone(), paths: p.clone(), vm, agent, sys, vm_exit, containers: Default::default() })
+        let containers = crate::lifecycle::Containers::default();
+        let persister = Persister {
+            path: p.state_file(),
+            base: Arc::new(std::sync::Mutex::new(state)),
+            containers: containers.clone(),
+            stopped: Arc::default(),
+        };
+        persister.save();
+        Ok(Sandbox { id: opts.id.clone(), paths: p.clone(), vm, agent, sys, vm_exit, containers, persister })
+    }
+
+    /// Finds a running sandbox by id from its persisted state, as another process left it: attaches to its VM,
+    /// connects to its agent and restores its containers and their processes' states (their IO is not
+    /// connected again: whoever held it is gone). Only one process drives a VM at a time: QEMU serves one
+    /// control connection, and the serial agent channel carries one stream.
+    pub async fn connect(root: &Path, id: &str, host: Host, dial_timeout: Duration) -> Result<Self, SandboxError> {
+        paths::check_id("sandbox", id).map_err(SandboxError::InvalidId)?;
+        let p = SandboxPaths::new(root, id);
+        let state = SandboxState::load(&p.state_file())?;
+        let (Some(config), Some(endpoint)) = (state.vm.clone(), state.agent.clone()) else {
+            return Err(SandboxError::NoVm(id.to_string()));
+        };
+        let saved = hypervisor::SavedVm { config, processes: state.processes.clone() };
+        let vm = host.hypervisor.attach(saved).await.map_err(SandboxError::Vm)?;
+        let agent = boot::dial(&endpoint, host.agent_dialer.clone(), dial_timeout)
+            .await
+            .map_err(|source| SandboxError::Reconnect { id: id.to_string(), source })?
+            .with_timeouts(host.agent_timeouts);
+        let vm_exit = boot::watch_exit(&vm);
+        let records = state.containers.clone();
+        let containers = crate::lifecycle::Containers::default();
+        let persister = Persister {
+            path: p.state_file(),
+            base: Arc::new(std::sync::Mutex::new(state)),
+            containers: containers.clone(),
+            stopped: Arc::default(),
+        };
+        let sandbox =
+            Sandbox { id: id.to_string(), paths: p, vm, agent, sys: host.mounts, vm_exit, containers, persister };
+        crate::lifecycle::restore_containers(&sandbox, &records);
+        tracing::info!(sandbox = id, containers = records.len(), "connected to a running sandbox");
+        Ok(sandbox)
     }
 
     pub fn id(&self) -> &str {
@@ -331,6 +385,7 @@ impl Sandbox {
     /// to tear its containers down first: nothing of it outlives the VM, and writes to shared directories
     /// have already reached the host (virtio-fs and 9p write through).
     pub async fn stop(&self) -> Result<(), SandboxError> {
+        self.persister.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
         let stopped = self.vm.stop().await;
         state::cleanup(&*self.sys, &self.paths).await?;
         stopped.map_err(SandboxError::Vm)

@@ -1,9 +1,11 @@
-//! Persisted sandbox state: enough for a later `containerd-shim-kata-v2 delete` to clean up after a shim that
-//! died (kill QEMU and helpers by PID, unmount, remove directories).
+//! Persisted sandbox state: enough for another process to find the sandbox by id and drive it
+//! ([`crate::Sandbox::connect`]: the VM's configuration and processes, the agent's endpoint, the containers and
+//! their processes' states), and for a later `containerd-shim-kata-v2 delete` to clean up after a shim that
+//! died (kill the VMM and helpers by PID, unmount, remove directories).
 
 use std::path::{Path, PathBuf};
 
-use hypervisor::VmProcess;
+use hypervisor::{AgentEndpoint, VmConfig, VmProcess};
 use serde::{Deserialize, Serialize};
 
 use crate::mounts::{self, MountSyscalls};
@@ -11,17 +13,17 @@ use crate::paths::SandboxPaths;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("write {path}: {source}")]
+    #[error("write {path}")]
     Write { path: PathBuf, source: std::io::Error },
-    #[error("read {path}: {source}")]
+    #[error("read {path}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("parse {path}: {source}")]
+    #[error("parse {path}")]
     Parse { path: PathBuf, source: serde_json::Error },
-    #[error("clean up the VM: {0}")]
+    #[error("clean up the VM")]
     Vm(#[from] hypervisor::Error),
     #[error(transparent)]
     Mount(#[from] mounts::MountError),
-    #[error("tear down the pod network: {0}")]
+    #[error("tear down the pod network")]
     Network(#[from] crate::network::NetworkError),
 }
 
@@ -35,6 +37,37 @@ pub struct SandboxState {
     /// The pod network namespace whose taps and tc filters we added.
     #[serde(default)]
     pub netns: Option<PathBuf>,
+    /// The VM's configuration (without its tap fds), to attach to it again.
+    #[serde(default)]
+    pub vm: Option<VmConfig>,
+    /// Where the agent listens, once the VM started.
+    #[serde(default)]
+    pub agent: Option<AgentEndpoint>,
+    /// The containers and their processes, as of the last change.
+    #[serde(default)]
+    pub containers: Vec<ContainerRecord>,
+}
+
+/// A container as persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub id: String,
+    pub bundle: String,
+    pub is_sandbox: bool,
+    pub paused: bool,
+    pub init: ProcessRecord,
+    pub execs: Vec<(String, ProcessRecord)>,
+}
+
+/// A process (a container's init or an exec) as persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub started: bool,
+    /// Its exit status, once it exited.
+    pub exit_status: Option<u32>,
+    /// An exec's OCI process JSON, kept until it is started.
+    #[serde(default)]
+    pub exec_spec: Option<Vec<u8>>,
 }
 
 impl SandboxState {
@@ -98,7 +131,22 @@ mod tests {
     fn state_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
-        let state = SandboxState { sandbox_id: "sb".into(), processes: vec![], shim_pid: Some(42), netns: None };
+        let init = ProcessRecord { started: true, exit_status: Some(3), exec_spec: None };
+        let exec = ProcessRecord { started: false, exit_status: None, exec_spec: Some(b"{}".to_vec()) };
+        let state = SandboxState {
+            sandbox_id: "sb".into(),
+            shim_pid: Some(42),
+            agent: Some(AgentEndpoint::Serial("/run/a.sock".into())),
+            containers: vec![ContainerRecord {
+                id: "c1".into(),
+                bundle: "/b".into(),
+                is_sandbox: true,
+                paused: false,
+                init,
+                execs: vec![("e1".into(), exec)],
+            }],
+            ..Default::default()
+        };
         state.save(&path).unwrap();
         assert_eq!(SandboxState::load(&path).unwrap(), state);
         assert!(!path.with_extension("json.tmp").exists());
@@ -109,7 +157,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
         std::fs::write(&path, "{not json").unwrap();
-        let err = SandboxState::load(&path).unwrap_err().to_string();
+        let err = crate::error_chain(&SandboxState::load(&path).unwrap_err());
         assert!(err.starts_with(&format!("parse {}: ", path.display())), "{err}");
     }
 
