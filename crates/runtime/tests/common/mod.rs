@@ -73,6 +73,11 @@ pub fn spec_json(id: &str, args: &[&str], terminal: bool) -> Vec<u8> {
 
 /// [`spec_json`] with `resources` as the spec's `linux.resources`.
 pub fn spec_json_with(id: &str, args: &[&str], terminal: bool, resources: serde_json::Value) -> Vec<u8> {
+    runtime::spec::for_guest(&host_spec(args, terminal, resources), id).expect("guest spec").0
+}
+
+/// The host spec containerd would hand the shim for `args`.
+pub fn host_spec(args: &[&str], terminal: bool, resources: serde_json::Value) -> oci_spec::runtime::Spec {
     let spec = serde_json::json!({
         "ociVersion": "1.0.2",
         "process": process_json(args, terminal),
@@ -92,8 +97,7 @@ pub fn spec_json_with(id: &str, args: &[&str], terminal: bool, resources: serde_
             "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"]
         }
     });
-    let spec: oci_spec::runtime::Spec = serde_json::from_value(spec).expect("spec");
-    runtime::spec::for_guest(&spec, id).expect("guest spec").0
+    serde_json::from_value(spec).expect("spec")
 }
 
 /// Creates, starts and waits for a container, returning (exit status, stdout, stderr).
