@@ -527,3 +527,134 @@ impl OomStream {
         Ok(self.rx.recv().await.map_err(|e| AgentError::from_ttrpc("OomEvents", e))?.map(|e| e.container_id))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::fake::{Call, FakeAgent};
+
+    /// Short, so the timeout tests take a fraction of a second.
+    const SHORT: Timeouts = Timeouts { call: Duration::from_millis(200), container: Duration::from_millis(200) };
+
+    async fn connect(agent: &FakeAgent) -> AgentClient {
+        AgentClient::connect_with(agent.dialer(), Duration::from_secs(5))
+            .await
+            .expect("the fake agent answers Check")
+            .with_timeouts(SHORT)
+    }
+
+    /// Polls until `ready` holds: the fake learns of a call when it arrives, not when the client sent it.
+    async fn until(what: &str, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !ready() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn container_lifecycle_carries_exit_status_and_output() {
+        let agent = FakeAgent::start().await;
+        let client = connect(&agent).await;
+        client.create_container("c1", b"{}", "c1/rootfs").await.expect("create");
+        client.start_container("c1").await.expect("start");
+        let init = ProcessRef::init("c1");
+        let mut stdout = client.read_stdout(&init).await.expect("read stdout");
+        let waiter = tokio::spawn({
+            let (client, init) = (client.clone(), init.clone());
+            async move { client.wait_process(&init).await }
+        });
+        agent.stdout(&init, b"hello ");
+        agent.stdout(&init, b"world");
+        agent.exit(&init, 3);
+        let exit = waiter.await.expect("join").expect("wait");
+        assert_eq!(exit.status, 3);
+        assert_eq!(stdout.read_to_end().await.expect("stdout until EOF"), b"hello world");
+        let mut stderr = client.read_stderr(&init).await.expect("read stderr");
+        assert_eq!(stderr.read_to_end().await.expect("stderr"), b"", "stderr is at EOF after the exit");
+        client.remove_container("c1").await.expect("remove");
+        let c1 = || "c1".to_string();
+        assert_eq!(
+            agent.calls(),
+            [
+                Call::CreateContainer { container_id: c1() },
+                Call::StartContainer { container_id: c1() },
+                Call::RemoveContainer { container_id: c1() }
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn exec_carries_stdin_and_exit_status() {
+        let agent = FakeAgent::start().await;
+        let client = connect(&agent).await;
+        client.create_container("c1", b"{}", "").await.expect("create");
+        client.exec_process("c1", "e1", b"{}").await.expect("exec");
+        let exec = ProcessRef::exec("c1", "e1");
+        let stdin = client.stdin(&exec).await.expect("stdin");
+        stdin.write(b"input").await.expect("write stdin");
+        stdin.finish().await.expect("finish stdin");
+        client.close_stdin(&exec).await.expect("close stdin");
+        assert_eq!(agent.stdin(&exec), (b"input".to_vec(), true));
+        agent.exit(&exec, 137);
+        assert_eq!(client.wait_process(&exec).await.expect("wait").status, 137);
+        assert!(agent.calls().contains(&Call::ExecProcess(exec.clone())));
+    }
+
+    /// The real agent keeps every exec of a container until the container goes (crates/agent/src/container.rs):
+    /// an exec id cannot be used twice, even after the first exec was waited for and the host forgot it.
+    #[tokio::test]
+    async fn an_exec_id_stays_taken_after_its_exec_was_waited() {
+        let agent = FakeAgent::start().await;
+        let client = connect(&agent).await;
+        client.create_container("c1", b"{}", "").await.expect("create");
+        client.exec_process("c1", "e1", b"{}").await.expect("exec");
+        let err = client.exec_process("c1", "e1", b"{}").await.expect_err("a running exec's id is taken");
+        assert_eq!(err.code(), Some(RpcCode::AlreadyExists), "{err}");
+        agent.exit(&ProcessRef::exec("c1", "e1"), 0);
+        client.wait_process(&ProcessRef::exec("c1", "e1")).await.expect("wait");
+        let err = client.exec_process("c1", "e1", b"{}").await.expect_err("a waited exec's id is still taken");
+        assert_eq!(err.code(), Some(RpcCode::AlreadyExists), "{err}");
+        // A new container starts with no execs.
+        client.remove_container("c1").await.expect("remove");
+        client.create_container("c1", b"{}", "").await.expect("create again");
+        client.exec_process("c1", "e1", b"{}").await.expect("the id is free in the new container");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_container_is_not_found() {
+        let agent = FakeAgent::start().await;
+        let client = connect(&agent).await;
+        let errors = [
+            client.start_container("nope").await.expect_err("start"),
+            client.exec_process("nope", "e1", b"{}").await.expect_err("exec"),
+            client.wait_process(&ProcessRef::init("nope")).await.expect_err("wait"),
+        ];
+        for err in errors {
+            assert_eq!(err.code(), Some(RpcCode::NotFound), "{err}");
+        }
+        client.create_container("c1", b"{}", "").await.expect("create");
+        let err = client.wait_process(&ProcessRef::exec("c1", "nope")).await.expect_err("unknown exec");
+        assert_eq!(err.code(), Some(RpcCode::NotFound), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_dropped_during_wait_process_is_an_error() {
+        let agent = FakeAgent::start().await;
+        let client = connect(&agent).await;
+        client.create_container("c1", b"{}", "").await.expect("create");
+        let init = ProcessRef::init("c1");
+        let waiter = tokio::spawn({
+            let (client, init) = (client.clone(), init.clone());
+            async move { client.wait_process(&init).await }
+        });
+        until("the wait is in the agent", || agent.waiters(&init) == 1).await;
+        agent.crash();
+        let result =
+            tokio::time::timeout(Duration::from_secs(2), waiter).await.expect("WaitProcess hung").expect("join");
+        let err = result.expect_err("the VM died before the process exited");
+        assert!(matches!(err, AgentError::Transport { call: "WaitProcess", .. }), "{err:?}");
+        let err = AgentClient::connect_with(agent.dialer(), Duration::from_millis(200)).await.expect_err("dead VM");
+        assert!(matches!(err, AgentError::ConnectTimeout { .. }), "{err:?}");
+    }
+}

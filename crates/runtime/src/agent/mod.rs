@@ -7,6 +7,9 @@ mod client;
 /// Public only so `fuzz/` can feed it what a hostile agent sends; callers use [`AgentClient`].
 #[doc(hidden)]
 pub mod convert;
+/// A scriptable fake agent for unit tests of host code (feature `test-doubles`).
+#[cfg(any(test, feature = "test-doubles"))]
+pub mod fake;
 mod ready;
 mod transport;
 pub mod types;
