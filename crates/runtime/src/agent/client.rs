@@ -193,52 +193,60 @@ impl AgentClient {
         Ok(client)
     }
 
+    /// One call bounded by `timeout`, which both ends enforce: the agent answers DEADLINE_EXCEEDED when its handler
+    /// overruns, the ttrpc client gives up by itself with a transport error, whichever comes first. Past the
+    /// deadline either is this call's [`AgentError::Timeout`].
+    async fn timed<T, F>(
+        &self,
+        call: &'static str,
+        timeout: Duration,
+        rpc: impl FnOnce(ttrpc::context::Context) -> F,
+    ) -> Result<T>
+    where
+        F: std::future::Future<Output = ttrpc::Result<T>>,
+    {
+        let started = Instant::now();
+        rpc(ctx(timeout)).await.map_err(|err| match AgentError::from_ttrpc(call, err) {
+            AgentError::Timeout { .. } => AgentError::Timeout { call, after: timeout },
+            AgentError::Transport { .. } if started.elapsed() >= timeout => {
+                AgentError::Timeout { call, after: timeout }
+            }
+            other => other,
+        })
+    }
+
     pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
         self
     }
 
     pub async fn check(&self) -> Result<AgentVersion> {
-        let v = self
-            .rpc
-            .check(ctx(self.timeouts.call), &pb::Empty::new())
-            .await
-            .map_err(|e| AgentError::from_ttrpc("Check", e))?;
+        let req = pb::Empty::new();
+        let v = self.timed("Check", self.timeouts.call, |ctx| self.rpc.check(ctx, &req)).await?;
         Ok(convert::version(v))
     }
 
     pub async fn guest_details(&self) -> Result<GuestDetails> {
-        let d = self
-            .rpc
-            .guest_details(ctx(self.timeouts.call), &pb::Empty::new())
-            .await
-            .map_err(|e| AgentError::from_ttrpc("GuestDetails", e))?;
+        let req = pb::Empty::new();
+        let d = self.timed("GuestDetails", self.timeouts.call, |ctx| self.rpc.guest_details(ctx, &req)).await?;
         Ok(convert::guest_details(d))
     }
 
     pub async fn create_sandbox(&self, setup: &SandboxSetup) -> Result<()> {
         let req = convert::sandbox_request(setup);
-        self.rpc
-            .create_sandbox(ctx(self.timeouts.container), &req)
-            .await
-            .map_err(|e| AgentError::from_ttrpc("CreateSandbox", e))?;
+        self.timed("CreateSandbox", self.timeouts.container, |ctx| self.rpc.create_sandbox(ctx, &req)).await?;
         Ok(())
     }
 
     pub async fn destroy_sandbox(&self) -> Result<()> {
-        self.rpc
-            .destroy_sandbox(ctx(self.timeouts.container), &pb::Empty::new())
-            .await
-            .map_err(|e| AgentError::from_ttrpc("DestroySandbox", e))?;
+        let req = pb::Empty::new();
+        self.timed("DestroySandbox", self.timeouts.container, |ctx| self.rpc.destroy_sandbox(ctx, &req)).await?;
         Ok(())
     }
 
     pub async fn set_guest_time(&self, now: SystemTime) -> Result<()> {
         let req = pb::SetGuestTimeRequest { host_time_unix_nanos: convert::nanos(now), ..Default::default() };
-        self.rpc
-            .set_guest_time(ctx(self.timeouts.call), &req)
-            .await
-            .map_err(|e| AgentError::from_ttrpc("SetGuestTime", e))?;
+        self.timed("SetGuestTime", self.timeouts.call, |ctx| self.rpc.set_guest_time(ctx, &req)).await?;
         Ok(())
     }
 
@@ -251,10 +259,7 @@ impl AgentClient {
             rootfs: rootfs.into(),
             ..Default::default()
         };
-        self.rpc
-            .create_container(ctx(self.timeouts.container), &req)
-            .await
-            .map_err(|e| AgentError::from_ttrpc("CreateContainer", e))?;
+        self.timed("CreateContainer", self.timeouts.container, |ctx| self.rpc.create_container(ctx, &req)).await?;
         Ok(())
     }
 
@@ -263,34 +268,26 @@ impl AgentClient {
     }
 
     pub async fn start_container(&self, container_id: &str) -> Result<()> {
-        self.rpc
-            .start_container(ctx(self.timeouts.container), &Self::container_req(container_id))
-            .await
-            .map_err(|e| AgentError::from_ttrpc("StartContainer", e))?;
+        let req = Self::container_req(container_id);
+        self.timed("StartContainer", self.timeouts.container, |ctx| self.rpc.start_container(ctx, &req)).await?;
         Ok(())
     }
 
     pub async fn remove_container(&self, container_id: &str) -> Result<()> {
-        self.rpc
-            .remove_container(ctx(self.timeouts.container), &Self::container_req(container_id))
-            .await
-            .map_err(|e| AgentError::from_ttrpc("RemoveContainer", e))?;
+        let req = Self::container_req(container_id);
+        self.timed("RemoveContainer", self.timeouts.container, |ctx| self.rpc.remove_container(ctx, &req)).await?;
         Ok(())
     }
 
     pub async fn pause_container(&self, container_id: &str) -> Result<()> {
-        self.rpc
-            .pause_container(ctx(self.timeouts.call), &Self::container_req(container_id))
-            .await
-            .map_err(|e| AgentError::from_ttrpc("PauseContainer", e))?;
+        let req = Self::container_req(container_id);
+        self.timed("PauseContainer", self.timeouts.call, |ctx| self.rpc.pause_container(ctx, &req)).await?;
         Ok(())
     }
 
     pub async fn resume_container(&self, container_id: &str) -> Result<()> {
-        self.rpc
-            .resume_container(ctx(self.timeouts.call), &Self::container_req(container_id))
-            .await
-            .map_err(|e| AgentError::from_ttrpc("ResumeContainer", e))?;
+        let req = Self::container_req(container_id);
+        self.timed("ResumeContainer", self.timeouts.call, |ctx| self.rpc.resume_container(ctx, &req)).await?;
         Ok(())
     }
 
@@ -301,28 +298,19 @@ impl AgentClient {
             linux_resources_json: linux_resources_json.to_vec(),
             ..Default::default()
         };
-        self.rpc
-            .update_container(ctx(self.timeouts.call), &req)
-            .await
-            .map_err(|e| AgentError::from_ttrpc("UpdateContainer", e))?;
+        self.timed("UpdateContainer", self.timeouts.call, |ctx| self.rpc.update_container(ctx, &req)).await?;
         Ok(())
     }
 
     pub async fn list_processes(&self, container_id: &str) -> Result<Vec<i32>> {
-        let r = self
-            .rpc
-            .list_processes(ctx(self.timeouts.call), &Self::container_req(container_id))
-            .await
-            .map_err(|e| AgentError::from_ttrpc("ListProcesses", e))?;
+        let req = Self::container_req(container_id);
+        let r = self.timed("ListProcesses", self.timeouts.call, |ctx| self.rpc.list_processes(ctx, &req)).await?;
         Ok(r.pids)
     }
 
     pub async fn stats(&self, container_id: &str) -> Result<ContainerStats> {
-        let r = self
-            .rpc
-            .stats(ctx(self.timeouts.call), &Self::container_req(container_id))
-            .await
-            .map_err(|e| AgentError::from_ttrpc("Stats", e))?;
+        let req = Self::container_req(container_id);
+        let r = self.timed("Stats", self.timeouts.call, |ctx| self.rpc.stats(ctx, &req)).await?;
         Ok(convert::stats(r))
     }
 
@@ -334,10 +322,7 @@ impl AgentClient {
             oci_process_json: oci_process_json.to_vec(),
             ..Default::default()
         };
-        self.rpc
-            .exec_process(ctx(self.timeouts.container), &req)
-            .await
-            .map_err(|e| AgentError::from_ttrpc("ExecProcess", e))?;
+        self.timed("ExecProcess", self.timeouts.container, |ctx| self.rpc.exec_process(ctx, &req)).await?;
         Ok(())
     }
 
@@ -349,10 +334,7 @@ impl AgentClient {
             all,
             ..Default::default()
         };
-        self.rpc
-            .signal_process(ctx(self.timeouts.call), &req)
-            .await
-            .map_err(|e| AgentError::from_ttrpc("SignalProcess", e))?;
+        self.timed("SignalProcess", self.timeouts.call, |ctx| self.rpc.signal_process(ctx, &req)).await?;
         Ok(())
     }
 
@@ -393,10 +375,8 @@ impl AgentClient {
     }
 
     pub async fn close_stdin(&self, process: &ProcessRef) -> Result<()> {
-        self.rpc
-            .close_stdin(ctx(self.timeouts.call), &convert::process_request(process))
-            .await
-            .map_err(|e| AgentError::from_ttrpc("CloseStdin", e))?;
+        let req = convert::process_request(process);
+        self.timed("CloseStdin", self.timeouts.call, |ctx| self.rpc.close_stdin(ctx, &req)).await?;
         Ok(())
     }
 
@@ -408,25 +388,19 @@ impl AgentClient {
             cols,
             ..Default::default()
         };
-        self.rpc.resize_tty(ctx(self.timeouts.call), &req).await.map_err(|e| AgentError::from_ttrpc("ResizeTty", e))?;
+        self.timed("ResizeTty", self.timeouts.call, |ctx| self.rpc.resize_tty(ctx, &req)).await?;
         Ok(())
     }
 
     pub async fn update_interface(&self, iface: &Interface) -> Result<Interface> {
-        let r = self
-            .rpc
-            .update_interface(ctx(self.timeouts.call), &convert::interface_request(iface))
-            .await
-            .map_err(|e| AgentError::from_ttrpc("UpdateInterface", e))?;
+        let req = convert::interface_request(iface);
+        let r = self.timed("UpdateInterface", self.timeouts.call, |ctx| self.rpc.update_interface(ctx, &req)).await?;
         Ok(convert::interface(r)?)
     }
 
     pub async fn update_routes(&self, routes: &[Route]) -> Result<()> {
         let req = pb::UpdateRoutesRequest { routes: routes.iter().map(convert::route).collect(), ..Default::default() };
-        self.rpc
-            .update_routes(ctx(self.timeouts.call), &req)
-            .await
-            .map_err(|e| AgentError::from_ttrpc("UpdateRoutes", e))?;
+        self.timed("UpdateRoutes", self.timeouts.call, |ctx| self.rpc.update_routes(ctx, &req)).await?;
         Ok(())
     }
 
@@ -435,10 +409,7 @@ impl AgentClient {
             neighbors: neighbors.iter().map(convert::arp_neighbor).collect(),
             ..Default::default()
         };
-        self.rpc
-            .add_arp_neighbors(ctx(self.timeouts.call), &req)
-            .await
-            .map_err(|e| AgentError::from_ttrpc("AddArpNeighbors", e))?;
+        self.timed("AddArpNeighbors", self.timeouts.call, |ctx| self.rpc.add_arp_neighbors(ctx, &req)).await?;
         Ok(())
     }
 
@@ -636,6 +607,27 @@ mod tests {
         client.create_container("c1", b"{}", "").await.expect("create");
         let err = client.wait_process(&ProcessRef::exec("c1", "nope")).await.expect_err("unknown exec");
         assert_eq!(err.code(), Some(RpcCode::NotFound), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_agent_times_out_within_the_configured_timeout() {
+        let agent = FakeAgent::start().await;
+        let client = connect(&agent).await;
+        agent.set_silent(true);
+        let started = Instant::now();
+        let err = client.start_container("c1").await.expect_err("no answer");
+        let took = started.elapsed();
+        assert!(
+            matches!(err, AgentError::Timeout { call: "StartContainer", after } if after == SHORT.container),
+            "{err:?}"
+        );
+        // The upper bound only catches a hang: a loaded machine may be slow to schedule the timer.
+        assert!(took >= SHORT.container && took < SHORT.container + Duration::from_secs(2), "timed out after {took:?}");
+        assert_eq!(agent.calls(), [Call::StartContainer { container_id: "c1".into() }], "the call did arrive");
+        let err = client.check().await.expect_err("no answer");
+        assert!(matches!(err, AgentError::Timeout { call: "Check", after } if after == SHORT.call), "{err:?}");
+        agent.set_silent(false);
+        client.check().await.expect("the agent speaks again");
     }
 
     #[tokio::test]
