@@ -69,7 +69,7 @@ struct Assets {
     _dir: tempfile::TempDir,
 }
 
-/// The test's assets, or `None` after printing why the test is skipped.
+/// The test's assets, or `None` after [`testutil::skip`] said why the test cannot run.
 fn assets(test: &str) -> Option<Assets> {
     assets_with(test, true)
 }
@@ -78,7 +78,7 @@ fn assets(test: &str) -> Option<Assets> {
 /// for tests that read what its init prints.
 fn assets_with(test: &str, custom_initrd_ok: bool) -> Option<Assets> {
     let skip = |reason: String| {
-        eprintln!("SKIP {test}: {reason}");
+        testutil::skip(test, reason);
         None
     };
     let kernel = match std::env::var_os("KATA_TEST_KERNEL") {
@@ -111,19 +111,15 @@ fn assets_with(test: &str, custom_initrd_ok: bool) -> Option<Assets> {
     Some(Assets { qemu, kernel, initrd, custom_initrd, _dir: dir })
 }
 
-/// A helper binary from `var`, or `None` with a printed reason.
+/// A helper binary from `var`, or `None` after [`testutil::skip`] said which part of the test cannot run.
 fn helper(test: &str, var: &str) -> Option<PathBuf> {
-    match std::env::var_os(var) {
-        Some(p) if Path::new(&p).is_file() => Some(PathBuf::from(p)),
-        Some(p) => {
-            eprintln!("SKIP part of {test}: {var}={} does not exist", Path::new(&p).display());
-            None
-        }
-        None => {
-            eprintln!("SKIP part of {test}: {var} is not set");
-            None
-        }
-    }
+    let reason = match std::env::var_os(var) {
+        Some(p) if Path::new(&p).is_file() => return Some(PathBuf::from(p)),
+        Some(p) => format!("{var}={} does not exist", Path::new(&p).display()),
+        None => format!("{var} is not set"),
+    };
+    testutil::skip(&format!("part of {test}"), reason);
+    None
 }
 
 fn vm_config(assets: &Assets, name: &str, work_dir: &Path) -> VmConfig {
@@ -335,10 +331,7 @@ async fn dropping_a_running_vm_kills_its_processes() {
 async fn qemu_failing_at_start_leaves_nothing_behind() {
     let test = "qemu_failing_at_start_leaves_nothing_behind";
     let qemu = std::env::var_os("KATA_TEST_QEMU").map_or_else(|| "/usr/bin/qemu-system-x86_64".into(), PathBuf::from);
-    if !qemu.is_file() {
-        eprintln!("SKIP {test}: {} not found", qemu.display());
-        return;
-    }
+    testutil::skip_unless!((!qemu.is_file()).then(|| format!("{} not found", qemu.display())));
     let root = tempfile::Builder::new().prefix("kata-hv-").tempdir_in("/tmp").expect("tempdir");
     let kernel = root.path().join("not-a-kernel");
     std::fs::write(&kernel, b"garbage").expect("write");
@@ -374,14 +367,9 @@ async fn qemu_failing_at_start_leaves_nothing_behind() {
 async fn tap_fds_become_guest_nics_with_their_macs() {
     let test = "tap_fds_become_guest_nics_with_their_macs";
     // SAFETY: geteuid has no preconditions.
-    if unsafe { nix::libc::geteuid() } != 0 {
-        eprintln!("SKIP {test}: needs root to create a network namespace and taps");
-        return;
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        eprintln!("SKIP {test}: /dev/net/tun is missing");
-        return;
-    }
+    let root = unsafe { nix::libc::geteuid() } == 0;
+    testutil::skip_unless!((!root).then_some("needs root to create a network namespace and taps"));
+    testutil::skip_unless!((!Path::new("/dev/net/tun").exists()).then_some("/dev/net/tun is missing"));
     let Some(assets) = assets_with(test, false) else {
         return;
     };

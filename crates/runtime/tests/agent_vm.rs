@@ -49,17 +49,12 @@ async fn start_vm(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_runs_containers_in_a_vm() {
-    let (Some(kernel), Some(initrd), Some(daemon), Some(virtiofsd)) = (
-        env_path("KATA_TEST_KERNEL"),
-        env_path("KATA_TEST_INITRD"),
-        env_path("KATA_TEST_VSOCK_DAEMON"),
-        env_path("KATA_TEST_VIRTIOFSD"),
-    ) else {
-        println!(
-            "skipped: set KATA_TEST_KERNEL, KATA_TEST_INITRD, KATA_TEST_VSOCK_DAEMON and KATA_TEST_VIRTIOFSD to existing files"
-        );
-        return;
-    };
+    let [kernel, initrd, daemon, virtiofsd] = testutil::skip_unless!(env_paths([
+        "KATA_TEST_KERNEL",
+        "KATA_TEST_INITRD",
+        "KATA_TEST_VSOCK_DAEMON",
+        "KATA_TEST_VIRTIOFSD"
+    ]));
     let dir = tempfile::tempdir().expect("tempdir");
     let share = dir.path().join("shared");
     make_rootfs(&share.join("rootfs"));

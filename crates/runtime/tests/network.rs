@@ -20,18 +20,16 @@ use runtime::network::{self, NetworkError, VNET_HDR_LEN};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-macro_rules! skip_unless_root {
-    () => {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root to create network namespaces, veth pairs and taps");
-            return;
-        }
-        if !std::path::Path::new("/dev/net/tun").exists() {
-            eprintln!("skipped: /dev/net/tun is missing");
-            return;
-        }
-    };
+/// Why these tests cannot run here, or `None`.
+fn missing_root() -> Option<&'static str> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root to create network namespaces, veth pairs and taps");
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun is missing");
+    }
+    None
 }
 
 /// A network namespace of ours, deleted on drop.
@@ -217,7 +215,7 @@ fn arp_request(sender_mac: [u8; 6], sender_ip: [u8; 4], target: [u8; 4]) -> Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcfilter_wires_the_veth_to_a_tap_and_back() {
-    skip_unless_root!();
+    testutil::skip_unless!(missing_root());
     let Pod { n, pod, peer } = cni_pod();
     let eth0_mac = pod.mac("eth0");
     let peer_mac = peer.mac("hveth");
@@ -314,7 +312,7 @@ async fn tcfilter_wires_the_veth_to_a_tap_and_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_twice_then_teardown_leaves_one_redirect_and_then_none() {
-    skip_unless_root!();
+    testutil::skip_unless!(missing_root());
     let Pod { pod, peer: _peer, .. } = cni_pod();
     let first = network::setup_pod_network(&pod.path()).await.unwrap();
     // A single-queue tap takes one fd: while the first one (a running VM) holds it, a second setup fails...
@@ -339,7 +337,7 @@ async fn setup_twice_then_teardown_leaves_one_redirect_and_then_none() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn teardown_keeps_filters_that_are_not_ours() {
-    skip_unless_root!();
+    testutil::skip_unless!(missing_root());
     let Pod { pod, peer: _peer, .. } = cni_pod();
     let setup = network::setup_pod_network(&pod.path()).await.unwrap();
     // Someone else's filter on the same ingress qdisc (pref 10, classifies ICMP).
@@ -360,7 +358,7 @@ async fn teardown_keeps_filters_that_are_not_ours() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespace_with_only_loopback_gives_an_empty_network() {
-    skip_unless_root!();
+    testutil::skip_unless!(missing_root());
     let n = NEXT.fetch_add(1, Ordering::SeqCst);
     let ns = Netns::new(format!("kt-{}-{n}", std::process::id()));
     let setup = network::setup_pod_network(&ns.path()).await.unwrap();
@@ -370,7 +368,7 @@ async fn namespace_with_only_loopback_gives_an_empty_network() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_namespace_fails_setup_and_passes_teardown() {
-    skip_unless_root!();
+    testutil::skip_unless!(missing_root());
     let path = PathBuf::from(format!("/var/run/netns/kt-{}-missing", std::process::id()));
     let err = network::setup_pod_network(&path).await.unwrap_err();
     assert!(matches!(err, NetworkError::Netns { .. }), "{err}");
@@ -380,7 +378,7 @@ async fn missing_namespace_fails_setup_and_passes_teardown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_setup_removes_what_it_added_and_nothing_else() {
-    skip_unless_root!();
+    testutil::skip_unless!(missing_root());
     let Pod { pod, peer, .. } = cni_pod();
     // A second CNI interface whose tap name is taken by something that is not a tap: setup wires eth0 first,
     // then fails on eth1.

@@ -21,23 +21,27 @@ fn options(root: &Path, kernel: &Path, initrd: &Path, vsock: &Path, virtiofsd: &
          vsock_daemon = {vsock:?}\naccel = \"tcg\"\n"
     );
     let config = types::config::LoadedConfig::from_sources(&[("test.toml".into(), text)]).expect("config").config;
-    SandboxOptions { id: "reconnect".into(), config, root: root.to_path_buf(), hostname: "r".into(), dns: vec![], netns: None }
+    SandboxOptions {
+        id: "reconnect".into(),
+        config,
+        root: root.to_path_buf(),
+        hostname: "r".into(),
+        dns: vec![],
+        netns: None,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_is_driven_by_id_after_its_starter_let_go() {
-    let parts = (
-        env_path("KATA_TEST_KERNEL"),
-        env_path("KATA_TEST_INITRD"),
-        env_path("KATA_TEST_VSOCK_DAEMON"),
-        env_path("KATA_TEST_VIRTIOFSD"),
-    );
-    let (Some(kernel), Some(initrd), Some(vsock), Some(virtiofsd)) = parts else {
-        return missing("set KATA_TEST_KERNEL, KATA_TEST_INITRD, KATA_TEST_VSOCK_DAEMON and KATA_TEST_VIRTIOFSD");
-    };
-    if std::fs::read_to_string("/proc/self/status").is_ok_and(|s| !s.lines().any(|l| l.starts_with("Uid:\t0\t"))) {
-        return missing("needs root to mount container filesystems");
-    }
+    let [kernel, initrd, vsock, virtiofsd] = testutil::skip_unless!(env_paths([
+        "KATA_TEST_KERNEL",
+        "KATA_TEST_INITRD",
+        "KATA_TEST_VSOCK_DAEMON",
+        "KATA_TEST_VIRTIOFSD"
+    ]));
+    // SAFETY: geteuid has no preconditions.
+    let root_user = unsafe { nix::libc::geteuid() } == 0;
+    testutil::skip_unless!((!root_user).then_some("needs root to mount container filesystems"));
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().join("run");
     let rootfs = dir.path().join("rootfs");
@@ -77,10 +81,4 @@ async fn a_sandbox_is_driven_by_id_after_its_starter_let_go() {
     }
     assert!(!running(pids), "QEMU {pids} still runs after stop");
     assert!(!root.join("reconnect").exists(), "the sandbox directory is removed");
-}
-
-/// A missing part: a failure under CI, a skip on a developer's partial machine.
-fn missing(reason: &str) {
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot run under CI=true: {reason}");
-    eprintln!("SKIP a_sandbox_is_driven_by_id_after_its_starter_let_go: {reason}");
 }

@@ -66,10 +66,7 @@ async fn start_clone(template: &factory::Template, mut config: VmConfig) -> Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clones_of_a_template_run_containers() {
-    let (Some(kernel), Some(initrd)) = (env_path("KATA_TEST_KERNEL"), env_path("KATA_TEST_INITRD")) else {
-        println!("skipped: set KATA_TEST_KERNEL and KATA_TEST_INITRD to existing files");
-        return;
-    };
+    let [kernel, initrd] = testutil::skip_unless!(env_paths(["KATA_TEST_KERNEL", "KATA_TEST_INITRD"]));
     let dir = tempfile::tempdir().expect("tempdir");
     // Short: the template VM's sockets live in <root>/<64-hex key>/vm/ and must fit in 107 bytes.
     let root = dir.path().join("t");

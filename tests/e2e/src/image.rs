@@ -448,10 +448,9 @@ mod tests {
     #[test]
     fn real_busybox_lists_the_applets_tests_use() {
         let path = Path::new(DEFAULT_BUSYBOX);
-        if !path.exists() {
-            eprintln!("skipping: {DEFAULT_BUSYBOX} is missing (install busybox-static)");
-            return;
-        }
+        testutil::skip_unless!(
+            (!path.exists()).then(|| format!("{DEFAULT_BUSYBOX} is missing (install busybox-static)"))
+        );
         let applets = busybox_applets(path).unwrap();
         for needed in ["sh", "echo", "cat", "sleep", "uname", "httpd", "nc"] {
             assert!(applets.iter().any(|a| a == needed), "{needed} missing");

@@ -24,6 +24,16 @@ pub struct KataParts {
     pub shim_dir: PathBuf,
 }
 
+/// The kata parts, or why kata tests through containerd cannot run here: [`crate::skip_reason`] (not root,
+/// containerd, runc or busybox missing) or a part `scripts/test.sh` exports. Tests start with
+/// `let parts = testutil::skip_unless!(kata_parts());`.
+pub fn kata_parts() -> Result<KataParts, String> {
+    match crate::skip_reason() {
+        Some(reason) => Err(reason),
+        None => KataParts::find(),
+    }
+}
+
 impl KataParts {
     /// Finds every part, or says which one is missing (the test then skips with that reason).
     pub fn find() -> Result<Self, String> {

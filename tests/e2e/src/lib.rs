@@ -2,8 +2,9 @@
 //! `ctr` helpers ([`containerd`]), a pseudo-terminal driver for `ctr run -t` ([`pty`]) and a finder for
 //! leftover processes, mounts and state ([`leaks`]).
 //!
-//! Tests using it need root and the Debian `containerd` package; they call [`skip_reason`] (or the
-//! [`skip_unless_containerd!`] macro) first and return early with a printed reason when it says so.
+//! Tests using it need root and the Debian `containerd` package; they start with
+//! `testutil::skip_unless!(e2e::skip_reason())`, which returns early with the reason when one is missing (and
+//! fails the test under `CI=true`).
 
 pub mod checks;
 pub mod config_files;
@@ -48,17 +49,6 @@ pub fn skip_reason() -> Option<String> {
         return Some(format!("{} is missing (Debian package busybox-static)", image::DEFAULT_BUSYBOX));
     }
     None
-}
-
-/// Returns from the calling test with a printed reason when [`skip_reason`] says it cannot run.
-#[macro_export]
-macro_rules! skip_unless_containerd {
-    () => {
-        if let Some(reason) = $crate::skip_reason() {
-            eprintln!("skipping {}: {}", module_path!(), reason);
-            return;
-        }
-    };
 }
 
 /// The first executable file called `program` in PATH (or the system directories).

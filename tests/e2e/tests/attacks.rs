@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use e2e::kata::{sandbox_dir, sandbox_state, KataParts, KATA_RUNTIME};
+use e2e::kata::{kata_parts, sandbox_dir, sandbox_state, KataParts, KATA_RUNTIME};
 use e2e::leaks::mounts;
-use e2e::{skip_reason, unique_id, Containerd, ContainerdOptions, OciImage, RunOptions, BUSYBOX_IMAGE};
+use e2e::{unique_id, Containerd, ContainerdOptions, OciImage, RunOptions, BUSYBOX_IMAGE};
 
 /// A VM boot under TCG takes seconds; leave room for a loaded machine.
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
@@ -25,14 +25,7 @@ struct Kata {
 
 /// A private containerd whose kata configuration is the test parts' plus `extra` lines, appended at the end
 /// (`[hypervisor.qemu]` keys first, then any sections).
-fn start(hypervisor_lines: &str, sections: &str) -> Option<Kata> {
-    let missing = skip_reason().map(Err).unwrap_or(Ok(())).and_then(|()| KataParts::find().map(|_| ()));
-    if let Err(reason) = missing {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true, but a part is missing: {reason}");
-        eprintln!("skipping: {reason}");
-        return None;
-    }
-    let parts = KataParts::find().expect("parts were found above");
+fn start(parts: KataParts, hypervisor_lines: &str, sections: &str) -> Kata {
     let conf = tempfile::tempdir().expect("temp dir");
     let conf_file = conf.path().join("configuration.toml");
     std::fs::write(&conf_file, format!("{}\n{sections}", parts.configuration(hypervisor_lines)))
@@ -45,7 +38,7 @@ fn start(hypervisor_lines: &str, sections: &str) -> Option<Kata> {
     })
     .expect("containerd starts");
     containerd.import(&OciImage::busybox(BUSYBOX_IMAGE).expect("busybox image")).expect("import busybox");
-    Some(Kata { containerd, _conf: conf })
+    Kata { containerd, _conf: conf }
 }
 
 fn text(b: &[u8]) -> String {
@@ -139,7 +132,8 @@ fn a_container_cannot_reach_the_host() {
     // Without submount announcements the guest has one superblock for the whole share, so the container's
     // own mount of the tag reaches the share's root, as guest root (the agent's mount) does. (With them, the
     // kernel hands back whichever submount superblock it finds first.)
-    let Some(k) = start(r#"virtio_fs_extra_args = ["--no-announce-submounts"]"#, "") else { return };
+    let parts = testutil::skip_unless!(kata_parts());
+    let k = start(parts, r#"virtio_fs_extra_args = ["--no-announce-submounts"]"#, "");
     let id = unique_id("attack-fs");
     let volume = tempfile::tempdir().expect("volume dir");
     std::fs::set_permissions(volume.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod volume");
@@ -216,7 +210,8 @@ fn a_container_cannot_reach_the_host() {
 #[test]
 fn a_pod_spec_cannot_size_or_stall_its_vm() {
     let allowed = r#"enable_annotations = ["kernel_params", "default_memory", "default_vcpus"]"#;
-    let Some(k) = start(allowed, "") else { return };
+    let parts = testutil::skip_unless!(kata_parts());
+    let k = start(parts, allowed, "");
     let cases: [(&str, &[&str]); 4] = [
         ("io.katacontainers.config.hypervisor.default_memory=1048576", &["default_memory", "1048576", "limit"]),
         ("io.katacontainers.config.hypervisor.default_vcpus=4096", &["default_vcpus", "4096", "limit"]),
@@ -274,7 +269,8 @@ fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
 #[test]
 fn the_guest_cannot_fill_the_host_through_its_console() {
     // Userspace writes to /dev/kmsg are not rate-limited by the guest kernel with printk.devkmsg=on.
-    let Some(k) = start("kernel_params = \"printk.devkmsg=on\"", "[runtime]\nenable_debug = true\n") else { return };
+    let parts = testutil::skip_unless!(kata_parts());
+    let k = start(parts, "kernel_params = \"printk.devkmsg=on\"", "[runtime]\nenable_debug = true\n");
     let id = unique_id("attack-console");
     let flags = vec!["--device".to_string(), "/dev/kmsg".to_string()];
     // The kernel takes records of up to 1 KiB from /dev/kmsg.

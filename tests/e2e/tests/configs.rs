@@ -231,7 +231,7 @@ fn check_loads(version: i64, name: &str, snippet: Table) -> (bool, Vec<String>) 
 
 #[test]
 fn containerd_rejects_a_default_runtime_without_a_runtime_table() {
-    e2e::skip_unless_containerd!();
+    testutil::skip_unless!(e2e::skip_reason());
     // The negative control for the test below: a CRI config error shows as a CRI plugin not "ok".
     let snippet: Table = r#"[plugins."io.containerd.grpc.v1.cri".containerd]
 default_runtime_name = "kata""#
@@ -243,7 +243,7 @@ default_runtime_name = "kata""#
 
 #[test]
 fn containerd_loads_the_cri_plugin_with_each_snippet() {
-    e2e::skip_unless_containerd!();
+    testutil::skip_unless!(e2e::skip_reason());
     let mut failures = Vec::new();
     for (version, name) in containerd_files() {
         failures.extend(check_loads(version, &name, load(version, &name)).1);

@@ -21,7 +21,7 @@ use e2e::cri::{
 };
 use e2e::kata::{sandbox_dir, KataConf};
 use e2e::leaks::{links, netns_entries};
-use e2e::{kata_pod_parts_or_skip, Containerd, ContainerdOptions, BUSYBOX_IMAGE};
+use e2e::{Containerd, ContainerdOptions, BUSYBOX_IMAGE};
 use k8s_cri::v1::{ContainerState, LinuxContainerResources};
 
 /// Every CRI call may wait for a VM boot or a guest round trip under TCG on a busy machine.
@@ -38,7 +38,7 @@ fn cri_client(containerd: &Containerd) -> CriClient {
 /// The main test: one pod VM serves every check that does not need a VM of its own.
 #[test]
 fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
-    let parts = kata_pod_parts_or_skip!();
+    let parts = testutil::skip_unless!(e2e::cri::kata_pod_parts());
     let _vm = vm_lock();
     let conf = KataConf::write(&parts).expect("kata configuration written");
     let mut net = CniNetwork::create().expect("CNI network config");
@@ -286,7 +286,7 @@ fn config_from_repo(version: i64, file: &str, cni_conf_dir: &Path, conf: &Path) 
 /// in `kata_pods` must boot a VM whose container runs on the guest kernel; every one in `runc_pods` must
 /// not. Everything is removed and checked for leftovers.
 fn routes_pods(version: i64, file: &str, kata_pods: &[(&str, bool)], runc_pods: &[(&str, bool)]) {
-    let parts = kata_pod_parts_or_skip!();
+    let parts = testutil::skip_unless!(e2e::cri::kata_pod_parts());
     let _vm = vm_lock();
     let conf = KataConf::write(&parts).expect("kata configuration written");
     let net = CniNetwork::create().expect("CNI network config");
@@ -390,7 +390,7 @@ fn default_runtime_kata_routes_pods_v2() {
 /// handler) a privileged container is privileged inside the VM but gets none of the host's devices.
 #[test]
 fn privileged_container_gets_no_host_devices() {
-    let parts = kata_pod_parts_or_skip!();
+    let parts = testutil::skip_unless!(e2e::cri::kata_pod_parts());
     let _vm = vm_lock();
     let conf = KataConf::write(&parts).expect("kata configuration written");
     let mut net = CniNetwork::create().expect("CNI network config");

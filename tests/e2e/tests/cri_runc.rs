@@ -13,18 +13,14 @@ use e2e::cri::{
     CniNetwork, CriClient, PodCleanup, PodSpec, WebVolumes,
 };
 use e2e::leaks::netns_entries;
-use e2e::{skip_unless_containerd, Containerd, ContainerdOptions, CriOptions, BUSYBOX_IMAGE};
+use e2e::{skip_reason, Containerd, ContainerdOptions, CriOptions, BUSYBOX_IMAGE};
 use k8s_cri::v1::{ContainerState, LinuxContainerResources};
 
 const EXEC_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[test]
 fn pod_with_http_server_exec_logs_stats_and_volumes() {
-    skip_unless_containerd!();
-    if let Some(reason) = cni_skip_reason() {
-        eprintln!("skipping: {reason}");
-        return;
-    }
+    testutil::skip_unless!(skip_reason().or_else(cni_skip_reason));
     let mut net = CniNetwork::create().expect("CNI network config");
     eprintln!("bridge {} subnet {}", net.bridge(), net.subnet());
     let containerd = step("containerd with CRI ready", || {

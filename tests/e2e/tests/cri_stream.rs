@@ -18,7 +18,7 @@ use e2e::cri::{
 };
 use e2e::kata::KataConf;
 use e2e::leaks::netns_entries;
-use e2e::{kata_pod_parts_or_skip, Containerd, BUSYBOX_IMAGE};
+use e2e::{Containerd, BUSYBOX_IMAGE};
 use k8s_cri::v1::PodSandboxConfig;
 
 /// Every CRI call may wait for a VM boot or a guest round trip under TCG on a busy machine.
@@ -51,7 +51,7 @@ fn run_container(
 
 #[test]
 fn streaming_exec_and_attach_reach_containers_in_the_pod_vm() {
-    let parts = kata_pod_parts_or_skip!();
+    let parts = testutil::skip_unless!(e2e::cri::kata_pod_parts());
     let _vm = vm_lock();
     let conf = KataConf::write(&parts).expect("kata configuration written");
     let mut net = CniNetwork::create().expect("CNI network config");

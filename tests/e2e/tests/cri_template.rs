@@ -12,7 +12,6 @@ use e2e::cri::{
     http_get, import_pod_images, start_containerd, vm_lock, CniNetwork, CriClient, KataPodFootprint, PodCleanup,
     PodSpec, WebVolumes,
 };
-use e2e::kata_pod_parts_or_skip;
 use e2e::leaks::{netns_entries, processes};
 
 const CRI_DEADLINE: Duration = Duration::from_secs(90);
@@ -33,7 +32,7 @@ fn veth_mac(netns: &std::path::Path) -> Option<String> {
 
 #[test]
 fn a_pod_with_a_network_is_a_clone_with_its_own_mac() {
-    let parts = kata_pod_parts_or_skip!();
+    let parts = testutil::skip_unless!(e2e::cri::kata_pod_parts());
     let _vm = vm_lock();
     let dir = tempfile::tempdir().expect("temp dir");
     let templates = dir.path().join("templates");

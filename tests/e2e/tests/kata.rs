@@ -5,8 +5,8 @@
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use e2e::kata::{sandbox_dir, KataParts, KATA_RUNTIME, KATA_RUN_RUNTIME};
-use e2e::{skip_reason, unique_id, Containerd, ContainerdOptions, OciImage, RunOptions, BUSYBOX_IMAGE};
+use e2e::kata::{kata_parts, sandbox_dir, KataParts, KATA_RUNTIME, KATA_RUN_RUNTIME};
+use e2e::{unique_id, Containerd, ContainerdOptions, OciImage, RunOptions, BUSYBOX_IMAGE};
 
 /// A VM boot under TCG takes seconds; leave room for a loaded machine.
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
@@ -17,18 +17,7 @@ struct Kata {
     _conf: tempfile::TempDir,
 }
 
-fn start() -> Option<Kata> {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipping: {reason}");
-        return None;
-    }
-    let parts = match KataParts::find() {
-        Ok(p) => p,
-        Err(reason) => {
-            eprintln!("skipping: {reason}");
-            return None;
-        }
-    };
+fn start(parts: KataParts) -> Kata {
     let conf = tempfile::tempdir().expect("temp dir");
     let conf_file = conf.path().join("configuration.toml");
     std::fs::write(&conf_file, parts.configuration("")).expect("write configuration");
@@ -40,7 +29,7 @@ fn start() -> Option<Kata> {
     })
     .expect("containerd starts");
     containerd.import(&OciImage::busybox(BUSYBOX_IMAGE).expect("busybox image")).expect("import busybox");
-    Some(Kata { containerd, parts, _conf: conf })
+    Kata { containerd, parts, _conf: conf }
 }
 
 fn run(k: &Kata, runtime: &str, id: &str, cmd: &[&str]) -> Output {
@@ -112,7 +101,7 @@ fn shutdown(k: Kata) {
 
 #[test]
 fn run_prints_output_guest_kernel_and_exit_codes() {
-    let Some(k) = start() else { return };
+    let k = start(testutil::skip_unless!(kata_parts()));
     let release = k.parts.kernel_release().expect("kernel has a version banner");
     let host = text(&std::process::Command::new("uname").arg("-r").output().expect("uname").stdout);
 
@@ -140,7 +129,7 @@ fn run_prints_output_guest_kernel_and_exit_codes() {
 
 #[test]
 fn missing_binary_fails_fast_with_its_name() {
-    let Some(k) = start() else { return };
+    let k = start(testutil::skip_unless!(kata_parts()));
     let id = unique_id("nobin");
     let started = Instant::now();
     let out = run(&k, KATA_RUNTIME, &id, &["/no/such/binary"]);
@@ -154,7 +143,7 @@ fn missing_binary_fails_fast_with_its_name() {
 
 #[test]
 fn interactive_tty_shell() {
-    let Some(k) = start() else { return };
+    let k = start(testutil::skip_unless!(kata_parts()));
     let id = unique_id("tty");
     let opts = RunOptions { tty: true, timeout: RUN_TIMEOUT, ..RunOptions::runtime(KATA_RUNTIME) };
     let mut session = k.containerd.run_pty(&opts, BUSYBOX_IMAGE, &id, &["sh"]).expect("ctr run -t");
@@ -169,7 +158,7 @@ fn interactive_tty_shell() {
 
 #[test]
 fn task_exec_ps_metrics_pause_resume_kill_and_containerd_restart() {
-    let Some(k) = start() else { return };
+    let k = start(testutil::skip_unless!(kata_parts()));
     let id = unique_id("tasks");
     // PID 1 of a PID namespace only gets signals it handles: trap TERM so SIGTERM ends it with 143.
     run_detached(&k, &id, &["sh", "-c", "trap 'exit 143' TERM; while :; do sleep 1; done"]);
@@ -248,7 +237,7 @@ fn kill9(pid: u64) {
 
 #[test]
 fn killed_qemu_ends_the_task_and_killed_shim_is_cleaned_up() {
-    let Some(k) = start() else { return };
+    let k = start(testutil::skip_unless!(kata_parts()));
     let id = unique_id("qemukill");
     run_detached(&k, &id, &["sleep", "300"]);
     wait_status(&k, &id, "RUNNING", RUN_TIMEOUT);

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use e2e::kata::{sandbox_state, KataParts, KATA_RUNTIME};
-use e2e::{skip_reason, unique_id, Containerd, ContainerdOptions, OciImage, RunOptions, BUSYBOX_IMAGE};
+use e2e::kata::{kata_parts, sandbox_state, KataParts, KATA_RUNTIME};
+use e2e::{unique_id, Containerd, ContainerdOptions, OciImage, RunOptions, BUSYBOX_IMAGE};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -53,21 +53,11 @@ fn qemu_using(dir: &Path) -> Vec<u32> {
 
 #[test]
 fn pods_are_clones_of_one_template() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipping: {reason}");
-        return;
-    }
-    let parts = match KataParts::find() {
-        Ok(p) => p,
-        Err(reason) => {
-            eprintln!("skipping: {reason}");
-            return;
-        }
-    };
-    if !parts.shim_dir.join("kata-runtime").is_file() {
-        eprintln!("skipping: no kata-runtime beside the shim in {}", parts.shim_dir.display());
-        return;
-    }
+    let parts = testutil::skip_unless!(kata_parts());
+    let no_kata_runtime = !parts.shim_dir.join("kata-runtime").is_file();
+    testutil::skip_unless!(
+        no_kata_runtime.then(|| format!("no kata-runtime beside the shim in {}", parts.shim_dir.display()))
+    );
     let dir = tempfile::tempdir().expect("temp dir");
     let templates: PathBuf = dir.path().join("templates");
     let conf = dir.path().join("configuration.toml");

@@ -5,8 +5,7 @@
 use std::time::{Duration, Instant};
 
 use e2e::{
-    skip_unless_containerd, unique_id, Containerd, ContainerdOptions, CriOptions, OciImage, RunOptions, BUSYBOX_IMAGE,
-    PAUSE_IMAGE,
+    skip_reason, unique_id, Containerd, ContainerdOptions, CriOptions, OciImage, RunOptions, BUSYBOX_IMAGE, PAUSE_IMAGE,
 };
 
 fn start_with_busybox() -> Containerd {
@@ -36,7 +35,7 @@ fn assert_clean_shutdown(containerd: Containerd) {
 
 #[test]
 fn echo_prints_hi() {
-    skip_unless_containerd!();
+    testutil::skip_unless!(skip_reason());
     let containerd = start_with_busybox();
     let images = containerd.ctr_ok(["images", "ls", "-q"]).expect("ctr images ls");
     assert!(images.lines().any(|l| l == BUSYBOX_IMAGE), "images: {images}");
@@ -53,7 +52,7 @@ fn echo_prints_hi() {
 
 #[test]
 fn exit_status_is_passed_through() {
-    skip_unless_containerd!();
+    testutil::skip_unless!(skip_reason());
     let containerd = start_with_busybox();
     let id = unique_id("e2e-exit");
     let out = containerd.run(&RunOptions::default(), BUSYBOX_IMAGE, &id, &["sh", "-c", "exit 3"]).expect("ctr run");
@@ -64,7 +63,7 @@ fn exit_status_is_passed_through() {
 
 #[test]
 fn interactive_shell_on_a_tty() {
-    skip_unless_containerd!();
+    testutil::skip_unless!(skip_reason());
     let containerd = start_with_busybox();
     let id = unique_id("e2e-tty");
     let opts = RunOptions { tty: true, ..RunOptions::default() };
@@ -82,7 +81,7 @@ fn interactive_shell_on_a_tty() {
 
 #[test]
 fn leftovers_are_reported_and_cleaned_on_shutdown() {
-    skip_unless_containerd!();
+    testutil::skip_unless!(skip_reason());
     let containerd = start_with_busybox();
     let id = unique_id("e2e-leak");
     containerd.ctr_ok(["run", "-d", BUSYBOX_IMAGE, &id, "sleep", "300"]).expect("detached ctr run");
@@ -103,7 +102,7 @@ fn leftovers_are_reported_and_cleaned_on_shutdown() {
 
 #[test]
 fn cri_plugin_loads_with_the_pause_image() {
-    skip_unless_containerd!();
+    testutil::skip_unless!(skip_reason());
     let cni_conf = tempfile::tempdir().expect("temp dir");
     let containerd = Containerd::start(ContainerdOptions {
         cri: Some(CriOptions::new(cni_conf.path())),
@@ -138,7 +137,7 @@ fn cri_plugin_loads_with_the_pause_image() {
 
 #[test]
 fn a_hung_ctr_run_is_killed_and_cleaned_up() {
-    skip_unless_containerd!();
+    testutil::skip_unless!(skip_reason());
     let containerd = start_with_busybox();
     let id = unique_id("e2e-hang");
     let opts = RunOptions { timeout: Duration::from_millis(1500), ..RunOptions::default() };

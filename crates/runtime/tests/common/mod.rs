@@ -12,6 +12,20 @@ pub fn env_path(name: &str) -> Option<PathBuf> {
     std::env::var_os(name).map(PathBuf::from).filter(|p| p.exists())
 }
 
+/// The paths the variables `names` hold, or, when one is unset or does not exist, why the test cannot run.
+pub fn env_paths<const N: usize>(names: [&str; N]) -> Result<[PathBuf; N], String> {
+    let paths = names.map(env_path);
+    if paths.iter().all(Option::is_some) {
+        return Ok(paths.map(Option::unwrap_or_default));
+    }
+    let listed = match names.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    Err(format!("set {listed} to existing files"))
+}
+
 /// A busybox rootfs: Debian's static busybox plus one link per applet. The links are made
 /// here, relative, because `busybox --install -s DIR` would point them at the host path.
 /// Whether `pid` is alive: it exists and is not a zombie (a zombie is dead; its parent reaps it).

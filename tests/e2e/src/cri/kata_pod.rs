@@ -26,7 +26,8 @@ pub fn vm_lock() -> MutexGuard<'static, ()> {
 }
 
 /// The kata parts, or why kata pods cannot run here (not root, containerd, CNI plugins, `ip`, `nsenter`
-/// or QEMU missing, or a part `scripts/test.sh` exports).
+/// or QEMU missing, or a part `scripts/test.sh` exports). Tests start with
+/// `let parts = testutil::skip_unless!(kata_pod_parts());`.
 pub fn kata_pod_parts() -> Result<KataParts, String> {
     if let Some(reason) = crate::skip_reason().or_else(cni_skip_reason) {
         return Err(reason);
@@ -38,20 +39,6 @@ pub fn kata_pod_parts() -> Result<KataParts, String> {
         return Err(format!("{QEMU} is missing (Debian package qemu-system-x86)"));
     }
     KataParts::find()
-}
-
-/// Evaluates to [`kata_pod_parts`], or returns from the calling test with the printed reason.
-#[macro_export]
-macro_rules! kata_pod_parts_or_skip {
-    () => {
-        match $crate::cri::kata_pod_parts() {
-            Ok(parts) => parts,
-            Err(reason) => {
-                eprintln!("skipping {}: {reason}", module_path!());
-                return;
-            }
-        }
-    };
 }
 
 /// The `[...containerd.runtimes.kata]` table for containerd's v2 config, pointing at the kata
