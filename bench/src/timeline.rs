@@ -2,8 +2,10 @@
 //! where one `ctr run` of kata spends its time.
 //!
 //! Lines used (all exist today):
-//! the shim's `shim serving ...`, `QEMU started vm=<id> ...`, `agent connected <id>`, `sandbox <id> started`,
-//! `container <id> created in the guest`, `sandbox <id> stopping`, `sandbox <id> stopped`, and containerd's
+//! the shim's `shim serving ...`, `QEMU started vm=<id> ...`, `agent connected sandbox=<id>`,
+//! `sandbox started sandbox=<id>`, `container created in the guest sandbox=<id> container=<id>`,
+//! `sandbox stopping sandbox=<id>`, `sandbox stopped sandbox=<id>` (tracing events: the message, then the
+//! fields), and containerd's
 //! `event forwarded ... topic=/tasks/create|/tasks/start|/tasks/exit` (debug level; the shim's events).
 
 use chrono::{DateTime, Utc};
@@ -73,6 +75,16 @@ pub struct Breakdown {
     pub to_end: Option<f64>,
 }
 
+/// Whether a tracing event's text (`message key=value key="value" ...`) has `key` equal to `value`.
+fn has_field(msg: &str, key: &str, value: &str) -> bool {
+    msg.split_whitespace().any(|field| {
+        field
+            .strip_prefix(key)
+            .and_then(|f| f.strip_prefix('='))
+            .is_some_and(|v| v == value || v == format!("{value:?}"))
+    })
+}
+
 impl Breakdown {
     /// The breakdown of the run of container `id` that happened between `start` and `end`.
     pub fn of_run(lines: &[LogLine], id: &str, start: DateTime<Utc>, end: DateTime<Utc>) -> Breakdown {
@@ -86,11 +98,12 @@ impl Breakdown {
         };
         let shim = first(&|l| l.msg.starts_with("shim serving"));
         let qemu = first(&|l| l.msg.starts_with("QEMU started") && l.msg.contains(&format!("vm={id} ")));
-        let agent = first(&|l| l.msg == format!("agent connected {id}"));
-        let sandbox = first(&|l| l.msg == format!("sandbox {id} started"));
-        let container = first(&|l| l.msg == format!("container {id} created in the guest"));
-        let stopping = first(&|l| l.msg == format!("sandbox {id} stopping"));
-        let stopped = first(&|l| l.msg == format!("sandbox {id} stopped"));
+        let event = |text: &'static str| move |l: &LogLine| l.msg.starts_with(text) && has_field(&l.msg, "sandbox", id);
+        let agent = first(&event("agent connected "));
+        let sandbox = first(&event("sandbox started "));
+        let container = first(&event("container created in the guest "));
+        let stopping = first(&event("sandbox stopping "));
+        let stopped = first(&event("sandbox stopped "));
         let task_create = first(&topic("/tasks/create"));
         let task_start = first(&topic("/tasks/start"));
         let exit = first(&topic("/tasks/exit"));
@@ -153,14 +166,14 @@ mod tests {
     fn breakdown_from_log_lines() {
         let log = r#"time="2026-01-01T00:00:00.100Z" level=info msg="shim serving unix:///run/containerd/s/x"
 time="2026-01-01T00:00:00.200Z" level=info msg="QEMU started vm=c1 pid=5 accel=tcg"
-time="2026-01-01T00:00:01.500Z" level=info msg="agent connected c1"
-time="2026-01-01T00:00:01.700Z" level=info msg="sandbox c1 started"
-time="2026-01-01T00:00:01.750Z" level=info msg="container c1 created in the guest"
+time="2026-01-01T00:00:01.500Z" level=info msg="agent connected sandbox=c1"
+time="2026-01-01T00:00:01.700Z" level=info msg="sandbox started sandbox=c1"
+time="2026-01-01T00:00:01.750Z" level=info msg="container created in the guest sandbox=c1 container=\"c1\""
 time="2026-01-01T00:00:01.800Z" level=debug msg="event forwarded" ns=default topic=/tasks/create type=x
 time="2026-01-01T00:00:01.900Z" level=debug msg="event forwarded" ns=default topic=/tasks/start type=x
 time="2026-01-01T00:00:02.000Z" level=debug msg="event forwarded" ns=default topic=/tasks/exit type=x
-time="2026-01-01T00:00:02.100Z" level=info msg="sandbox c1 stopping"
-time="2026-01-01T00:00:02.300Z" level=info msg="sandbox c1 stopped"
+time="2026-01-01T00:00:02.100Z" level=info msg="sandbox stopping sandbox=c1"
+time="2026-01-01T00:00:02.300Z" level=info msg="sandbox stopped sandbox=c1"
 "#;
         let lines = parse(log);
         let t = |s: &str| DateTime::parse_from_rfc3339(s).expect("time").with_timezone(&Utc);

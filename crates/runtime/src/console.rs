@@ -12,7 +12,7 @@ pub(crate) fn forward(console: &GuestConsole, sandbox: String) {
         while let Some(event) = follower.next().await {
             match event {
                 ConsoleEvent::Line(line) => tracing::info!(%sandbox, "vm console: {line}"),
-                ConsoleEvent::Dropped(n) => tracing::warn!(%sandbox, "vm console: {n} lines dropped"),
+                ConsoleEvent::Dropped(n) => tracing::warn!(%sandbox, "vm console: {n} console lines dropped"),
             }
         }
     });

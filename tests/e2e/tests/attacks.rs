@@ -285,7 +285,8 @@ fn the_guest_cannot_fill_the_host_through_its_console() {
     let total: u64 = files.iter().map(|(_, len)| len).sum();
     assert!(total < 256 * 1024, "the sandbox's files grew to {total} bytes: {files:?}");
     let log = k.containerd.log();
-    let console_lines: Vec<&str> = log.lines().filter(|l| l.contains(&format!("vm {id} console:"))).collect();
+    let ours = |l: &&str| l.contains("vm console:") && l.contains(&format!("sandbox={id}"));
+    let console_lines: Vec<&str> = log.lines().filter(ours).collect();
     assert!(!console_lines.is_empty(), "debug mode forwards the console");
     assert!(console_lines.len() < 1000, "{} console lines were forwarded: not rate-limited", console_lines.len());
     let longest = console_lines.iter().map(|l| l.len()).max().unwrap_or(0);
