@@ -169,10 +169,20 @@ fn assert_free_page_reporting(console: &str) {
 }
 
 fn alive(pid: u32) -> bool {
-    // A zombie still has a /proc entry but is dead.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
-        .unwrap_or(false)
+    hypervisor::pid_alive(pid)
+}
+
+/// Kills the VM's processes that are still the ones started when dropped: a VM outlives its value, so a failing
+/// test must not leave it running.
+struct KillOnDrop(Vec<hypervisor::VmProcess>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for process in self.0.iter().filter(|p| p.is_running()) {
+            let pid = nix::unistd::Pid::from_raw(process.pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -302,27 +312,41 @@ async fn q35_with_9p_boots_and_crash_cleanup_kills_it() {
     }
 }
 
-/// The `Drop` safety net: a running VM that is dropped without `stop()` takes its processes with it.
+/// A VM outlives the value that started it: dropped without `stop()`, it keeps running, and is attached to
+/// again from what `saved()` recorded, driven over QMP and stopped, leaving nothing behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropping_a_running_vm_kills_its_processes() {
-    let test = "dropping_a_running_vm_kills_its_processes";
+async fn a_dropped_vm_keeps_running_and_is_attached_to_and_stopped() {
+    let test = "a_dropped_vm_keeps_running_and_is_attached_to_and_stopped";
     let Some(assets) = assets(test) else { return };
     let _slot = vm_slot().await;
     let root = tempfile::Builder::new().prefix("kata-hv-").tempdir_in("/tmp").expect("tempdir");
-    let mut config = vm_config(&assets, "drop-test", &root.path().join("vm"));
+    let work = root.path().join("vm");
+    let mut config = vm_config(&assets, "drop-test", &work);
     config.qemu.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
     config.agent = config.qemu.vsock_daemon.as_ref().map(|_| AgentTransport::HybridVsock);
     let vm = QemuVm::new(config);
     vm.start().await.expect("start");
+    let saved = vm.saved();
     let pids = vm.pids();
-    let qmp_socket = vm.qmp_socket();
+    let _cleanup = KillOnDrop(pids.clone());
     drop(vm);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(pids.iter().all(|p| p.is_running()), "dropping the value ends nothing: {pids:?}");
+
+    let vm = QemuVm::attach(saved).await.expect("attach over QMP");
+    assert_eq!(vm.status().await.expect("status"), VmStatus::Running);
+    vm.pause().await.expect("pause");
+    assert_eq!(vm.status().await.expect("status"), VmStatus::Paused);
+    vm.resume().await.expect("resume");
+    assert_eq!(vm.pids().len(), pids.len(), "the attached VM reports the same processes");
+    vm.stop().await.expect("stop");
     let deadline = Instant::now() + Duration::from_secs(15);
     while pids.iter().any(|p| alive(p.pid)) {
-        assert!(Instant::now() < deadline, "still alive after drop: {pids:?}");
+        assert!(Instant::now() < deadline, "still alive after stop: {pids:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(!qmp_socket.exists(), "sockets are removed on drop");
+    assert!(!work.exists(), "stop removes the work dir");
+    assert!(QemuVm::attach(vm.saved()).await.is_err(), "a stopped VM cannot be attached to");
 }
 
 /// QEMU refusing to start (here: a kernel that is not one) gives an error quoting QEMU, and leaves nothing

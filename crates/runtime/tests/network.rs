@@ -20,6 +20,10 @@ use runtime::network::{self, NetworkError, VNET_HDR_LEN};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// One test at a time. A process forked by one test (`ip`, `tc`) holds a copy of every fd of this process until it
+/// execs, a tap's included; a test that closes its tap and attaches to it again would find it busy meanwhile.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Why these tests cannot run here, or `None`.
 fn missing_root() -> Option<&'static str> {
     // SAFETY: geteuid has no preconditions.
@@ -216,6 +220,7 @@ fn arp_request(sender_mac: [u8; 6], sender_ip: [u8; 4], target: [u8; 4]) -> Vec<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcfilter_wires_the_veth_to_a_tap_and_back() {
     testutil::skip_unless!(missing_root());
+    let _serial = SERIAL.lock().await;
     let Pod { n, pod, peer } = cni_pod();
     let eth0_mac = pod.mac("eth0");
     let peer_mac = peer.mac("hveth");
@@ -313,6 +318,7 @@ async fn tcfilter_wires_the_veth_to_a_tap_and_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_twice_then_teardown_leaves_one_redirect_and_then_none() {
     testutil::skip_unless!(missing_root());
+    let _serial = SERIAL.lock().await;
     let Pod { pod, peer: _peer, .. } = cni_pod();
     let first = network::setup_pod_network(&pod.path()).await.unwrap();
     // A single-queue tap takes one fd: while the first one (a running VM) holds it, a second setup fails...
@@ -338,6 +344,7 @@ async fn setup_twice_then_teardown_leaves_one_redirect_and_then_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn teardown_keeps_filters_that_are_not_ours() {
     testutil::skip_unless!(missing_root());
+    let _serial = SERIAL.lock().await;
     let Pod { pod, peer: _peer, .. } = cni_pod();
     let setup = network::setup_pod_network(&pod.path()).await.unwrap();
     // Someone else's filter on the same ingress qdisc (pref 10, classifies ICMP).
@@ -359,6 +366,7 @@ async fn teardown_keeps_filters_that_are_not_ours() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespace_with_only_loopback_gives_an_empty_network() {
     testutil::skip_unless!(missing_root());
+    let _serial = SERIAL.lock().await;
     let n = NEXT.fetch_add(1, Ordering::SeqCst);
     let ns = Netns::new(format!("kt-{}-{n}", std::process::id()));
     let setup = network::setup_pod_network(&ns.path()).await.unwrap();
@@ -369,6 +377,7 @@ async fn namespace_with_only_loopback_gives_an_empty_network() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_namespace_fails_setup_and_passes_teardown() {
     testutil::skip_unless!(missing_root());
+    let _serial = SERIAL.lock().await;
     let path = PathBuf::from(format!("/var/run/netns/kt-{}-missing", std::process::id()));
     let err = network::setup_pod_network(&path).await.unwrap_err();
     assert!(matches!(err, NetworkError::Netns { .. }), "{err}");
@@ -379,6 +388,7 @@ async fn missing_namespace_fails_setup_and_passes_teardown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_setup_removes_what_it_added_and_nothing_else() {
     testutil::skip_unless!(missing_root());
+    let _serial = SERIAL.lock().await;
     let Pod { pod, peer, .. } = cni_pod();
     // A second CNI interface whose tap name is taken by something that is not a tap: setup wires eth0 first,
     // then fails on eth1.

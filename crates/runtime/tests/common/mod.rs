@@ -26,14 +26,13 @@ pub fn env_paths<const N: usize>(names: [&str; N]) -> Result<[PathBuf; N], Strin
     Err(format!("set {listed} to existing files"))
 }
 
-/// A busybox rootfs: Debian's static busybox plus one link per applet. The links are made
-/// here, relative, because `busybox --install -s DIR` would point them at the host path.
 /// Whether `pid` is alive: it exists and is not a zombie (a zombie is dead; its parent reaps it).
 pub fn running(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    !stat.is_empty() && !stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'))
+    hypervisor::pid_alive(pid)
 }
 
+/// A busybox rootfs: Debian's static busybox plus one link per applet. The links are made
+/// here, relative, because `busybox --install -s DIR` would point them at the host path.
 pub fn make_rootfs(root: &Path) {
     let bin = root.join("bin");
     std::fs::create_dir_all(&bin).expect("mkdir bin");
@@ -137,4 +136,29 @@ pub async fn run_spec(agent: &AgentClient, id: &str, spec: &[u8]) -> (i32, Strin
 
 pub fn step(name: &str, t0: Instant) {
     println!("PASS {name} ({:.2}s)", t0.elapsed().as_secs_f64());
+}
+
+/// Cleans up a sandbox by id when dropped, as `containerd-shim-kata-v2 delete` would: a failing test leaves no
+/// VM running and nothing mounted (a VM outlives the value that started it).
+pub struct CleanupOnDrop {
+    pub root: PathBuf,
+    pub id: String,
+}
+
+impl Drop for CleanupOnDrop {
+    fn drop(&mut self) {
+        let paths = runtime::paths::SandboxPaths::new(&self.root, &self.id);
+        if !paths.root.exists() {
+            return;
+        }
+        // Inside the test's runtime: clean up on a thread with its own.
+        let cleaned = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(runtime::state::cleanup(&runtime::mounts::Syscalls, &paths)).map(drop)
+        })
+        .join();
+        if !matches!(cleaned, Ok(Ok(()))) {
+            eprintln!("cleaning up sandbox {} after the test failed: {cleaned:?}", self.id);
+        }
+    }
 }
