@@ -287,7 +287,7 @@ async fn make(
     let vm = hv.vm(c);
     let result = boot_and_save(&vm, dir, timeout).await;
     if let Err(e) = vm.stop().await {
-        tracing::warn!("stopping the template VM: {e}");
+        tracing::warn!(error = %crate::error_chain(&e), "stopping the template VM");
     }
     result?;
     let _ = std::fs::remove_file(dir.join(PROCESSES));

@@ -51,14 +51,14 @@ pub async fn attach(agent: &AgentClient, process: &ProcessRef, paths: &IoPaths) 
             let mut chunks = read_fifo_in_thread(path);
             while let Some(chunk) = chunks.recv().await {
                 if let Err(e) = sink.write(&chunk).await {
-                    tracing::warn!("stdin of {process:?}: {e}");
+                    tracing::warn!(container = %process.container_id, exec = ?process.exec_id, error = %crate::error_chain(&e), "cannot forward stdin");
                     return;
                 }
             }
             // EOF from containerd's side: the process must see EOF too.
             let _ = sink.finish().await;
             if let Err(e) = agent.close_stdin(&process).await {
-                tracing::debug!("close stdin of {process:?}: {e}");
+                tracing::debug!(container = %process.container_id, exec = ?process.exec_id, error = %crate::error_chain(&e), "close stdin");
             }
         }));
     }
@@ -74,7 +74,7 @@ async fn copy_out(mut stream: crate::agent::OutputStream, path: Option<PathBuf>,
     let mut sink = match path.as_deref().map(open_writer).transpose() {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!("open {name} FIFO: {e}");
+            tracing::warn!(stream = name, error = %e, "cannot open the FIFO");
             None
         }
     };
@@ -83,14 +83,14 @@ async fn copy_out(mut stream: crate::agent::OutputStream, path: Option<PathBuf>,
             Ok(Some(chunk)) => {
                 if let Some(w) = sink.as_mut() {
                     if let Err(e) = w.write_all(&chunk).await {
-                        tracing::warn!("write {name}: {e}");
+                        tracing::warn!(stream = name, error = %e, "cannot write to the FIFO");
                         sink = None;
                     }
                 }
             }
             Ok(None) => break,
             Err(e) => {
-                tracing::debug!("{name} stream ended: {e}");
+                tracing::debug!(stream = name, error = %crate::error_chain(&e), "stream ended");
                 break;
             }
         }
@@ -110,7 +110,7 @@ fn read_fifo_in_thread(path: PathBuf) -> mpsc::Receiver<Vec<u8>> {
         let mut file = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) => {
-                tracing::warn!("open stdin FIFO {}: {e}", path.display());
+                tracing::warn!(path = %path.display(), error = %e, "cannot open the stdin FIFO");
                 return;
             }
         };

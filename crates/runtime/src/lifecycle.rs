@@ -264,7 +264,7 @@ impl Sandbox {
             return Err(LifecycleError::ContainerExists(id.to_string()));
         }
         self.create_container(id, spec, rootfs).await?;
-        tracing::info!(sandbox = %self.id(), container = id, "container created in the guest");
+        tracing::info!(sandbox = %self.id(), container = %id, "container created in the guest");
         let mut init = Process::new(io_paths, None);
         match io::attach(self.agent(), &ProcessRef::init(id), &init.io).await {
             Ok(copies) => {
@@ -414,7 +414,7 @@ impl Sandbox {
         self.persister.save();
         if !was_sandbox {
             if let Err(e) = self.remove_container(id).await {
-                tracing::warn!(sandbox = %self.id(), container = id, error = %crate::error_chain(&e), "remove container");
+                tracing::warn!(sandbox = %self.id(), container = %id, error = %crate::error_chain(&e), "remove container");
             }
         }
         Ok(Deleted { exit, was_sandbox })
@@ -455,7 +455,7 @@ impl Sandbox {
         }
         let pref = process_ref(id, exec_id);
         if let Err(e) = self.agent().close_stdin(&pref).await {
-            tracing::debug!(sandbox = %self.id(), container = id, exec = exec_id, error = %crate::error_chain(&e), "close stdin");
+            tracing::debug!(sandbox = %self.id(), container = %id, exec = %exec_id, error = %crate::error_chain(&e), "close stdin");
         }
         Ok(())
     }

@@ -400,7 +400,7 @@ pub fn release_container_dir(sys: &dyn MountSyscalls, paths: &SandboxPaths, cont
         return;
     }
     if let Err(e) = mounts::unmount_and_remove(sys, &paths.root.join(SandboxPaths::container_rel(container_id))) {
-        tracing::warn!(container = container_id, "releasing the container's mounts: {e}");
+        tracing::warn!(container = container_id, error = %crate::error_chain(&e), "releasing the container's mounts");
     }
 }
 
@@ -413,7 +413,7 @@ fn host_entropy() -> Vec<u8> {
     match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)) {
         Ok(()) => bytes,
         Err(e) => {
-            tracing::warn!("cannot read /dev/urandom for the guest: {e}");
+            tracing::warn!(error = %e, "cannot read /dev/urandom for the guest");
             Vec::new()
         }
     }
