@@ -60,14 +60,14 @@ fn build_report(config_path: Option<PathBuf>) -> Report {
             config_files = l.files.clone();
             let detail = match l.validate() {
                 Ok(()) => Ok(format!("loaded {}", describe_files(&l.files))),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(runtime::error_chain(&e)),
             };
             checks.push(Check::new("configuration", true, detail));
             for w in &l.warnings {
                 checks.push(Check::new("configuration warning", false, Err(w.clone())));
             }
         }
-        Err(e) => checks.push(Check::new("configuration", true, Err(e.to_string()))),
+        Err(e) => checks.push(Check::new("configuration", true, Err(runtime::error_chain(e)))),
     }
     let hv = loaded.as_ref().map(|l| l.config.hypervisor.clone()).unwrap_or_default();
     checks.push(Check::new("qemu", true, check_qemu(Path::new(&hv.path))));

@@ -241,7 +241,9 @@ async fn remove_unfinished(dir: &Path) {
                     tracing::warn!(dir = %dir.display(), killed = ?report.killed, "ended an unfinished template VM")
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(dir = %dir.display(), "cleaning an unfinished template VM: {e}"),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), "cleaning an unfinished template VM: {}", crate::error_chain(&e))
+                }
             }
         }
     }
@@ -287,7 +289,7 @@ async fn make(
     let vm = hv.vm(c);
     let result = boot_and_save(&vm, dir, timeout).await;
     if let Err(e) = vm.stop().await {
-        tracing::warn!("stopping the template VM: {e}");
+        tracing::warn!("stopping the template VM: {}", crate::error_chain(&e));
     }
     result?;
     let _ = std::fs::remove_file(dir.join(PROCESSES));

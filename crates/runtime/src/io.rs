@@ -51,14 +51,14 @@ pub async fn attach(agent: &AgentClient, process: &ProcessRef, paths: &IoPaths) 
             let mut chunks = read_fifo_in_thread(path);
             while let Some(chunk) = chunks.recv().await {
                 if let Err(e) = sink.write(&chunk).await {
-                    tracing::warn!("stdin of {process:?}: {e}");
+                    tracing::warn!("stdin of {process:?}: {}", crate::error_chain(&e));
                     return;
                 }
             }
             // EOF from containerd's side: the process must see EOF too.
             let _ = sink.finish().await;
             if let Err(e) = agent.close_stdin(&process).await {
-                tracing::debug!("close stdin of {process:?}: {e}");
+                tracing::debug!("close stdin of {process:?}: {}", crate::error_chain(&e));
             }
         }));
     }
@@ -90,7 +90,7 @@ async fn copy_out(mut stream: crate::agent::OutputStream, path: Option<PathBuf>,
             }
             Ok(None) => break,
             Err(e) => {
-                tracing::debug!("{name} stream ended: {e}");
+                tracing::debug!("{name} stream ended: {}", crate::error_chain(&e));
                 break;
             }
         }

@@ -90,7 +90,7 @@ impl Process {
                 r = agent.wait_process(&process) => match r {
                     Ok(e) => u32::try_from(e.status).unwrap_or(VM_DIED_STATUS),
                     Err(e) => {
-                        tracing::warn!("wait for {process:?}: {e}");
+                        tracing::warn!("wait for {process:?}: {}", crate::error_chain(&e));
                         VM_DIED_STATUS
                     }
                 },

@@ -73,7 +73,7 @@ pub async fn setup_pod_network(netns: &Path) -> Result<PodNetworkSetup, NetworkE
                 // Undo only this attempt's work: a tap that another process holds (EBUSY) belongs to a live VM.
                 for (veth, tap) in &wired {
                     if let Err(cleanup) = unwire(&handle, &path, veth, Some(tap)).await {
-                        tracing::warn!(netns = %path.display(), error = %cleanup, "cleanup after failed network setup");
+                        tracing::warn!(netns = %path.display(), error = %crate::error_chain(&cleanup), "cleanup after failed network setup");
                     }
                 }
                 Err(e)
