@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use libcgroups::common::{CgroupConfig, CgroupManager, ControllerOpt};
+use libcgroups::common::{AnyManagerError, CgroupConfig, CgroupManager, ControllerOpt, CreateCgroupSetupError};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container as LcContainer;
+use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -54,8 +55,16 @@ pub enum ContainerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("libcontainer failed to {op}: {message}")]
-    Libcontainer { op: &'static str, message: String },
+    /// libcontainer's init reports only "failed syscall" to the parent; `init_log` has the error lines it
+    /// wrote to the process's stderr before dying (` (init log: ...)`), or is empty.
+    #[error("libcontainer failed to {op}{init_log}")]
+    Libcontainer {
+        op: &'static str,
+        init_log: String,
+        /// Boxed: libcontainer's error is large and every `Result` here would carry its size.
+        #[source]
+        source: Box<LibcontainerError>,
+    },
     #[error("libcontainer did not report a pid for the container")]
     NoPid,
     #[error("cannot signal process {pid}")]
@@ -70,23 +79,16 @@ pub enum ContainerError {
     ExecExists(String),
     #[error("no process with exec id '{0}'")]
     NoSuchExec(String),
-    #[error("cgroup update failed: {0}")]
-    Cgroup(String),
+    #[error("cannot open the container's cgroup")]
+    CgroupOpen(#[source] CreateCgroupSetupError),
+    #[error("cannot update the container's cgroup")]
+    CgroupUpdate(#[source] AnyManagerError),
 }
 
 type Result<T> = std::result::Result<T, ContainerError>;
 
-fn lc_err(op: &'static str) -> impl FnOnce(libcontainer::error::LibcontainerError) -> ContainerError {
-    move |e| {
-        let mut message = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            src = s.source();
-        }
-        ContainerError::Libcontainer { op, message }
-    }
+fn lc_err(op: &'static str) -> impl FnOnce(LibcontainerError) -> ContainerError {
+    move |source| ContainerError::Libcontainer { op, init_log: String::new(), source: Box::new(source) }
 }
 
 /// A container known to the agent.
@@ -237,14 +239,14 @@ impl Container {
             systemd_cgroup: false,
             container_name: self.id.clone(),
         })
-        .map_err(|e| ContainerError::Cgroup(e.to_string()))?;
+        .map_err(ContainerError::CgroupOpen)?;
         let opt = ControllerOpt {
             resources: &resources,
             disable_oom_killer: false,
             oom_score_adj: None,
             freezer_state: None,
         };
-        device_cgroup::without_leftovers(|| manager.apply(&opt)).map_err(|e| ContainerError::Cgroup(e.to_string()))
+        device_cgroup::without_leftovers(|| manager.apply(&opt)).map_err(ContainerError::CgroupUpdate)
     }
 
     pub fn pids(&self) -> Result<Vec<i32>> {
@@ -268,7 +270,9 @@ impl Container {
         }
         match self.load() {
             Ok(mut c) => c.delete(true).map_err(lc_err("delete the container"))?,
-            Err(err) => tracing::warn!(id = %self.id, %err, "no libcontainer state to delete"),
+            Err(err) => {
+                tracing::warn!(id = %self.id, error = %crate::error_chain(&err), "no libcontainer state to delete")
+            }
         }
         let _ = std::fs::remove_dir_all(&self.bundle);
         Ok(())
@@ -313,17 +317,14 @@ fn prepare_spec(spec: &mut Spec, rootfs: &Path, cgroup: &str) -> Result<()> {
 }
 
 /// libcontainer's init reports only "failed syscall" to the parent; the details are in the
-/// log lines it wrote to the process's stderr before dying. Append the error lines.
+/// log lines it wrote to the process's stderr before dying. Adds the last error lines.
 fn with_init_log(err: ContainerError, io: Option<&ProcessIo>) -> ContainerError {
-    let ContainerError::Libcontainer { op, mut message } = err else { return err };
+    let ContainerError::Libcontainer { op, source, .. } = err else { return err };
     let log = io.map(|io| io.stderr_so_far()).unwrap_or_default();
-    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).map(str::trim).collect();
     let shown = &errors[errors.len().saturating_sub(3)..];
-    for line in shown {
-        message.push_str(" | ");
-        message.push_str(line.trim());
-    }
-    ContainerError::Libcontainer { op, message }
+    let init_log = if shown.is_empty() { String::new() } else { format!(" (init log: {})", shown.join(" | ")) };
+    ContainerError::Libcontainer { op, init_log, source }
 }
 
 fn check_process(rootfs: &Path, process: &OciProcess) -> Result<()> {

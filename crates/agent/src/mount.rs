@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use types::mountinfo::{self, MountInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -119,29 +120,24 @@ fn mount_fs(fstype: &str, source: &str, target: &Path, flags: MsFlags, data: Opt
 
 /// True when `path` is listed as a mount point in /proc/self/mountinfo.
 pub fn is_mountpoint(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    mountinfo_has(&info, path)
+    let Ok(mounts) = mountinfo::read_self() else { return false };
+    mounts_have(&mounts, path)
 }
 
 /// True when `/` is the kernel's initramfs ("rootfs"), from which pivot_root(2) is refused
 /// with EINVAL; containers then need libcontainer's no-pivot mode (MS_MOVE + chroot).
 pub fn root_is_initramfs() -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    root_fstype(&info).as_deref() == Some("rootfs")
+    let Ok(mounts) = mountinfo::read_self() else { return false };
+    root_fstype(&mounts) == Some("rootfs")
 }
 
-fn root_fstype(info: &str) -> Option<String> {
-    info.lines()
-        .rev()
-        .find(|l| l.split_whitespace().nth(4) == Some("/"))
-        .and_then(|l| l.split(" - ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .map(str::to_string)
+/// The filesystem type of the last mount on `/` (it hides the earlier ones).
+fn root_fstype(mounts: &[MountInfo]) -> Option<&str> {
+    mounts.iter().rev().find(|m| m.mount_point == Path::new("/")).map(|m| m.fs_type.as_str())
 }
 
-fn mountinfo_has(info: &str, path: &Path) -> bool {
-    let want = path.to_string_lossy();
-    info.lines().any(|l| l.split_whitespace().nth(4) == Some(want.as_ref()))
+fn mounts_have(mounts: &[MountInfo], path: &Path) -> bool {
+    mounts.iter().any(|m| m.mount_point == path)
 }
 
 /// Enables every available controller for child cgroups of the root.
@@ -164,17 +160,18 @@ mod tests {
 
     #[test]
     fn mountinfo_is_matched_on_the_mount_point_field() {
-        let info = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n30 22 0:26 / /run/kata-containers/shared rw - 9p kataShared rw\n";
-        assert!(mountinfo_has(info, Path::new("/run/kata-containers/shared")));
-        assert!(!mountinfo_has(info, Path::new("/run")));
+        let info = mountinfo::parse(
+            "22 1 0:21 / /proc rw,nosuid - proc proc rw\n30 22 0:26 / /run/kata-containers/shared rw - 9p kataShared rw\n",
+        );
+        assert!(mounts_have(&info, Path::new("/run/kata-containers/shared")));
+        assert!(!mounts_have(&info, Path::new("/run")));
     }
 
     #[test]
     fn initramfs_root_is_detected() {
-        assert_eq!(
-            root_fstype("1 1 0:2 / / rw - rootfs rootfs rw\n22 1 0:21 / /proc rw - proc proc rw\n").as_deref(),
-            Some("rootfs")
-        );
-        assert_eq!(root_fstype("25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n").as_deref(), Some("ext4"));
+        let initramfs = mountinfo::parse("1 1 0:2 / / rw - rootfs rootfs rw\n22 1 0:21 / /proc rw - proc proc rw\n");
+        assert_eq!(root_fstype(&initramfs), Some("rootfs"));
+        let disk = mountinfo::parse("25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n");
+        assert_eq!(root_fstype(&disk), Some("ext4"));
     }
 }

@@ -22,14 +22,7 @@ pub enum NetworkError {
     },
 }
 
-pub use protocols::net::{Interface, IpNet, Route};
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ArpNeighbor {
-    pub ip: IpAddr,
-    pub mac: [u8; 6],
-    pub device: String,
-}
+pub use protocols::net::{ArpNeighbor, Interface, IpNet, Route};
 
 pub fn parse_mac(s: &str) -> Result<[u8; 6], NetworkError> {
     let bad = || NetworkError::Invalid { what: "MAC address", value: s.to_string() };
@@ -161,10 +154,11 @@ pub async fn update_routes(routes: &[Route]) -> Result<(), NetworkError> {
 pub async fn add_arp_neighbors(neighbors: &[ArpNeighbor]) -> Result<(), NetworkError> {
     let h = handle().await?;
     for n in neighbors {
+        let mac = parse_mac(&n.mac)?;
         let index = link_index(&h, &n.device).await?;
         h.neighbours()
             .add(index, n.ip)
-            .link_layer_address(&n.mac)
+            .link_layer_address(&mac)
             .replace()
             .execute()
             .await

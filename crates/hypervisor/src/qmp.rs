@@ -28,6 +28,18 @@ pub enum QmpError {
     Closed,
     #[error("unexpected QMP message: {0}")]
     Protocol(String),
+    #[error("malformed QMP message: {line}")]
+    Malformed {
+        line: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("unexpected reply to QMP command {command}")]
+    Reply {
+        command: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("QMP command {command} failed: {class}: {desc}")]
     Command { command: String, class: String, desc: String },
 }
@@ -152,8 +164,14 @@ impl QmpClient {
             Ok(result) => result,
             Err(_) => Err(QmpError::Timeout { command: command.into(), timeout: self.timeout }),
         };
-        if matches!(result, Err(QmpError::Io(_) | QmpError::Timeout { .. } | QmpError::Closed | QmpError::Protocol(_)))
-        {
+        if matches!(
+            result,
+            Err(QmpError::Io(_)
+                | QmpError::Timeout { .. }
+                | QmpError::Closed
+                | QmpError::Protocol(_)
+                | QmpError::Malformed { .. })
+        ) {
             // The stream may hold half a reply; start afresh next time.
             state.conn = None;
         }
@@ -162,7 +180,7 @@ impl QmpClient {
 
     pub async fn query_status(&self) -> Result<QmpStatus, QmpError> {
         let value = self.execute("query-status", None).await?;
-        serde_json::from_value(value).map_err(|e| QmpError::Protocol(format!("query-status reply: {e}")))
+        serde_json::from_value(value).map_err(|source| QmpError::Reply { command: "query-status", source })
     }
 
     /// Pauses all vCPUs.
@@ -238,7 +256,7 @@ impl Conn {
         if self.reader.read_line(&mut line).await? == 0 {
             return Err(QmpError::Closed);
         }
-        serde_json::from_str(&line).map_err(|e| QmpError::Protocol(format!("{e}: {}", line.trim_end())))
+        serde_json::from_str(&line).map_err(|source| QmpError::Malformed { line: line.trim_end().to_owned(), source })
     }
 
     /// Reads until the reply carrying `id`, skipping events and stale replies.
@@ -315,6 +333,24 @@ mod tests {
         qmp.quit().await.expect("quit");
         let seen = server.await.expect("server");
         assert_eq!(seen, ["qmp_capabilities", "query-status", "stop", "cont", "quit"]);
+    }
+
+    #[tokio::test]
+    async fn a_reply_of_the_wrong_shape_names_the_command_and_keeps_the_cause_as_its_source() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let server = fake_qemu(UnixListener::bind(&path).expect("bind"), |req| match req["execute"].as_str() {
+            Some("query-status") => vec![ok(req, json!({"status": 5}))],
+            _ => vec![ok(req, json!({}))],
+        })
+        .await;
+        let qmp = QmpClient::connect(&path, Duration::from_secs(5)).await.expect("connect");
+        let err = qmp.query_status().await.expect_err("a number is not a status");
+        assert_eq!(err.to_string(), "unexpected reply to QMP command query-status");
+        let cause = std::error::Error::source(&err).expect("the JSON error").to_string();
+        assert!(cause.contains("invalid type"), "{cause}");
+        qmp.quit().await.expect("quit");
+        server.await.expect("server");
     }
 
     #[tokio::test]

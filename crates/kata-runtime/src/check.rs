@@ -60,14 +60,14 @@ fn build_report(config_path: Option<PathBuf>) -> Report {
             config_files = l.files.clone();
             let detail = match l.validate() {
                 Ok(()) => Ok(format!("loaded {}", describe_files(&l.files))),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(runtime::error_chain(&e)),
             };
             checks.push(Check::new("configuration", true, detail));
             for w in &l.warnings {
                 checks.push(Check::new("configuration warning", false, Err(w.clone())));
             }
         }
-        Err(e) => checks.push(Check::new("configuration", true, Err(e.to_string()))),
+        Err(e) => checks.push(Check::new("configuration", true, Err(runtime::error_chain(e)))),
     }
     let hv = loaded.as_ref().map(|l| l.config.hypervisor.clone()).unwrap_or_default();
     checks.push(Check::new("qemu", true, check_qemu(Path::new(&hv.path))));
@@ -84,7 +84,7 @@ fn build_report(config_path: Option<PathBuf>) -> Report {
     checks.push(Check::new("vhost-device-vsock", true, check_binary(Path::new(&hv.vsock_daemon), "--version")));
     checks.push(Check::new("hybrid vsock", true, check_hybrid_vsock()));
     checks.push(Check::new("containerd", false, check_binary(Path::new("containerd"), "--version")));
-    checks.push(Check::new("cgroups", true, check_cgroups(Path::new("/proc/self/mountinfo"))));
+    checks.push(Check::new("cgroups", true, check_cgroups(Path::new(types::mountinfo::SELF_MOUNTINFO))));
     checks.push(Check::new("tun", true, check_tun()));
     checks.push(Check::new("overlay", false, check_filesystem("overlay")));
     let can_run_sandbox = checks.iter().all(|c| c.passed || !c.required);
@@ -188,12 +188,10 @@ fn check_cgroups(mountinfo: &Path) -> Result<String, String> {
 fn describe_cgroups(mountinfo: &str) -> Result<String, String> {
     let mut v1 = 0;
     let mut v2 = None;
-    for line in mountinfo.lines() {
-        let Some((_, after)) = line.split_once(" - ") else { continue };
-        let mount_point = line.split_whitespace().nth(4).unwrap_or("");
-        match after.split_whitespace().next() {
-            Some("cgroup2") => v2 = Some(mount_point.to_string()),
-            Some("cgroup") => v1 += 1,
+    for mount in types::mountinfo::parse(mountinfo) {
+        match mount.fs_type.as_str() {
+            "cgroup2" => v2 = Some(mount.mount_point.display().to_string()),
+            "cgroup" => v1 += 1,
             _ => {}
         }
     }

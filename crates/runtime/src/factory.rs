@@ -241,7 +241,9 @@ async fn remove_unfinished(dir: &Path) {
                     tracing::warn!(dir = %dir.display(), killed = ?report.killed, "ended an unfinished template VM")
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(dir = %dir.display(), "cleaning an unfinished template VM: {e}"),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), "cleaning an unfinished template VM: {}", crate::error_chain(&e))
+                }
             }
         }
     }

@@ -218,17 +218,12 @@ pub fn mounts_under(sys: &dyn MountSyscalls, dir: &Path) -> Result<Vec<PathBuf>,
     Ok(mount_points_under(&text, dir))
 }
 
-const MOUNTINFO: &str = "/proc/self/mountinfo";
+const MOUNTINFO: &str = types::mountinfo::SELF_MOUNTINFO;
 
 /// The mount points of a mountinfo text under `dir`, deepest first.
 pub fn mount_points_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
-    let mut found: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .map(unescape_mountinfo)
-        .map(PathBuf::from)
-        .filter(|p| p.starts_with(dir))
-        .collect();
+    let mut found: Vec<PathBuf> =
+        types::mountinfo::parse(mountinfo).into_iter().map(|m| m.mount_point).filter(|p| p.starts_with(dir)).collect();
     found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     found.dedup();
     found
@@ -250,11 +245,6 @@ pub fn unmount_and_remove(sys: &dyn MountSyscalls, dir: &Path) -> Result<Vec<Pat
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(targets),
         Err(err) => Err(MountError::Remove { path: dir.to_path_buf(), err }),
     }
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 }
 
 #[cfg(test)]

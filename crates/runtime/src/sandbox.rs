@@ -423,17 +423,16 @@ fn host_entropy() -> Vec<u8> {
 /// themselves with the addresses), then the permanent neighbours.
 async fn configure_guest_network(agent: &AgentClient, net: &PodNetwork, device_mac: &str) -> Result<(), AgentError> {
     for iface in &net.interfaces {
-        let mut iface: crate::agent::Interface = iface.into();
-        iface.device_mac = device_mac.to_string();
-        agent.update_interface(&iface).await?;
+        agent
+            .update_interface(&crate::agent::Interface { device_mac: device_mac.to_string(), ..iface.clone() })
+            .await?;
     }
-    let routes: Vec<_> = net.routes.iter().filter(|r| !r.kernel).map(Into::into).collect();
+    let routes: Vec<_> = net.routes.iter().filter(|r| !r.kernel).cloned().collect();
     if !routes.is_empty() {
         agent.update_routes(&routes).await?;
     }
-    let neighbors: Vec<_> = net.neighbors.iter().map(Into::into).collect();
-    if !neighbors.is_empty() {
-        agent.add_arp_neighbors(&neighbors).await?;
+    if !net.neighbors.is_empty() {
+        agent.add_arp_neighbors(&net.neighbors).await?;
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use crate::paths::GUEST_SHARED_DIR;
 pub enum SpecError {
     #[error("invalid rootfs: {0}")]
     Rootfs(String),
-    #[error("encode the OCI spec: {0}")]
+    #[error("cannot encode the OCI spec")]
     Encode(#[from] serde_json::Error),
     #[error("mount {destination}: source {} does not exist on the host", path.display())]
     MissingSource { destination: String, path: PathBuf },

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use types::mountinfo::{self, MountInfo};
+
 use crate::process::{stat_ppid, stat_state};
 
 /// Helper programs that belong to one sandbox; any of them mentioning the test is a leak.
@@ -258,56 +260,9 @@ pub fn links(netns: Option<&Path>) -> Result<Vec<String>, String> {
         .collect())
 }
 
-/// One mount from /proc/self/mountinfo.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    pub mount_point: PathBuf,
-    /// Per-mount options (`rw,nosuid,nodev,relatime`).
-    pub options: String,
-    pub fs_type: String,
-    pub source: String,
-    pub super_options: String,
-}
-
 /// The mounts of this mount namespace, in mount order.
-pub fn mounts() -> Vec<MountEntry> {
-    fs::read_to_string("/proc/self/mountinfo")
-        .map(|text| text.lines().filter_map(parse_mountinfo_line).collect())
-        .unwrap_or_default()
-}
-
-fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
-    let (before, after) = line.split_once(" - ")?;
-    let mut fields = before.split(' ').skip(4);
-    let mount_point = fields.next()?;
-    let options = fields.next()?.to_owned();
-    let mut rest = after.split(' ');
-    Some(MountEntry {
-        mount_point: PathBuf::from(unescape_mountinfo(mount_point)),
-        options,
-        fs_type: rest.next()?.to_owned(),
-        source: unescape_mountinfo(rest.next()?),
-        super_options: unescape_mountinfo(rest.next().unwrap_or_default()),
-    })
-}
-
-/// mountinfo writes space, tab, newline and backslash as `\ooo` octal escapes.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
-        if let (b'\\', Some(digits)) = (bytes[i], octal) {
-            let value = digits.iter().fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
-            out.push(u8::try_from(value).unwrap_or(b'?'));
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+pub fn mounts() -> Vec<MountInfo> {
+    mountinfo::read_self().unwrap_or_default()
 }
 
 /// Mount points at or under `dir`, or whose options name `dir` (an overlay whose layers live there),
@@ -412,15 +367,6 @@ fn find_cgroups(dir: &Path, ids: &[String], depth: usize, found: &mut Vec<PathBu
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_and_unescapes_mountinfo() {
-        let line = "36 35 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 - overlay overlay rw,lowerdir=/tmp/x/1";
-        let m = parse_mountinfo_line(line).unwrap();
-        assert_eq!(m.mount_point, PathBuf::from("/mnt/with space"));
-        assert_eq!(m.fs_type, "overlay");
-        assert_eq!(m.super_options, "rw,lowerdir=/tmp/x/1");
-    }
 
     #[test]
     fn ids_match_whole_words_only() {

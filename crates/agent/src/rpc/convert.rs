@@ -156,11 +156,14 @@ pub fn route(r: pb::Route) -> Result<Route, ConvertError> {
         gateway: opt_ip(&r.gateway, "route gateway")?,
         device: r.device,
         source: opt_ip(&r.source, "route source")?,
+        kernel: false,
     })
 }
 
 pub fn arp_neighbor(n: pb::ArpNeighbor) -> Result<ArpNeighbor, ConvertError> {
-    Ok(ArpNeighbor { ip: ip(&n.ip_address, "neighbour address")?, mac: network::parse_mac(&n.mac)?, device: n.device })
+    let ip = ip(&n.ip_address, "neighbour address")?;
+    network::parse_mac(&n.mac)?;
+    Ok(ArpNeighbor { ip, mac: n.mac, device: n.device })
 }
 
 #[cfg(test)]
@@ -251,5 +254,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("'x'"));
+        let bad_mac = pb::ArpNeighbor { ip_address: "10.0.0.1".into(), mac: "02:42".into(), ..Default::default() };
+        assert!(arp_neighbor(bad_mac).unwrap_err().to_string().contains("'02:42'"));
+        let n = pb::ArpNeighbor {
+            ip_address: "10.0.0.1".into(),
+            mac: "0a:58:00:00:00:01".into(),
+            device: "eth0".into(),
+            ..Default::default()
+        };
+        assert_eq!(arp_neighbor(n).expect("neighbour").mac, "0a:58:00:00:00:01");
     }
 }

@@ -443,7 +443,7 @@ impl QemuVm {
             if qemu.exited().is_none() {
                 if let Some(qmp) = &qmp {
                     if let Err(e) = qmp.quit().await {
-                        tracing::warn!(vm = %self.config.name, error = %e, "QMP quit failed, killing QEMU");
+                        tracing::warn!(vm = %self.config.name, error = ?e, "QMP quit failed, killing QEMU");
                     }
                 }
                 if qemu.wait_timeout(QUIT_GRACE).await.is_none() {
@@ -458,7 +458,7 @@ impl QemuVm {
         if let Some(vmm) = adopted.first().filter(|vmm| vmm.is_running()) {
             if let Some(qmp) = &qmp {
                 if let Err(e) = qmp.quit().await {
-                    tracing::warn!(vm = %self.config.name, error = %e, "QMP quit failed, killing QEMU");
+                    tracing::warn!(vm = %self.config.name, error = ?e, "QMP quit failed, killing QEMU");
                 }
             }
             let deadline = Instant::now() + QUIT_GRACE;

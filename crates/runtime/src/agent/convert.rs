@@ -118,7 +118,7 @@ pub fn interface(i: pb::Interface) -> Result<Interface, ConvertError> {
 
 pub fn route(r: &Route) -> pb::Route {
     pb::Route {
-        destination: r.destination.map(|d| format!("{}/{}", d.addr, d.prefix_len)).unwrap_or_default(),
+        destination: r.destination.map(|d| d.to_string()).unwrap_or_default(),
         gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
         device: r.device.clone(),
         source: r.source.map(|s| s.to_string()).unwrap_or_default(),
@@ -192,6 +192,7 @@ mod tests {
             gateway: Some("10.0.0.1".parse().expect("ip")),
             device: "eth0".into(),
             source: None,
+            kernel: false,
         };
         let p = route(&r);
         assert_eq!((p.destination.as_str(), p.gateway.as_str(), p.source.as_str()), ("10.1.0.0/16", "10.0.0.1", ""));

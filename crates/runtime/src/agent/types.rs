@@ -1,7 +1,6 @@
 //! Runtime-side types of agent calls (the wire types stay inside `convert`).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
@@ -105,11 +104,5 @@ pub struct ContainerStats {
     pub io: IoStats,
 }
 
-pub use protocols::net::{Interface, IpNet, Route};
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ArpNeighbor {
-    pub ip: IpAddr,
-    pub mac: String,
-    pub device: String,
-}
+/// The guest network is described in the protocol's own terms on both sides.
+pub use protocols::net::{ArpNeighbor, Interface, IpNet, Route};

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use futures::TryStreamExt;
+use protocols::net::{ArpNeighbor, IpNet, Route};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
@@ -13,7 +14,7 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
-use super::types::{format_mac, guest_address, guest_route_destination, is_tap_name, IpCidr, NetNeighbor, NetRoute};
+use super::types::{format_mac, guest_address, guest_route_destination, is_tap_name};
 
 /// What setup and teardown need to know about one link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +69,7 @@ impl Link {
 }
 
 /// The interface index and address of an address message, if the guest should get it.
-pub(crate) fn address_of(msg: &AddressMessage) -> Option<(u32, IpCidr)> {
+pub(crate) fn address_of(msg: &AddressMessage) -> Option<(u32, IpNet)> {
     // For point-to-point links IFA_ADDRESS is the peer and IFA_LOCAL ours; otherwise they are equal.
     let local = msg.attributes.iter().find_map(|a| match a {
         AddressAttribute::Local(ip) => Some(*ip),
@@ -79,7 +80,7 @@ pub(crate) fn address_of(msg: &AddressMessage) -> Option<(u32, IpCidr)> {
         _ => None,
     });
     let addr = local.or(address)?;
-    guest_address(&addr).then_some((msg.header.index, IpCidr { addr, prefix_len: msg.header.prefix_len }))
+    guest_address(&addr).then_some((msg.header.index, IpNet { addr, prefix_len: msg.header.prefix_len }))
 }
 
 fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
@@ -92,7 +93,7 @@ fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
 
 /// A main-table unicast route through one of `devices` (index -> name), if the guest should get it.
 /// Multipath routes (no single output interface) are left out.
-pub(crate) fn route_of(msg: &RouteMessage, devices: &HashMap<u32, String>) -> Option<NetRoute> {
+pub(crate) fn route_of(msg: &RouteMessage, devices: &HashMap<u32, String>) -> Option<Route> {
     let mut table = u32::from(msg.header.table);
     let (mut dest, mut gateway, mut oif, mut source) = (None, None, None, None);
     for attr in &msg.attributes {
@@ -110,11 +111,11 @@ pub(crate) fn route_of(msg: &RouteMessage, devices: &HashMap<u32, String>) -> Op
     }
     let device = devices.get(&oif?)?.clone();
     let destination = match dest {
-        Some(addr) => Some(IpCidr { addr, prefix_len: msg.header.destination_prefix_length }),
+        Some(addr) => Some(IpNet { addr, prefix_len: msg.header.destination_prefix_length }),
         None if msg.header.destination_prefix_length == 0 => None,
         None => return None,
     };
-    guest_route_destination(&destination).then(|| NetRoute {
+    guest_route_destination(&destination).then(|| Route {
         destination,
         gateway,
         device,
@@ -124,7 +125,7 @@ pub(crate) fn route_of(msg: &RouteMessage, devices: &HashMap<u32, String>) -> Op
 }
 
 /// A permanent neighbour on one of `devices`. Learnt entries are left out: the guest learns its own.
-pub(crate) fn neighbor_of(msg: &NeighbourMessage, devices: &HashMap<u32, String>) -> Option<NetNeighbor> {
+pub(crate) fn neighbor_of(msg: &NeighbourMessage, devices: &HashMap<u32, String>) -> Option<ArpNeighbor> {
     if msg.header.state != NeighbourState::Permanent {
         return None;
     }
@@ -139,7 +140,7 @@ pub(crate) fn neighbor_of(msg: &NeighbourMessage, devices: &HashMap<u32, String>
             _ => {}
         }
     }
-    Some(NetNeighbor { ip: ip?, mac: mac?, device })
+    Some(ArpNeighbor { ip: ip?, mac: mac?, device })
 }
 
 pub(crate) async fn links(handle: &Handle) -> Result<Vec<Link>, rtnetlink::Error> {
@@ -153,12 +154,12 @@ pub(crate) async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<L
     Ok(links(handle).await?.into_iter().find(|l| l.name == name))
 }
 
-pub(crate) async fn addresses(handle: &Handle) -> Result<Vec<(u32, IpCidr)>, rtnetlink::Error> {
+pub(crate) async fn addresses(handle: &Handle) -> Result<Vec<(u32, IpNet)>, rtnetlink::Error> {
     let msgs: Vec<AddressMessage> = handle.address().get().execute().try_collect().await?;
     Ok(msgs.iter().filter_map(address_of).collect())
 }
 
-pub(crate) async fn routes(handle: &Handle, devices: &HashMap<u32, String>) -> Result<Vec<NetRoute>, rtnetlink::Error> {
+pub(crate) async fn routes(handle: &Handle, devices: &HashMap<u32, String>) -> Result<Vec<Route>, rtnetlink::Error> {
     let mut out = Vec::new();
     for query in [
         RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
@@ -173,7 +174,7 @@ pub(crate) async fn routes(handle: &Handle, devices: &HashMap<u32, String>) -> R
 pub(crate) async fn neighbors(
     handle: &Handle,
     devices: &HashMap<u32, String>,
-) -> Result<Vec<NetNeighbor>, rtnetlink::Error> {
+) -> Result<Vec<ArpNeighbor>, rtnetlink::Error> {
     let msgs: Vec<NeighbourMessage> = handle.neighbours().get().execute().try_collect().await?;
     Ok(msgs.iter().filter_map(|m| neighbor_of(m, devices)).collect())
 }
@@ -228,7 +229,7 @@ mod tests {
         msg.header.prefix_len = 24;
         msg.attributes.push(AddressAttribute::Address(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9))));
         msg.attributes.push(AddressAttribute::Local(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5))));
-        assert_eq!(address_of(&msg), Some((3, IpCidr { addr: "10.0.0.5".parse().unwrap(), prefix_len: 24 })));
+        assert_eq!(address_of(&msg), Some((3, IpNet { addr: "10.0.0.5".parse().unwrap(), prefix_len: 24 })));
 
         let mut ll = AddressMessage::default();
         ll.header.prefix_len = 64;
@@ -263,7 +264,7 @@ mod tests {
         let r = route_of(&route(None, Some(gw), 2), &devices()).unwrap();
         assert_eq!(
             r,
-            NetRoute { destination: None, gateway: Some(gw), device: "eth0".into(), source: None, kernel: false }
+            Route { destination: None, gateway: Some(gw), device: "eth0".into(), source: None, kernel: false }
         );
     }
 
@@ -310,7 +311,7 @@ mod tests {
         let n = neighbor_of(&neighbour(NeighbourState::Permanent, 2), &devices()).unwrap();
         assert_eq!(
             n,
-            NetNeighbor { ip: "10.0.0.1".parse().unwrap(), mac: "0a:58:00:00:00:01".into(), device: "eth0".into() }
+            ArpNeighbor { ip: "10.0.0.1".parse().unwrap(), mac: "0a:58:00:00:00:01".into(), device: "eth0".into() }
         );
         assert_eq!(neighbor_of(&neighbour(NeighbourState::Reachable, 2), &devices()), None);
         assert_eq!(neighbor_of(&neighbour(NeighbourState::Permanent, 5), &devices()), None);

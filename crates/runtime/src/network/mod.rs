@@ -26,13 +26,14 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
+use protocols::net::Interface;
 use rtnetlink::{Handle, LinkUnspec};
 
 pub use error::NetworkError;
 pub use spec::{classify, is_host_netns, pod_netns, PodNetns};
 pub use tap::VNET_HDR_LEN;
 pub use tcfilter::REDIRECT_FILTER_PRIORITY;
-pub use types::{is_tap_name, tap_name, IpCidr, NetInterface, NetNeighbor, NetRoute, PodNetwork};
+pub use types::{is_tap_name, tap_name, PodNetwork};
 
 /// An open tap device, to pass to the hypervisor.
 #[derive(Debug)]
@@ -72,7 +73,7 @@ pub async fn setup_pod_network(netns: &Path) -> Result<PodNetworkSetup, NetworkE
                 // Undo only this attempt's work: a tap that another process holds (EBUSY) belongs to a live VM.
                 for (veth, tap) in &wired {
                     if let Err(cleanup) = unwire(&handle, &path, veth, Some(tap)).await {
-                        tracing::warn!(netns = %path.display(), error = %cleanup, "cleanup after failed network setup");
+                        tracing::warn!(netns = %path.display(), error = %crate::error_chain(&cleanup), "cleanup after failed network setup");
                     }
                 }
                 Err(e)
@@ -133,12 +134,11 @@ async fn setup_in_netns(
             .await
             .map_err(netlink_error(netns, format!("set {name} up with MTU {}", link.mtu)))?;
         redirect_both_ways(handle, netns, link, &tap).await?;
-        interfaces.push(NetInterface {
+        interfaces.push(Interface {
             name: link.name.clone(),
             mac: types::format_mac(link.mac.as_deref().unwrap_or_default()),
             mtu: link.mtu,
-            addresses: Vec::new(),
-            tap_name: name.clone(),
+            ..Default::default()
         });
         taps.push(TapDevice { name, interface: link.name.clone(), fd });
     }

@@ -132,7 +132,9 @@ mod tests {
     fn unreadable_namespace_path_names_the_path() {
         let s = spec(&[(LinuxNamespaceType::Network, Some("/var/run/netns/gone"))]);
         let err = classify(&s, |_| Err(io::Error::from(io::ErrorKind::NotFound))).unwrap_err();
-        assert!(err.to_string().contains("/var/run/netns/gone"), "{err}");
+        assert_eq!(err.to_string(), "cannot use network namespace /var/run/netns/gone");
+        let chain = crate::error_chain(&err);
+        assert_eq!(chain, format!("{err}: {}", io::Error::from(io::ErrorKind::NotFound)), "the cause once, last");
     }
 
     #[test]

@@ -1,102 +1,19 @@
-//! What the guest needs to mirror the pod's network, as plain data, and its mapping onto the agent client's types.
+//! The pod's network as the guest must recreate it, in the protocol's own terms (`protocols::net`, which
+//! the agent client sends as they are), and the naming and filtering rules setup applies to it.
 
-use std::fmt;
 use std::net::IpAddr;
 
-use serde::{Deserialize, Serialize};
+use protocols::net::{ArpNeighbor, Interface, IpNet, Route};
 
-use crate::agent::types as agent;
-
-/// An address with its prefix length, e.g. `172.19.0.5/24`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IpCidr {
-    pub addr: IpAddr,
-    pub prefix_len: u8,
-}
-
-impl fmt::Display for IpCidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
-}
-
-/// One CNI interface of the pod, mirrored by one guest NIC.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetInterface {
-    /// The name in the pod's namespace (e.g. `eth0`); the guest NIC is renamed to it.
-    pub name: String,
-    /// The interface's MAC (`aa:bb:cc:dd:ee:ff`): the guest NIC takes it, so peers' ARP caches stay right.
-    pub mac: String,
-    pub mtu: u32,
-    pub addresses: Vec<IpCidr>,
-    /// The tap device in the pod's namespace that carries this interface's frames to and from the VM.
-    pub tap_name: String,
-}
-
-/// A route of the pod's main table through one of its interfaces.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetRoute {
-    /// None for the default route.
-    pub destination: Option<IpCidr>,
-    pub gateway: Option<IpAddr>,
-    /// Name of the interface the route goes out of.
-    pub device: String,
-    pub source: Option<IpAddr>,
-    /// Installed by the kernel for an address (`proto kernel`): the guest kernel recreates it when the
-    /// address is assigned, so an agent that adds routes on top of existing ones may skip it.
-    pub kernel: bool,
-}
-
-/// A permanent neighbour (static ARP / NDP entry) of the pod.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetNeighbor {
-    pub ip: IpAddr,
-    pub mac: String,
-    pub device: String,
-}
-
-/// The pod's network as the guest must recreate it. Routes are ordered so that each gateway is reachable
-/// through an earlier route (link routes first).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// The pod's network as the guest must recreate it: one [`Interface`] per CNI interface of the pod (its guest
+/// NIC takes the interface's name, MAC, MTU and addresses), the routes of the pod's main table through them,
+/// and its permanent neighbours. Routes are ordered so that each gateway is reachable through an earlier
+/// route (link routes first). Host-only facts (the tap behind each interface) are in [`super::TapDevice`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PodNetwork {
-    pub interfaces: Vec<NetInterface>,
-    pub routes: Vec<NetRoute>,
-    pub neighbors: Vec<NetNeighbor>,
-}
-
-impl From<IpCidr> for agent::IpNet {
-    fn from(c: IpCidr) -> Self {
-        agent::IpNet { addr: c.addr, prefix_len: c.prefix_len }
-    }
-}
-
-impl From<&NetInterface> for agent::Interface {
-    fn from(i: &NetInterface) -> Self {
-        agent::Interface {
-            name: i.name.clone(),
-            mac: i.mac.clone(),
-            mtu: i.mtu,
-            addresses: i.addresses.iter().copied().map(Into::into).collect(),
-            device_mac: String::new(),
-        }
-    }
-}
-
-impl From<&NetRoute> for agent::Route {
-    fn from(r: &NetRoute) -> Self {
-        agent::Route {
-            destination: r.destination.map(Into::into),
-            gateway: r.gateway,
-            device: r.device.clone(),
-            source: r.source,
-        }
-    }
-}
-
-impl From<&NetNeighbor> for agent::ArpNeighbor {
-    fn from(n: &NetNeighbor) -> Self {
-        agent::ArpNeighbor { ip: n.ip, mac: n.mac.clone(), device: n.device.clone() }
-    }
+    pub interfaces: Vec<Interface>,
+    pub routes: Vec<Route>,
+    pub neighbors: Vec<ArpNeighbor>,
 }
 
 /// `aa:bb:cc:dd:ee:ff`, lower case, as the agent and `ip link` write MACs.
@@ -117,7 +34,7 @@ pub fn is_tap_name(name: &str) -> bool {
 }
 
 /// Link routes (no gateway) before gateway routes, so the guest can add them in order; stable otherwise.
-pub(crate) fn order_routes(routes: &mut [NetRoute]) {
+pub(crate) fn order_routes(routes: &mut [Route]) {
     routes.sort_by_key(|r| r.gateway.is_some());
 }
 
@@ -130,9 +47,9 @@ pub(crate) fn guest_address(addr: &IpAddr) -> bool {
 }
 
 /// Route destinations the guest should not be given: IPv6 link-local and multicast ones are the guest kernel's own.
-pub(crate) fn guest_route_destination(dest: &Option<IpCidr>) -> bool {
+pub(crate) fn guest_route_destination(dest: &Option<IpNet>) -> bool {
     match dest {
-        Some(IpCidr { addr: IpAddr::V6(v6), .. }) => (v6.segments()[0] & 0xffc0) != 0xfe80 && !v6.is_multicast(),
+        Some(IpNet { addr: IpAddr::V6(v6), .. }) => (v6.segments()[0] & 0xffc0) != 0xfe80 && !v6.is_multicast(),
         _ => true,
     }
 }
@@ -157,10 +74,10 @@ mod tests {
 
     #[test]
     fn link_routes_come_before_gateway_routes() {
-        let route = |dest: Option<&str>, gw: Option<&str>| NetRoute {
+        let route = |dest: Option<&str>, gw: Option<&str>| Route {
             destination: dest.map(|d| {
                 let (a, p) = d.split_once('/').unwrap_or((d, "32"));
-                IpCidr { addr: a.parse().unwrap(), prefix_len: p.parse().unwrap() }
+                IpNet { addr: a.parse().unwrap(), prefix_len: p.parse().unwrap() }
             }),
             gateway: gw.map(|g| g.parse().unwrap()),
             device: "eth0".into(),
@@ -186,57 +103,10 @@ mod tests {
         assert!(guest_address(&"10.1.2.3".parse().unwrap()));
         assert!(guest_address(&"fd00::5".parse().unwrap()));
         assert!(!guest_address(&"fe80::1".parse().unwrap()));
-        let cidr = |s: &str, p| Some(IpCidr { addr: s.parse().unwrap(), prefix_len: p });
+        let cidr = |s: &str, p| Some(IpNet { addr: s.parse().unwrap(), prefix_len: p });
         assert!(guest_route_destination(&None));
         assert!(guest_route_destination(&cidr("fd00::", 64)));
         assert!(!guest_route_destination(&cidr("fe80::", 64)));
         assert!(!guest_route_destination(&cidr("ff00::", 8)));
-    }
-
-    #[test]
-    fn maps_onto_agent_types_field_by_field() {
-        let iface = NetInterface {
-            name: "eth0".into(),
-            mac: "02:00:00:00:00:01".into(),
-            mtu: 1450,
-            addresses: vec![IpCidr { addr: "172.19.0.5".parse().unwrap(), prefix_len: 24 }],
-            tap_name: "tap0_kata".into(),
-        };
-        let a = agent::Interface::from(&iface);
-        assert_eq!(a.name, "eth0");
-        assert_eq!(a.mac, "02:00:00:00:00:01");
-        assert_eq!(a.mtu, 1450);
-        assert_eq!(a.addresses, vec![agent::IpNet { addr: "172.19.0.5".parse().unwrap(), prefix_len: 24 }]);
-        let r = agent::Route::from(&NetRoute {
-            destination: None,
-            gateway: Some("172.19.0.1".parse().unwrap()),
-            device: "eth0".into(),
-            source: None,
-            kernel: false,
-        });
-        assert_eq!(r.destination, None);
-        assert_eq!(r.gateway, Some("172.19.0.1".parse().unwrap()));
-        let n = agent::ArpNeighbor::from(&NetNeighbor {
-            ip: "172.19.0.1".parse().unwrap(),
-            mac: "02:00:00:00:00:02".into(),
-            device: "eth0".into(),
-        });
-        assert_eq!((n.mac.as_str(), n.device.as_str()), ("02:00:00:00:00:02", "eth0"));
-    }
-
-    #[test]
-    fn serializes_as_plain_json() {
-        let net = PodNetwork {
-            interfaces: vec![],
-            routes: vec![],
-            neighbors: vec![NetNeighbor {
-                ip: "10.0.0.1".parse().unwrap(),
-                mac: "02:00:00:00:00:02".into(),
-                device: "eth0".into(),
-            }],
-        };
-        let json = serde_json::to_string(&net).unwrap();
-        assert!(json.contains(r#""ip":"10.0.0.1""#), "{json}");
-        assert_eq!(serde_json::from_str::<PodNetwork>(&json).unwrap(), net);
     }
 }
