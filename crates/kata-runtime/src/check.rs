@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::Result;
-use hypervisor::accel::{detect_accel, AccelReport};
+use runtime::accel::{detect_accel, AccelReport};
 use serde::Serialize;
 use types::config::{ConfigSearch, HypervisorConfig, SharedFs};
 

@@ -1,5 +1,7 @@
-//! Sandbox and container lifecycle on the host: boots the VM through `hypervisor`, talks to the guest through
-//! the [`agent`] client, and shares container filesystems into the VM. No containerd types here.
+//! The lifecycle of sandboxes, their containers and processes on the host, for every front end (the containerd
+//! shim, the CLI): boots VMs through `hypervisor`'s traits, talks to the guest through the [`agent`] client,
+//! shares container filesystems into the VM, and persists what another process needs to find a sandbox again.
+//! No containerd types here.
 
 pub mod agent;
 pub mod boot;
@@ -16,6 +18,7 @@ mod lifecycle_tests;
 pub mod mounts;
 pub mod network;
 pub mod paths;
+mod persist;
 pub mod pod_config;
 pub mod process;
 pub mod sandbox;
@@ -23,6 +26,8 @@ pub mod spec;
 pub mod state;
 pub mod vm_config;
 
+/// Which accelerator this host offers (KVM, or TCG and why), for host checks (`kata-runtime check`).
+pub use hypervisor::accel;
 pub use hypervisor::{GuestConsole, VmExit};
 pub use lifecycle::{Deleted, ErrorKind, LifecycleError, ProcessState, Status};
 pub use process::Exit;

@@ -14,10 +14,10 @@ use crate::agent::{AgentClient, AgentError, SandboxSetup, SharedFsMount, SharedF
 use crate::boot::{self, BootError};
 use crate::factory::{self, FactoryError};
 use crate::host_fs::{self, Root};
-use crate::lifecycle::Persister;
 use crate::mounts::{self, MountPoint, MountSpec, MountSyscalls};
 use crate::network::{self, PodNetwork};
 use crate::paths::{self, SandboxPaths};
+use crate::persist::Persister;
 use crate::spec::{self, SpecError};
 use crate::state::{self, SandboxState, StateError};
 use crate::vm_config::{self, VmConfigError};
@@ -289,7 +289,7 @@ impl Sandbox {
         };
         let sandbox =
             Sandbox { id: id.to_string(), paths: p, vm, agent, sys: host.mounts, vm_exit, containers, persister };
-        crate::lifecycle::restore_containers(&sandbox, &records);
+        crate::persist::restore_containers(&sandbox, &records);
         tracing::info!(sandbox = id, containers = records.len(), "connected to a running sandbox");
         Ok(sandbox)
     }

@@ -23,8 +23,8 @@ const LAYERS: &[Layer] = &[
     Layer { name: "runtime", rank: 2, may_use: Some(&["hypervisor", "types", "protocols"]) },
     // The shim reaches the VM only through runtime.
     Layer { name: "containerd-shim-kata-v2", rank: 3, may_use: Some(&["runtime", "types"]) },
-    // hypervisor only for now: it should go through runtime too.
-    Layer { name: "kata-runtime", rank: 3, may_use: Some(&["runtime", "types", "hypervisor"]) },
+    // Like the shim: VMs only through runtime.
+    Layer { name: "kata-runtime", rank: 3, may_use: Some(&["runtime", "types"]) },
     Layer { name: "e2e", rank: 4, may_use: None },
     Layer { name: "bench", rank: 4, may_use: None },
 ];
