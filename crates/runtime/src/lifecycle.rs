@@ -379,20 +379,22 @@ impl Sandbox {
     }
 
     pub async fn pause(&self, id: &str) -> Result<()> {
-        self.with_process(id, "", |_, _| ())?;
-        self.agent().pause_container(id).await?;
-        if let Some(container) = self.containers().get_mut(id) {
-            container.paused = true;
-        }
-        self.persister.save();
-        Ok(())
+        self.set_paused(id, true).await
     }
 
     pub async fn resume(&self, id: &str) -> Result<()> {
+        self.set_paused(id, false).await
+    }
+
+    async fn set_paused(&self, id: &str, paused: bool) -> Result<()> {
         self.with_process(id, "", |_, _| ())?;
-        self.agent().resume_container(id).await?;
+        if paused {
+            self.agent().pause_container(id).await?;
+        } else {
+            self.agent().resume_container(id).await?;
+        }
         if let Some(container) = self.containers().get_mut(id) {
-            container.paused = false;
+            container.paused = paused;
         }
         self.persister.save();
         Ok(())

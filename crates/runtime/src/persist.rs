@@ -65,6 +65,16 @@ pub(crate) struct Persister {
 }
 
 impl Persister {
+    /// A persister of `state` to `path`, with no containers yet.
+    pub(crate) fn new(path: std::path::PathBuf, state: SandboxState) -> Self {
+        Persister {
+            path,
+            base: Arc::new(Mutex::new(state)),
+            containers: Containers::default(),
+            stopped: Arc::default(),
+        }
+    }
+
     pub(crate) fn save(&self) {
         if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
             return;

@@ -250,14 +250,9 @@ impl Sandbox {
             let _ = vm.stop().await;
             return Err(e.into());
         }
-        let containers = crate::lifecycle::Containers::default();
-        let persister = Persister {
-            path: p.state_file(),
-            base: Arc::new(std::sync::Mutex::new(state)),
-            containers: containers.clone(),
-            stopped: Arc::default(),
-        };
+        let persister = Persister::new(p.state_file(), state);
         persister.save();
+        let containers = persister.containers.clone();
         Ok(Sandbox { id: opts.id.clone(), paths: p.clone(), vm, agent, sys, vm_exit, containers, persister })
     }
 
@@ -280,13 +275,8 @@ impl Sandbox {
             .with_timeouts(host.agent_timeouts);
         let vm_exit = boot::watch_exit(&vm);
         let records = state.containers.clone();
-        let containers = crate::lifecycle::Containers::default();
-        let persister = Persister {
-            path: p.state_file(),
-            base: Arc::new(std::sync::Mutex::new(state)),
-            containers: containers.clone(),
-            stopped: Arc::default(),
-        };
+        let persister = Persister::new(p.state_file(), state);
+        let containers = persister.containers.clone();
         let sandbox =
             Sandbox { id: id.to_string(), paths: p, vm, agent, sys: host.mounts, vm_exit, containers, persister };
         crate::persist::restore_containers(&sandbox, &records);
