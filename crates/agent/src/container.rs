@@ -21,8 +21,9 @@ use oci_spec::runtime::{LinuxDeviceCgroup, LinuxNamespaceType, LinuxResources, P
 
 use crate::device_cgroup;
 use crate::io::{ConsoleSocket, IoError, ProcessIo};
-use crate::process::{check_executable, Process, ProcessError};
+use crate::process::{check_executable, Process, ProcessError, RootView};
 use crate::reaper::Reaper;
+use crate::start_window;
 use crate::stats::{self, ContainerStats, StatsError};
 
 /// Where libcontainer keeps its state and the agent its bundles.
@@ -79,6 +80,8 @@ pub enum ContainerError {
     ExecExists(String),
     #[error("no process with exec id '{0}'")]
     NoSuchExec(String),
+    #[error("exec '{0}' is still running")]
+    ExecRunning(String),
     #[error("cannot open the container's cgroup")]
     CgroupOpen(#[source] CreateCgroupSetupError),
     #[error("cannot update the container's cgroup")]
@@ -102,21 +105,32 @@ pub struct Container {
     devices: Option<Vec<LinuxDeviceCgroup>>,
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
+    /// When the init was started, for signals sent before its program is ready (see `start_window`).
+    started: Mutex<Option<std::time::Instant>>,
 }
 
 impl Container {
-    /// Creates the container with its init process waiting to be started.
-    pub fn create(reaper: &Reaper, id: &str, spec_json: &[u8], rootfs: PathBuf) -> Result<Self> {
+    /// Creates the container with its init process waiting to be started. `stdin`: the host will write the
+    /// init's stdin (else it reads /dev/null); `init_pid_of` finds the init of another container of the sandbox,
+    /// whose namespaces the spec may join.
+    pub fn create(
+        reaper: &Reaper,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: PathBuf,
+        stdin: bool,
+        init_pid_of: &dyn Fn(&str) -> Option<Pid>,
+    ) -> Result<Self> {
         let began = std::time::Instant::now();
         let mut spec: Spec = serde_json::from_slice(spec_json).map_err(ContainerError::Spec)?;
         if !rootfs.is_dir() {
             return Err(ContainerError::NoRootfs(rootfs));
         }
         let cgroup_rel = protocols::container_cgroup(id);
-        prepare_spec(&mut spec, &rootfs, &cgroup_rel)?;
+        prepare_spec(&mut spec, &rootfs, &cgroup_rel, init_pid_of)?;
         device_cgroup::pin_memlock_limit(spec.process_mut().as_mut().ok_or(ContainerError::NoProcess)?);
         let process = spec.process().as_ref().ok_or(ContainerError::NoProcess)?;
-        check_process(&rootfs, process)?;
+        check_process(&view_of(&spec, &rootfs), process)?;
         let tty = process.terminal().unwrap_or(false);
         let devices = spec.linux().as_ref().and_then(|l| l.resources().as_ref()).and_then(|r| r.devices().clone());
 
@@ -126,7 +140,8 @@ impl Container {
         let json = serde_json::to_vec(&spec).map_err(ContainerError::Spec)?;
         std::fs::write(&config, json).map_err(|source| ContainerError::Write { path: config.clone(), source })?;
 
-        let (builder, io, console) = with_stdio(ContainerBuilder::new(id.to_string(), SyscallType::default()), tty)?;
+        let (builder, io, console) =
+            with_stdio(ContainerBuilder::new(id.to_string(), SyscallType::default()), tty, stdin)?;
         let prepared = began.elapsed();
         let guard = reaper.build_guard();
         let container = builder
@@ -152,6 +167,7 @@ impl Container {
             devices,
             init: Arc::new(Process::new(pid, io, exit)),
             execs: Mutex::new(HashMap::new()),
+            started: Mutex::new(None),
         })
     }
 
@@ -159,22 +175,33 @@ impl Container {
         LcContainer::load(Path::new(STATE_ROOT).join(&self.id)).map_err(lc_err("load the container state"))
     }
 
-    pub fn start(&self) -> Result<()> {
-        self.load()?.start().map_err(lc_err("start the container"))
+    /// Starts the init's program and returns once it runs (as runc's start does), not when libcontainer told
+    /// the init to go.
+    pub async fn start(&self) -> Result<()> {
+        self.load()?.start().map_err(lc_err("start the container"))?;
+        *lock(&self.started) = Some(std::time::Instant::now());
+        start_window::wait_for_exec(self.init.pid).await;
+        Ok(())
     }
 
-    /// Runs another process in the running container.
-    pub fn exec(&self, reaper: &Reaper, exec_id: &str, process_json: &[u8]) -> Result<()> {
+    /// Runs another process in the running container; `stdin` as for [`Container::create`].
+    pub fn exec(&self, reaper: &Reaper, exec_id: &str, process_json: &[u8], stdin: bool) -> Result<()> {
         if exec_id.is_empty() || lock(&self.execs).contains_key(exec_id) {
             return Err(ContainerError::ExecExists(exec_id.to_string()));
         }
         let process: OciProcess = serde_json::from_slice(process_json).map_err(ContainerError::Spec)?;
-        check_process(&self.rootfs, &process)?;
+        // The running container's own view, volumes included: its init's root.
+        let root = match self.init.exit() {
+            None => PathBuf::from(format!("/proc/{}/root", self.init.pid)),
+            Some(_) => self.rootfs.clone(),
+        };
+        check_process(&RootView::new(&root), &process)?;
         let tty = process.terminal().unwrap_or(false);
         let path = self.bundle.join(format!("exec-{exec_id}.json"));
         std::fs::write(&path, process_json).map_err(|source| ContainerError::Write { path: path.clone(), source })?;
 
-        let (builder, io, console) = with_stdio(ContainerBuilder::new(self.id.clone(), SyscallType::default()), tty)?;
+        let (builder, io, console) =
+            with_stdio(ContainerBuilder::new(self.id.clone(), SyscallType::default()), tty, stdin)?;
         let guard = reaper.build_guard();
         let pid = builder
             .with_root_path(STATE_ROOT)
@@ -192,6 +219,22 @@ impl Container {
         tracing::info!(id = %self.id, exec_id, %pid, tty, "exec started");
         lock(&self.execs).insert(exec_id.to_string(), Arc::new(Process::new(pid, io, exit)));
         Ok(())
+    }
+
+    /// Forgets an exec that has exited, so its id can be used again.
+    pub fn remove_exec(&self, exec_id: &str) -> Result<()> {
+        let mut execs = lock(&self.execs);
+        let process = execs.get(exec_id).ok_or_else(|| ContainerError::NoSuchExec(exec_id.to_string()))?;
+        if process.exit().is_none() {
+            return Err(ContainerError::ExecRunning(exec_id.to_string()));
+        }
+        execs.remove(exec_id);
+        Ok(())
+    }
+
+    /// The pid of the init while it runs.
+    pub fn running_init_pid(&self) -> Option<Pid> {
+        self.init.exit().is_none().then_some(self.init.pid)
     }
 
     /// The init process for an empty exec id, else the exec.
@@ -218,9 +261,15 @@ impl Container {
             return Ok(());
         }
         match nix::sys::signal::kill(process.pid, sig) {
-            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-            Err(source) => Err(ContainerError::Signal { pid: process.pid.as_raw(), source }),
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(source) => return Err(ContainerError::Signal { pid: process.pid.as_raw(), source }),
         }
+        if exec_id.is_empty() {
+            if let Some(started) = *lock(&self.started) {
+                start_window::redeliver(process, sig, started);
+            }
+        }
+        Ok(())
     }
 
     pub fn pause(&self) -> Result<()> {
@@ -279,10 +328,11 @@ impl Container {
     }
 }
 
-/// Points the spec at the container's rootfs in the guest. The host has already replaced everything that only
-/// means something on the host (`runtime::spec::for_guest`); a spec that still joins host namespaces, asks for
-/// its own network namespace (the VM is the pod's) or names another cgroup is refused, not silently rewritten.
-fn prepare_spec(spec: &mut Spec, rootfs: &Path, cgroup: &str) -> Result<()> {
+/// Points the spec at the container's rootfs in the guest and its namespace joins at the containers they name.
+/// The host has already replaced everything that only means something on the host (`runtime::spec::for_guest`);
+/// a spec that still joins host namespaces, asks for its own network namespace (the VM is the pod's) or names
+/// another cgroup is refused, not silently rewritten.
+fn prepare_spec(spec: &mut Spec, rootfs: &Path, cgroup: &str, init_pid_of: &dyn Fn(&str) -> Option<Pid>) -> Result<()> {
     let linux = spec.linux().as_ref().ok_or_else(|| ContainerError::NotForGuest("no linux section".into()))?;
     match linux.cgroups_path() {
         Some(path) if path == Path::new(cgroup) => {}
@@ -291,21 +341,32 @@ fn prepare_spec(spec: &mut Spec, rootfs: &Path, cgroup: &str) -> Result<()> {
             return Err(ContainerError::NotForGuest(format!("cgroupsPath is {found}, expected {cgroup}")));
         }
     }
-    for ns in linux.namespaces().iter().flatten() {
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    for ns in namespaces.iter_mut() {
         if ns.typ() == LinuxNamespaceType::Network {
             return Err(ContainerError::NotForGuest("it asks for a network namespace; the VM is the pod's".into()));
         }
         if let Some(path) = ns.path() {
-            return Err(ContainerError::NotForGuest(format!(
-                "the {:?} namespace joins host path {}",
-                ns.typ(),
-                path.display()
-            )));
+            let joined = container_namespace(path, ns.typ(), init_pid_of)?;
+            ns.set_path(Some(joined));
+        }
+    }
+    if let Some(linux) = spec.linux_mut() {
+        if linux.namespaces().is_some() {
+            linux.set_namespaces(Some(namespaces));
         }
     }
     let mut root = spec.root().clone().unwrap_or_default();
     root.set_path(rootfs.to_path_buf());
     spec.set_root(Some(root));
+    // runc takes the recursive spellings CRI writes ("rslave" for a host-to-container volume, "rshared" for a
+    // bidirectional one); libcontainer knows only the plain ones, and always applies them recursively.
+    if let Some(linux) = spec.linux_mut() {
+        let plain = linux.rootfs_propagation().as_deref().map(|p| p.strip_prefix('r').unwrap_or(p).to_string());
+        if let Some(p) = plain.filter(|p| ["shared", "slave", "private", "unbindable"].contains(&p.as_str())) {
+            linux.set_rootfs_propagation(Some(p));
+        }
+    }
     // libcontainer applies resources, and with them the device cgroup, only when the spec has some: a spec
     // without `linux.resources` must still get deny-all plus the default devices, not every device.
     if let Some(linux) = spec.linux_mut() {
@@ -314,6 +375,50 @@ fn prepare_spec(spec: &mut Spec, rootfs: &Path, cgroup: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The guest path of a namespace join the host wrote as `protocols::container_namespace_path`: the namespace of
+/// that container's running init. Anything else names a host path and is refused.
+fn container_namespace(
+    path: &Path,
+    typ: LinuxNamespaceType,
+    init_pid_of: &dyn Fn(&str) -> Option<Pid>,
+) -> Result<PathBuf> {
+    let refuse = |why: String| ContainerError::NotForGuest(format!("the {typ:?} namespace {why}"));
+    let kind = match typ {
+        LinuxNamespaceType::Ipc => "ipc",
+        LinuxNamespaceType::Uts => "uts",
+        LinuxNamespaceType::Pid => "pid",
+        _ => return Err(refuse(format!("joins host path {}", path.display()))),
+    };
+    let rest = path
+        .strip_prefix(protocols::CONTAINER_NAMESPACE_DIR)
+        .map_err(|_| refuse(format!("joins host path {}", path.display())))?;
+    let parts: Vec<&str> = rest.iter().filter_map(|c| c.to_str()).collect();
+    let [container, named_kind] = parts[..] else {
+        return Err(refuse(format!("path {} is malformed", path.display())));
+    };
+    if named_kind != kind || container == ".." || container == "." {
+        return Err(refuse(format!("path {} is malformed", path.display())));
+    }
+    let pid =
+        init_pid_of(container).ok_or_else(|| refuse(format!("joins container {container}, which is not running")))?;
+    Ok(PathBuf::from(format!("/proc/{pid}/ns/{kind}")))
+}
+
+/// The container's filesystem as its init will see it: the rootfs and the spec's mounts.
+fn view_of(spec: &Spec, rootfs: &Path) -> RootView {
+    let mounts = spec
+        .mounts()
+        .iter()
+        .flatten()
+        .map(|m| {
+            let bind =
+                m.typ().as_deref() == Some("bind") || m.options().iter().flatten().any(|o| o == "bind" || o == "rbind");
+            (m.destination().clone(), if bind { m.source().clone() } else { None })
+        })
+        .collect();
+    RootView { root: rootfs.to_path_buf(), mounts }
 }
 
 /// libcontainer's init reports only "failed syscall" to the parent; the details are in the
@@ -327,23 +432,23 @@ fn with_init_log(err: ContainerError, io: Option<&ProcessIo>) -> ContainerError 
     ContainerError::Libcontainer { op, init_log, source }
 }
 
-fn check_process(rootfs: &Path, process: &OciProcess) -> Result<()> {
+fn check_process(view: &RootView, process: &OciProcess) -> Result<()> {
     let args = process.args().clone().unwrap_or_default();
     let env = process.env().clone().unwrap_or_default();
-    check_executable(rootfs, &args, &env, process.cwd())?;
+    check_executable(view, &args, &env, process.cwd())?;
     Ok(())
 }
 
 type StdioSetup = (ContainerBuilder, Option<ProcessIo>, Option<(ConsoleSocket, PathBuf)>);
 
-fn with_stdio(builder: ContainerBuilder, tty: bool) -> Result<StdioSetup> {
+fn with_stdio(builder: ContainerBuilder, tty: bool, stdin: bool) -> Result<StdioSetup> {
     if tty {
         let path = console_socket_path()?;
         let socket = ConsoleSocket::bind(&path)?;
         let builder = builder.with_console_socket(Some(&path));
         return Ok((builder, None, Some((socket, path))));
     }
-    let (io, child) = ProcessIo::pipes()?;
+    let (io, child) = ProcessIo::pipes(stdin)?;
     let builder = builder.with_stdin(child.stdin).with_stdout(child.stdout).with_stderr(child.stderr);
     Ok((builder, Some(io), None))
 }
@@ -381,13 +486,29 @@ mod tests {
         let json = r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"},
             "linux":{"cgroupsPath":"/kata/c1","namespaces":[{"type":"pid"},{"type":"ipc"}]}}"#;
         let mut spec: Spec = serde_json::from_str(json).expect("spec");
-        prepare_spec(&mut spec, Path::new("/run/kata-containers/shared/c1/rootfs"), "/kata/c1").expect("prepare");
+        prepare_spec(&mut spec, Path::new("/run/kata-containers/shared/c1/rootfs"), "/kata/c1", &|_| None)
+            .expect("prepare");
         assert_eq!(
             spec.root().as_ref().map(|r| r.path().clone()),
             Some(PathBuf::from("/run/kata-containers/shared/c1/rootfs"))
         );
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         assert_eq!(resources, Some(LinuxResources::default()), "no resources still means the default device cgroup");
+    }
+
+    #[test]
+    fn recursive_rootfs_propagation_is_spelled_for_libcontainer() {
+        for (given, expected) in
+            [("rshared", "shared"), ("rslave", "slave"), ("private", "private"), ("bogus", "bogus")]
+        {
+            let json = format!(
+                r#"{{"ociVersion":"1.0.2","root":{{"path":"rootfs"}},"linux":{{"cgroupsPath":"/kata/c1","rootfsPropagation":"{given}"}}}}"#
+            );
+            let mut spec: Spec = serde_json::from_str(&json).expect("spec");
+            prepare_spec(&mut spec, Path::new("/r"), "/kata/c1", &|_| None).expect("prepare");
+            let got = spec.linux().as_ref().and_then(|l| l.rootfs_propagation().clone());
+            assert_eq!(got.as_deref(), Some(expected), "{given}");
+        }
     }
 
     #[test]
@@ -410,8 +531,35 @@ mod tests {
         for (linux, expected) in cases {
             let json = format!(r#"{{"ociVersion":"1.0.2","root":{{"path":"rootfs"}},"linux":{linux}}}"#);
             let mut spec: Spec = serde_json::from_str(&json).expect("spec");
-            let err = prepare_spec(&mut spec, Path::new("/r"), "/kata/c1").expect_err(linux).to_string();
+            let err = prepare_spec(&mut spec, Path::new("/r"), "/kata/c1", &|_| None).expect_err(linux).to_string();
             assert!(err.contains(expected) && err.contains("for_guest"), "{linux}: {err}");
+        }
+    }
+
+    #[test]
+    fn joins_of_another_container_go_to_its_init() {
+        let json = r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"linux":{"cgroupsPath":"/kata/c1","namespaces":[
+            {"type":"ipc","path":"/run/kata-containers/namespaces/pause/ipc"},{"type":"mount"},
+            {"type":"pid","path":"/run/kata-containers/namespaces/pause/pid"}]}}"#;
+        let running = |id: &str| (id == "pause").then(|| Pid::from_raw(42));
+        let mut spec: Spec = serde_json::from_str(json).expect("spec");
+        prepare_spec(&mut spec, Path::new("/r"), "/kata/c1", &running).expect("prepare");
+        let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
+        let paths: Vec<_> = namespaces.iter().map(|n| n.path().clone()).collect();
+        assert_eq!(paths, [Some(PathBuf::from("/proc/42/ns/ipc")), None, Some(PathBuf::from("/proc/42/ns/pid"))]);
+
+        for (ns, expected) in [
+            (r#"{"type":"ipc","path":"/run/kata-containers/namespaces/gone/ipc"}"#, "gone, which is not running"),
+            (r#"{"type":"ipc","path":"/run/kata-containers/namespaces/pause/uts"}"#, "malformed"),
+            (r#"{"type":"ipc","path":"/run/kata-containers/namespaces/pause/../x/ipc"}"#, "malformed"),
+            (r#"{"type":"mount","path":"/run/kata-containers/namespaces/pause/mnt"}"#, "joins host path"),
+        ] {
+            let json = format!(
+                r#"{{"ociVersion":"1.0.2","root":{{"path":"rootfs"}},"linux":{{"cgroupsPath":"/kata/c1","namespaces":[{ns}]}}}}"#
+            );
+            let mut spec: Spec = serde_json::from_str(&json).expect("spec");
+            let err = prepare_spec(&mut spec, Path::new("/r"), "/kata/c1", &running).expect_err(ns).to_string();
+            assert!(err.contains(expected), "{ns}: {err}");
         }
     }
 }

@@ -48,16 +48,23 @@ pub struct ProcessIo {
 }
 
 impl ProcessIo {
-    /// Creates three pipes; the agent keeps non-blocking ends, the child gets blocking ones.
-    pub fn pipes() -> Result<(Self, ChildStdio), IoError> {
-        let (in_r, in_w) = pipe("stdin")?;
+    /// Creates the stdio pipes; the agent keeps non-blocking ends, the child gets blocking ones. Without
+    /// `stdin` the child reads /dev/null, as under runc when the client attached no stdin: a program that
+    /// reads its stdin must see end of file at once, not wait on a pipe nobody writes.
+    pub fn pipes(stdin: bool) -> Result<(Self, ChildStdio), IoError> {
+        let (in_r, in_w) = if stdin {
+            let (r, w) = pipe("stdin")?;
+            (r, Some(w))
+        } else {
+            (dev_null()?, None)
+        };
         let (out_r, out_w) = pipe("stdout")?;
         let (err_r, err_w) = pipe("stderr")?;
-        for fd in [&in_w, &out_r, &err_r] {
+        for fd in in_w.iter().chain([&out_r, &err_r]) {
             set_nonblocking(fd.as_raw_fd()).map_err(|e| IoError::Pipe("stdio", e))?;
         }
         let io = Self {
-            stdin: Mutex::new(Some(in_w)),
+            stdin: Mutex::new(in_w),
             stdout: Mutex::new(Some(out_r)),
             stderr: Mutex::new(Some(err_r)),
             tty: None,
@@ -221,6 +228,11 @@ pub fn async_fd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
     Ok(unsafe { AsyncFd::register(fd) }?)
 }
 
+fn dev_null() -> Result<OwnedFd, IoError> {
+    let file = std::fs::File::open("/dev/null").map_err(|e| IoError::Io("stdin", e))?;
+    Ok(OwnedFd::from(file))
+}
+
 fn pipe(what: &'static str) -> Result<(OwnedFd, OwnedFd), IoError> {
     nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| IoError::Pipe(what, e))
 }
@@ -249,7 +261,7 @@ mod tests {
 
     #[tokio::test]
     async fn output_is_kept_until_a_reader_attaches_and_ends_at_eof() {
-        let (io, child) = ProcessIo::pipes().expect("pipes");
+        let (io, child) = ProcessIo::pipes(true).expect("pipes");
         let mut w = std::fs::File::from(child.stdout);
         w.write_all(b"early ").expect("write");
         w.write_all(b"output").expect("write");
@@ -266,7 +278,7 @@ mod tests {
 
     #[tokio::test]
     async fn second_reader_is_refused_while_first_is_attached() {
-        let (io, _child) = ProcessIo::pipes().expect("pipes");
+        let (io, _child) = ProcessIo::pipes(true).expect("pipes");
         lock(&io.stdout).take();
         let r = io.read_output(false, |_| async { Ok::<(), IoError>(()) }).await;
         assert!(matches!(r, Err(IoError::AlreadyAttached("stdout"))));
@@ -274,11 +286,20 @@ mod tests {
 
     #[tokio::test]
     async fn stdin_reaches_the_child_and_close_gives_eof() {
-        let (io, child) = ProcessIo::pipes().expect("pipes");
+        let (io, child) = ProcessIo::pipes(true).expect("pipes");
         io.write_stdin(b"hello").await.expect("write");
         io.close_stdin().await.expect("close");
         let mut s = String::new();
         std::fs::File::from(child.stdin).read_to_string(&mut s).expect("read");
         assert_eq!(s, "hello");
+    }
+
+    #[tokio::test]
+    async fn without_stdin_the_child_reads_dev_null() {
+        let (io, child) = ProcessIo::pipes(false).expect("pipes");
+        let target = std::fs::read_link(format!("/proc/self/fd/{}", child.stdin.as_raw_fd())).expect("readlink");
+        assert_eq!(target, Path::new("/dev/null"));
+        assert!(matches!(io.write_stdin(b"x").await, Err(IoError::StdinClosed)));
+        io.close_stdin().await.expect("closing an absent stdin is harmless");
     }
 }

@@ -14,6 +14,7 @@ mod reaper;
 mod rpc;
 mod sandbox;
 mod serial;
+mod start_window;
 mod stats;
 
 use std::sync::Arc;

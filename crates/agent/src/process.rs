@@ -52,25 +52,70 @@ impl Process {
     }
 }
 
-/// Checks that `args[0]` resolves to an executable inside `rootfs` the way `execvp` in the
-/// container will resolve it, so a missing binary fails at create time with its name instead
-/// of as an opaque error from inside libcontainer.
-pub fn check_executable(rootfs: &Path, args: &[String], env: &[String], cwd: &Path) -> Result<PathBuf, ProcessError> {
+/// A container's filesystem as its processes will see it: the rootfs with the spec's mounts on top. Bind
+/// mounts are followed to their source; what lies under any other mount (a tmpfs, proc) cannot be known
+/// before it is mounted.
+#[derive(Debug, Clone, Default)]
+pub struct RootView {
+    pub root: PathBuf,
+    /// (destination in the container, source in the guest for a bind mount).
+    pub mounts: Vec<(PathBuf, Option<PathBuf>)>,
+}
+
+/// Where a container path is in the guest.
+enum Located {
+    At(PathBuf),
+    /// Under a mount whose content is only there once the container runs.
+    Unknown,
+}
+
+impl RootView {
+    pub fn new(root: &Path) -> Self {
+        RootView { root: root.to_path_buf(), mounts: Vec::new() }
+    }
+
+    /// The deepest mount holding `path` (absolute, normalised) decides where it is.
+    fn locate(&self, path: &Path) -> Located {
+        let mount = self
+            .mounts
+            .iter()
+            .filter(|(dest, _)| path.starts_with(dest))
+            .max_by_key(|(dest, _)| dest.as_os_str().len());
+        match mount {
+            Some((dest, Some(source))) => {
+                let rest = path.strip_prefix(dest).unwrap_or(Path::new(""));
+                Located::At(if rest.as_os_str().is_empty() { source.clone() } else { source.join(rest) })
+            }
+            Some((_, None)) => Located::Unknown,
+            None => Located::At(self.root.join(path.strip_prefix("/").unwrap_or(path))),
+        }
+    }
+}
+
+/// Checks that `args[0]` resolves to an executable in the container the way `execvp` in the container will
+/// resolve it (through the rootfs and the spec's bind mounts, e.g. a script on a volume), so a missing binary
+/// fails at create time with its name instead of as an opaque error from inside libcontainer. A path under a
+/// mount that does not exist yet is left to the exec to judge.
+pub fn check_executable(view: &RootView, args: &[String], env: &[String], cwd: &Path) -> Result<(), ProcessError> {
     let name = args.first().ok_or(ProcessError::NoArgs)?;
     if name.contains('/') {
         let in_container = if Path::new(name).is_absolute() { PathBuf::from(name) } else { cwd.join(name) };
-        let host = resolve_in_root(rootfs, &in_container).ok_or_else(|| ProcessError::NotFound(name.clone()))?;
-        return if is_executable(&host) { Ok(host) } else { Err(ProcessError::NotExecutable(name.clone())) };
+        return match resolve_in_view(view, &in_container) {
+            Resolved::Unknown => Ok(()),
+            Resolved::Missing => Err(ProcessError::NotFound(name.clone())),
+            Resolved::At(p) if is_executable(&p) => Ok(()),
+            Resolved::At(_) => Err(ProcessError::NotExecutable(name.clone())),
+        };
     }
     let path = env
         .iter()
         .find_map(|e| e.strip_prefix("PATH="))
         .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     for dir in path.split(':').filter(|d| !d.is_empty()) {
-        if let Some(host) = resolve_in_root(rootfs, &Path::new(dir).join(name)) {
-            if is_executable(&host) {
-                return Ok(host);
-            }
+        match resolve_in_view(view, &Path::new(dir).join(name)) {
+            Resolved::Unknown => return Ok(()),
+            Resolved::At(p) if is_executable(&p) => return Ok(()),
+            _ => {}
         }
     }
     Err(ProcessError::NotFoundInPath { name: name.clone(), path: path.to_string() })
@@ -81,9 +126,15 @@ fn is_executable(p: &Path) -> bool {
     p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
-/// Resolves `path` (as seen inside the container) to a host path under `root`, following
-/// symlinks as if `root` were `/`. Returns None when it does not exist.
-pub fn resolve_in_root(root: &Path, path: &Path) -> Option<PathBuf> {
+#[derive(Debug, PartialEq, Eq)]
+enum Resolved {
+    At(PathBuf),
+    Missing,
+    Unknown,
+}
+
+/// Walks `path` component by component through the view, following symlinks as the container will.
+fn resolve_in_view(view: &RootView, path: &Path) -> Resolved {
     let mut resolved = PathBuf::from("/");
     let mut pending: Vec<PathBuf> = vec![path.to_path_buf()];
     let mut hops = 0;
@@ -108,21 +159,24 @@ pub fn resolve_in_root(root: &Path, path: &Path) -> Option<PathBuf> {
                 continue;
             }
             let candidate = resolved.join(&c);
-            let host = root.join(candidate.strip_prefix("/").ok()?);
-            let meta = std::fs::symlink_metadata(&host).ok()?;
+            let Located::At(at) = view.locate(&candidate) else { return Resolved::Unknown };
+            let Ok(meta) = std::fs::symlink_metadata(&at) else { return Resolved::Missing };
             if meta.file_type().is_symlink() {
                 hops += 1;
                 if hops > 40 {
-                    return None;
+                    return Resolved::Missing;
                 }
-                let target = std::fs::read_link(&host).ok()?;
+                let Ok(target) = std::fs::read_link(&at) else { return Resolved::Missing };
                 pending.push(target);
                 break;
             }
             resolved = candidate;
         }
     }
-    Some(root.join(resolved.strip_prefix("/").ok()?))
+    match view.locate(&resolved) {
+        Located::At(p) => Resolved::At(p),
+        Located::Unknown => Resolved::Unknown,
+    }
 }
 
 #[cfg(test)]
@@ -145,24 +199,47 @@ mod tests {
     fn finds_absolute_symlinks_inside_the_rootfs() {
         let root = rootfs();
         let env = vec!["PATH=/usr/bin:/bin".to_string()];
-        let found = check_executable(root.path(), &["echo".into()], &env, Path::new("/")).expect("found");
-        assert_eq!(found, root.path().join("bin/busybox"));
+        check_executable(&RootView::new(root.path()), &["echo".into()], &env, Path::new("/")).expect("found");
+        let found = resolve_in_view(&RootView::new(root.path()), Path::new("/bin/echo"));
+        assert_eq!(found, Resolved::At(root.path().join("bin/busybox")));
     }
 
     #[test]
     fn missing_binary_names_it() {
         let root = rootfs();
         let env = vec!["PATH=/bin".to_string()];
-        let err = check_executable(root.path(), &["nope".into()], &env, Path::new("/")).unwrap_err();
+        let view = RootView::new(root.path());
+        let err = check_executable(&view, &["nope".into()], &env, Path::new("/")).unwrap_err();
         assert!(err.to_string().contains("'nope'"), "{err}");
-        let err = check_executable(root.path(), &["/bin/data".into()], &env, Path::new("/")).unwrap_err();
+        let err = check_executable(&view, &["/bin/data".into()], &env, Path::new("/")).unwrap_err();
         assert!(matches!(err, ProcessError::NotExecutable(_)));
     }
 
     #[test]
     fn dotdot_cannot_escape_the_root() {
         let root = rootfs();
-        let p = resolve_in_root(root.path(), Path::new("/../../bin/busybox"));
-        assert_eq!(p, Some(root.path().join("bin/busybox")));
+        let p = resolve_in_view(&RootView::new(root.path()), Path::new("/../../bin/busybox"));
+        assert_eq!(p, Resolved::At(root.path().join("bin/busybox")));
+    }
+
+    #[test]
+    fn binaries_on_volumes_are_found_through_the_bind_mount() {
+        let root = rootfs();
+        let volume = tempfile::tempdir().expect("tempdir");
+        std::fs::write(volume.path().join("run.sh"), b"#!/bin/sh").expect("write");
+        std::fs::set_permissions(volume.path().join("run.sh"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        symlink("run.sh", volume.path().join("link.sh")).expect("symlink");
+        let view = RootView {
+            root: root.path().to_path_buf(),
+            mounts: vec![(PathBuf::from("/scripts"), Some(volume.path().to_path_buf())), (PathBuf::from("/tmp"), None)],
+        };
+        let env = vec!["PATH=/bin".to_string()];
+        for name in ["/scripts/run.sh", "/scripts/link.sh", "/tmp/made-at-runtime"] {
+            check_executable(&view, &[name.into()], &env, Path::new("/")).expect(name);
+        }
+        let env = vec!["PATH=/scripts".to_string()];
+        check_executable(&view, &["run.sh".into()], &env, Path::new("/")).expect("through $PATH");
+        let err = check_executable(&view, &["/scripts/nope.sh".into()], &env, Path::new("/")).unwrap_err();
+        assert!(matches!(err, ProcessError::NotFound(_)), "{err}");
     }
 }

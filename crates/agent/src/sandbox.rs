@@ -135,7 +135,7 @@ impl Sandbox {
         Ok(())
     }
 
-    pub fn create_container(&self, id: &str, spec_json: &[u8], rootfs: &str) -> Result<()> {
+    pub fn create_container(&self, id: &str, spec_json: &[u8], rootfs: &str, stdin: bool) -> Result<()> {
         if id.is_empty() || id.contains('/') || id.starts_with('.') {
             return Err(SandboxError::InvalidId(id.to_string()));
         }
@@ -143,7 +143,8 @@ impl Sandbox {
             return Err(SandboxError::ContainerExists(id.to_string()));
         }
         let rootfs = self.rootfs_path(id, rootfs);
-        let container = Container::create(&self.reaper, id, spec_json, rootfs)?;
+        let init_pid_of = |other: &str| lock(&self.containers).get(other).and_then(|c| c.running_init_pid());
+        let container = Container::create(&self.reaper, id, spec_json, rootfs, stdin, &init_pid_of)?;
         lock(&self.containers).insert(id.to_string(), Arc::new(container));
         Ok(())
     }

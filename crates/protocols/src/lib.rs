@@ -19,7 +19,7 @@ pub use generated::agent_ttrpc;
 pub mod net;
 
 /// Bumped on incompatible changes to `proto/agent.proto`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
@@ -37,6 +37,16 @@ pub const AGENT_SERIAL_PORT: &str = "agent.channel.0";
 pub const AGENT_SERIAL_PARAM: &str = "agent.transport=serial";
 
 pub use ttrpc;
+
+/// Where a guest spec names "the namespace of container `container_id`'s init" (`kind` as in `/proc/<pid>/ns/`:
+/// `ipc`, `uts`, `pid`): the host's join of a pod's sandbox container namespace, e.g. `/proc/<pause pid>/ns/ipc`,
+/// becomes this, and the agent resolves it to that container's init in the guest.
+pub fn container_namespace_path(container_id: &str, kind: &str) -> String {
+    format!("{CONTAINER_NAMESPACE_DIR}/{container_id}/{kind}")
+}
+
+/// The prefix of [`container_namespace_path`]; nothing is mounted there.
+pub const CONTAINER_NAMESPACE_DIR: &str = "/run/kata-containers/namespaces";
 
 /// The guest cgroup of a container: the host writes it into the spec's `cgroupsPath`, the agent refuses any
 /// other.

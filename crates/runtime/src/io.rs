@@ -2,14 +2,17 @@
 //!
 //! Output streams end only at EOF in the guest, and the exit of a process is reported only after its output
 //! copies finished, so `ctr run` sees all output before the exit.
+//!
+//! stdin is forwarded as runc's shim does it: the shim holds a writer of the stdin FIFO itself, so a client can
+//! detach (close its writer) and attach again without the process seeing end of file; CloseIO drops that writer,
+//! and the process sees end of file once the clients closed theirs and everything they wrote was delivered.
 
-use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::agent::{AgentClient, AgentError, ProcessRef};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// The FIFO paths containerd gave for one process; empty strings mean "not connected".
@@ -21,11 +24,34 @@ pub struct IoPaths {
     pub terminal: bool,
 }
 
-/// Running copies for one process: the output copies end at EOF; stdin forwarding is stopped by CloseIO.
+/// Running copies for one process: the output copies end at EOF; stdin forwarding ends after CloseIO.
 #[derive(Debug, Default)]
 pub struct IoCopies {
     pub outputs: Vec<JoinHandle<()>>,
-    pub stdin: Option<JoinHandle<()>>,
+    pub stdin: Option<StdinCopy>,
+}
+
+/// stdin forwarding from containerd's FIFO to the process. Dropping it stops the forwarding at once (the
+/// process was deleted); [`StdinCopy::close`] lets it finish.
+#[derive(Debug)]
+pub struct StdinCopy {
+    /// The shim's own writer of the FIFO, which keeps a detaching client from ending the process's input.
+    writer: Option<std::fs::File>,
+    task: JoinHandle<()>,
+}
+
+impl StdinCopy {
+    /// CloseIO: forwarding ends, and the process reads end of file, once every client closed its writer and what
+    /// they wrote was delivered.
+    pub fn close(&mut self) {
+        self.writer.take();
+    }
+}
+
+impl Drop for StdinCopy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Resolves when every output copy reached EOF (or failed).
@@ -45,24 +71,49 @@ pub async fn attach(agent: &AgentClient, process: &ProcessRef, paths: &IoPaths) 
         copies.outputs.push(tokio::spawn(copy_out(stderr, fifo(&paths.stderr), "stderr")));
     }
     if let Some(path) = fifo(&paths.stdin) {
+        let (mut reader, writer) = match open_stdin(&path) {
+            Ok(ends) => ends,
+            Err(e) => {
+                // As for an output FIFO: the process runs, without input.
+                tracing::warn!(path = %path.display(), error = %e, "cannot open the stdin FIFO");
+                return Ok(copies);
+            }
+        };
         let sink = agent.stdin(process).await?;
         let (agent, process) = (agent.clone(), process.clone());
-        copies.stdin = Some(tokio::spawn(async move {
-            let mut chunks = read_fifo_in_thread(path);
-            while let Some(chunk) = chunks.recv().await {
-                if let Err(e) = sink.write(&chunk).await {
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                let n = match reader.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(container = %process.container_id, exec = ?process.exec_id, error = %e, "cannot read the stdin FIFO");
+                        break;
+                    }
+                };
+                if let Err(e) = sink.write(&buf[..n]).await {
                     tracing::warn!(container = %process.container_id, exec = ?process.exec_id, error = %crate::error_chain(&e), "cannot forward stdin");
                     return;
                 }
             }
-            // EOF from containerd's side: the process must see EOF too.
+            // Every writer closed, ours included (CloseIO): the process must see EOF too.
             let _ = sink.finish().await;
             if let Err(e) = agent.close_stdin(&process).await {
                 tracing::debug!(container = %process.container_id, exec = ?process.exec_id, error = %crate::error_chain(&e), "close stdin");
             }
-        }));
+        });
+        copies.stdin = Some(StdinCopy { writer: Some(writer), task });
     }
     Ok(copies)
+}
+
+/// Opens the stdin FIFO for reading and, once a reader exists so the open cannot fail with ENXIO, for writing.
+/// With our own writer open, a read of 0 is a real end of file: no writer is left, ours included.
+fn open_stdin(path: &Path) -> std::io::Result<(pipe::Receiver, std::fs::File)> {
+    let reader = pipe::OpenOptions::new().open_receiver(path)?;
+    let writer = std::fs::OpenOptions::new().write(true).custom_flags(nix::libc::O_NONBLOCK).open(path)?;
+    Ok((reader, writer))
 }
 
 fn fifo(path: &str) -> Option<PathBuf> {
@@ -100,31 +151,4 @@ async fn copy_out(mut stream: crate::agent::OutputStream, path: Option<PathBuf>,
 /// Opens a FIFO for writing without blocking on a reader (read-write open), as containerd may reopen it.
 fn open_writer(path: &Path) -> std::io::Result<pipe::Sender> {
     pipe::OpenOptions::new().read_write(true).open_sender(path)
-}
-
-/// Reads a FIFO with blocking calls in its own thread: the open waits for containerd's writer, and a read of 0
-/// is a real EOF (the writer closed), which non-blocking opens cannot tell from "no writer yet".
-fn read_fifo_in_thread(path: PathBuf) -> mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = mpsc::channel(16);
-    std::thread::spawn(move || {
-        let mut file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot open the stdin FIFO");
-                return;
-            }
-        };
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            match file.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    rx
 }

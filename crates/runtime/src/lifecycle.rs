@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use oci_spec::runtime::Spec;
 use tokio::sync::watch;
 
-use crate::agent::{AgentError, ContainerStats, ProcessRef};
+use crate::agent::{AgentError, ContainerStats, ProcessList, ProcessRef};
 use crate::io::{self, IoPaths};
 use crate::process::{Exit, Phase, Process};
 use crate::sandbox::{Rootfs, Sandbox, SandboxError};
@@ -176,7 +176,14 @@ impl Sandbox {
         if self.containers().contains_key(id) {
             return Err(LifecycleError::ContainerExists(id.to_string()));
         }
-        self.create_container(id, spec, rootfs).await?;
+        // A pod's other containers join its sandbox container's IPC, UTS and (shared) PID namespaces.
+        let pod_sandbox = if is_sandbox {
+            None
+        } else {
+            self.containers().iter().find(|(_, c)| c.is_sandbox).map(|(id, _)| id.clone())
+        };
+        let stdin = !io_paths.stdin.is_empty();
+        self.create_container(id, spec, rootfs, stdin, pod_sandbox.as_deref()).await?;
         tracing::info!(sandbox = %self.id(), container = %id, "container created in the guest");
         let mut init = Process::new(io_paths, None);
         match io::attach(self.agent(), &ProcessRef::init(id), &init.io).await {
@@ -241,7 +248,8 @@ impl Sandbox {
                 self.agent().start_container(id).await?;
                 return Ok(None);
             }
-            self.agent().exec_process(id, exec_id, &exec_spec.unwrap_or_default()).await?;
+            let stdin = !io_paths.stdin.is_empty();
+            self.agent().exec_process(id, exec_id, &exec_spec.unwrap_or_default(), stdin).await?;
             Ok::<_, LifecycleError>(Some(io::attach(self.agent(), &pref, &io_paths).await?))
         }
         .await;
@@ -302,20 +310,12 @@ impl Sandbox {
     /// Deletes a stopped exec, or a stopped container (removed from the guest and its mounts released, unless
     /// it is the sandbox's own container, which goes with the VM).
     pub async fn delete(&self, id: &str, exec_id: &str) -> Result<Deleted> {
+        if !exec_id.is_empty() {
+            return self.delete_exec(id, exec_id).await;
+        }
         let (exit, was_sandbox) = {
             let mut containers = self.containers();
             let container = containers.get_mut(id).ok_or_else(|| LifecycleError::NoContainer(id.to_string()))?;
-            if !exec_id.is_empty() {
-                let process = container.process(id, exec_id)?;
-                if process.phase() == Phase::Running {
-                    return Err(LifecycleError::ExecRunning(exec_id.to_string()));
-                }
-                let exit = process.exit();
-                container.execs.remove(exec_id);
-                drop(containers);
-                self.persister.save();
-                return Ok(Deleted { exit, was_sandbox: false });
-            }
             if container.init.phase() == Phase::Running {
                 return Err(LifecycleError::ContainerRunning(id.to_string()));
             }
@@ -331,6 +331,28 @@ impl Sandbox {
             }
         }
         Ok(Deleted { exit, was_sandbox })
+    }
+
+    async fn delete_exec(&self, id: &str, exec_id: &str) -> Result<Deleted> {
+        let (exit, started) = {
+            let mut containers = self.containers();
+            let container = containers.get_mut(id).ok_or_else(|| LifecycleError::NoContainer(id.to_string()))?;
+            let process = container.process(id, exec_id)?;
+            if process.phase() == Phase::Running {
+                return Err(LifecycleError::ExecRunning(exec_id.to_string()));
+            }
+            let found = (process.exit(), process.started);
+            container.execs.remove(exec_id);
+            found
+        };
+        self.persister.save();
+        // The guest forgets it too, so a client may use the id again (as runc allows).
+        if started && self.vm_exit().borrow().is_none() {
+            if let Err(e) = self.agent().remove_process(&process_ref(id, exec_id)).await {
+                tracing::warn!(sandbox = %self.id(), container = %id, exec = %exec_id, error = %crate::error_chain(&e), "remove exec in the guest");
+            }
+        }
+        Ok(Deleted { exit, was_sandbox: false })
     }
 
     /// A watch that turns `Some` with the process's exit.
@@ -356,15 +378,18 @@ impl Sandbox {
         })
     }
 
-    /// Ends the process's stdin: the copy from the front end stops and the process reads end of file.
+    /// Ends the process's stdin (CloseIO): once the front end's writers are closed and what they wrote was
+    /// delivered, the process reads end of file.
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
-        let copy = {
+        let forwarding = {
             let mut containers = self.containers();
             let container = containers.get_mut(id).ok_or_else(|| LifecycleError::NoContainer(id.to_string()))?;
-            container.process_mut(id, exec_id)?.stdin.take()
+            let process = container.process_mut(id, exec_id)?;
+            process.stdin.as_mut().map(io::StdinCopy::close).is_some()
         };
-        if let Some(copy) = copy {
-            copy.abort();
+        if forwarding {
+            // The forwarding closes the process's stdin itself, after the last byte.
+            return Ok(());
         }
         let pref = process_ref(id, exec_id);
         if let Err(e) = self.agent().close_stdin(&pref).await {
@@ -373,8 +398,11 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Resizes the process's terminal; a process without one has nothing to resize (runc's shim ignores it too).
     pub async fn resize_pty(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
-        self.with_process(id, exec_id, |_, _| ())?;
+        if !self.with_process(id, exec_id, |_, process| process.io.terminal)? {
+            return Ok(());
+        }
         Ok(self.agent().resize_tty(&process_ref(id, exec_id), rows, cols).await?)
     }
 
@@ -413,8 +441,8 @@ impl Sandbox {
         Ok(self.agent().stats(id).await?)
     }
 
-    /// The guest PIDs of a container's processes.
-    pub async fn pids(&self, id: &str) -> Result<Vec<i32>> {
+    /// The guest PIDs of a container's processes, and which of them is its init.
+    pub async fn pids(&self, id: &str) -> Result<ProcessList> {
         self.with_process(id, "", |_, _| ())?;
         Ok(self.agent().list_processes(id).await?)
     }

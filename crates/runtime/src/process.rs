@@ -35,8 +35,8 @@ pub struct Process {
     pub exec_spec: Option<Vec<u8>>,
     pub started: bool,
     exit_tx: watch::Sender<Option<Exit>>,
-    /// stdin forwarding, stopped by CloseIO.
-    pub stdin: Option<JoinHandle<()>>,
+    /// stdin forwarding, ended by CloseIO, stopped when the process is deleted.
+    pub stdin: Option<io::StdinCopy>,
     /// Output copies, handed to the waiter at start.
     pub outputs: Vec<JoinHandle<()>>,
 }

@@ -314,7 +314,16 @@ impl Sandbox {
     }
 
     /// Mounts the rootfs into the shared directory and creates the container in the guest (not started).
-    pub async fn create_container(&self, id: &str, spec: &Spec, rootfs: &Rootfs) -> Result<(), SandboxError> {
+    /// `stdin`: the front end will write the init's stdin; `pod_sandbox`: the pod's sandbox container, whose
+    /// namespaces the spec's namespace joins mean.
+    pub async fn create_container(
+        &self,
+        id: &str,
+        spec: &Spec,
+        rootfs: &Rootfs,
+        stdin: bool,
+        pod_sandbox: Option<&str>,
+    ) -> Result<(), SandboxError> {
         paths::check_id("container", id).map_err(SandboxError::InvalidId)?;
         let root = Root::open(&self.paths.root).map_err(mounts::MountError::from)?;
         let rootfs_spec = match rootfs {
@@ -332,11 +341,11 @@ impl Sandbox {
             return Err(e.into());
         }
         let result = async {
-            let (guest_spec, binds) = spec::for_guest(spec, id)?;
+            let (guest_spec, binds) = spec::for_guest(spec, id, pod_sandbox)?;
             for bind in &binds {
                 self.share_bind(&root, bind)?;
             }
-            self.agent.create_container(id, &guest_spec, &SandboxPaths::guest_rootfs(id)).await?;
+            self.agent.create_container(id, &guest_spec, &SandboxPaths::guest_rootfs(id), stdin).await?;
             Ok::<_, SandboxError>(())
         }
         .await;

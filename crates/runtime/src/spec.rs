@@ -1,7 +1,9 @@
 //! Rewrites a container's OCI spec from the host's point of view to the guest's.
 //!
-//! Host-only parts are dropped: namespace paths (they name host processes), hooks (they would run host
-//! binaries), and the network namespace (the VM is the pod's network namespace, so containers share it).
+//! Host-only parts are dropped: hooks (they would run host binaries) and the network namespace (the VM is the
+//! pod's network namespace, so containers share it). A namespace path names a host process: in a pod, the
+//! IPC, UTS and PID joins (of the pause container, as CRI writes them) become joins of the pod's sandbox
+//! container in the guest; every other path is dropped, giving the container a namespace of its own.
 //! Host bind mounts are shared into the guest and their sources rewritten.
 
 use std::path::{Path, PathBuf};
@@ -34,15 +36,26 @@ pub fn is_bind(m: &Mount) -> bool {
         || m.options().as_ref().is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
 }
 
-/// Returns the guest spec (as JSON) and the host paths that must be shared for its bind mounts.
-pub fn for_guest(spec: &Spec, container_id: &str) -> Result<(Vec<u8>, Vec<SharedBind>), SpecError> {
+/// Returns the guest spec (as JSON) and the host paths that must be shared for its bind mounts. `pod_sandbox`
+/// is the pod's sandbox container when `container_id` is another container of the pod.
+pub fn for_guest(
+    spec: &Spec,
+    container_id: &str,
+    pod_sandbox: Option<&str>,
+) -> Result<(Vec<u8>, Vec<SharedBind>), SpecError> {
     let mut spec = spec.clone();
     spec.set_hooks(None);
     if let Some(linux) = spec.linux_mut() {
         if let Some(namespaces) = linux.namespaces_mut() {
             namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
             for ns in namespaces.iter_mut() {
-                ns.set_path(None);
+                let joined = match (ns.path(), pod_sandbox, shared_kind(ns.typ())) {
+                    (Some(_), Some(sandbox), Some(kind)) => {
+                        Some(PathBuf::from(protocols::container_namespace_path(sandbox, kind)))
+                    }
+                    _ => None,
+                };
+                ns.set_path(joined);
             }
         }
         linux.set_cgroups_path(Some(PathBuf::from(protocols::container_cgroup(container_id))));
@@ -69,6 +82,16 @@ pub fn for_guest(spec: &Spec, container_id: &str) -> Result<(Vec<u8>, Vec<Shared
     Ok((serde_json::to_vec(&spec)?, binds))
 }
 
+/// The namespaces a pod's containers share with its sandbox container, by their `/proc/<pid>/ns/` names.
+fn shared_kind(typ: LinuxNamespaceType) -> Option<&'static str> {
+    match typ {
+        LinuxNamespaceType::Ipc => Some("ipc"),
+        LinuxNamespaceType::Uts => Some("uts"),
+        LinuxNamespaceType::Pid => Some("pid"),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,7 +115,7 @@ mod tests {
                 ]
             }
         }));
-        let (json, binds) = for_guest(&spec, "c1").unwrap();
+        let (json, binds) = for_guest(&spec, "c1", None).unwrap();
         assert!(binds.is_empty());
         let out: serde_json::Value = serde_json::from_slice(&json).unwrap();
         assert!(out.get("hooks").is_none() || out["hooks"].is_null());
@@ -100,6 +123,44 @@ mod tests {
         let ns = out["linux"]["namespaces"].as_array().unwrap();
         assert_eq!(ns.len(), 2);
         assert!(ns.iter().all(|n| n.get("path").is_none()), "{ns:?}");
+    }
+
+    #[test]
+    fn a_pod_container_joins_the_sandbox_container_namespaces_in_the_guest() {
+        let spec = spec_from(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "linux": {
+                "namespaces": [
+                    {"type": "pid", "path": "/proc/42/ns/pid"},
+                    {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                    {"type": "uts", "path": "/proc/42/ns/uts"},
+                    {"type": "mount"},
+                    {"type": "cgroup", "path": "/proc/42/ns/cgroup"},
+                    {"type": "network", "path": "/var/run/netns/cni-1"}
+                ]
+            }
+        }));
+        let (json, _) = for_guest(&spec, "app", Some("pause")).unwrap();
+        let out: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        let paths: Vec<_> = out["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (n["type"].as_str().unwrap().to_string(), n.get("path").and_then(|p| p.as_str()).map(str::to_string))
+            })
+            .collect();
+        let ns = |t: &str, p: Option<&str>| (t.to_string(), p.map(str::to_string));
+        assert_eq!(
+            paths,
+            [
+                ns("pid", Some("/run/kata-containers/namespaces/pause/pid")),
+                ns("ipc", Some("/run/kata-containers/namespaces/pause/ipc")),
+                ns("uts", Some("/run/kata-containers/namespaces/pause/uts")),
+                ns("mount", None),
+                ns("cgroup", None),
+            ]
+        );
     }
 
     #[test]
@@ -112,7 +173,7 @@ mod tests {
                 {"destination": "/data", "type": "bind", "source": dir.path(), "options": ["rbind", "ro"]}
             ]
         }));
-        let (json, binds) = for_guest(&spec, "c1").unwrap();
+        let (json, binds) = for_guest(&spec, "c1", None).unwrap();
         assert_eq!(
             binds,
             [SharedBind { host_source: dir.path().into(), shared_path: "c1/mounts/1".into(), read_only: true }]
@@ -128,7 +189,7 @@ mod tests {
             "ociVersion": "1.0.2",
             "mounts": [{"destination": "/data", "type": "bind", "source": "/nonexistent/x", "options": ["rbind"]}]
         }));
-        let err = for_guest(&spec, "c1").unwrap_err().to_string();
+        let err = for_guest(&spec, "c1", None).unwrap_err().to_string();
         assert_eq!(err, "mount /data: source /nonexistent/x does not exist on the host");
     }
 }

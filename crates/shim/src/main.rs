@@ -7,6 +7,7 @@ mod service;
 #[cfg(test)]
 mod service_tests;
 mod shim;
+mod shim_cgroup;
 
 use containerd_shim::Config;
 use shim_options as options;

@@ -18,6 +18,15 @@ pub fn config_path(any: &Any) -> Option<PathBuf> {
     string_field(&any.value, 2).filter(|s| !s.is_empty()).map(PathBuf::from)
 }
 
+/// `ShimCgroup` from runc's runtime options (`containerd.runc.v1.Options`, field 3), which a containerd client
+/// may send with any runtime: the cgroup the shim is to run in.
+pub fn shim_cgroup(any: &Any) -> Option<String> {
+    if !any.type_url.ends_with("containerd.runc.v1.Options") {
+        return None;
+    }
+    string_field(&any.value, 3).filter(|s| !s.is_empty())
+}
+
 /// Reads one string field from protobuf wire bytes; skips every other field. `None` on malformed input.
 fn string_field(mut bytes: &[u8], wanted: u64) -> Option<String> {
     let mut found = None;
@@ -93,6 +102,18 @@ mod tests {
         assert_eq!(config_path(&any), Some(PathBuf::from("/etc/kata/configuration-fc.toml")));
         any.type_url = "containerd.runc.v1.Options".into();
         assert_eq!(config_path(&any), None);
+    }
+
+    #[test]
+    fn shim_cgroup_is_read_from_runc_options() {
+        let mut any = Any::new();
+        any.type_url = "type.googleapis.com/containerd.runc.v1.Options".into();
+        // no_pivot_root = true (varint), then shim_cgroup = "/pods/p1".
+        any.value = vec![0x08, 0x01, 0x1a, 8];
+        any.value.extend_from_slice(b"/pods/p1");
+        assert_eq!(shim_cgroup(&any).as_deref(), Some("/pods/p1"));
+        any.type_url = "runtimeoptions.v1.Options".into();
+        assert_eq!(shim_cgroup(&any), None);
     }
 
     #[test]

@@ -270,10 +270,11 @@ impl Task for KataTask {
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
-        let pids = self.sandbox().await?.pids(&req.id).await.map_err(lifecycle)?;
-        let processes = pids
+        let sandbox = self.sandbox().await?;
+        let list = sandbox.pids(&req.id).await.map_err(lifecycle)?;
+        let processes = task_pids(&list, sandbox.vmm_pid())
             .into_iter()
-            .map(|pid| api::ProcessInfo { pid: u32::try_from(pid).unwrap_or(0), ..Default::default() })
+            .map(|pid| api::ProcessInfo { pid, ..Default::default() })
             .collect();
         Ok(api::PidsResponse { processes, ..Default::default() })
     }
@@ -396,6 +397,13 @@ impl Task for KataTask {
         self.exit.signal();
         Ok(Empty::new())
     }
+}
+
+/// A container's processes as containerd expects them: the init under the task's own pid (the one Create
+/// returned), first, then the others under their guest pids.
+pub(crate) fn task_pids(list: &runtime::agent::ProcessList, task_pid: u32) -> Vec<u32> {
+    let others = list.pids.iter().filter(|&&p| Some(p) != list.init).filter_map(|&p| u32::try_from(p).ok());
+    list.init.map(|_| task_pid).into_iter().chain(others).collect()
 }
 
 fn delete_response(pid: u32, exit: Option<Exit>) -> api::DeleteResponse {

@@ -216,3 +216,12 @@ async fn a_silent_agent_gives_an_error_naming_the_call_not_a_hang() {
     assert_eq!(shim.wait("pod", "").await, 255);
     shim.delete("pod", "").await.expect("delete");
 }
+
+#[test]
+fn pids_put_the_init_under_the_task_pid_first() {
+    use runtime::agent::ProcessList;
+    let list = ProcessList { pids: vec![12, 7, 30], init: Some(7) };
+    assert_eq!(crate::service::task_pids(&list, 4242), [4242, 12, 30]);
+    let exited = ProcessList { pids: vec![12], init: None };
+    assert_eq!(crate::service::task_pids(&exited, 4242), [12], "no init: no task pid to report");
+}

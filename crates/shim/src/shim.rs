@@ -41,6 +41,13 @@ fn bundle_annotations() -> Option<HashMap<String, String>> {
 /// Starts (or finds) the shim server of this container's pod and returns its ttrpc address.
 pub async fn start_server(opts: StartOpts) -> containerd_shim::Result<String> {
     let grouping = options::grouping(&opts.id, bundle_annotations().as_ref());
+    if let Some(cgroup) = opts.extensions.iter().find_map(options::shim_cgroup) {
+        // The server spawned next is born in it, as runc's shim places its server.
+        crate::shim_cgroup::join(std::process::id(), &cgroup).map_err(|e| containerd_shim::Error::IoError {
+            context: format!("place the shim in cgroup {cgroup} (ShimCgroup option)"),
+            err: e,
+        })?;
+    }
     let config_path = opts.extensions.iter().find_map(options::config_path);
     let config_path = config_path.map(|p| p.display().to_string());
     let mut vars = Vec::new();

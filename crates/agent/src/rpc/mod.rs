@@ -49,6 +49,7 @@ fn container_status(err: &ContainerError) -> ttrpc::Error {
         ContainerError::Process(_) | ContainerError::NoRootfs(_) => Code::FAILED_PRECONDITION,
         ContainerError::NoSuchExec(_) => Code::NOT_FOUND,
         ContainerError::ExecExists(_) => Code::ALREADY_EXISTS,
+        ContainerError::ExecRunning(_) => Code::FAILED_PRECONDITION,
         _ => Code::INTERNAL,
     };
     status(code, err)
@@ -101,12 +102,14 @@ impl Agent for AgentService {
 
     async fn create_container(&self, _: &TtrpcContext, req: pb::CreateContainerRequest) -> R<pb::Empty> {
         tracing::debug!(id = req.container_id, "create container requested");
-        self.sandbox.create_container(&req.container_id, &req.oci_spec_json, &req.rootfs).map_err(sandbox_status)?;
+        self.sandbox
+            .create_container(&req.container_id, &req.oci_spec_json, &req.rootfs, req.stdin)
+            .map_err(sandbox_status)?;
         Ok(pb::Empty::new())
     }
 
     async fn start_container(&self, _: &TtrpcContext, req: pb::ContainerRequest) -> R<pb::Empty> {
-        self.container(&req.container_id)?.start().map_err(|e| container_status(&e))?;
+        self.container(&req.container_id)?.start().await.map_err(|e| container_status(&e))?;
         Ok(pb::Empty::new())
     }
 
@@ -131,8 +134,10 @@ impl Agent for AgentService {
     }
 
     async fn list_processes(&self, _: &TtrpcContext, req: pb::ContainerRequest) -> R<pb::ProcessList> {
-        let pids = self.container(&req.container_id)?.pids().map_err(|e| container_status(&e))?;
-        Ok(pb::ProcessList { pids, ..Default::default() })
+        let container = self.container(&req.container_id)?;
+        let pids = container.pids().map_err(|e| container_status(&e))?;
+        let init_pid = container.running_init_pid().map_or(0, |p| p.as_raw());
+        Ok(pb::ProcessList { pids, init_pid, ..Default::default() })
     }
 
     async fn stats(&self, _: &TtrpcContext, req: pb::ContainerRequest) -> R<pb::ContainerStats> {
@@ -142,7 +147,13 @@ impl Agent for AgentService {
 
     async fn exec_process(&self, _: &TtrpcContext, req: pb::ExecProcessRequest) -> R<pb::Empty> {
         let c = self.container(&req.container_id)?;
-        c.exec(&self.sandbox.reaper, &req.exec_id, &req.oci_process_json).map_err(|e| container_status(&e))?;
+        c.exec(&self.sandbox.reaper, &req.exec_id, &req.oci_process_json, req.stdin)
+            .map_err(|e| container_status(&e))?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn remove_process(&self, _: &TtrpcContext, req: pb::ProcessRequest) -> R<pb::Empty> {
+        self.container(&req.container_id)?.remove_exec(&req.exec_id).map_err(|e| container_status(&e))?;
         Ok(pb::Empty::new())
     }
 

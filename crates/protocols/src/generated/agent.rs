@@ -928,6 +928,8 @@ pub struct CreateContainerRequest {
     pub oci_spec_json: ::std::vec::Vec<u8>,
     // @@protoc_insertion_point(field:kata.agent.v1.CreateContainerRequest.rootfs)
     pub rootfs: ::std::string::String,
+    // @@protoc_insertion_point(field:kata.agent.v1.CreateContainerRequest.stdin)
+    pub stdin: bool,
     // special fields
     // @@protoc_insertion_point(special_field:kata.agent.v1.CreateContainerRequest.special_fields)
     pub special_fields: ::protobuf::SpecialFields,
@@ -945,7 +947,7 @@ impl CreateContainerRequest {
     }
 
     fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
-        let mut fields = ::std::vec::Vec::with_capacity(3);
+        let mut fields = ::std::vec::Vec::with_capacity(4);
         let mut oneofs = ::std::vec::Vec::with_capacity(0);
         fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
             "container_id",
@@ -961,6 +963,11 @@ impl CreateContainerRequest {
             "rootfs",
             |m: &CreateContainerRequest| { &m.rootfs },
             |m: &mut CreateContainerRequest| { &mut m.rootfs },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "stdin",
+            |m: &CreateContainerRequest| { &m.stdin },
+            |m: &mut CreateContainerRequest| { &mut m.stdin },
         ));
         ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<CreateContainerRequest>(
             "CreateContainerRequest",
@@ -989,6 +996,9 @@ impl ::protobuf::Message for CreateContainerRequest {
                 26 => {
                     self.rootfs = is.read_string()?;
                 },
+                32 => {
+                    self.stdin = is.read_bool()?;
+                },
                 tag => {
                     ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
                 },
@@ -1010,6 +1020,9 @@ impl ::protobuf::Message for CreateContainerRequest {
         if !self.rootfs.is_empty() {
             my_size += ::protobuf::rt::string_size(3, &self.rootfs);
         }
+        if self.stdin != false {
+            my_size += 1 + 1;
+        }
         my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
         self.special_fields.cached_size().set(my_size as u32);
         my_size
@@ -1024,6 +1037,9 @@ impl ::protobuf::Message for CreateContainerRequest {
         }
         if !self.rootfs.is_empty() {
             os.write_string(3, &self.rootfs)?;
+        }
+        if self.stdin != false {
+            os.write_bool(4, self.stdin)?;
         }
         os.write_unknown_fields(self.special_fields.unknown_fields())?;
         ::std::result::Result::Ok(())
@@ -1045,6 +1061,7 @@ impl ::protobuf::Message for CreateContainerRequest {
         self.container_id.clear();
         self.oci_spec_json.clear();
         self.rootfs.clear();
+        self.stdin = false;
         self.special_fields.clear();
     }
 
@@ -1053,6 +1070,7 @@ impl ::protobuf::Message for CreateContainerRequest {
             container_id: ::std::string::String::new(),
             oci_spec_json: ::std::vec::Vec::new(),
             rootfs: ::std::string::String::new(),
+            stdin: false,
             special_fields: ::protobuf::SpecialFields::new(),
         };
         &instance
@@ -1344,6 +1362,8 @@ pub struct ProcessList {
     // message fields
     // @@protoc_insertion_point(field:kata.agent.v1.ProcessList.pids)
     pub pids: ::std::vec::Vec<i32>,
+    // @@protoc_insertion_point(field:kata.agent.v1.ProcessList.init_pid)
+    pub init_pid: i32,
     // special fields
     // @@protoc_insertion_point(special_field:kata.agent.v1.ProcessList.special_fields)
     pub special_fields: ::protobuf::SpecialFields,
@@ -1361,12 +1381,17 @@ impl ProcessList {
     }
 
     fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
-        let mut fields = ::std::vec::Vec::with_capacity(1);
+        let mut fields = ::std::vec::Vec::with_capacity(2);
         let mut oneofs = ::std::vec::Vec::with_capacity(0);
         fields.push(::protobuf::reflect::rt::v2::make_vec_simpler_accessor::<_, _>(
             "pids",
             |m: &ProcessList| { &m.pids },
             |m: &mut ProcessList| { &mut m.pids },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "init_pid",
+            |m: &ProcessList| { &m.init_pid },
+            |m: &mut ProcessList| { &mut m.init_pid },
         ));
         ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<ProcessList>(
             "ProcessList",
@@ -1392,6 +1417,9 @@ impl ::protobuf::Message for ProcessList {
                 8 => {
                     self.pids.push(is.read_int32()?);
                 },
+                16 => {
+                    self.init_pid = is.read_int32()?;
+                },
                 tag => {
                     ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
                 },
@@ -1405,6 +1433,9 @@ impl ::protobuf::Message for ProcessList {
     fn compute_size(&self) -> u64 {
         let mut my_size = 0;
         my_size += ::protobuf::rt::vec_packed_int32_size(1, &self.pids);
+        if self.init_pid != 0 {
+            my_size += ::protobuf::rt::int32_size(2, self.init_pid);
+        }
         my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
         self.special_fields.cached_size().set(my_size as u32);
         my_size
@@ -1412,6 +1443,9 @@ impl ::protobuf::Message for ProcessList {
 
     fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
         os.write_repeated_packed_int32(1, &self.pids)?;
+        if self.init_pid != 0 {
+            os.write_int32(2, self.init_pid)?;
+        }
         os.write_unknown_fields(self.special_fields.unknown_fields())?;
         ::std::result::Result::Ok(())
     }
@@ -1430,12 +1464,14 @@ impl ::protobuf::Message for ProcessList {
 
     fn clear(&mut self) {
         self.pids.clear();
+        self.init_pid = 0;
         self.special_fields.clear();
     }
 
     fn default_instance() -> &'static ProcessList {
         static instance: ProcessList = ProcessList {
             pids: ::std::vec::Vec::new(),
+            init_pid: 0,
             special_fields: ::protobuf::SpecialFields::new(),
         };
         &instance
@@ -1469,6 +1505,8 @@ pub struct ExecProcessRequest {
     pub exec_id: ::std::string::String,
     // @@protoc_insertion_point(field:kata.agent.v1.ExecProcessRequest.oci_process_json)
     pub oci_process_json: ::std::vec::Vec<u8>,
+    // @@protoc_insertion_point(field:kata.agent.v1.ExecProcessRequest.stdin)
+    pub stdin: bool,
     // special fields
     // @@protoc_insertion_point(special_field:kata.agent.v1.ExecProcessRequest.special_fields)
     pub special_fields: ::protobuf::SpecialFields,
@@ -1486,7 +1524,7 @@ impl ExecProcessRequest {
     }
 
     fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
-        let mut fields = ::std::vec::Vec::with_capacity(3);
+        let mut fields = ::std::vec::Vec::with_capacity(4);
         let mut oneofs = ::std::vec::Vec::with_capacity(0);
         fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
             "container_id",
@@ -1502,6 +1540,11 @@ impl ExecProcessRequest {
             "oci_process_json",
             |m: &ExecProcessRequest| { &m.oci_process_json },
             |m: &mut ExecProcessRequest| { &mut m.oci_process_json },
+        ));
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "stdin",
+            |m: &ExecProcessRequest| { &m.stdin },
+            |m: &mut ExecProcessRequest| { &mut m.stdin },
         ));
         ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<ExecProcessRequest>(
             "ExecProcessRequest",
@@ -1530,6 +1573,9 @@ impl ::protobuf::Message for ExecProcessRequest {
                 26 => {
                     self.oci_process_json = is.read_bytes()?;
                 },
+                32 => {
+                    self.stdin = is.read_bool()?;
+                },
                 tag => {
                     ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
                 },
@@ -1551,6 +1597,9 @@ impl ::protobuf::Message for ExecProcessRequest {
         if !self.oci_process_json.is_empty() {
             my_size += ::protobuf::rt::bytes_size(3, &self.oci_process_json);
         }
+        if self.stdin != false {
+            my_size += 1 + 1;
+        }
         my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
         self.special_fields.cached_size().set(my_size as u32);
         my_size
@@ -1565,6 +1614,9 @@ impl ::protobuf::Message for ExecProcessRequest {
         }
         if !self.oci_process_json.is_empty() {
             os.write_bytes(3, &self.oci_process_json)?;
+        }
+        if self.stdin != false {
+            os.write_bool(4, self.stdin)?;
         }
         os.write_unknown_fields(self.special_fields.unknown_fields())?;
         ::std::result::Result::Ok(())
@@ -1586,6 +1638,7 @@ impl ::protobuf::Message for ExecProcessRequest {
         self.container_id.clear();
         self.exec_id.clear();
         self.oci_process_json.clear();
+        self.stdin = false;
         self.special_fields.clear();
     }
 
@@ -1594,6 +1647,7 @@ impl ::protobuf::Message for ExecProcessRequest {
             container_id: ::std::string::String::new(),
             exec_id: ::std::string::String::new(),
             oci_process_json: ::std::vec::Vec::new(),
+            stdin: false,
             special_fields: ::protobuf::SpecialFields::new(),
         };
         &instance
@@ -4441,69 +4495,71 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     \x14host_time_unix_nanos\x18\x05\x20\x01(\x03R\x11hostTimeUnixNanos\x12\
     \x18\n\x07entropy\x18\x06\x20\x01(\x0cR\x07entropy\"F\n\x13SetGuestTimeR\
     equest\x12/\n\x14host_time_unix_nanos\x18\x01\x20\x01(\x03R\x11hostTimeU\
-    nixNanos\"w\n\x16CreateContainerRequest\x12!\n\x0ccontainer_id\x18\x01\
-    \x20\x01(\tR\x0bcontainerId\x12\"\n\roci_spec_json\x18\x02\x20\x01(\x0cR\
-    \x0bociSpecJson\x12\x16\n\x06rootfs\x18\x03\x20\x01(\tR\x06rootfs\"5\n\
-    \x10ContainerRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bconta\
-    inerId\"m\n\x16UpdateContainerRequest\x12!\n\x0ccontainer_id\x18\x01\x20\
-    \x01(\tR\x0bcontainerId\x120\n\x14linux_resources_json\x18\x02\x20\x01(\
-    \x0cR\x12linuxResourcesJson\"!\n\x0bProcessList\x12\x12\n\x04pids\x18\
-    \x01\x20\x03(\x05R\x04pids\"z\n\x12ExecProcessRequest\x12!\n\x0ccontaine\
-    r_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\
-    \x01(\tR\x06execId\x12(\n\x10oci_process_json\x18\x03\x20\x01(\x0cR\x0eo\
-    ciProcessJson\"L\n\x0eProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\
-    \x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06exec\
-    Id\"|\n\x14SignalProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\
+    nixNanos\"\x8d\x01\n\x16CreateContainerRequest\x12!\n\x0ccontainer_id\
+    \x18\x01\x20\x01(\tR\x0bcontainerId\x12\"\n\roci_spec_json\x18\x02\x20\
+    \x01(\x0cR\x0bociSpecJson\x12\x16\n\x06rootfs\x18\x03\x20\x01(\tR\x06roo\
+    tfs\x12\x14\n\x05stdin\x18\x04\x20\x01(\x08R\x05stdin\"5\n\x10ContainerR\
+    equest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\"m\n\
+    \x16UpdateContainerRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\
+    \x0bcontainerId\x120\n\x14linux_resources_json\x18\x02\x20\x01(\x0cR\x12\
+    linuxResourcesJson\"<\n\x0bProcessList\x12\x12\n\x04pids\x18\x01\x20\x03\
+    (\x05R\x04pids\x12\x19\n\x08init_pid\x18\x02\x20\x01(\x05R\x07initPid\"\
+    \x90\x01\n\x12ExecProcessRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\
     \tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\
-    \x12\x16\n\x06signal\x18\x03\x20\x01(\rR\x06signal\x12\x10\n\x03all\x18\
-    \x04\x20\x01(\x08R\x03all\"_\n\x0bProcessExit\x12\x1f\n\x0bexit_status\
-    \x18\x01\x20\x01(\x05R\nexitStatus\x12/\n\x14exited_at_unix_nanos\x18\
-    \x02\x20\x01(\x03R\x11exitedAtUnixNanos\"!\n\x0bOutputChunk\x12\x12\n\
-    \x04data\x18\x01\x20\x01(\x0cR\x04data\"\\\n\nStdinChunk\x12!\n\x0cconta\
-    iner_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\
-    \x20\x01(\tR\x06execId\x12\x12\n\x04data\x18\x03\x20\x01(\x0cR\x04data\"\
-    v\n\x10ResizeTtyRequest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bco\
-    ntainerId\x12\x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12\x12\n\
-    \x04rows\x18\x03\x20\x01(\rR\x04rows\x12\x12\n\x04cols\x18\x04\x20\x01(\
-    \rR\x04cols\"g\n\x08CpuStats\x12\x1d\n\nusage_usec\x18\x01\x20\x01(\x04R\
-    \tusageUsec\x12\x1b\n\tuser_usec\x18\x02\x20\x01(\x04R\x08userUsec\x12\
-    \x1f\n\x0bsystem_usec\x18\x03\x20\x01(\x04R\nsystemUsec\"\xac\x01\n\x0bM\
-    emoryStats\x12\x14\n\x05usage\x18\x01\x20\x01(\x04R\x05usage\x12\x14\n\
-    \x05limit\x18\x02\x20\x01(\x04R\x05limit\x128\n\x04stat\x18\x03\x20\x03(\
-    \x0b2$.kata.agent.v1.MemoryStats.StatEntryR\x04stat\x1a7\n\tStatEntry\
-    \x12\x10\n\x03key\x18\x01\x20\x01(\tR\x03key\x12\x14\n\x05value\x18\x02\
-    \x20\x01(\x04R\x05value:\x028\x01\";\n\tPidsStats\x12\x18\n\x07current\
-    \x18\x01\x20\x01(\x04R\x07current\x12\x14\n\x05limit\x18\x02\x20\x01(\
-    \x04R\x05limit\"I\n\x07IoStats\x12\x1d\n\nread_bytes\x18\x01\x20\x01(\
-    \x04R\treadBytes\x12\x1f\n\x0bwrite_bytes\x18\x02\x20\x01(\x04R\nwriteBy\
-    tes\"\xc5\x01\n\x0eContainerStats\x12)\n\x03cpu\x18\x01\x20\x01(\x0b2\
-    \x17.kata.agent.v1.CpuStatsR\x03cpu\x122\n\x06memory\x18\x02\x20\x01(\
-    \x0b2\x1a.kata.agent.v1.MemoryStatsR\x06memory\x12,\n\x04pids\x18\x03\
-    \x20\x01(\x0b2\x18.kata.agent.v1.PidsStatsR\x04pids\x12&\n\x02io\x18\x04\
-    \x20\x01(\x0b2\x16.kata.agent.v1.IoStatsR\x02io\"D\n\tIpAddress\x12\x18\
-    \n\x07address\x18\x01\x20\x01(\tR\x07address\x12\x1d\n\nprefix_len\x18\
-    \x02\x20\x01(\rR\tprefixLen\"\x9a\x01\n\tInterface\x12\x12\n\x04name\x18\
-    \x01\x20\x01(\tR\x04name\x12\x10\n\x03mac\x18\x02\x20\x01(\tR\x03mac\x12\
-    \x10\n\x03mtu\x18\x03\x20\x01(\rR\x03mtu\x126\n\taddresses\x18\x04\x20\
-    \x03(\x0b2\x18.kata.agent.v1.IpAddressR\taddresses\x12\x1d\n\ndevice_mac\
-    \x18\x05\x20\x01(\tR\tdeviceMac\"s\n\x05Route\x12\x20\n\x0bdestination\
-    \x18\x01\x20\x01(\tR\x0bdestination\x12\x18\n\x07gateway\x18\x02\x20\x01\
-    (\tR\x07gateway\x12\x16\n\x06device\x18\x03\x20\x01(\tR\x06device\x12\
-    \x16\n\x06source\x18\x04\x20\x01(\tR\x06source\"C\n\x13UpdateRoutesReque\
-    st\x12,\n\x06routes\x18\x01\x20\x03(\x0b2\x14.kata.agent.v1.RouteR\x06ro\
-    utes\"V\n\x0bArpNeighbor\x12\x1d\n\nip_address\x18\x01\x20\x01(\tR\tipAd\
-    dress\x12\x10\n\x03mac\x18\x02\x20\x01(\tR\x03mac\x12\x16\n\x06device\
-    \x18\x03\x20\x01(\tR\x06device\"R\n\x16AddArpNeighborsRequest\x128\n\tne\
-    ighbors\x18\x01\x20\x03(\x0b2\x1a.kata.agent.v1.ArpNeighborR\tneighbors\
-    \"-\n\x08OomEvent\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontaine\
-    rId*^\n\x0cSharedFsType\x12\x17\n\x13SHARED_FS_TYPE_NONE\x10\0\x12\x1b\n\
-    \x17SHARED_FS_TYPE_VIRTIOFS\x10\x01\x12\x18\n\x14SHARED_FS_TYPE_NINEP\
-    \x10\x022\x8d\x0e\n\x05Agent\x125\n\x05Check\x12\x14.kata.agent.v1.Empty\
-    \x1a\x16.kata.agent.v1.Version\x12A\n\x0cGuestDetails\x12\x14.kata.agent\
-    .v1.Empty\x1a\x1b.kata.agent.v1.GuestDetails\x12J\n\rCreateSandbox\x12#.\
-    kata.agent.v1.CreateSandboxRequest\x1a\x14.kata.agent.v1.Empty\x12<\n\
-    \x0eDestroySandbox\x12\x14.kata.agent.v1.Empty\x1a\x14.kata.agent.v1.Emp\
-    ty\x12H\n\x0cSetGuestTime\x12\".kata.agent.v1.SetGuestTimeRequest\x1a\
+    \x12(\n\x10oci_process_json\x18\x03\x20\x01(\x0cR\x0eociProcessJson\x12\
+    \x14\n\x05stdin\x18\x04\x20\x01(\x08R\x05stdin\"L\n\x0eProcessRequest\
+    \x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07\
+    exec_id\x18\x02\x20\x01(\tR\x06execId\"|\n\x14SignalProcessRequest\x12!\
+    \n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_\
+    id\x18\x02\x20\x01(\tR\x06execId\x12\x16\n\x06signal\x18\x03\x20\x01(\rR\
+    \x06signal\x12\x10\n\x03all\x18\x04\x20\x01(\x08R\x03all\"_\n\x0bProcess\
+    Exit\x12\x1f\n\x0bexit_status\x18\x01\x20\x01(\x05R\nexitStatus\x12/\n\
+    \x14exited_at_unix_nanos\x18\x02\x20\x01(\x03R\x11exitedAtUnixNanos\"!\n\
+    \x0bOutputChunk\x12\x12\n\x04data\x18\x01\x20\x01(\x0cR\x04data\"\\\n\nS\
+    tdinChunk\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\
+    \x17\n\x07exec_id\x18\x02\x20\x01(\tR\x06execId\x12\x12\n\x04data\x18\
+    \x03\x20\x01(\x0cR\x04data\"v\n\x10ResizeTtyRequest\x12!\n\x0ccontainer_\
+    id\x18\x01\x20\x01(\tR\x0bcontainerId\x12\x17\n\x07exec_id\x18\x02\x20\
+    \x01(\tR\x06execId\x12\x12\n\x04rows\x18\x03\x20\x01(\rR\x04rows\x12\x12\
+    \n\x04cols\x18\x04\x20\x01(\rR\x04cols\"g\n\x08CpuStats\x12\x1d\n\nusage\
+    _usec\x18\x01\x20\x01(\x04R\tusageUsec\x12\x1b\n\tuser_usec\x18\x02\x20\
+    \x01(\x04R\x08userUsec\x12\x1f\n\x0bsystem_usec\x18\x03\x20\x01(\x04R\ns\
+    ystemUsec\"\xac\x01\n\x0bMemoryStats\x12\x14\n\x05usage\x18\x01\x20\x01(\
+    \x04R\x05usage\x12\x14\n\x05limit\x18\x02\x20\x01(\x04R\x05limit\x128\n\
+    \x04stat\x18\x03\x20\x03(\x0b2$.kata.agent.v1.MemoryStats.StatEntryR\x04\
+    stat\x1a7\n\tStatEntry\x12\x10\n\x03key\x18\x01\x20\x01(\tR\x03key\x12\
+    \x14\n\x05value\x18\x02\x20\x01(\x04R\x05value:\x028\x01\";\n\tPidsStats\
+    \x12\x18\n\x07current\x18\x01\x20\x01(\x04R\x07current\x12\x14\n\x05limi\
+    t\x18\x02\x20\x01(\x04R\x05limit\"I\n\x07IoStats\x12\x1d\n\nread_bytes\
+    \x18\x01\x20\x01(\x04R\treadBytes\x12\x1f\n\x0bwrite_bytes\x18\x02\x20\
+    \x01(\x04R\nwriteBytes\"\xc5\x01\n\x0eContainerStats\x12)\n\x03cpu\x18\
+    \x01\x20\x01(\x0b2\x17.kata.agent.v1.CpuStatsR\x03cpu\x122\n\x06memory\
+    \x18\x02\x20\x01(\x0b2\x1a.kata.agent.v1.MemoryStatsR\x06memory\x12,\n\
+    \x04pids\x18\x03\x20\x01(\x0b2\x18.kata.agent.v1.PidsStatsR\x04pids\x12&\
+    \n\x02io\x18\x04\x20\x01(\x0b2\x16.kata.agent.v1.IoStatsR\x02io\"D\n\tIp\
+    Address\x12\x18\n\x07address\x18\x01\x20\x01(\tR\x07address\x12\x1d\n\np\
+    refix_len\x18\x02\x20\x01(\rR\tprefixLen\"\x9a\x01\n\tInterface\x12\x12\
+    \n\x04name\x18\x01\x20\x01(\tR\x04name\x12\x10\n\x03mac\x18\x02\x20\x01(\
+    \tR\x03mac\x12\x10\n\x03mtu\x18\x03\x20\x01(\rR\x03mtu\x126\n\taddresses\
+    \x18\x04\x20\x03(\x0b2\x18.kata.agent.v1.IpAddressR\taddresses\x12\x1d\n\
+    \ndevice_mac\x18\x05\x20\x01(\tR\tdeviceMac\"s\n\x05Route\x12\x20\n\x0bd\
+    estination\x18\x01\x20\x01(\tR\x0bdestination\x12\x18\n\x07gateway\x18\
+    \x02\x20\x01(\tR\x07gateway\x12\x16\n\x06device\x18\x03\x20\x01(\tR\x06d\
+    evice\x12\x16\n\x06source\x18\x04\x20\x01(\tR\x06source\"C\n\x13UpdateRo\
+    utesRequest\x12,\n\x06routes\x18\x01\x20\x03(\x0b2\x14.kata.agent.v1.Rou\
+    teR\x06routes\"V\n\x0bArpNeighbor\x12\x1d\n\nip_address\x18\x01\x20\x01(\
+    \tR\tipAddress\x12\x10\n\x03mac\x18\x02\x20\x01(\tR\x03mac\x12\x16\n\x06\
+    device\x18\x03\x20\x01(\tR\x06device\"R\n\x16AddArpNeighborsRequest\x128\
+    \n\tneighbors\x18\x01\x20\x03(\x0b2\x1a.kata.agent.v1.ArpNeighborR\tneig\
+    hbors\"-\n\x08OomEvent\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcon\
+    tainerId*^\n\x0cSharedFsType\x12\x17\n\x13SHARED_FS_TYPE_NONE\x10\0\x12\
+    \x1b\n\x17SHARED_FS_TYPE_VIRTIOFS\x10\x01\x12\x18\n\x14SHARED_FS_TYPE_NI\
+    NEP\x10\x022\xd3\x0e\n\x05Agent\x125\n\x05Check\x12\x14.kata.agent.v1.Em\
+    pty\x1a\x16.kata.agent.v1.Version\x12A\n\x0cGuestDetails\x12\x14.kata.ag\
+    ent.v1.Empty\x1a\x1b.kata.agent.v1.GuestDetails\x12J\n\rCreateSandbox\
+    \x12#.kata.agent.v1.CreateSandboxRequest\x1a\x14.kata.agent.v1.Empty\x12\
+    <\n\x0eDestroySandbox\x12\x14.kata.agent.v1.Empty\x1a\x14.kata.agent.v1.\
+    Empty\x12H\n\x0cSetGuestTime\x12\".kata.agent.v1.SetGuestTimeRequest\x1a\
     \x14.kata.agent.v1.Empty\x12N\n\x0fCreateContainer\x12%.kata.agent.v1.Cr\
     eateContainerRequest\x1a\x14.kata.agent.v1.Empty\x12G\n\x0eStartContaine\
     r\x12\x1f.kata.agent.v1.ContainerRequest\x1a\x14.kata.agent.v1.Empty\x12\
@@ -4516,20 +4572,22 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     \x1a\x1a.kata.agent.v1.ProcessList\x12G\n\x05Stats\x12\x1f.kata.agent.v1\
     .ContainerRequest\x1a\x1d.kata.agent.v1.ContainerStats\x12F\n\x0bExecPro\
     cess\x12!.kata.agent.v1.ExecProcessRequest\x1a\x14.kata.agent.v1.Empty\
-    \x12J\n\rSignalProcess\x12#.kata.agent.v1.SignalProcessRequest\x1a\x14.k\
-    ata.agent.v1.Empty\x12H\n\x0bWaitProcess\x12\x1d.kata.agent.v1.ProcessRe\
-    quest\x1a\x1a.kata.agent.v1.ProcessExit\x12I\n\nReadStdout\x12\x1d.kata.\
-    agent.v1.ProcessRequest\x1a\x1a.kata.agent.v1.OutputChunk0\x01\x12I\n\nR\
-    eadStderr\x12\x1d.kata.agent.v1.ProcessRequest\x1a\x1a.kata.agent.v1.Out\
-    putChunk0\x01\x12?\n\nWriteStdin\x12\x19.kata.agent.v1.StdinChunk\x1a\
-    \x14.kata.agent.v1.Empty(\x01\x12A\n\nCloseStdin\x12\x1d.kata.agent.v1.P\
-    rocessRequest\x1a\x14.kata.agent.v1.Empty\x12B\n\tResizeTty\x12\x1f.kata\
-    .agent.v1.ResizeTtyRequest\x1a\x14.kata.agent.v1.Empty\x12E\n\x0fUpdateI\
-    nterface\x12\x18.kata.agent.v1.Interface\x1a\x18.kata.agent.v1.Interface\
-    \x12H\n\x0cUpdateRoutes\x12\".kata.agent.v1.UpdateRoutesRequest\x1a\x14.\
-    kata.agent.v1.Empty\x12N\n\x0fAddArpNeighbors\x12%.kata.agent.v1.AddArpN\
-    eighborsRequest\x1a\x14.kata.agent.v1.Empty\x12<\n\tOomEvents\x12\x14.ka\
-    ta.agent.v1.Empty\x1a\x17.kata.agent.v1.OomEvent0\x01b\x06proto3\
+    \x12D\n\rRemoveProcess\x12\x1d.kata.agent.v1.ProcessRequest\x1a\x14.kata\
+    .agent.v1.Empty\x12J\n\rSignalProcess\x12#.kata.agent.v1.SignalProcessRe\
+    quest\x1a\x14.kata.agent.v1.Empty\x12H\n\x0bWaitProcess\x12\x1d.kata.age\
+    nt.v1.ProcessRequest\x1a\x1a.kata.agent.v1.ProcessExit\x12I\n\nReadStdou\
+    t\x12\x1d.kata.agent.v1.ProcessRequest\x1a\x1a.kata.agent.v1.OutputChunk\
+    0\x01\x12I\n\nReadStderr\x12\x1d.kata.agent.v1.ProcessRequest\x1a\x1a.ka\
+    ta.agent.v1.OutputChunk0\x01\x12?\n\nWriteStdin\x12\x19.kata.agent.v1.St\
+    dinChunk\x1a\x14.kata.agent.v1.Empty(\x01\x12A\n\nCloseStdin\x12\x1d.kat\
+    a.agent.v1.ProcessRequest\x1a\x14.kata.agent.v1.Empty\x12B\n\tResizeTty\
+    \x12\x1f.kata.agent.v1.ResizeTtyRequest\x1a\x14.kata.agent.v1.Empty\x12E\
+    \n\x0fUpdateInterface\x12\x18.kata.agent.v1.Interface\x1a\x18.kata.agent\
+    .v1.Interface\x12H\n\x0cUpdateRoutes\x12\".kata.agent.v1.UpdateRoutesReq\
+    uest\x1a\x14.kata.agent.v1.Empty\x12N\n\x0fAddArpNeighbors\x12%.kata.age\
+    nt.v1.AddArpNeighborsRequest\x1a\x14.kata.agent.v1.Empty\x12<\n\tOomEven\
+    ts\x12\x14.kata.agent.v1.Empty\x1a\x17.kata.agent.v1.OomEvent0\x01b\x06p\
+    roto3\
 ";
 
 /// `FileDescriptorProto` object which was a source for this generated file

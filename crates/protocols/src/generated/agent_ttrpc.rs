@@ -101,6 +101,11 @@ impl AgentClient {
         ::ttrpc::async_client_request!(self, ctx, req, "kata.agent.v1.Agent", "ExecProcess", cres);
     }
 
+    pub async fn remove_process(&self, ctx: ttrpc::context::Context, req: &super::agent::ProcessRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "kata.agent.v1.Agent", "RemoveProcess", cres);
+    }
+
     pub async fn signal_process(&self, ctx: ttrpc::context::Context, req: &super::agent::SignalProcessRequest) -> ::ttrpc::Result<super::agent::Empty> {
         let mut cres = super::agent::Empty::new();
         ::ttrpc::async_client_request!(self, ctx, req, "kata.agent.v1.Agent", "SignalProcess", cres);
@@ -307,6 +312,17 @@ impl ::ttrpc::r#async::MethodHandler for ExecProcessMethod {
     }
 }
 
+struct RemoveProcessMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for RemoveProcessMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, ProcessRequest, remove_process);
+    }
+}
+
 struct SignalProcessMethod {
     service: Arc<dyn Agent + Send + Sync>,
 }
@@ -472,6 +488,9 @@ pub trait Agent: Sync {
     async fn exec_process(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::ExecProcessRequest) -> ::ttrpc::Result<super::agent::Empty> {
         Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/kata.agent.v1.Agent/ExecProcess is not supported".to_string())))
     }
+    async fn remove_process(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::ProcessRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/kata.agent.v1.Agent/RemoveProcess is not supported".to_string())))
+    }
     async fn signal_process(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::SignalProcessRequest) -> ::ttrpc::Result<super::agent::Empty> {
         Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/kata.agent.v1.Agent/SignalProcess is not supported".to_string())))
     }
@@ -553,6 +572,9 @@ pub fn create_agent(service: Arc<dyn Agent + Send + Sync>) -> HashMap<String, ::
 
     methods.insert("ExecProcess".to_string(),
                     Box::new(ExecProcessMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("RemoveProcess".to_string(),
+                    Box::new(RemoveProcessMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
 
     methods.insert("SignalProcess".to_string(),
                     Box::new(SignalProcessMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);

@@ -251,12 +251,19 @@ impl AgentClient {
     }
 
     /// `oci_spec_json` is the bundle's config.json; `rootfs` is relative to the shared mount
-    /// (or absolute in the guest).
-    pub async fn create_container(&self, container_id: &str, oci_spec_json: &[u8], rootfs: &str) -> Result<()> {
+    /// (or absolute in the guest). Without `stdin` the init reads /dev/null.
+    pub async fn create_container(
+        &self,
+        container_id: &str,
+        oci_spec_json: &[u8],
+        rootfs: &str,
+        stdin: bool,
+    ) -> Result<()> {
         let req = pb::CreateContainerRequest {
             container_id: container_id.into(),
             oci_spec_json: oci_spec_json.to_vec(),
             rootfs: rootfs.into(),
+            stdin,
             ..Default::default()
         };
         self.timed("CreateContainer", self.timeouts.container, |ctx| self.rpc.create_container(ctx, &req)).await?;
@@ -302,10 +309,10 @@ impl AgentClient {
         Ok(())
     }
 
-    pub async fn list_processes(&self, container_id: &str) -> Result<Vec<i32>> {
+    pub async fn list_processes(&self, container_id: &str) -> Result<ProcessList> {
         let req = Self::container_req(container_id);
         let r = self.timed("ListProcesses", self.timeouts.call, |ctx| self.rpc.list_processes(ctx, &req)).await?;
-        Ok(r.pids)
+        Ok(ProcessList { pids: r.pids, init: (r.init_pid > 0).then_some(r.init_pid) })
     }
 
     pub async fn stats(&self, container_id: &str) -> Result<ContainerStats> {
@@ -314,15 +321,29 @@ impl AgentClient {
         Ok(convert::stats(r))
     }
 
-    /// `oci_process_json` is an OCI Process object.
-    pub async fn exec_process(&self, container_id: &str, exec_id: &str, oci_process_json: &[u8]) -> Result<()> {
+    /// `oci_process_json` is an OCI Process object. Without `stdin` the process reads /dev/null.
+    pub async fn exec_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        oci_process_json: &[u8],
+        stdin: bool,
+    ) -> Result<()> {
         let req = pb::ExecProcessRequest {
             container_id: container_id.into(),
             exec_id: exec_id.into(),
             oci_process_json: oci_process_json.to_vec(),
+            stdin,
             ..Default::default()
         };
         self.timed("ExecProcess", self.timeouts.container, |ctx| self.rpc.exec_process(ctx, &req)).await?;
+        Ok(())
+    }
+
+    /// Forgets an exited exec in the guest, so its id can be used again.
+    pub async fn remove_process(&self, process: &ProcessRef) -> Result<()> {
+        let req = convert::process_request(process);
+        self.timed("RemoveProcess", self.timeouts.call, |ctx| self.rpc.remove_process(ctx, &req)).await?;
         Ok(())
     }
 
@@ -527,7 +548,7 @@ mod tests {
     async fn container_lifecycle_carries_exit_status_and_output() {
         let agent = FakeAgent::start().await;
         let client = connect(&agent).await;
-        client.create_container("c1", b"{}", "c1/rootfs").await.expect("create");
+        client.create_container("c1", b"{}", "c1/rootfs", true).await.expect("create");
         client.start_container("c1").await.expect("start");
         let init = ProcessRef::init("c1");
         let mut stdout = client.read_stdout(&init).await.expect("read stdout");
@@ -559,8 +580,8 @@ mod tests {
     async fn exec_carries_stdin_and_exit_status() {
         let agent = FakeAgent::start().await;
         let client = connect(&agent).await;
-        client.create_container("c1", b"{}", "").await.expect("create");
-        client.exec_process("c1", "e1", b"{}").await.expect("exec");
+        client.create_container("c1", b"{}", "", true).await.expect("create");
+        client.exec_process("c1", "e1", b"{}", true).await.expect("exec");
         let exec = ProcessRef::exec("c1", "e1");
         let stdin = client.stdin(&exec).await.expect("stdin");
         stdin.write(b"input").await.expect("write stdin");
@@ -572,24 +593,24 @@ mod tests {
         assert!(agent.calls().contains(&Call::ExecProcess(exec.clone())));
     }
 
-    /// The real agent keeps every exec of a container until the container goes (crates/agent/src/container.rs):
-    /// an exec id cannot be used twice, even after the first exec was waited for and the host forgot it.
+    /// An exec id is taken until the exited exec is removed (containerd clients reuse exec ids).
     #[tokio::test]
-    async fn an_exec_id_stays_taken_after_its_exec_was_waited() {
+    async fn an_exec_id_is_free_again_once_its_exited_exec_is_removed() {
         let agent = FakeAgent::start().await;
         let client = connect(&agent).await;
-        client.create_container("c1", b"{}", "").await.expect("create");
-        client.exec_process("c1", "e1", b"{}").await.expect("exec");
-        let err = client.exec_process("c1", "e1", b"{}").await.expect_err("a running exec's id is taken");
+        let exec = ProcessRef::exec("c1", "e1");
+        client.create_container("c1", b"{}", "", true).await.expect("create");
+        client.exec_process("c1", "e1", b"{}", true).await.expect("exec");
+        let err = client.exec_process("c1", "e1", b"{}", true).await.expect_err("a running exec's id is taken");
         assert_eq!(err.code(), Some(RpcCode::AlreadyExists), "{err}");
-        agent.exit(&ProcessRef::exec("c1", "e1"), 0);
-        client.wait_process(&ProcessRef::exec("c1", "e1")).await.expect("wait");
-        let err = client.exec_process("c1", "e1", b"{}").await.expect_err("a waited exec's id is still taken");
+        let err = client.remove_process(&exec).await.expect_err("a running exec cannot be removed");
+        assert_eq!(err.code(), Some(RpcCode::FailedPrecondition), "{err}");
+        agent.exit(&exec, 0);
+        client.wait_process(&exec).await.expect("wait");
+        let err = client.exec_process("c1", "e1", b"{}", true).await.expect_err("a waited exec's id is still taken");
         assert_eq!(err.code(), Some(RpcCode::AlreadyExists), "{err}");
-        // A new container starts with no execs.
-        client.remove_container("c1").await.expect("remove");
-        client.create_container("c1", b"{}", "").await.expect("create again");
-        client.exec_process("c1", "e1", b"{}").await.expect("the id is free in the new container");
+        client.remove_process(&exec).await.expect("remove the exited exec");
+        client.exec_process("c1", "e1", b"{}", true).await.expect("the id is free again");
     }
 
     #[tokio::test]
@@ -598,13 +619,13 @@ mod tests {
         let client = connect(&agent).await;
         let errors = [
             client.start_container("nope").await.expect_err("start"),
-            client.exec_process("nope", "e1", b"{}").await.expect_err("exec"),
+            client.exec_process("nope", "e1", b"{}", true).await.expect_err("exec"),
             client.wait_process(&ProcessRef::init("nope")).await.expect_err("wait"),
         ];
         for err in errors {
             assert_eq!(err.code(), Some(RpcCode::NotFound), "{err}");
         }
-        client.create_container("c1", b"{}", "").await.expect("create");
+        client.create_container("c1", b"{}", "", true).await.expect("create");
         let err = client.wait_process(&ProcessRef::exec("c1", "nope")).await.expect_err("unknown exec");
         assert_eq!(err.code(), Some(RpcCode::NotFound), "{err}");
     }
@@ -634,7 +655,7 @@ mod tests {
     async fn a_connection_dropped_during_wait_process_is_an_error() {
         let agent = FakeAgent::start().await;
         let client = connect(&agent).await;
-        client.create_container("c1", b"{}", "").await.expect("create");
+        client.create_container("c1", b"{}", "", true).await.expect("create");
         let init = ProcessRef::init("c1");
         let waiter = tokio::spawn({
             let (client, init) = (client.clone(), init.clone());

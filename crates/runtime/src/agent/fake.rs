@@ -39,6 +39,7 @@ pub enum Call {
     ResumeContainer { container_id: String },
     UpdateContainer { container_id: String },
     ExecProcess(ProcessRef),
+    RemoveProcess(ProcessRef),
     SignalProcess { process: ProcessRef, signal: u32, all: bool },
     CloseStdin(ProcessRef),
     ResizeTty { process: ProcessRef, rows: u32, cols: u32 },
@@ -195,13 +196,14 @@ struct Process {
 }
 
 impl Process {
-    fn new() -> Self {
+    /// Without `stdin` the process reads /dev/null: nothing can be written to it.
+    fn new(stdin: bool) -> Self {
         Self {
             exit: watch::channel(None).0,
             stdout: Output::new(),
             stderr: Output::new(),
             stdin: Vec::new(),
-            stdin_closed: false,
+            stdin_closed: !stdin,
         }
     }
 
@@ -370,7 +372,7 @@ impl Agent for Guest {
         if state.containers.contains_key(&id) {
             return Err(status(Code::ALREADY_EXISTS, format!("container '{id}' already exists")));
         }
-        state.containers.insert(id, HashMap::from([(String::new(), Process::new())]));
+        state.containers.insert(id, HashMap::from([(String::new(), Process::new(req.stdin))]));
         Ok(pb::Empty::new())
     }
 
@@ -415,12 +417,27 @@ impl Agent for Guest {
     async fn exec_process(&self, _: &TtrpcContext, req: pb::ExecProcessRequest) -> R<pb::Empty> {
         self.arrive(Some(Call::ExecProcess(process_ref(&req.container_id, &req.exec_id)))).await;
         self.with_container(&req.container_id, |processes| {
-            // Like the real agent, an exec id stays taken for the container's life, even after the exec was
-            // waited: the protocol has no call that forgets an exec.
+            // Like the real agent, an exec id stays taken until RemoveProcess forgets the exited exec.
             if req.exec_id.is_empty() || processes.contains_key(&req.exec_id) {
                 return Err(status(Code::ALREADY_EXISTS, format!("exec id '{}' is already in use", req.exec_id)));
             }
-            processes.insert(req.exec_id.clone(), Process::new());
+            processes.insert(req.exec_id.clone(), Process::new(req.stdin));
+            Ok(pb::Empty::new())
+        })?
+    }
+
+    async fn remove_process(&self, _: &TtrpcContext, req: pb::ProcessRequest) -> R<pb::Empty> {
+        self.arrive(Some(Call::RemoveProcess(process_ref(&req.container_id, &req.exec_id)))).await;
+        self.with_container(&req.container_id, |processes| {
+            match processes.get(&req.exec_id) {
+                _ if req.exec_id.is_empty() => return Err(status(Code::NOT_FOUND, "no exec id".to_string())),
+                None => return Err(status(Code::NOT_FOUND, format!("no process with exec id '{}'", req.exec_id))),
+                Some(p) if !p.exited() => {
+                    return Err(status(Code::FAILED_PRECONDITION, format!("exec '{}' is still running", req.exec_id)))
+                }
+                Some(_) => {}
+            }
+            processes.remove(&req.exec_id);
             Ok(pb::Empty::new())
         })?
     }

@@ -61,6 +61,14 @@ impl ProcessRef {
     }
 }
 
+/// The processes of a container, as guest pids.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessList {
+    pub pids: Vec<i32>,
+    /// The container's init among them, while it runs.
+    pub init: Option<i32>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcessExit {
     /// Exit code, or 128 + signal number.
