@@ -17,9 +17,12 @@ use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxDeviceCgroup, LinuxNamespaceType, LinuxResources, Process as OciProcess, Spec};
+use oci_spec::runtime::{
+    LinuxDeviceCgroup, LinuxNamespaceType, LinuxResources, LinuxSeccomp, Process as OciProcess, Spec,
+};
 
 use crate::device_cgroup;
+use crate::exec_seccomp::SeccompExecutor;
 use crate::io::{ConsoleSocket, IoError, ProcessIo};
 use crate::process::{check_executable, Process, ProcessError, RootView};
 use crate::reaper::Reaper;
@@ -103,10 +106,10 @@ pub struct Container {
     cgroup_dir: PathBuf,
     /// The spec's device rules, which every update keeps.
     devices: Option<Vec<LinuxDeviceCgroup>>,
+    /// The spec's seccomp profile, for exec'd processes too.
+    seccomp: Option<LinuxSeccomp>,
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
-    /// When the init was started, for signals sent before its program is ready (see `start_window`).
-    started: Mutex<Option<std::time::Instant>>,
 }
 
 impl Container {
@@ -133,6 +136,7 @@ impl Container {
         check_process(&view_of(&spec, &rootfs), process)?;
         let tty = process.terminal().unwrap_or(false);
         let devices = spec.linux().as_ref().and_then(|l| l.resources().as_ref()).and_then(|r| r.devices().clone());
+        let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
 
         let bundle = Path::new(BUNDLE_ROOT).join(id);
         std::fs::create_dir_all(&bundle).map_err(|source| ContainerError::Write { path: bundle.clone(), source })?;
@@ -165,9 +169,9 @@ impl Container {
             rootfs,
             cgroup_dir: Path::new(CGROUP_ROOT).join(cgroup_rel.trim_start_matches('/')),
             devices,
+            seccomp,
             init: Arc::new(Process::new(pid, io, exit)),
             execs: Mutex::new(HashMap::new()),
-            started: Mutex::new(None),
         })
     }
 
@@ -179,7 +183,7 @@ impl Container {
     /// the init to go.
     pub async fn start(&self) -> Result<()> {
         self.load()?.start().map_err(lc_err("start the container"))?;
-        *lock(&self.started) = Some(std::time::Instant::now());
+        let _ = self.init.started.set(std::time::Instant::now());
         start_window::wait_for_exec(self.init.pid).await;
         Ok(())
     }
@@ -206,6 +210,7 @@ impl Container {
         let pid = builder
             .with_root_path(STATE_ROOT)
             .map_err(lc_err("set its state root"))?
+            .with_executor(SeccompExecutor { seccomp: self.seccomp.clone() })
             .as_tenant()
             .with_detach(true)
             .with_process(Some(&path))
@@ -217,7 +222,9 @@ impl Container {
         let _ = std::fs::remove_file(&path);
         let io = finish_stdio(io, console)?;
         tracing::info!(id = %self.id, exec_id, %pid, tty, "exec started");
-        lock(&self.execs).insert(exec_id.to_string(), Arc::new(Process::new(pid, io, exit)));
+        let process = Process::new(pid, io, exit);
+        let _ = process.started.set(std::time::Instant::now());
+        lock(&self.execs).insert(exec_id.to_string(), Arc::new(process));
         Ok(())
     }
 
@@ -260,16 +267,8 @@ impl Container {
         if process.exit().is_some() {
             return Ok(());
         }
-        match nix::sys::signal::kill(process.pid, sig) {
-            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-            Err(source) => return Err(ContainerError::Signal { pid: process.pid.as_raw(), source }),
-        }
-        if exec_id.is_empty() {
-            if let Some(started) = *lock(&self.started) {
-                start_window::redeliver(process, sig, started);
-            }
-        }
-        Ok(())
+        let pid = process.pid;
+        start_window::deliver(process, sig).map_err(|source| ContainerError::Signal { pid: pid.as_raw(), source })
     }
 
     pub fn pause(&self) -> Result<()> {

@@ -4,6 +4,7 @@
 
 mod container;
 mod device_cgroup;
+mod exec_seccomp;
 mod init;
 mod io;
 mod mount;

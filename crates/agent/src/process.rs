@@ -27,11 +27,13 @@ pub struct Process {
     pub pid: Pid,
     pub io: Arc<ProcessIo>,
     exit: ExitWatch,
+    /// When its program was started: at exec for an exec, at StartContainer for an init.
+    pub started: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl Process {
     pub fn new(pid: Pid, io: ProcessIo, exit: ExitWatch) -> Self {
-        Self { pid, io: Arc::new(io), exit }
+        Self { pid, io: Arc::new(io), exit, started: std::sync::OnceLock::new() }
     }
 
     pub fn exit(&self) -> Option<ExitInfo> {

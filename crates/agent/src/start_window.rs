@@ -1,12 +1,13 @@
-//! The moment between a container's start and its program being ready for signals.
+//! The moment between a process's start and its program being ready for signals.
 //!
 //! runc's `start` returns once the container's program was executed; libcontainer's returns once it told the
-//! container's init to go, before the exec. And a container's init is PID 1 of its PID namespace, which drops
-//! every signal it has no handler for (SIGKILL aside). So a SIGTERM sent right after start (Kubernetes stops a
-//! container it just started) can reach a program that has not installed its handler yet, and is lost: the
-//! stop then waits out the whole grace period. Two defences: start returns only after the exec, as runc's does
-//! ([`wait_for_exec`]), and for a while after start a signal the init would drop is delivered again once the
-//! program handles (or ignores) it ([`redeliver`]).
+//! container's init to go, before the exec. Under emulation a program also takes far longer to reach the point
+//! where it installs its handlers. So a SIGTERM sent right after start (Kubernetes stops a container it just
+//! started) reaches a program that has no handler yet: PID 1 of a PID namespace drops it (the stop then waits
+//! out its whole grace period), any other process dies of it instead of running its handler. Three defences:
+//! start returns only after the exec, as runc's does ([`wait_for_exec`]); a signal that PID 1 would drop is
+//! delivered again once the program handles it, for [`HOLD_AFTER_START`]; and a signal that would kill any
+//! other young process by default waits for its handler, for at most [`SETTLE`] after its start.
 
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
@@ -17,8 +18,10 @@ use nix::unistd::Pid;
 
 use crate::process::Process;
 
-/// For how long after start a dropped signal is held for the program.
+/// For how long after start a signal PID 1 dropped is delivered again once its program handles it.
 pub const HOLD_AFTER_START: Duration = Duration::from_secs(10);
+/// For how long after start a signal that would kill a process by default waits for the program's handler.
+pub const SETTLE: Duration = Duration::from_secs(1);
 /// The longest start waits for the exec (libcontainer's init has little left to do by then).
 const EXEC_WAIT: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(2);
@@ -64,37 +67,66 @@ fn read_state(pid: Pid) -> Option<SignalState> {
     parse_status(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
 }
 
-fn would_drop(state: SignalState, signal: Signal) -> bool {
-    let forced = matches!(signal, Signal::SIGKILL | Signal::SIGSTOP);
-    let bit = 1u64 << ((signal as i32) - 1);
-    state.namespace_init && !forced && state.disposed & bit == 0
+/// Sends `signal` to `process`, minding its start: see the module documentation.
+pub fn deliver(process: Arc<Process>, signal: Signal) -> nix::Result<()> {
+    let young = |window: Duration| process.started.get().is_some_and(|at| at.elapsed() < window);
+    let state = read_state(process.pid);
+    let unhandled = state.is_some_and(|s| !forced(signal) && s.disposed & bit(signal) == 0);
+    if unhandled && state.is_some_and(|s| !s.namespace_init) && young(SETTLE) {
+        let until = process.started.get().map_or_else(Instant::now, |at| *at + SETTLE);
+        tokio::spawn(async move {
+            wait_for_handler(&process, signal, until).await;
+            send(&process, signal);
+        });
+        return Ok(());
+    }
+    kill(process.pid, signal)?;
+    if unhandled && young(HOLD_AFTER_START) {
+        let until = process.started.get().map_or_else(Instant::now, |at| *at + HOLD_AFTER_START);
+        tokio::spawn(async move {
+            if wait_for_handler(&process, signal, until).await {
+                tracing::info!(pid = %process.pid, ?signal, "the program now handles the signal it missed; delivering it");
+                send(&process, signal);
+            }
+        });
+    }
+    Ok(())
 }
 
-/// Called after `signal` was sent to `process`, a container's init started at `started`: if the init dropped
-/// it for want of a handler, sends it again as soon as the program handles it, until [`HOLD_AFTER_START`] after
-/// start or the process exits.
-pub fn redeliver(process: Arc<Process>, signal: Signal, started: Instant) {
-    let until = started + HOLD_AFTER_START;
-    if Instant::now() >= until || !read_state(process.pid).is_some_and(|s| would_drop(s, signal)) {
-        return;
+fn kill(pid: Pid, signal: Signal) -> nix::Result<()> {
+    match nix::sys::signal::kill(pid, signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e),
     }
-    tokio::spawn(async move {
-        while Instant::now() < until {
-            tokio::time::sleep(REDELIVERY_POLL).await;
-            if process.exit().is_some() {
-                return;
-            }
-            match read_state(process.pid) {
-                None => return,
-                Some(state) if !would_drop(state, signal) => {
-                    tracing::info!(pid = %process.pid, ?signal, "the program now handles the signal it missed; delivering it");
-                    let _ = nix::sys::signal::kill(process.pid, signal);
-                    return;
-                }
-                Some(_) => {}
-            }
+}
+
+fn send(process: &Process, signal: Signal) {
+    if process.exit().is_none() {
+        let _ = kill(process.pid, signal);
+    }
+}
+
+/// Polls until the program handles (or ignores) `signal`: true then; false when `until` passed or it exited.
+async fn wait_for_handler(process: &Process, signal: Signal, until: Instant) -> bool {
+    while Instant::now() < until {
+        if process.exit().is_some() {
+            return false;
         }
-    });
+        match read_state(process.pid) {
+            None => return false,
+            Some(state) if state.disposed & bit(signal) != 0 => return true,
+            Some(_) => tokio::time::sleep(REDELIVERY_POLL).await,
+        }
+    }
+    false
+}
+
+fn forced(signal: Signal) -> bool {
+    matches!(signal, Signal::SIGKILL | Signal::SIGSTOP)
+}
+
+fn bit(signal: Signal) -> u64 {
+    1u64 << ((signal as i32) - 1)
 }
 
 #[cfg(test)]
@@ -108,13 +140,28 @@ mod tests {
     fn status_gives_namespace_init_and_dispositions() {
         let state = parse_status(STATUS).expect("parsed");
         assert_eq!(state, SignalState { namespace_init: true, disposed: 0x4006 });
-        assert!(!would_drop(state, Signal::SIGTERM), "SIGTERM (15) has a handler");
-        assert!(!would_drop(state, Signal::SIGQUIT), "SIGQUIT (3) is ignored: nothing to wait for");
-        assert!(would_drop(state, Signal::SIGUSR1));
-        assert!(!would_drop(state, Signal::SIGKILL));
+        assert_ne!(state.disposed & bit(Signal::SIGTERM), 0, "SIGTERM (15) has a handler");
+        assert_ne!(state.disposed & bit(Signal::SIGQUIT), 0, "SIGQUIT (3) is ignored");
+        assert_eq!(state.disposed & bit(Signal::SIGUSR1), 0);
         let not_init = parse_status(&STATUS.replace("\t812\t1", "\t812\t7")).expect("parsed");
-        assert!(!would_drop(not_init, Signal::SIGUSR1), "only a namespace's init drops signals");
+        assert!(!not_init.namespace_init);
         assert_eq!(parse_status("Name:\tsh\n"), None);
+    }
+
+    #[tokio::test]
+    async fn a_young_process_gets_a_signal_once_its_handler_is_installed() {
+        // sh installs its TERM handler after a pause: a TERM sent before must still reach the handler.
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 0.3; trap 'exit 42' TERM; while :; do sleep 0.05; done"])
+            .spawn()
+            .expect("spawn sh");
+        let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        let (_tx, exit) = tokio::sync::watch::channel(None);
+        let process = Arc::new(Process::new(pid, crate::io::ProcessIo::default(), exit));
+        let _ = process.started.set(Instant::now());
+        deliver(process, Signal::SIGTERM).expect("deliver");
+        let status = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+        assert_eq!(status.code(), Some(42), "the TERM waited for the handler: {status:?}");
     }
 
     #[tokio::test]
