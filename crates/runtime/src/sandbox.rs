@@ -154,6 +154,7 @@ impl Sandbox {
             processes: vec![],
             shim_pid: Some(std::process::id()),
             netns: opts.netns.clone(),
+            disable_guest_seccomp: opts.config.runtime.disable_guest_seccomp,
             ..Default::default()
         };
         state.save(&p.state_file())?;
@@ -341,7 +342,8 @@ impl Sandbox {
             return Err(e.into());
         }
         let result = async {
-            let (guest_spec, binds) = spec::for_guest(spec, id, pod_sandbox)?;
+            let seccomp = !crate::lifecycle::lock(&self.persister.base).disable_guest_seccomp;
+            let (guest_spec, binds) = spec::for_guest(spec, id, pod_sandbox, seccomp)?;
             for bind in &binds {
                 self.share_bind(&root, bind)?;
             }

@@ -37,15 +37,20 @@ pub fn is_bind(m: &Mount) -> bool {
 }
 
 /// Returns the guest spec (as JSON) and the host paths that must be shared for its bind mounts. `pod_sandbox`
-/// is the pod's sandbox container when `container_id` is another container of the pod.
+/// is the pod's sandbox container when `container_id` is another container of the pod; without `seccomp`
+/// (`runtime.disable_guest_seccomp`) the spec's seccomp profile is dropped.
 pub fn for_guest(
     spec: &Spec,
     container_id: &str,
     pod_sandbox: Option<&str>,
+    seccomp: bool,
 ) -> Result<(Vec<u8>, Vec<SharedBind>), SpecError> {
     let mut spec = spec.clone();
     spec.set_hooks(None);
     if let Some(linux) = spec.linux_mut() {
+        if !seccomp {
+            linux.set_seccomp(None);
+        }
         if let Some(namespaces) = linux.namespaces_mut() {
             namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
             for ns in namespaces.iter_mut() {
@@ -115,7 +120,7 @@ mod tests {
                 ]
             }
         }));
-        let (json, binds) = for_guest(&spec, "c1", None).unwrap();
+        let (json, binds) = for_guest(&spec, "c1", None, true).unwrap();
         assert!(binds.is_empty());
         let out: serde_json::Value = serde_json::from_slice(&json).unwrap();
         assert!(out.get("hooks").is_none() || out["hooks"].is_null());
@@ -140,7 +145,7 @@ mod tests {
                 ]
             }
         }));
-        let (json, _) = for_guest(&spec, "app", Some("pause")).unwrap();
+        let (json, _) = for_guest(&spec, "app", Some("pause"), true).unwrap();
         let out: serde_json::Value = serde_json::from_slice(&json).unwrap();
         let paths: Vec<_> = out["linux"]["namespaces"]
             .as_array()
@@ -164,6 +169,18 @@ mod tests {
     }
 
     #[test]
+    fn seccomp_is_kept_unless_disabled() {
+        let spec = spec_from(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "linux": {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]}}
+        }));
+        let kept: serde_json::Value = serde_json::from_slice(&for_guest(&spec, "c1", None, true).unwrap().0).unwrap();
+        assert_eq!(kept["linux"]["seccomp"]["syscalls"][0]["names"][0], "mkdir");
+        let dropped: serde_json::Value = serde_json::from_slice(&for_guest(&spec, "c1", None, false).unwrap().0).unwrap();
+        assert!(dropped["linux"].get("seccomp").is_none_or(|s| s.is_null()), "{dropped}");
+    }
+
+    #[test]
     fn bind_mounts_are_shared_and_rewritten() {
         let dir = tempfile::tempdir().unwrap();
         let spec = spec_from(serde_json::json!({
@@ -173,7 +190,7 @@ mod tests {
                 {"destination": "/data", "type": "bind", "source": dir.path(), "options": ["rbind", "ro"]}
             ]
         }));
-        let (json, binds) = for_guest(&spec, "c1", None).unwrap();
+        let (json, binds) = for_guest(&spec, "c1", None, true).unwrap();
         assert_eq!(
             binds,
             [SharedBind { host_source: dir.path().into(), shared_path: "c1/mounts/1".into(), read_only: true }]
@@ -189,7 +206,7 @@ mod tests {
             "ociVersion": "1.0.2",
             "mounts": [{"destination": "/data", "type": "bind", "source": "/nonexistent/x", "options": ["rbind"]}]
         }));
-        let err = for_guest(&spec, "c1", None).unwrap_err().to_string();
+        let err = for_guest(&spec, "c1", None, true).unwrap_err().to_string();
         assert_eq!(err, "mount /data: source /nonexistent/x does not exist on the host");
     }
 }

@@ -46,6 +46,9 @@ pub struct SandboxState {
     /// The containers and their processes, as of the last change.
     #[serde(default)]
     pub containers: Vec<ContainerRecord>,
+    /// `runtime.disable_guest_seccomp`: containers' seccomp profiles are dropped from their guest specs.
+    #[serde(default)]
+    pub disable_guest_seccomp: bool,
 }
 
 /// A container as persisted.

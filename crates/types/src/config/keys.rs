@@ -11,8 +11,7 @@
 /// side: `debug_console_enabled`, `extra_monitor_socket`, `guest_memory_dump_path`,
 /// `disable_new_netns`, `sandbox_bind_mounts` ask for access kata-rs never grants; `valid_jailer_paths`
 /// only allows a `jailer_path` annotation kata-rs refuses; the `snp_*`/`tdx_*` keys only matter with
-/// `confidential_guest = true`, which is refused. `runtime.disable_guest_seccomp` stays a warning
-/// until the agent applies seccomp profiles.
+/// `confidential_guest = true`, which is refused.
 pub(crate) const KATA_IGNORED_KEYS: &[&str] = &[
     // [hypervisor.qemu]
     "hypervisor.qemu.block_device_aio",
@@ -81,7 +80,6 @@ pub(crate) const KATA_IGNORED_KEYS: &[&str] = &[
     "runtime.create_container_timeout",
     "runtime.dan_conf",
     "runtime.disable_guest_empty_dir",
-    "runtime.disable_guest_seccomp",
     "runtime.disable_new_netns",
     "runtime.enable_cpu_memory_hotplug",
     "runtime.enable_pprof",

@@ -198,6 +198,8 @@ pub struct RuntimeConfig {
     pub internetworking_model: InterNetworkingModel,
     /// Put all sandbox threads (QEMU, helpers) in the sandbox cgroup only.
     pub sandbox_cgroup_only: bool,
+    /// Do not apply containers' seccomp profiles in the guest (Kata's key; false applies them, as runc does).
+    pub disable_guest_seccomp: bool,
     /// Debug-level runtime and shim logs.
     pub enable_debug: bool,
     /// Experimental features to enable, by name.
@@ -209,6 +211,7 @@ impl Default for RuntimeConfig {
         Self {
             internetworking_model: InterNetworkingModel::TcFilter,
             sandbox_cgroup_only: false,
+            disable_guest_seccomp: false,
             enable_debug: false,
             experimental: Vec::new(),
         }
@@ -338,6 +341,6 @@ mod tests {
         assert!(keys.contains(&"hypervisor.qemu.kernel".to_owned()));
         assert!(keys.contains(&"agent.kata.dial_timeout".to_owned()));
         assert!(keys.contains(&"factory.template_path".to_owned()));
-        assert_eq!(keys.len(), 23 + 2 + 4 + 2);
+        assert_eq!(keys.len(), 23 + 2 + 5 + 2);
     }
 }
