@@ -20,6 +20,8 @@ pub enum SpecError {
     Encode(#[from] serde_json::Error),
     #[error("mount {destination}: source {} does not exist on the host", path.display())]
     MissingSource { destination: String, path: PathBuf },
+    #[error("{mode} pods are not supported: the VM cannot share the host's {what} namespace (the OCI spec has none)")]
+    HostNamespace { mode: &'static str, what: &'static str },
 }
 
 /// A host path to share into the guest for one bind mount of the spec.
@@ -48,6 +50,16 @@ pub fn for_guest(
     let mut spec = spec.clone();
     spec.set_hooks(None);
     if let Some(linux) = spec.linux_mut() {
+        // A spec without a PID or IPC namespace asks to share the host's (hostPID, hostIPC): in the guest it would
+        // share the VM's own, the agent's and every container's, which is neither.
+        let namespaces = linux.namespaces().clone().unwrap_or_default();
+        for (typ, mode, what) in
+            [(LinuxNamespaceType::Pid, "hostPID", "PID"), (LinuxNamespaceType::Ipc, "hostIPC", "IPC")]
+        {
+            if !namespaces.iter().any(|ns| ns.typ() == typ) {
+                return Err(SpecError::HostNamespace { mode, what });
+            }
+        }
         if !seccomp {
             linux.set_seccomp(None);
         }
@@ -172,12 +184,28 @@ mod tests {
     fn seccomp_is_kept_unless_disabled() {
         let spec = spec_from(serde_json::json!({
             "ociVersion": "1.0.2",
-            "linux": {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]}}
+            "linux": {
+                "namespaces": [{"type": "pid"}, {"type": "ipc"}],
+                "seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]}
+            }
         }));
         let kept: serde_json::Value = serde_json::from_slice(&for_guest(&spec, "c1", None, true).unwrap().0).unwrap();
         assert_eq!(kept["linux"]["seccomp"]["syscalls"][0]["names"][0], "mkdir");
-        let dropped: serde_json::Value = serde_json::from_slice(&for_guest(&spec, "c1", None, false).unwrap().0).unwrap();
+        let dropped: serde_json::Value =
+            serde_json::from_slice(&for_guest(&spec, "c1", None, false).unwrap().0).unwrap();
         assert!(dropped["linux"].get("seccomp").is_none_or(|s| s.is_null()), "{dropped}");
+    }
+
+    #[test]
+    fn host_pid_and_ipc_are_refused_with_the_reason() {
+        for (namespaces, expected) in [
+            (serde_json::json!([{"type": "ipc"}, {"type": "mount"}]), "hostPID pods are not supported"),
+            (serde_json::json!([{"type": "pid"}]), "hostIPC pods are not supported"),
+        ] {
+            let spec = spec_from(serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": namespaces}}));
+            let err = for_guest(&spec, "c1", None, true).unwrap_err().to_string();
+            assert!(err.starts_with(expected), "{err}");
+        }
     }
 
     #[test]

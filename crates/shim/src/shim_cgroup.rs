@@ -104,4 +104,25 @@ mod tests {
         join_under(root.path(), 7, "pods/p1").expect("join");
         assert_eq!(std::fs::read_to_string(root.path().join("pods/p1/cgroup.procs")).expect("read"), "7");
     }
+
+    /// On this host's real cgroup filesystem (v1 or v2), as root: a process lands in the named cgroup.
+    #[test]
+    fn a_process_lands_in_a_real_cgroup() {
+        testutil::skip_unless!(
+            (!nix::unistd::geteuid().is_root()).then_some("moving a process between cgroups needs root")
+        );
+        let root = Path::new(CGROUP_ROOT);
+        let name = format!("kata-rs-shim-cgroup-test-{}", std::process::id());
+        let hierarchy = if root.join("cgroup.controllers").exists() { root.to_path_buf() } else { root.join("pids") };
+        let dir = hierarchy.join(&name);
+        std::fs::create_dir(&dir).expect("create a test cgroup");
+        let mut child = std::process::Command::new("/bin/sleep").arg("30").spawn().expect("spawn sleep");
+        let joined = join(child.id(), &format!("/{name}"));
+        let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", child.id())).unwrap_or_default();
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir(&dir);
+        joined.expect("join");
+        assert!(cgroups.lines().any(|l| l.ends_with(&format!(":/{name}"))), "{cgroups}");
+    }
 }

@@ -331,6 +331,35 @@ fn check_shared_pid_pod(cri: &CriClient, containerd: &Containerd, handler: &str,
     pod.remove();
 }
 
+/// What a VM cannot do, refused with the reason: sharing the host's PID or IPC namespace.
+fn check_host_namespaces_refused(cri: &CriClient, host: &HostSide, checks: &mut Checks) {
+    for (mode, name) in [("hostPID", "host-pid"), ("hostIPC", "host-ipc")] {
+        let mut config = pod_config(name, host, NamespaceMode::Pod);
+        let options = config
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .and_then(|c| c.namespace_options.as_mut())
+            .expect("namespace options");
+        if mode == "hostPID" {
+            options.pid = NamespaceMode::Node as i32;
+        } else {
+            options.ipc = NamespaceMode::Node as i32;
+        }
+        let refused = cri.run_pod_sandbox(&config, "kata").map_err(|e| error_chain(&e));
+        let expected = format!("{mode} pods are not supported");
+        checks.check(
+            "hostPID and hostIPC pods are refused with the reason",
+            refused.as_ref().is_err_and(|e| e.contains(&expected)),
+            || format!("{mode}: {refused:?}"),
+        );
+        if let Ok(id) = refused {
+            let _ = cri.stop_pod_sandbox(&id);
+            let _ = cri.remove_pod_sandbox(&id);
+        }
+    }
+}
+
 #[test]
 fn pods_behave_as_with_runc() {
     let parts = testutil::skip_unless!(e2e::cri::kata_pod_parts());
@@ -352,6 +381,7 @@ fn pods_behave_as_with_runc() {
     let mut kata = Checks::default();
     check_pod(&cri, &containerd, "kata", &host, &mut kata);
     check_shared_pid_pod(&cri, &containerd, "kata", &host, &mut kata);
+    check_host_namespaces_refused(&cri, &host, &mut kata);
 
     drop(cleanup);
     drop(cri);
