@@ -151,13 +151,14 @@ fn the_rules_catch_what_they_should() {
         edge("hypervisor", "testutil", "dev"),
         edge("e2e", "testutil", "normal"),
         edge("bench", "e2e", "normal"),
-        edge("kata-runtime", "hypervisor", "normal"),
+        edge("kata-runtime", "runtime", "normal"),
     ];
     for e in &allowed {
         assert_eq!(violation(e), None, "{e:?}");
     }
     let refused = [
         (edge("containerd-shim-kata-v2", "hypervisor", "normal"), "may use only [runtime, types]"),
+        (edge("kata-runtime", "hypervisor", "normal"), "may use only [runtime, types]"),
         (edge("hypervisor", "runtime", "dev"), "hypervisor (rank 1) depends on runtime (rank 2, dev dependency)"),
         (edge("hypervisor", "protocols", "normal"), "may use only [types]"),
         (edge("kata-agent", "runtime", "build"), "may use only [protocols, types]"),
