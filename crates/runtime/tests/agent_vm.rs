@@ -134,12 +134,15 @@ async fn scenario(vm: &TestVm) -> Result<(), String> {
     // An update without devices (`ctr task update --memory-limit`) keeps the rules the container was created with.
     let all = serde_json::json!({"devices": [{"allow": true, "access": "rwm"}]});
     let spec = spec_json_with("priv", &["sleep", "1000"], false, all);
-    agent.create_container("priv", &spec, "rootfs").await.map_err(|e| e.to_string())?;
+    agent.create_container("priv", &spec, "rootfs", true).await.map_err(|e| e.to_string())?;
     agent.start_container("priv").await.map_err(|e| e.to_string())?;
     let limit = serde_json::json!({"memory": {"limit": 64 * 1024 * 1024}});
     agent.update_container("priv", &serde_json::to_vec(&limit).expect("json")).await.map_err(|e| e.to_string())?;
     let proc = process_json(&["sh", "-c", mknod_write], false);
-    agent.exec_process("priv", "w", &serde_json::to_vec(&proc).expect("json")).await.map_err(|e| e.to_string())?;
+    agent
+        .exec_process("priv", "w", &serde_json::to_vec(&proc).expect("json"), true)
+        .await
+        .map_err(|e| e.to_string())?;
     let p = ProcessRef::exec("priv", "w");
     let mut out = agent.read_stdout(&p).await.map_err(|e| e.to_string())?;
     let exit = agent.wait_process(&p).await.map_err(|e| e.to_string())?;
@@ -153,13 +156,16 @@ async fn scenario(vm: &TestVm) -> Result<(), String> {
     // A long-running container for signals, exec, tty and stats.
     let t = Instant::now();
     agent
-        .create_container("long", &spec_json("long", &["sleep", "1000"], false), "rootfs")
+        .create_container("long", &spec_json("long", &["sleep", "1000"], false), "rootfs", true)
         .await
         .map_err(|e| e.to_string())?;
     agent.start_container("long").await.map_err(|e| e.to_string())?;
     let exec_out = {
         let proc = process_json(&["sh", "-c", "echo from-exec; hostname; exit 5"], false);
-        agent.exec_process("long", "e1", &serde_json::to_vec(&proc).expect("json")).await.map_err(|e| e.to_string())?;
+        agent
+            .exec_process("long", "e1", &serde_json::to_vec(&proc).expect("json"), true)
+            .await
+            .map_err(|e| e.to_string())?;
         let p = ProcessRef::exec("long", "e1");
         let mut out = agent.read_stdout(&p).await.map_err(|e| e.to_string())?;
         let exit = agent.wait_process(&p).await.map_err(|e| e.to_string())?;
@@ -171,7 +177,10 @@ async fn scenario(vm: &TestVm) -> Result<(), String> {
 
     let t = Instant::now();
     let proc = process_json(&["sh", "-c", "read line; stty size; exit 0"], true);
-    agent.exec_process("long", "tty1", &serde_json::to_vec(&proc).expect("json")).await.map_err(|e| e.to_string())?;
+    agent
+        .exec_process("long", "tty1", &serde_json::to_vec(&proc).expect("json"), true)
+        .await
+        .map_err(|e| e.to_string())?;
     let p = ProcessRef::exec("long", "tty1");
     agent.resize_tty(&p, 40, 100).await.map_err(|e| e.to_string())?;
     let mut out = agent.read_stdout(&p).await.map_err(|e| e.to_string())?;
@@ -190,12 +199,15 @@ async fn scenario(vm: &TestVm) -> Result<(), String> {
     assert!(stats.pids.current >= 1, "pids {:?}", stats.pids);
     assert!(stats.memory.usage > 0 && !stats.memory.stat.is_empty());
     let pids = agent.list_processes("long").await.map_err(|e| e.to_string())?;
-    assert!(!pids.is_empty());
+    assert!(!pids.pids.is_empty() && pids.init.is_some(), "{pids:?}");
     step("stats + list_processes", t);
 
     let t = Instant::now();
     let proc = process_json(&["cat"], false);
-    agent.exec_process("long", "cat1", &serde_json::to_vec(&proc).expect("json")).await.map_err(|e| e.to_string())?;
+    agent
+        .exec_process("long", "cat1", &serde_json::to_vec(&proc).expect("json"), true)
+        .await
+        .map_err(|e| e.to_string())?;
     let p = ProcessRef::exec("long", "cat1");
     let mut out = agent.read_stdout(&p).await.map_err(|e| e.to_string())?;
     let stdin = agent.stdin(&p).await.map_err(|e| e.to_string())?;
@@ -221,7 +233,7 @@ async fn scenario(vm: &TestVm) -> Result<(), String> {
     // A 64 MiB dd buffer in a 16 MiB cgroup: the guest kernel OOM-kills it.
     let limit = serde_json::json!({"memory": {"limit": 16 * 1024 * 1024}});
     let spec = spec_json_with("oom", &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"], false, limit);
-    agent.create_container("oom", &spec, "rootfs").await.map_err(|e| e.to_string())?;
+    agent.create_container("oom", &spec, "rootfs", true).await.map_err(|e| e.to_string())?;
     agent.start_container("oom").await.map_err(|e| e.to_string())?;
     let exit = agent.wait_process(&ProcessRef::init("oom")).await.map_err(|e| e.to_string())?;
     assert_eq!(exit.status, 137, "dd over the memory limit must be killed");
@@ -232,7 +244,7 @@ async fn scenario(vm: &TestVm) -> Result<(), String> {
 
     let t = Instant::now();
     let err = agent
-        .create_container("missing", &spec_json("missing", &["no-such-binary", "x"], false), "rootfs")
+        .create_container("missing", &spec_json("missing", &["no-such-binary", "x"], false), "rootfs", true)
         .await
         .expect_err("missing binary must fail");
     let msg = err.to_string();

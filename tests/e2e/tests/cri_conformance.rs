@@ -34,7 +34,7 @@ const NO_MKDIR_PROFILE: &str = r#"{"defaultAction":"SCMP_ACT_ALLOW","architectur
 
 /// Host parts of the pod: a volume holding a script, a profile file, and a shared mount for propagation.
 struct HostSide {
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     logs: PathBuf,
     scripts: PathBuf,
     profile: PathBuf,
@@ -59,7 +59,7 @@ impl HostSide {
         let s = shared.display().to_string();
         run(&["mount", "--bind", &s, &s]);
         run(&["mount", "--make-rshared", &s]);
-        HostSide { dir, logs, scripts, profile, shared }
+        HostSide { _dir: dir, logs, scripts, profile, shared }
     }
 
     /// What the host mounts under the shared volume after the containers started.

@@ -86,7 +86,7 @@ pub fn spec_json(id: &str, args: &[&str], terminal: bool) -> Vec<u8> {
 
 /// [`spec_json`] with `resources` as the spec's `linux.resources`.
 pub fn spec_json_with(id: &str, args: &[&str], terminal: bool, resources: serde_json::Value) -> Vec<u8> {
-    runtime::spec::for_guest(&host_spec(args, terminal, resources), id).expect("guest spec").0
+    runtime::spec::for_guest(&host_spec(args, terminal, resources), id, None, true).expect("guest spec").0
 }
 
 /// The host spec containerd would hand the shim for `args`.
@@ -120,7 +120,7 @@ pub async fn run_container(agent: &AgentClient, id: &str, args: &[&str]) -> (i32
 
 /// Runs one container from the guest spec `spec` to completion: (exit status, stdout, stderr).
 pub async fn run_spec(agent: &AgentClient, id: &str, spec: &[u8]) -> (i32, String, String) {
-    agent.create_container(id, spec, "rootfs").await.unwrap_or_else(|e| panic!("create {id}: {e}"));
+    agent.create_container(id, spec, "rootfs", true).await.unwrap_or_else(|e| panic!("create {id}: {e}"));
     let p = ProcessRef::init(id);
     let mut out = agent.read_stdout(&p).await.expect("stdout stream");
     let mut err = agent.read_stderr(&p).await.expect("stderr stream");
