@@ -187,9 +187,9 @@ fn echo(cri: &CriClient, pod_id: &str, messages: &[Vec<u8>], timeout: Duration) 
 pub fn check_port_forward(cri: &CriClient, pod_id: &str, timeout: Duration, checks: &mut Checks) {
     let line = format!("ping-{}\n", crate::unique_id("pf")).into_bytes();
     // The container may not listen yet: the first echo is retried for a while.
-    let listening = poll(timeout, || echo(cri, pod_id, &[line.clone()], timeout).ok());
+    let listening = poll(timeout, || echo(cri, pod_id, std::slice::from_ref(&line), timeout).ok());
     checks.check("PortForward reaches the pod's port", listening.is_some(), || {
-        echo(cri, pod_id, &[line.clone()], timeout).err().unwrap_or_default()
+        echo(cri, pod_id, std::slice::from_ref(&line), timeout).err().unwrap_or_default()
     });
     let bulk: Vec<u8> = (0..100_000u32).map(|i| b'a' + (i % 26) as u8).collect();
     let first = echo(cri, pod_id, &[line.clone(), bulk], timeout);
