@@ -6,7 +6,7 @@ source "$(dirname "$0")/lib.sh"
 DEBIAN_PACKAGES=(
     qemu-system-x86 containerd runc containernetworking-plugins busybox-static protobuf-compiler
     libcap-ng-dev libseccomp-dev pkg-config linux-source-6.1 bc bison flex libelf-dev libssl-dev
-    cpio xz-utils make gcc iproute2 kmod procps file fonts-dejavu-core
+    cpio xz-utils make gcc iproute2 iptables kmod procps file fonts-dejavu-core
 )
 
 install_debian_packages() {

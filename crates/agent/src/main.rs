@@ -5,6 +5,7 @@
 mod container;
 mod device_cgroup;
 mod exec_seccomp;
+mod forward;
 mod init;
 mod io;
 mod mount;
@@ -142,6 +143,14 @@ async fn run(is_init: bool, listen: &Listen) -> anyhow::Result<()> {
     tracing::info!("kata-agent ready");
     // Over vsock the host waits for a sign of life before it dials; over serial it just writes.
     if is_init && matches!(listen, Listen::Address(_)) {
+        // Port-forward needs vsock: a VM reached over virtio-serial (a template clone) has none. Bound before
+        // readiness is announced, so it listens by the time the host can ask.
+        match forward::listen() {
+            Ok(listener) => {
+                tokio::spawn(forward::serve(listener));
+            }
+            Err(err) => tracing::warn!("port-forward is unavailable: {err}"),
+        }
         tokio::spawn(announce_ready());
     }
     if is_init {

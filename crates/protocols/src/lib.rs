@@ -2,7 +2,8 @@
 //!
 //! Both sides use the generated code re-exported here; each side converts between these wire
 //! types and its internal types in exactly one module (agent: `rpc::convert`, runtime:
-//! `agent::convert`). The network description is the same on both sides, so it lives in [`net`].
+//! `agent::convert`). The network description is the same on both sides, so it lives in [`net`]; the
+//! port-forward stream, which runs beside ttrpc on a vsock port of its own, in [`forward`].
 
 #[allow(
     clippy::all,
@@ -16,6 +17,7 @@ mod generated;
 pub use generated::agent;
 pub use generated::agent_ttrpc;
 
+pub mod forward;
 pub mod net;
 
 /// Bumped on incompatible changes to `proto/agent.proto`.
@@ -23,6 +25,10 @@ pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The vsock port of the agent's port-forward listener: one connection per forwarded TCP connection, speaking
+/// [`forward`]'s protocol.
+pub const PORT_FORWARD_VSOCK_PORT: u32 = 1026;
 
 /// The host port the agent connects to (guest -> host, CID 2) once it listens on [`AGENT_VSOCK_PORT`], so
 /// the host dials only when the guest's vsock is up. Dialling earlier queues a request in vhost-device-vsock

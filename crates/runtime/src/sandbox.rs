@@ -15,6 +15,7 @@ use crate::boot::{self, BootError};
 use crate::factory::{self, FactoryError};
 use crate::host_fs::{self, Root};
 use crate::mounts::{self, MountPoint, MountSpec, MountSyscalls};
+use crate::network::port_forward::PortForward;
 use crate::network::{self, PodNetwork};
 use crate::paths::{self, SandboxPaths};
 use crate::persist::Persister;
@@ -111,6 +112,9 @@ pub struct Sandbox {
     vm_exit: watch::Receiver<Option<VmExit>>,
     pub(crate) containers: crate::lifecycle::Containers,
     pub(crate) persister: Persister,
+    /// CRI port-forward into the VM, when the pod has a network namespace and it could be set up. Only the
+    /// process that started the sandbox serves it.
+    port_forward: std::sync::Mutex<Option<PortForward>>,
 }
 
 impl std::fmt::Debug for dyn MountSyscalls {
@@ -251,10 +255,25 @@ impl Sandbox {
             let _ = vm.stop().await;
             return Err(e.into());
         }
+        let port_forward = match &opts.netns {
+            Some(netns) => PortForward::start_or_log(&opts.id, netns, vm.agent_endpoint()).await,
+            None => None,
+        };
+        state.port_forward = port_forward.as_ref().map(PortForward::port);
         let persister = Persister::new(p.state_file(), state);
         persister.save();
         let containers = persister.containers.clone();
-        Ok(Sandbox { id: opts.id.clone(), paths: p.clone(), vm, agent, sys, vm_exit, containers, persister })
+        Ok(Sandbox {
+            id: opts.id.clone(),
+            paths: p.clone(),
+            vm,
+            agent,
+            sys,
+            vm_exit,
+            containers,
+            persister,
+            port_forward: std::sync::Mutex::new(port_forward),
+        })
     }
 
     /// Finds a running sandbox by id from its persisted state, as another process left it: attaches to its VM,
@@ -278,8 +297,17 @@ impl Sandbox {
         let records = state.containers.clone();
         let persister = Persister::new(p.state_file(), state);
         let containers = persister.containers.clone();
-        let sandbox =
-            Sandbox { id: id.to_string(), paths: p, vm, agent, sys: host.mounts, vm_exit, containers, persister };
+        let sandbox = Sandbox {
+            id: id.to_string(),
+            paths: p,
+            vm,
+            agent,
+            sys: host.mounts,
+            vm_exit,
+            containers,
+            persister,
+            port_forward: Default::default(),
+        };
         crate::persist::restore_containers(&sandbox, &records);
         tracing::info!(sandbox = id, containers = records.len(), "connected to a running sandbox");
         Ok(sandbox)
@@ -387,6 +415,13 @@ impl Sandbox {
     /// have already reached the host (virtio-fs and 9p write through).
     pub async fn stop(&self) -> Result<(), SandboxError> {
         self.persister.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Its sockets pin the pod's network namespace, which containerd removes next.
+        let port_forward = self.port_forward.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some(port_forward) = port_forward {
+            if let Err(e) = port_forward.stop().await {
+                tracing::warn!(sandbox = %self.id, error = %crate::error_chain(&e), "stopping port-forward");
+            }
+        }
         let stopped = self.vm.stop().await;
         state::cleanup(&*self.sys, &self.paths).await?;
         stopped.map_err(SandboxError::Vm)

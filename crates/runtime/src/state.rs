@@ -37,6 +37,9 @@ pub struct SandboxState {
     /// The pod network namespace whose taps and tc filters we added.
     #[serde(default)]
     pub netns: Option<PathBuf>,
+    /// The port of the shim's port-forward listener in `netns`, whose iptables redirect cleanup removes.
+    #[serde(default)]
+    pub port_forward: Option<u16>,
     /// The VM's configuration (without its tap fds), to attach to it again.
     #[serde(default)]
     pub vm: Option<VmConfig>,
@@ -118,6 +121,12 @@ pub async fn cleanup(sys: &dyn MountSyscalls, paths: &SandboxPaths) -> Result<Cl
         summary.killed = report.killed;
         if let Some(netns) = &state.netns {
             crate::network::teardown_pod_network(netns).await?;
+            if let Some(port) = state.port_forward {
+                // A rule left behind redirects to a closed port until the namespace goes: not worth failing for.
+                if let Err(e) = crate::network::port_forward::remove_rule(netns, port).await {
+                    tracing::warn!(sandbox = %state.sandbox_id, error = %crate::error_chain(&e), "removing the port-forward rule");
+                }
+            }
         }
     }
     let existed = paths.root.exists();

@@ -5,6 +5,8 @@
 //!   per-test bridge name, subnet and IPAM state directory) that is removed again when the test ends;
 //! - `cri/stream.rs`: [`StreamSession`], the websocket client for the URLs `Exec` and `Attach` return;
 //! - `cri/stream_checks.rs`: the streaming checks the runc and kata tests share;
+//! - `cri/port_forward.rs`: [`PortForwardSession`], the websocket client for the URL `PortForward` returns, and
+//!   the port-forward check the runc and kata tests share;
 //! - `cri/kata_pod.rs`: running kata pods and checking that removing one leaves nothing behind.
 
 use std::collections::HashMap;
@@ -20,13 +22,15 @@ use k8s_cri::v1::{
     AttachRequest, ContainerConfig, ContainerMetadata, ContainerStats, ContainerStatsFilter, ContainerStatus,
     CreateContainerRequest, DnsConfig, ExecRequest, ExecSyncRequest, ImageSpec, KeyValue, LinuxContainerResources,
     ListContainerStatsRequest, ListImagesRequest, ListPodSandboxRequest, Mount, PodSandboxConfig, PodSandboxMetadata,
-    PodSandboxStatus, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest, VersionRequest, VersionResponse,
+    PodSandboxStatus, PortForwardRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest,
+    VersionRequest, VersionResponse,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
 mod kata_pod;
 mod network;
+mod port_forward;
 mod stream;
 mod stream_checks;
 mod web;
@@ -36,6 +40,7 @@ pub use kata_pod::{
     KataPodFootprint, QEMU,
 };
 pub use network::{bridge_conf, cni_skip_reason, loopback_conf, CniNetwork};
+pub use port_forward::{check_port_forward, port_forward_target, PortForwardSession, ECHO_PORT};
 pub use stream::{StreamError, StreamSession, StreamStatus, Streams};
 pub use stream_checks::{attach_target, check_attach, check_exec_streams};
 pub use web::{http_get, WebVolumes};
@@ -249,6 +254,17 @@ impl CriClient {
             stderr: streams.stderr,
         };
         let r = self.call("Attach", self.deadline, async move { c.attach(request).await })?;
+        Ok(r.url)
+    }
+
+    /// `PortForward` to `ports` of pod `pod_id`: the streaming server's URL for [`PortForwardSession::connect`].
+    pub fn port_forward(&self, pod_id: &str, ports: &[u16]) -> Result<String, CriError> {
+        let mut c = self.runtime.clone();
+        let request = PortForwardRequest {
+            pod_sandbox_id: pod_id.to_owned(),
+            port: ports.iter().map(|&p| i32::from(p)).collect(),
+        };
+        let r = self.call("PortForward", self.deadline, async move { c.port_forward(request).await })?;
         Ok(r.url)
     }
 

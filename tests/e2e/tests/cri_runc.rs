@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use e2e::checks::{step, Checks};
 use e2e::cri::{
-    attach_target, check_attach, check_exec_streams, cni_skip_reason, http_get, import_pod_images, parse_cri_log,
-    CniNetwork, CriClient, PodCleanup, PodSpec, WebVolumes,
+    attach_target, check_attach, check_exec_streams, check_port_forward, cni_skip_reason, http_get, import_pod_images,
+    parse_cri_log, port_forward_target, CniNetwork, CriClient, PodCleanup, PodSpec, WebVolumes,
 };
 use e2e::leaks::netns_entries;
 use e2e::{skip_reason, Containerd, ContainerdOptions, CriOptions, BUSYBOX_IMAGE};
@@ -168,9 +168,15 @@ fn pod_with_http_server_exec_logs_stats_and_volumes() {
         check_attach(&cri, attach_id, false, EXEC_TIMEOUT, &mut checks);
         check_attach(&cri, attach_tty_id, true, EXEC_TIMEOUT, &mut checks);
     });
+
+    // Port-forward (kubectl port-forward) through the streaming server, into the pod's network namespace.
+    let echo = port_forward_target("echo", BUSYBOX_IMAGE);
+    let echo_id = cri.create_container(&pod_id, &echo.build(), &pod_config).expect("CreateContainer echo");
+    cri.start_container(&echo_id).expect("StartContainer echo");
+    step("PortForward", || check_port_forward(&cri, &pod_id, EXEC_TIMEOUT, &mut checks));
     checks.finish();
-    for id in [attach_id, attach_tty_id] {
-        cri.remove_container(id).expect("RemoveContainer attach target");
+    for id in [attach_id, attach_tty_id, &echo_id] {
+        cri.remove_container(id).expect("RemoveContainer");
     }
 
     // Teardown through CRI.
@@ -182,7 +188,7 @@ fn pod_with_http_server_exec_logs_stats_and_volumes() {
     step("RemovePodSandbox", || cri.remove_pod_sandbox(&pod_id).expect("RemovePodSandbox"));
     assert!(http_get(ip, 8080, "/").is_err(), "the pod still answers after removal");
 
-    let report = containerd.leaks(&[&pod_id, &ctr_id, attach_id, attach_tty_id]).expect("leak check runs");
+    let report = containerd.leaks(&[&pod_id, &ctr_id, attach_id, attach_tty_id, &echo_id]).expect("leak check runs");
     assert!(report.is_empty(), "leaked:\n{report}");
     let new_netns: Vec<String> = netns_entries().difference(&netns_before).cloned().collect();
     assert!(new_netns.is_empty(), "network namespaces left: {new_netns:?}");

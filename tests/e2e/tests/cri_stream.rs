@@ -1,8 +1,9 @@
-//! CRI streaming into a Kata pod (issue #5): what `crictl exec -it` and `crictl attach` do, through the
-//! websocket of containerd's streaming server, into containers running in the pod's VM: exec with stdin,
-//! with a tty (resize, exit code) and with stderr apart, and attach to a container's stdin and stdout, with
-//! and without a tty. One pod VM serves every check; removing it must leave nothing behind. `cri_runc.rs`
-//! runs the same streaming checks with runc, which proves the client apart from kata.
+//! CRI streaming into a Kata pod (issue #5): what `crictl exec -it`, `crictl attach` and `kubectl port-forward`
+//! do, through the websocket of containerd's streaming server, into containers running in the pod's VM: exec
+//! with stdin, with a tty (resize, exit code) and with stderr apart, attach to a container's stdin and stdout,
+//! with and without a tty, and port-forward to a server in the pod. One pod VM serves every check; removing it
+//! must leave nothing behind. `cri_runc.rs` runs the same streaming checks with runc, which proves the client
+//! apart from kata.
 //!
 //! Needs what `cri_kata.rs` needs (root, containerd, runc, busybox-static, containernetworking-plugins,
 //! `ip`, `nsenter`, QEMU and the parts `scripts/test.sh` exports); skips with the reason otherwise.
@@ -13,8 +14,8 @@ use std::time::Duration;
 
 use e2e::checks::{check_clean_stop, error_chain, step, Checks};
 use e2e::cri::{
-    attach_target, check_attach, check_exec_streams, import_pod_images, start_containerd, vm_lock, CniNetwork,
-    ContainerSpec, CriClient, KataPodFootprint, PodCleanup, PodSpec,
+    attach_target, check_attach, check_exec_streams, check_port_forward, import_pod_images, port_forward_target,
+    start_containerd, vm_lock, CniNetwork, ContainerSpec, CriClient, KataPodFootprint, PodCleanup, PodSpec,
 };
 use e2e::kata::KataConf;
 use e2e::leaks::netns_entries;
@@ -84,6 +85,8 @@ fn streaming_exec_and_attach_reach_containers_in_the_pod_vm() {
     let (attach_id, attach_runs) = run_container(&cri, &containerd, pod, &attach, &mut checks);
     let attach_tty = attach_target("attach-tty", BUSYBOX_IMAGE, true);
     let (attach_tty_id, attach_tty_runs) = run_container(&cri, &containerd, pod, &attach_tty, &mut checks);
+    let echo = port_forward_target("echo", BUSYBOX_IMAGE);
+    let (echo_id, echo_runs) = run_container(&cri, &containerd, pod, &echo, &mut checks);
     let release = parts.kernel_release().expect("kernel has a version banner");
     let uname = cri.exec_sync(&shell_id, &["uname", "-r"], STREAM_TIMEOUT);
     checks.check(
@@ -103,7 +106,12 @@ fn streaming_exec_and_attach_reach_containers_in_the_pod_vm() {
         }
     });
 
-    let containers = [shell_id.as_str(), &attach_id, &attach_tty_id];
+    // containerd dials the port in the pod's network namespace on the host; the server listens in the VM.
+    if echo_runs {
+        step("PortForward", || check_port_forward(&cri, &pod_id, STREAM_TIMEOUT, &mut checks));
+    }
+
+    let containers = [shell_id.as_str(), &attach_id, &attach_tty_id, &echo_id];
     footprint.remove_and_check(&cri, &containerd, &containers, &mut checks);
     drop(cleanup);
     drop(cri);

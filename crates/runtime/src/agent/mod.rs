@@ -17,7 +17,7 @@ pub mod types;
 pub use client::{AgentClient, AgentError, OomStream, OutputStream, RpcCode, StdinStream, Timeouts};
 pub use convert::ConvertError;
 pub use ready::{ReadyError, ReadySignal};
-pub use transport::{AgentDialer, DialError, HybridVsockDialer, SerialDialer};
+pub use transport::{connect_hybrid_vsock, AgentDialer, DialError, HybridVsockDialer, SerialDialer};
 pub use types::*;
 
 /// The vsock port the agent listens on.

@@ -2,7 +2,7 @@
 //! that VMs made from a template use (unlike vhost-user vsock it survives migration).
 
 use std::fmt::Debug;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -74,27 +74,32 @@ const MAX_REPLY: usize = 64;
 #[async_trait]
 impl AgentDialer for HybridVsockDialer {
     async fn dial(&self) -> Result<Socket, DialError> {
-        let path = self.uds_path.clone();
-        let mut stream =
-            UnixStream::connect(&path).await.map_err(|source| DialError::Connect { path: path.clone(), source })?;
-        let hs = |source| DialError::Handshake { path: path.clone(), source };
-        stream.write_all(format!("CONNECT {}\n", self.port).as_bytes()).await.map_err(hs)?;
-        // Byte by byte, so no ttrpc bytes after the newline are swallowed.
-        let mut reply = Vec::new();
-        loop {
-            let b = stream.read_u8().await.map_err(hs)?;
-            if b == b'\n' {
-                break;
-            }
-            reply.push(b);
-            if reply.len() > MAX_REPLY {
-                break;
-            }
-        }
-        let reply = String::from_utf8_lossy(&reply).into_owned();
-        if !reply.starts_with("OK ") {
-            return Err(DialError::Refused { path, port: self.port, reply });
-        }
-        Ok(Socket::from(stream))
+        Ok(Socket::from(connect_hybrid_vsock(&self.uds_path, self.port).await?))
     }
+}
+
+/// Connects to guest vsock port `port` through the hybrid vsock unix socket at `uds_path`. The stream is the
+/// port's from the first byte on: the reply is read byte by byte, up to its newline.
+pub async fn connect_hybrid_vsock(uds_path: &Path, port: u32) -> Result<UnixStream, DialError> {
+    let path = uds_path.to_path_buf();
+    let mut stream =
+        UnixStream::connect(&path).await.map_err(|source| DialError::Connect { path: path.clone(), source })?;
+    let hs = |source| DialError::Handshake { path: path.clone(), source };
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(hs)?;
+    let mut reply = Vec::new();
+    loop {
+        let b = stream.read_u8().await.map_err(hs)?;
+        if b == b'\n' {
+            break;
+        }
+        reply.push(b);
+        if reply.len() > MAX_REPLY {
+            break;
+        }
+    }
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    if !reply.starts_with("OK ") {
+        return Err(DialError::Refused { path, port, reply });
+    }
+    Ok(stream)
 }

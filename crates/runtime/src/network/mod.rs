@@ -17,6 +17,7 @@
 mod collect;
 mod error;
 mod netns;
+pub mod port_forward;
 mod spec;
 mod tap;
 mod tcfilter;

@@ -1,4 +1,4 @@
-//! Runs netlink work inside a network namespace on a dedicated OS thread.
+//! Runs work inside a network namespace on a dedicated OS thread: netlink work, or plain blocking work.
 //!
 //! `setns` changes the namespace of the calling thread only, and a tokio worker (or a `spawn_blocking` thread)
 //! returns to a pool afterwards, so the work runs on a fresh thread that enters the namespace, opens its
@@ -31,25 +31,37 @@ where
     F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
     Fut: Future<Output = Result<T, NetworkError>>,
 {
+    let thread_path = path.to_owned();
+    run_blocking_in_netns(path, netns, move || with_netlink(thread_path, work)).await?
+}
+
+/// Runs `work` on a fresh thread that has entered the namespace `netns` (an open namespace file): the sockets it
+/// opens and the processes it starts belong to that namespace. The thread exits afterwards.
+pub(crate) async fn run_blocking_in_netns<T, F>(path: &Path, netns: File, work: F) -> Result<T, NetworkError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
     let (tx, rx) = oneshot::channel();
     let thread_path = path.to_owned();
     std::thread::Builder::new()
         .name("kata-netns".into())
         .spawn(move || {
+            let entered = setns(&netns, CloneFlags::CLONE_NEWNET)
+                .map_err(|errno| NetworkError::EnterNetns { path: thread_path, errno });
+            drop(netns);
             // The receiver only goes away when the caller was cancelled; nobody is left to tell.
-            let _ = tx.send(in_netns(thread_path, netns, work));
+            let _ = tx.send(entered.map(|()| work()));
         })
         .map_err(|source| NetworkError::Thread { path: path.to_owned(), source })?;
     rx.await.map_err(|_| NetworkError::ThreadDied { path: path.to_owned() })?
 }
 
-fn in_netns<T, F, Fut>(path: PathBuf, netns: File, work: F) -> Result<T, NetworkError>
+fn with_netlink<T, F, Fut>(path: PathBuf, work: F) -> Result<T, NetworkError>
 where
     F: FnOnce(rtnetlink::Handle) -> Fut,
     Fut: Future<Output = Result<T, NetworkError>>,
 {
-    setns(&netns, CloneFlags::CLONE_NEWNET).map_err(|errno| NetworkError::EnterNetns { path: path.clone(), errno })?;
-    drop(netns);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()

@@ -47,8 +47,8 @@ pub enum StreamError {
         #[source]
         source: Box<tungstenite::Error>,
     },
-    #[error("the server chose subprotocol {chosen:?} instead of {PROTOCOL}")]
-    Subprotocol { chosen: Option<String> },
+    #[error("the server chose subprotocol {chosen:?} instead of {expected}")]
+    Subprotocol { expected: &'static str, chosen: Option<String> },
     #[error("websocket read or write failed")]
     Websocket(#[source] Box<tungstenite::Error>),
     #[error("channel 3 carried no metav1.Status: {text:?}")]
@@ -100,30 +100,7 @@ pub struct StreamSession {
 impl StreamSession {
     /// Opens the websocket at `url` (as returned by `Exec` or `Attach`; a single-use token).
     pub fn connect(url: &str) -> Result<Self, StreamError> {
-        let bad_url = || StreamError::Url { url: url.to_owned() };
-        let ws_url = url.strip_prefix("http://").ok_or_else(bad_url)?;
-        let mut request = format!("ws://{ws_url}").into_client_request().map_err(|_| bad_url())?;
-        request.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(PROTOCOL));
-        let authority = request.uri().authority().ok_or_else(bad_url)?.as_str().to_owned();
-        let connect_error = |source| StreamError::Connect { url: url.to_owned(), source };
-        let addr = authority.to_socket_addrs().map_err(connect_error)?.next().ok_or_else(bad_url)?;
-        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(connect_error)?;
-        // Bounds the handshake; later reads set their own timeout.
-        tcp.set_read_timeout(Some(Duration::from_secs(30)))
-            .and_then(|()| tcp.set_write_timeout(Some(Duration::from_secs(30))))
-            .map_err(connect_error)?;
-        let (ws, response) = tungstenite::client(request, tcp).map_err(|e| StreamError::Handshake {
-            url: url.to_owned(),
-            source: Box::new(match e {
-                tungstenite::HandshakeError::Failure(e) => e,
-                // Only a non-blocking stream can be interrupted; ours blocks or times out.
-                tungstenite::HandshakeError::Interrupted(_) => tungstenite::Error::Io(io::ErrorKind::TimedOut.into()),
-            }),
-        })?;
-        let chosen = response.headers().get("Sec-WebSocket-Protocol").and_then(|v| v.to_str().ok());
-        if chosen != Some(PROTOCOL) {
-            return Err(StreamError::Subprotocol { chosen: chosen.map(str::to_owned) });
-        }
+        let ws = connect_websocket(url, PROTOCOL)?;
         Ok(Self { ws, stdout: Vec::new(), stderr: Vec::new(), status: None, closed: false })
     }
 
@@ -233,6 +210,35 @@ impl StreamSession {
         }
         Ok(())
     }
+}
+
+/// Opens a websocket to a streaming server `url` (`http://HOST:PORT/PATH`), asking for subprotocol `protocol`,
+/// which the server must choose. The handshake is bounded; reads and writes later set their own timeouts.
+pub(crate) fn connect_websocket(url: &str, protocol: &'static str) -> Result<WebSocket<TcpStream>, StreamError> {
+    let bad_url = || StreamError::Url { url: url.to_owned() };
+    let ws_url = url.strip_prefix("http://").ok_or_else(bad_url)?;
+    let mut request = format!("ws://{ws_url}").into_client_request().map_err(|_| bad_url())?;
+    request.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(protocol));
+    let authority = request.uri().authority().ok_or_else(bad_url)?.as_str().to_owned();
+    let connect_error = |source| StreamError::Connect { url: url.to_owned(), source };
+    let addr = authority.to_socket_addrs().map_err(connect_error)?.next().ok_or_else(bad_url)?;
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(connect_error)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))
+        .and_then(|()| tcp.set_write_timeout(Some(Duration::from_secs(30))))
+        .map_err(connect_error)?;
+    let (ws, response) = tungstenite::client(request, tcp).map_err(|e| StreamError::Handshake {
+        url: url.to_owned(),
+        source: Box::new(match e {
+            tungstenite::HandshakeError::Failure(e) => e,
+            // Only a non-blocking stream can be interrupted; ours blocks or times out.
+            tungstenite::HandshakeError::Interrupted(_) => tungstenite::Error::Io(io::ErrorKind::TimedOut.into()),
+        }),
+    })?;
+    let chosen = response.headers().get("Sec-WebSocket-Protocol").and_then(|v| v.to_str().ok());
+    if chosen != Some(protocol) {
+        return Err(StreamError::Subprotocol { expected: protocol, chosen: chosen.map(str::to_owned) });
+    }
+    Ok(ws)
 }
 
 impl Drop for StreamSession {
