@@ -26,6 +26,15 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// The most vCPUs the VM may grow to while it runs ([`crate::Vm::resize`]; the configuration's
+    /// `default_maxvcpus`). 0, or not more than `vcpus`, leaves no room to grow. Only q35 can grow; microvm
+    /// ignores it.
+    #[serde(default)]
+    pub max_vcpus: u32,
+    /// The most memory in MiB the VM may grow to while it runs (the configuration's `default_maxmemory`). 0,
+    /// or not more than `memory_mib`, leaves no room to grow. Only q35 can grow; microvm ignores it.
+    #[serde(default)]
+    pub max_memory_mib: u32,
     /// Extra kernel parameters, appended after the ones the backend always sets.
     pub kernel_params: Vec<String>,
     pub accel: AccelChoice,
@@ -63,6 +72,8 @@ impl VmConfig {
             initrd: None,
             vcpus: 1,
             memory_mib: 256,
+            max_vcpus: 0,
+            max_memory_mib: 0,
             kernel_params: Vec::new(),
             accel: AccelChoice::Auto,
             shared_fs: SharedFs::None,
@@ -75,6 +86,13 @@ impl VmConfig {
             qemu: QemuConfig::default(),
         }
     }
+}
+
+/// How big a VM is: what [`crate::Vm::size`] reports and [`crate::Vm::resize`] grows to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSize {
+    pub vcpus: u32,
+    pub memory_mib: u32,
 }
 
 /// How the host reaches the agent in the guest.

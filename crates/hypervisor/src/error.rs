@@ -33,6 +33,12 @@ pub enum Error {
     /// The cause is part of the message: callers that show one line (the shim's error to containerd) keep it.
     #[error("cannot load the VM template's state {state}: {cause}")]
     StateLoad { state: PathBuf, cause: Box<Error> },
+    /// The VM cannot grow as asked; `reason` says why and what to change.
+    #[error("cannot grow the VM: {reason}")]
+    Resize { reason: String },
+    /// The guest did not take hot-plugged devices (no ACPI acknowledgement, or a failed one).
+    #[error("the guest did not take the hot-plugged {devices}: {reason}")]
+    GuestRejected { devices: String, reason: String },
     #[error("QMP request failed")]
     Qmp(#[from] QmpError),
 }

@@ -22,7 +22,7 @@ pub mod tsc;
 
 pub use accel::{detect_accel, resolve_accel, Accel, AccelChoice, AccelReport, KvmStatus};
 pub use config::{
-    AgentEndpoint, AgentTransport, GuestMemory, MachineType, NetDevice, QemuConfig, SharedFs, VmConfig,
+    AgentEndpoint, AgentTransport, GuestMemory, MachineType, NetDevice, QemuConfig, SharedFs, VmConfig, VmSize,
     DEFAULT_SECCOMP_SANDBOX, SHARED_FS_TAG,
 };
 pub use console::{ConsoleEvent, ConsoleFollower, GuestConsole, RateLimit};
@@ -77,8 +77,9 @@ pub struct SavedVm {
 ///
 /// All methods take `&self` so one task can sit in [`wait`](Vm::wait) while another calls [`stop`](Vm::stop).
 /// A VM's life is not tied to this value: dropping it without [`stop`](Vm::stop) leaves the VM running (the
-/// runtime persists [`saved`](Vm::saved) first, so it can be stopped by id later). Hot-plugging devices is not
-/// part of the trait yet: it arrives with the first caller that needs it.
+/// runtime persists [`saved`](Vm::saved) first, so it can be stopped by id later). Growing it (CPU and memory
+/// hot-plug, [`resize`](Vm::resize)) is part of the trait; hot-plugging other devices is not yet: it arrives with
+/// the first caller that needs it.
 #[async_trait::async_trait]
 pub trait Vm: Send + Sync + fmt::Debug {
     /// Checks the configuration, chooses the accelerator and creates the work dir. Starts nothing.
@@ -113,6 +114,21 @@ pub trait Vm: Send + Sync + fmt::Debug {
 
     /// The guest serial console: its last lines (also after the VM exited) and new ones as they come.
     fn console(&self) -> &GuestConsole;
+
+    /// The running VM's vCPUs and memory as the VMM reports them now, so also right for a VM that
+    /// [`Hypervisor::attach`] found again, or that another process grew.
+    async fn size(&self) -> Result<VmSize>;
+
+    /// Grows the running VM to at least `want` by hot-plugging vCPUs and memory, and returns its new size. Never
+    /// shrinks: a `want` at or below the current size (in either part) leaves that part alone, and one at or
+    /// below in both is a no-op. Returns once the guest kernel took the new devices; they come up offline, so
+    /// the guest's agent then onlines them. Fails with [`Error::Resize`], growing nothing, when the VM cannot
+    /// grow that far (a machine without hot-plug, past the configured maximum, no slot left); a failure while
+    /// plugging can leave it partly grown, which [`Vm::size`] tells.
+    async fn resize(&self, want: VmSize) -> Result<VmSize>;
+
+    /// Whether [`Vm::resize`] can grow this VM at all: its machine hot-plugs and it was started with room to grow.
+    fn can_resize(&self) -> bool;
 
     /// Saving the VM as a template, when this backend can.
     fn snapshot(&self) -> Option<&dyn Snapshot> {

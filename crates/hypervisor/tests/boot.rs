@@ -19,7 +19,8 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use hypervisor::qemu::QemuVm;
 use hypervisor::{
-    cleanup_vm, AccelChoice, AgentTransport, MachineType, NetDevice, ProcessRole, SharedFs, Vm, VmConfig, VmStatus,
+    cleanup_vm, AccelChoice, AgentTransport, MachineType, NetDevice, ProcessRole, SharedFs, Vm, VmConfig, VmSize,
+    VmStatus,
 };
 
 const READY: &str = "KATA_TEST_READY";
@@ -41,7 +42,7 @@ echo "VIRTIO-IDS:$(cat /sys/bus/virtio/devices/*/device | tr '\n' ' ')"
 for d in /sys/bus/virtio/drivers/virtio_balloon/virtio*; do [ -e "$d" ] && echo "BALLOON:$(cat $d/features)"; done
 for i in /sys/class/net/*; do [ "${i##*/}" = lo ] || echo "NET:${i##*/}=$(cat $i/address)"; done
 for arg in $(cat /proc/cmdline); do
-  case $arg in hvtest.ping_mac=*) ping_mac=${arg#*=};; hvtest.ping_ip=*) ping_ip=${arg#*=};; hvtest.ping_peer=*) ping_peer=${arg#*=};; esac
+  case $arg in hvtest.ping_mac=*) ping_mac=${arg#*=};; hvtest.ping_ip=*) ping_ip=${arg#*=};; hvtest.ping_peer=*) ping_peer=${arg#*=};; hvtest.hotplug) hotplug=1;; esac
 done
 if [ -n "$ping_mac" ]; then
   for i in /sys/class/net/*; do [ "$(cat $i/address)" = "$ping_mac" ] && nic=${i##*/}; done
@@ -51,6 +52,13 @@ if [ -n "$ping_mac" ]; then
   echo "PING:$nic:$result"
 fi
 echo KATA_TEST_READY
+# With hvtest.hotplug: the CPUs and memory blocks the guest kernel has, whenever they change.
+while [ -n "$hotplug" ]; do
+  now="HOTPLUG:cpus=$(cat /sys/devices/system/cpu/present) blocks=$(ls -d /sys/devices/system/memory/memory* 2>/dev/null | wc -l)"
+  [ "$now" = "$last" ] || echo "$now"
+  last=$now
+  sleep 0.2
+done
 while true; do sleep 3600; done
 "#;
 
@@ -347,6 +355,82 @@ async fn a_dropped_vm_keeps_running_and_is_attached_to_and_stopped() {
     }
     assert!(!work.exists(), "stop removes the work dir");
     assert!(QemuVm::attach(vm.saved()).await.is_err(), "a stopped VM cannot be attached to");
+}
+
+/// A q35 VM booted with 1 vCPU / 256 MiB and room for 4 / 1024 grows to 2 / 512 (the guest kernel sees the new
+/// CPU and memory blocks), is found again by `attach` at its grown size and grows further from there; a microvm
+/// refuses to grow, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn q35_grows_cpus_and_memory_and_microvm_says_it_cannot() {
+    let test = "q35_grows_cpus_and_memory_and_microvm_says_it_cannot";
+    let Some(assets) = assets_with(test, false) else { return };
+    let _slot = vm_slot().await;
+    let root = tempfile::Builder::new().prefix("kata-hv-").tempdir_in("/tmp").expect("tempdir");
+    let work = root.path().join("vm");
+    let mut config = vm_config(&assets, "resize-test", &work);
+    config.qemu.machine = MachineType::Q35;
+    (config.max_vcpus, config.max_memory_mib) = (4, 1024);
+    config.kernel_params.push("hvtest.hotplug".into());
+    // Memory must stay mappable by vhost-user daemons after it grew: run the vsock daemon when there is one.
+    config.qemu.vsock_daemon = helper(test, "KATA_TEST_VSOCK_DAEMON");
+    config.agent = config.qemu.vsock_daemon.as_ref().map(|_| AgentTransport::HybridVsock);
+    let vm = QemuVm::new(config);
+    let started = Instant::now();
+    vm.start().await.expect("start");
+    let _cleanup = KillOnDrop(vm.pids());
+    let boot = wait_for_console(&vm, READY, started).await;
+    eprintln!("{test}: q35 start() to {READY} in {boot:.2?} under TCG");
+    let args = vm.qemu_args().unwrap_or_default();
+    assert!(args.windows(2).any(|w| w == ["-smp", "1,maxcpus=4"]), "{args:?}");
+    assert!(args.windows(2).any(|w| w == ["-m", "256M,slots=8,maxmem=1024M"]), "{args:?}");
+    assert!(vm.can_resize());
+    wait_for_console(&vm, "HOTPLUG:cpus=0 blocks=2", started).await;
+    assert_eq!(vm.size().await.expect("size"), VmSize { vcpus: 1, memory_mib: 256 });
+
+    let resizing = Instant::now();
+    let grown = vm.resize(VmSize { vcpus: 2, memory_mib: 512 }).await.expect("resize");
+    eprintln!("{test}: resize to 2 vCPUs / 512 MiB took {:.2?} under TCG", resizing.elapsed());
+    assert_eq!(grown, VmSize { vcpus: 2, memory_mib: 512 });
+    assert_eq!(vm.size().await.expect("size"), grown);
+    // The guest kernel took them (resize waits for its ACPI acknowledgement): one more CPU, two more blocks.
+    wait_for_console(&vm, "HOTPLUG:cpus=0-1 blocks=4", started).await;
+    assert_eq!(vm.resize(VmSize { vcpus: 1, memory_mib: 256 }).await.expect("no-op"), grown, "never shrinks");
+    let err = vm.resize(VmSize { vcpus: 5, memory_mib: 512 }).await.expect_err("over the maximum").to_string();
+    assert!(err.contains("hypervisor.qemu.default_maxvcpus (4)"), "{err}");
+
+    // Another process (here: a new value) finds the VM at its grown size and grows it further.
+    let saved = vm.saved();
+    drop(vm);
+    let vm = QemuVm::attach(saved).await.expect("attach");
+    assert_eq!(vm.size().await.expect("size after attach"), grown);
+    let resizing = Instant::now();
+    let grown = vm.resize(VmSize { vcpus: 3, memory_mib: 600 }).await.expect("resize after attach");
+    eprintln!("{test}: resize to 3 vCPUs / 600 MiB took {:.2?} under TCG", resizing.elapsed());
+    assert_eq!(grown, VmSize { vcpus: 3, memory_mib: 640 }, "memory grows in 128 MiB blocks");
+    vm.stop().await.expect("stop");
+    // The console is this process's since attaching: the guest's later lines are not checked here.
+
+    let work = root.path().join("microvm");
+    let mut config = vm_config(&assets, "resize-microvm", &work);
+    (config.max_vcpus, config.max_memory_mib) = (4, 1024);
+    let vm = QemuVm::new(config);
+    let started = Instant::now();
+    vm.start().await.expect("start microvm");
+    let _cleanup = KillOnDrop(vm.pids());
+    wait_for_console(&vm, READY, started).await;
+    let args = vm.qemu_args().unwrap_or_default();
+    assert!(args.windows(2).any(|w| w == ["-smp", "1"]) && args.windows(2).any(|w| w == ["-m", "256M"]), "{args:?}");
+    assert!(!vm.can_resize());
+    let size = vm.size().await.expect("microvm size");
+    assert_eq!(size, VmSize { vcpus: 1, memory_mib: 256 });
+    assert_eq!(vm.resize(size).await.expect("a no-op is fine on microvm"), size);
+    let err = vm.resize(VmSize { vcpus: 2, memory_mib: 256 }).await.expect_err("microvm cannot grow");
+    assert!(matches!(err, hypervisor::Error::Resize { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "cannot grow the VM: microvm cannot hot-plug CPUs or memory: size the pod at start, or use machine_type = \"q35\""
+    );
+    vm.stop().await.expect("stop microvm");
 }
 
 /// QEMU refusing to start (here: a kernel that is not one) gives an error quoting QEMU, and leaves nothing

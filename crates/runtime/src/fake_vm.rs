@@ -1,13 +1,14 @@
 //! [`FakeHypervisor`]: a VMM that starts nothing, so the sandbox lifecycle can be unit-tested unprivileged in
 //! milliseconds. Its VMs report a serial agent endpoint that no one listens on; tests connect the agent through
 //! [`crate::Host::agent_dialer`] (a [`crate::agent::fake::FakeAgent`]). The test decides when a VM fails to start
-//! ([`FakeHypervisor::fail_starts`]) and when a running one dies ([`FakeVm::die`]).
+//! ([`FakeHypervisor::fail_starts`]) and when a running one dies ([`FakeVm::die`]). Its VMs grow on `resize`
+//! (recording each one) unless told to refuse ([`FakeVm::refuse_resizes`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use hypervisor::{
-    AgentEndpoint, GuestConsole, Hypervisor, ProcessRole, SavedVm, Vm, VmConfig, VmExit, VmProcess, VmStatus,
+    AgentEndpoint, GuestConsole, Hypervisor, ProcessRole, SavedVm, Vm, VmConfig, VmExit, VmProcess, VmSize, VmStatus,
 };
 use tokio::sync::watch;
 
@@ -67,17 +68,39 @@ pub struct FakeVm {
     status: Mutex<VmStatus>,
     exit: watch::Sender<Option<VmExit>>,
     console: GuestConsole,
+    size: Mutex<VmSize>,
+    resizes: Mutex<Vec<VmSize>>,
+    refuse_resizes: Mutex<Option<String>>,
 }
 
 impl FakeVm {
     fn new(config: VmConfig, fail_start: Option<String>) -> Self {
         FakeVm {
-            config,
             fail_start,
             status: Mutex::new(VmStatus::Created),
             exit: watch::channel(None).0,
             console: GuestConsole::new(),
+            size: Mutex::new(VmSize { vcpus: config.vcpus, memory_mib: config.memory_mib }),
+            resizes: Mutex::default(),
+            refuse_resizes: Mutex::default(),
+            config,
         }
+    }
+
+    /// The size the VM has now: the config's, grown by every resize so far.
+    pub fn current_size(&self) -> VmSize {
+        *lock(&self.size)
+    }
+
+    /// Every `want` passed to [`Vm::resize`], oldest first, refused ones included.
+    pub fn resizes(&self) -> Vec<VmSize> {
+        lock(&self.resizes).clone()
+    }
+
+    /// Later resizes that would grow the VM fail with [`hypervisor::Error::Resize`] and `reason` (a no-op still
+    /// succeeds, as on QEMU), and [`Vm::can_resize`] says no; `None` lets them grow it again.
+    pub fn refuse_resizes(&self, reason: Option<&str>) {
+        *lock(&self.refuse_resizes) = reason.map(str::to_string);
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -166,8 +189,61 @@ impl Vm for FakeVm {
     fn console(&self) -> &GuestConsole {
         &self.console
     }
+
+    async fn size(&self) -> hypervisor::Result<VmSize> {
+        if !self.running() {
+            return Err(hypervisor::Error::InvalidState { op: "query the size of", state: "not running" });
+        }
+        Ok(self.current_size())
+    }
+
+    async fn resize(&self, want: VmSize) -> hypervisor::Result<VmSize> {
+        lock(&self.resizes).push(want);
+        let now = self.size().await?;
+        let grown = VmSize { vcpus: now.vcpus.max(want.vcpus), memory_mib: now.memory_mib.max(want.memory_mib) };
+        if grown == now {
+            return Ok(now);
+        }
+        if let Some(reason) = lock(&self.refuse_resizes).clone() {
+            return Err(hypervisor::Error::Resize { reason });
+        }
+        *lock(&self.size) = grown;
+        Ok(grown)
+    }
+
+    fn can_resize(&self) -> bool {
+        lock(&self.refuse_resizes).is_none()
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_fake_vm_grows_never_shrinks_and_refuses_when_told() {
+        let hv = FakeHypervisor::default();
+        let vm = hv.vm(VmConfig::new("vm", "/k", "/w"));
+        let fake = hv.vms()[0].clone();
+        assert!(vm.size().await.is_err(), "not running yet");
+        vm.start().await.expect("start");
+        let booted = VmSize { vcpus: 1, memory_mib: 256 };
+        assert_eq!(vm.size().await.expect("size"), booted);
+        let grown = vm.resize(VmSize { vcpus: 2, memory_mib: 128 }).await.expect("resize");
+        assert_eq!(grown, VmSize { vcpus: 2, memory_mib: 256 });
+
+        fake.refuse_resizes(Some("microvm cannot hot-plug"));
+        assert!(!vm.can_resize());
+        assert_eq!(vm.resize(booted).await.expect("a no-op still works"), grown);
+        let err = vm.resize(VmSize { vcpus: 3, memory_mib: 256 }).await.expect_err("refused");
+        assert_eq!(err.to_string(), "cannot grow the VM: microvm cannot hot-plug");
+        assert_eq!(fake.current_size(), grown);
+        assert_eq!(fake.resizes().len(), 3);
+        fake.refuse_resizes(None);
+        assert!(vm.can_resize());
+    }
 }

@@ -45,6 +45,8 @@ pub fn vm_config(sandbox_id: &str, config: &Config, paths: &SandboxPaths) -> Res
         initrd,
         vcpus: hv.default_vcpus.max(1),
         memory_mib: hv.default_memory,
+        max_vcpus: 0,
+        max_memory_mib: 0,
         kernel_params,
         accel: match hv.accel {
             config::Accel::Auto => AccelChoice::Auto,

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::accel::Accel;
 use crate::config::{AgentTransport, GuestMemory, MachineType, SharedFs, VmConfig, GUEST_CID, SHARED_FS_TAG};
+use crate::qemu::resize::{Growth, MEMORY_SLOTS};
 
 /// QEMU inherits fds from this one on (right after stdio): first the console socket ([`CONSOLE_FD`]), then the
 /// tap fds of `config.net_devices` in order; NICs without a tap take no fd.
@@ -116,8 +117,22 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<S
             Accel::Tcg => "max",
         },
     );
-    args.push2("-smp", config.vcpus.to_string());
-    args.push2("-m", &mem);
+    // Room to grow (q35 only): CPU slots beyond the boot vCPUs, DIMM slots and a ceiling for hot-plugged memory.
+    let growth = Growth::of(config);
+    args.push2(
+        "-smp",
+        match growth.max_vcpus {
+            Some(max) => format!("{},maxcpus={max}", config.vcpus),
+            None => config.vcpus.to_string(),
+        },
+    );
+    args.push2(
+        "-m",
+        match growth.max_memory_mib {
+            Some(max) => format!("{mem},slots={MEMORY_SLOTS},maxmem={max}M"),
+            None => mem.clone(),
+        },
+    );
     args.push2("-object", memory_backend(&config.memory, &mem));
     args.push_all(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
     if let GuestMemory::Clone { .. } = config.memory {
@@ -345,6 +360,51 @@ mod tests {
              -chardev socket,id=console,fd=3 -serial chardev:console \
              -chardev socket,id=qmp,path=/run/vm1/qmp.sock,server=on,wait=off -mon chardev=qmp,mode=control"
         );
+    }
+
+    #[test]
+    fn q35_with_room_to_grow_gets_cpu_and_memory_slots() {
+        let mut config = base(MachineType::Q35);
+        config.max_vcpus = 4;
+        config.max_memory_mib = 2048;
+        let args = qemu_args(&config, Accel::Tcg, None);
+        assert_eq!(values(&args, "-smp"), ["2,maxcpus=4"]);
+        assert_eq!(values(&args, "-m"), ["512M,slots=8,maxmem=2048M"]);
+        assert_eq!(values(&args, "-object"), ["memory-backend-memfd,id=mem,size=512M,share=on"], "boot RAM as before");
+        assert_eq!(values(&args, "-machine"), ["q35,memory-backend=mem"]);
+    }
+
+    #[test]
+    fn maxmem_leaves_room_for_whole_memory_blocks() {
+        let mut config = base(MachineType::Q35);
+        config.memory_mib = 300;
+        config.max_memory_mib = 1000;
+        let args = qemu_args(&config, Accel::Tcg, None);
+        // 700 MiB of room rounded up to 6 blocks of 128 MiB.
+        assert_eq!(values(&args, "-m"), ["300M,slots=8,maxmem=1068M"]);
+        assert_eq!(values(&args, "-smp"), ["2"], "no room for vCPUs");
+    }
+
+    #[test]
+    fn no_room_to_grow_keeps_the_plain_sizes() {
+        for (max_vcpus, max_memory_mib) in [(0, 0), (2, 512), (1, 256)] {
+            let mut config = base(MachineType::Q35);
+            config.max_vcpus = max_vcpus;
+            config.max_memory_mib = max_memory_mib;
+            let args = qemu_args(&config, Accel::Tcg, None);
+            assert_eq!(values(&args, "-smp"), ["2"], "max {max_vcpus}");
+            assert_eq!(values(&args, "-m"), ["512M"], "max {max_memory_mib}");
+        }
+    }
+
+    #[test]
+    fn microvm_ignores_the_maxima() {
+        let mut config = base(MachineType::Microvm);
+        config.max_vcpus = 4;
+        config.max_memory_mib = 2048;
+        let args = qemu_args(&config, Accel::Tcg, None);
+        assert_eq!(values(&args, "-smp"), ["2"]);
+        assert_eq!(values(&args, "-m"), ["512M"]);
     }
 
     #[test]

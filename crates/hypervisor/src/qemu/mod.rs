@@ -6,6 +6,7 @@
 //! hand over with QMP `getfd`. Neither the console nor any process's output is a file: each is a bounded ring.
 
 pub mod cmdline;
+pub mod resize;
 mod validate;
 
 use std::fs::File;
@@ -19,7 +20,7 @@ use futures_util::future::join_all;
 use tokio::time::Instant;
 
 use crate::accel::{detect_accel, resolve_accel, Accel, AccelChoice};
-use crate::config::{AgentEndpoint, AgentTransport, GuestMemory, SharedFs, VmConfig};
+use crate::config::{AgentEndpoint, AgentTransport, GuestMemory, SharedFs, VmConfig, VmSize};
 use crate::console::{self, GuestConsole};
 use crate::error::{Error, Result};
 use crate::process::{wait_exit, ManagedChild, ProcessOutput, ProcessRole, VmExit, VmProcess};
@@ -81,6 +82,8 @@ pub struct QemuVm {
     console: GuestConsole,
     /// Serialises prepare/start/stop; never held by wait/status/pause.
     lifecycle: tokio::sync::Mutex<()>,
+    /// Serialises resizes, which pick free slots and device ids from what QEMU has.
+    resizing: tokio::sync::Mutex<()>,
     state: Mutex<State>,
 }
 
@@ -142,6 +145,7 @@ impl QemuVm {
             paths,
             console: GuestConsole::new(),
             lifecycle: tokio::sync::Mutex::new(()),
+            resizing: tokio::sync::Mutex::new(()),
             state: Mutex::new(State::default()),
         }
     }
@@ -593,6 +597,19 @@ impl Vm for QemuVm {
 
     fn console(&self) -> &GuestConsole {
         &self.console
+    }
+
+    async fn size(&self) -> Result<VmSize> {
+        resize::current_size(&*self.qmp("query the size of")?).await
+    }
+
+    async fn resize(&self, want: VmSize) -> Result<VmSize> {
+        let _resizing = self.resizing.lock().await;
+        resize::resize(&*self.qmp("resize")?, &self.config, want).await
+    }
+
+    fn can_resize(&self) -> bool {
+        resize::Growth::of(&self.config).any()
     }
 }
 
