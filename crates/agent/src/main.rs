@@ -6,6 +6,7 @@ mod container;
 mod device_cgroup;
 mod exec_seccomp;
 mod forward;
+mod hotplug;
 mod init;
 mod io;
 mod mount;

@@ -123,6 +123,12 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Whether this agent is the guest's init: only then does it change guest-wide state such as the clock or
+    /// which CPUs are online (run on a host for debugging, it must not).
+    pub fn is_init(&self) -> bool {
+        self.is_init
+    }
+
     pub async fn destroy(&self) -> Result<()> {
         let ids: Vec<String> = lock(&self.containers).keys().cloned().collect();
         for id in ids {

@@ -100,6 +100,25 @@ impl Agent for AgentService {
         Ok(pb::Empty::new())
     }
 
+    async fn online_cpu_mem(&self, _: &TtrpcContext, req: pb::OnlineCpuMemRequest) -> R<pb::Empty> {
+        if !self.sandbox.is_init() {
+            tracing::debug!(vcpus = req.vcpus, "not the guest's init: leaving CPUs and memory alone");
+            return Ok(pb::Empty::new());
+        }
+        let system = std::path::Path::new(crate::hotplug::SYSTEM);
+        let done = crate::hotplug::online_cpu_mem(system, req.vcpus, crate::hotplug::WAIT)
+            .await
+            .map_err(|e| status(Code::INTERNAL, &e))?;
+        tracing::info!(
+            vcpus = req.vcpus,
+            online = done.cpus_online,
+            cpus = done.cpus,
+            memory_blocks = done.memory_blocks,
+            "onlined hot-plugged CPUs and memory"
+        );
+        Ok(pb::Empty::new())
+    }
+
     async fn create_container(&self, _: &TtrpcContext, req: pb::CreateContainerRequest) -> R<pb::Empty> {
         tracing::debug!(id = req.container_id, "create container requested");
         self.sandbox

@@ -918,6 +918,128 @@ impl ::protobuf::reflect::ProtobufValue for SetGuestTimeRequest {
     type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
 }
 
+// @@protoc_insertion_point(message:kata.agent.v1.OnlineCpuMemRequest)
+#[derive(PartialEq,Clone,Default,Debug)]
+pub struct OnlineCpuMemRequest {
+    // message fields
+    // @@protoc_insertion_point(field:kata.agent.v1.OnlineCpuMemRequest.vcpus)
+    pub vcpus: u32,
+    // special fields
+    // @@protoc_insertion_point(special_field:kata.agent.v1.OnlineCpuMemRequest.special_fields)
+    pub special_fields: ::protobuf::SpecialFields,
+}
+
+impl<'a> ::std::default::Default for &'a OnlineCpuMemRequest {
+    fn default() -> &'a OnlineCpuMemRequest {
+        <OnlineCpuMemRequest as ::protobuf::Message>::default_instance()
+    }
+}
+
+impl OnlineCpuMemRequest {
+    pub fn new() -> OnlineCpuMemRequest {
+        ::std::default::Default::default()
+    }
+
+    fn generated_message_descriptor_data() -> ::protobuf::reflect::GeneratedMessageDescriptorData {
+        let mut fields = ::std::vec::Vec::with_capacity(1);
+        let mut oneofs = ::std::vec::Vec::with_capacity(0);
+        fields.push(::protobuf::reflect::rt::v2::make_simpler_field_accessor::<_, _>(
+            "vcpus",
+            |m: &OnlineCpuMemRequest| { &m.vcpus },
+            |m: &mut OnlineCpuMemRequest| { &mut m.vcpus },
+        ));
+        ::protobuf::reflect::GeneratedMessageDescriptorData::new_2::<OnlineCpuMemRequest>(
+            "OnlineCpuMemRequest",
+            fields,
+            oneofs,
+        )
+    }
+}
+
+impl ::protobuf::Message for OnlineCpuMemRequest {
+    const NAME: &'static str = "OnlineCpuMemRequest";
+
+    fn is_initialized(&self) -> bool {
+        true
+    }
+
+    fn merge_from(&mut self, is: &mut ::protobuf::CodedInputStream<'_>) -> ::protobuf::Result<()> {
+        while let Some(tag) = is.read_raw_tag_or_eof()? {
+            match tag {
+                8 => {
+                    self.vcpus = is.read_uint32()?;
+                },
+                tag => {
+                    ::protobuf::rt::read_unknown_or_skip_group(tag, is, self.special_fields.mut_unknown_fields())?;
+                },
+            };
+        }
+        ::std::result::Result::Ok(())
+    }
+
+    // Compute sizes of nested messages
+    #[allow(unused_variables)]
+    fn compute_size(&self) -> u64 {
+        let mut my_size = 0;
+        if self.vcpus != 0 {
+            my_size += ::protobuf::rt::uint32_size(1, self.vcpus);
+        }
+        my_size += ::protobuf::rt::unknown_fields_size(self.special_fields.unknown_fields());
+        self.special_fields.cached_size().set(my_size as u32);
+        my_size
+    }
+
+    fn write_to_with_cached_sizes(&self, os: &mut ::protobuf::CodedOutputStream<'_>) -> ::protobuf::Result<()> {
+        if self.vcpus != 0 {
+            os.write_uint32(1, self.vcpus)?;
+        }
+        os.write_unknown_fields(self.special_fields.unknown_fields())?;
+        ::std::result::Result::Ok(())
+    }
+
+    fn special_fields(&self) -> &::protobuf::SpecialFields {
+        &self.special_fields
+    }
+
+    fn mut_special_fields(&mut self) -> &mut ::protobuf::SpecialFields {
+        &mut self.special_fields
+    }
+
+    fn new() -> OnlineCpuMemRequest {
+        OnlineCpuMemRequest::new()
+    }
+
+    fn clear(&mut self) {
+        self.vcpus = 0;
+        self.special_fields.clear();
+    }
+
+    fn default_instance() -> &'static OnlineCpuMemRequest {
+        static instance: OnlineCpuMemRequest = OnlineCpuMemRequest {
+            vcpus: 0,
+            special_fields: ::protobuf::SpecialFields::new(),
+        };
+        &instance
+    }
+}
+
+impl ::protobuf::MessageFull for OnlineCpuMemRequest {
+    fn descriptor() -> ::protobuf::reflect::MessageDescriptor {
+        static descriptor: ::protobuf::rt::Lazy<::protobuf::reflect::MessageDescriptor> = ::protobuf::rt::Lazy::new();
+        descriptor.get(|| file_descriptor().message_by_package_relative_name("OnlineCpuMemRequest").unwrap()).clone()
+    }
+}
+
+impl ::std::fmt::Display for OnlineCpuMemRequest {
+    fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+        ::protobuf::text_format::fmt(self, f)
+    }
+}
+
+impl ::protobuf::reflect::ProtobufValue for OnlineCpuMemRequest {
+    type RuntimeType = ::protobuf::reflect::rt::RuntimeTypeMessage<Self>;
+}
+
 // @@protoc_insertion_point(message:kata.agent.v1.CreateContainerRequest)
 #[derive(PartialEq,Clone,Default,Debug)]
 pub struct CreateContainerRequest {
@@ -4495,8 +4617,9 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     \x14host_time_unix_nanos\x18\x05\x20\x01(\x03R\x11hostTimeUnixNanos\x12\
     \x18\n\x07entropy\x18\x06\x20\x01(\x0cR\x07entropy\"F\n\x13SetGuestTimeR\
     equest\x12/\n\x14host_time_unix_nanos\x18\x01\x20\x01(\x03R\x11hostTimeU\
-    nixNanos\"\x8d\x01\n\x16CreateContainerRequest\x12!\n\x0ccontainer_id\
-    \x18\x01\x20\x01(\tR\x0bcontainerId\x12\"\n\roci_spec_json\x18\x02\x20\
+    nixNanos\"+\n\x13OnlineCpuMemRequest\x12\x14\n\x05vcpus\x18\x01\x20\x01(\
+    \rR\x05vcpus\"\x8d\x01\n\x16CreateContainerRequest\x12!\n\x0ccontainer_i\
+    d\x18\x01\x20\x01(\tR\x0bcontainerId\x12\"\n\roci_spec_json\x18\x02\x20\
     \x01(\x0cR\x0bociSpecJson\x12\x16\n\x06rootfs\x18\x03\x20\x01(\tR\x06roo\
     tfs\x12\x14\n\x05stdin\x18\x04\x20\x01(\x08R\x05stdin\"5\n\x10ContainerR\
     equest\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcontainerId\"m\n\
@@ -4554,40 +4677,41 @@ static file_descriptor_proto_data: &'static [u8] = b"\
     hbors\"-\n\x08OomEvent\x12!\n\x0ccontainer_id\x18\x01\x20\x01(\tR\x0bcon\
     tainerId*^\n\x0cSharedFsType\x12\x17\n\x13SHARED_FS_TYPE_NONE\x10\0\x12\
     \x1b\n\x17SHARED_FS_TYPE_VIRTIOFS\x10\x01\x12\x18\n\x14SHARED_FS_TYPE_NI\
-    NEP\x10\x022\xd3\x0e\n\x05Agent\x125\n\x05Check\x12\x14.kata.agent.v1.Em\
+    NEP\x10\x022\x9d\x0f\n\x05Agent\x125\n\x05Check\x12\x14.kata.agent.v1.Em\
     pty\x1a\x16.kata.agent.v1.Version\x12A\n\x0cGuestDetails\x12\x14.kata.ag\
     ent.v1.Empty\x1a\x1b.kata.agent.v1.GuestDetails\x12J\n\rCreateSandbox\
     \x12#.kata.agent.v1.CreateSandboxRequest\x1a\x14.kata.agent.v1.Empty\x12\
     <\n\x0eDestroySandbox\x12\x14.kata.agent.v1.Empty\x1a\x14.kata.agent.v1.\
     Empty\x12H\n\x0cSetGuestTime\x12\".kata.agent.v1.SetGuestTimeRequest\x1a\
-    \x14.kata.agent.v1.Empty\x12N\n\x0fCreateContainer\x12%.kata.agent.v1.Cr\
-    eateContainerRequest\x1a\x14.kata.agent.v1.Empty\x12G\n\x0eStartContaine\
-    r\x12\x1f.kata.agent.v1.ContainerRequest\x1a\x14.kata.agent.v1.Empty\x12\
-    H\n\x0fRemoveContainer\x12\x1f.kata.agent.v1.ContainerRequest\x1a\x14.ka\
-    ta.agent.v1.Empty\x12G\n\x0ePauseContainer\x12\x1f.kata.agent.v1.Contain\
-    erRequest\x1a\x14.kata.agent.v1.Empty\x12H\n\x0fResumeContainer\x12\x1f.\
-    kata.agent.v1.ContainerRequest\x1a\x14.kata.agent.v1.Empty\x12N\n\x0fUpd\
-    ateContainer\x12%.kata.agent.v1.UpdateContainerRequest\x1a\x14.kata.agen\
-    t.v1.Empty\x12L\n\rListProcesses\x12\x1f.kata.agent.v1.ContainerRequest\
-    \x1a\x1a.kata.agent.v1.ProcessList\x12G\n\x05Stats\x12\x1f.kata.agent.v1\
-    .ContainerRequest\x1a\x1d.kata.agent.v1.ContainerStats\x12F\n\x0bExecPro\
-    cess\x12!.kata.agent.v1.ExecProcessRequest\x1a\x14.kata.agent.v1.Empty\
-    \x12D\n\rRemoveProcess\x12\x1d.kata.agent.v1.ProcessRequest\x1a\x14.kata\
-    .agent.v1.Empty\x12J\n\rSignalProcess\x12#.kata.agent.v1.SignalProcessRe\
-    quest\x1a\x14.kata.agent.v1.Empty\x12H\n\x0bWaitProcess\x12\x1d.kata.age\
-    nt.v1.ProcessRequest\x1a\x1a.kata.agent.v1.ProcessExit\x12I\n\nReadStdou\
-    t\x12\x1d.kata.agent.v1.ProcessRequest\x1a\x1a.kata.agent.v1.OutputChunk\
-    0\x01\x12I\n\nReadStderr\x12\x1d.kata.agent.v1.ProcessRequest\x1a\x1a.ka\
-    ta.agent.v1.OutputChunk0\x01\x12?\n\nWriteStdin\x12\x19.kata.agent.v1.St\
-    dinChunk\x1a\x14.kata.agent.v1.Empty(\x01\x12A\n\nCloseStdin\x12\x1d.kat\
-    a.agent.v1.ProcessRequest\x1a\x14.kata.agent.v1.Empty\x12B\n\tResizeTty\
-    \x12\x1f.kata.agent.v1.ResizeTtyRequest\x1a\x14.kata.agent.v1.Empty\x12E\
-    \n\x0fUpdateInterface\x12\x18.kata.agent.v1.Interface\x1a\x18.kata.agent\
-    .v1.Interface\x12H\n\x0cUpdateRoutes\x12\".kata.agent.v1.UpdateRoutesReq\
-    uest\x1a\x14.kata.agent.v1.Empty\x12N\n\x0fAddArpNeighbors\x12%.kata.age\
-    nt.v1.AddArpNeighborsRequest\x1a\x14.kata.agent.v1.Empty\x12<\n\tOomEven\
-    ts\x12\x14.kata.agent.v1.Empty\x1a\x17.kata.agent.v1.OomEvent0\x01b\x06p\
-    roto3\
+    \x14.kata.agent.v1.Empty\x12H\n\x0cOnlineCpuMem\x12\".kata.agent.v1.Onli\
+    neCpuMemRequest\x1a\x14.kata.agent.v1.Empty\x12N\n\x0fCreateContainer\
+    \x12%.kata.agent.v1.CreateContainerRequest\x1a\x14.kata.agent.v1.Empty\
+    \x12G\n\x0eStartContainer\x12\x1f.kata.agent.v1.ContainerRequest\x1a\x14\
+    .kata.agent.v1.Empty\x12H\n\x0fRemoveContainer\x12\x1f.kata.agent.v1.Con\
+    tainerRequest\x1a\x14.kata.agent.v1.Empty\x12G\n\x0ePauseContainer\x12\
+    \x1f.kata.agent.v1.ContainerRequest\x1a\x14.kata.agent.v1.Empty\x12H\n\
+    \x0fResumeContainer\x12\x1f.kata.agent.v1.ContainerRequest\x1a\x14.kata.\
+    agent.v1.Empty\x12N\n\x0fUpdateContainer\x12%.kata.agent.v1.UpdateContai\
+    nerRequest\x1a\x14.kata.agent.v1.Empty\x12L\n\rListProcesses\x12\x1f.kat\
+    a.agent.v1.ContainerRequest\x1a\x1a.kata.agent.v1.ProcessList\x12G\n\x05\
+    Stats\x12\x1f.kata.agent.v1.ContainerRequest\x1a\x1d.kata.agent.v1.Conta\
+    inerStats\x12F\n\x0bExecProcess\x12!.kata.agent.v1.ExecProcessRequest\
+    \x1a\x14.kata.agent.v1.Empty\x12D\n\rRemoveProcess\x12\x1d.kata.agent.v1\
+    .ProcessRequest\x1a\x14.kata.agent.v1.Empty\x12J\n\rSignalProcess\x12#.k\
+    ata.agent.v1.SignalProcessRequest\x1a\x14.kata.agent.v1.Empty\x12H\n\x0b\
+    WaitProcess\x12\x1d.kata.agent.v1.ProcessRequest\x1a\x1a.kata.agent.v1.P\
+    rocessExit\x12I\n\nReadStdout\x12\x1d.kata.agent.v1.ProcessRequest\x1a\
+    \x1a.kata.agent.v1.OutputChunk0\x01\x12I\n\nReadStderr\x12\x1d.kata.agen\
+    t.v1.ProcessRequest\x1a\x1a.kata.agent.v1.OutputChunk0\x01\x12?\n\nWrite\
+    Stdin\x12\x19.kata.agent.v1.StdinChunk\x1a\x14.kata.agent.v1.Empty(\x01\
+    \x12A\n\nCloseStdin\x12\x1d.kata.agent.v1.ProcessRequest\x1a\x14.kata.ag\
+    ent.v1.Empty\x12B\n\tResizeTty\x12\x1f.kata.agent.v1.ResizeTtyRequest\
+    \x1a\x14.kata.agent.v1.Empty\x12E\n\x0fUpdateInterface\x12\x18.kata.agen\
+    t.v1.Interface\x1a\x18.kata.agent.v1.Interface\x12H\n\x0cUpdateRoutes\
+    \x12\".kata.agent.v1.UpdateRoutesRequest\x1a\x14.kata.agent.v1.Empty\x12\
+    N\n\x0fAddArpNeighbors\x12%.kata.agent.v1.AddArpNeighborsRequest\x1a\x14\
+    .kata.agent.v1.Empty\x12<\n\tOomEvents\x12\x14.kata.agent.v1.Empty\x1a\
+    \x17.kata.agent.v1.OomEvent0\x01b\x06proto3\
 ";
 
 /// `FileDescriptorProto` object which was a source for this generated file
@@ -4605,13 +4729,14 @@ pub fn file_descriptor() -> &'static ::protobuf::reflect::FileDescriptor {
     file_descriptor.get(|| {
         let generated_file_descriptor = generated_file_descriptor_lazy.get(|| {
             let mut deps = ::std::vec::Vec::with_capacity(0);
-            let mut messages = ::std::vec::Vec::with_capacity(29);
+            let mut messages = ::std::vec::Vec::with_capacity(30);
             messages.push(Empty::generated_message_descriptor_data());
             messages.push(Version::generated_message_descriptor_data());
             messages.push(GuestDetails::generated_message_descriptor_data());
             messages.push(SharedFs::generated_message_descriptor_data());
             messages.push(CreateSandboxRequest::generated_message_descriptor_data());
             messages.push(SetGuestTimeRequest::generated_message_descriptor_data());
+            messages.push(OnlineCpuMemRequest::generated_message_descriptor_data());
             messages.push(CreateContainerRequest::generated_message_descriptor_data());
             messages.push(ContainerRequest::generated_message_descriptor_data());
             messages.push(UpdateContainerRequest::generated_message_descriptor_data());

@@ -56,6 +56,11 @@ impl AgentClient {
         ::ttrpc::async_client_request!(self, ctx, req, "kata.agent.v1.Agent", "SetGuestTime", cres);
     }
 
+    pub async fn online_cpu_mem(&self, ctx: ttrpc::context::Context, req: &super::agent::OnlineCpuMemRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        let mut cres = super::agent::Empty::new();
+        ::ttrpc::async_client_request!(self, ctx, req, "kata.agent.v1.Agent", "OnlineCpuMem", cres);
+    }
+
     pub async fn create_container(&self, ctx: ttrpc::context::Context, req: &super::agent::CreateContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
         let mut cres = super::agent::Empty::new();
         ::ttrpc::async_client_request!(self, ctx, req, "kata.agent.v1.Agent", "CreateContainer", cres);
@@ -210,6 +215,17 @@ struct SetGuestTimeMethod {
 impl ::ttrpc::r#async::MethodHandler for SetGuestTimeMethod {
     async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
         ::ttrpc::async_request_handler!(self, ctx, req, agent, SetGuestTimeRequest, set_guest_time);
+    }
+}
+
+struct OnlineCpuMemMethod {
+    service: Arc<dyn Agent + Send + Sync>,
+}
+
+#[async_trait]
+impl ::ttrpc::r#async::MethodHandler for OnlineCpuMemMethod {
+    async fn handler(&self, ctx: ::ttrpc::r#async::TtrpcContext, req: ::ttrpc::Request) -> ::ttrpc::Result<::ttrpc::Response> {
+        ::ttrpc::async_request_handler!(self, ctx, req, agent, OnlineCpuMemRequest, online_cpu_mem);
     }
 }
 
@@ -461,6 +477,9 @@ pub trait Agent: Sync {
     async fn set_guest_time(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::SetGuestTimeRequest) -> ::ttrpc::Result<super::agent::Empty> {
         Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/kata.agent.v1.Agent/SetGuestTime is not supported".to_string())))
     }
+    async fn online_cpu_mem(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::OnlineCpuMemRequest) -> ::ttrpc::Result<super::agent::Empty> {
+        Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/kata.agent.v1.Agent/OnlineCpuMem is not supported".to_string())))
+    }
     async fn create_container(&self, _ctx: &::ttrpc::r#async::TtrpcContext, _: super::agent::CreateContainerRequest) -> ::ttrpc::Result<super::agent::Empty> {
         Err(::ttrpc::Error::RpcStatus(::ttrpc::get_status(::ttrpc::Code::NOT_FOUND, "/kata.agent.v1.Agent/CreateContainer is not supported".to_string())))
     }
@@ -545,6 +564,9 @@ pub fn create_agent(service: Arc<dyn Agent + Send + Sync>) -> HashMap<String, ::
 
     methods.insert("SetGuestTime".to_string(),
                     Box::new(SetGuestTimeMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
+
+    methods.insert("OnlineCpuMem".to_string(),
+                    Box::new(OnlineCpuMemMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);
 
     methods.insert("CreateContainer".to_string(),
                     Box::new(CreateContainerMethod{service: service.clone()}) as Box<dyn ::ttrpc::r#async::MethodHandler + Send + Sync>);

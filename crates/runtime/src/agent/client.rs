@@ -250,6 +250,14 @@ impl AgentClient {
         Ok(())
     }
 
+    /// Has the guest online every CPU and memory block the host hot-plugged (after [`hypervisor::Vm::resize`]),
+    /// and waits until `vcpus` CPUs are online; the agent gives up after a few seconds, saying how many are.
+    pub async fn online_cpu_mem(&self, vcpus: u32) -> Result<()> {
+        let req = pb::OnlineCpuMemRequest { vcpus, ..Default::default() };
+        self.timed("OnlineCpuMem", self.timeouts.call, |ctx| self.rpc.online_cpu_mem(ctx, &req)).await?;
+        Ok(())
+    }
+
     /// `oci_spec_json` is the bundle's config.json; `rootfs` is relative to the shared mount
     /// (or absolute in the guest). Without `stdin` the init reads /dev/null.
     pub async fn create_container(
@@ -628,6 +636,18 @@ mod tests {
         client.create_container("c1", b"{}", "", true).await.expect("create");
         let err = client.wait_process(&ProcessRef::exec("c1", "nope")).await.expect_err("unknown exec");
         assert_eq!(err.code(), Some(RpcCode::NotFound), "{err}");
+    }
+
+    #[tokio::test]
+    async fn online_cpu_mem_carries_the_vcpus_under_the_call_timeout() {
+        let agent = FakeAgent::start().await;
+        let client = connect(&agent).await;
+        client.online_cpu_mem(3).await.expect("online");
+        assert_eq!(agent.calls(), [Call::OnlineCpuMem(3)]);
+        agent.set_silent(true);
+        let err = client.online_cpu_mem(4).await.expect_err("no answer");
+        assert!(matches!(err, AgentError::Timeout { call: "OnlineCpuMem", after } if after == SHORT.call), "{err:?}");
+        agent.set_silent(false);
     }
 
     #[tokio::test]

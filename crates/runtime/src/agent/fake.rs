@@ -27,11 +27,13 @@ use super::transport::{AgentDialer, DialError};
 use super::types::ProcessRef;
 
 /// A call that changes the guest, as the fake received it: recorded on arrival, so also when it failed or was
-/// never answered. Queries (Check, WaitProcess, Stats, the output streams, ...) are not recorded.
+/// never answered. Queries (Check, WaitProcess, Stats, the output streams, ...) are not recorded. `OnlineCpuMem`
+/// carries the vCPUs asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
     CreateSandbox,
     DestroySandbox,
+    OnlineCpuMem(u32),
     CreateContainer { container_id: String },
     StartContainer { container_id: String },
     RemoveContainer { container_id: String },
@@ -362,6 +364,11 @@ impl Agent for Guest {
 
     async fn set_guest_time(&self, _: &TtrpcContext, _: pb::SetGuestTimeRequest) -> R<pb::Empty> {
         self.arrive(None).await;
+        Ok(pb::Empty::new())
+    }
+
+    async fn online_cpu_mem(&self, _: &TtrpcContext, req: pb::OnlineCpuMemRequest) -> R<pb::Empty> {
+        self.arrive(Some(Call::OnlineCpuMem(req.vcpus))).await;
         Ok(pb::Empty::new())
     }
 
