@@ -10,6 +10,7 @@ pub mod factory;
 /// A VMM that starts nothing, for unit tests of the lifecycle (feature `test-doubles`).
 #[cfg(any(test, feature = "test-doubles"))]
 pub mod fake_vm;
+pub mod host_cgroup;
 pub mod host_fs;
 pub mod io;
 pub mod lifecycle;
@@ -19,8 +20,13 @@ pub mod mounts;
 pub mod network;
 pub mod paths;
 mod persist;
+pub mod placement;
 pub mod pod_config;
 pub mod process;
+pub mod resize;
+#[cfg(test)]
+mod resize_tests;
+pub mod resources;
 pub mod sandbox;
 pub mod spec;
 pub mod state;

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::agent::{AgentError, ContainerStats, ProcessList, ProcessRef};
 use crate::io::{self, IoPaths};
 use crate::process::{Exit, Phase, Process};
+use crate::resources::Limits;
 use crate::sandbox::{Rootfs, Sandbox, SandboxError};
 
 /// At most one OOM report per container in this interval.
@@ -45,6 +46,8 @@ pub enum LifecycleError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     Sandbox(Box<SandboxError>),
+    #[error(transparent)]
+    Resize(#[from] crate::resize::ResizeError),
 }
 
 impl From<SandboxError> for LifecycleError {
@@ -68,7 +71,9 @@ impl LifecycleError {
         match self {
             Self::NoContainer(_) | Self::NoExec { .. } | Self::Finished => ErrorKind::NotFound,
             Self::ContainerExists(_) | Self::ExecExists(_) => ErrorKind::AlreadyExists,
-            Self::AlreadyStarted(_) | Self::ExecRunning(_) | Self::ContainerRunning(_) => ErrorKind::FailedPrecondition,
+            Self::AlreadyStarted(_) | Self::ExecRunning(_) | Self::ContainerRunning(_) | Self::Resize(_) => {
+                ErrorKind::FailedPrecondition
+            }
             Self::BadResources(_) => ErrorKind::InvalidArgument,
             Self::Agent(_) | Self::Sandbox(_) => ErrorKind::Internal,
         }
@@ -86,6 +91,8 @@ pub(crate) struct Container {
     pub(crate) paused: bool,
     pub(crate) init: Process,
     pub(crate) execs: HashMap<String, Process>,
+    /// Its CPU and memory limits, as the VM's size counts them.
+    pub(crate) limits: crate::resources::Limits,
 }
 
 impl Container {
@@ -182,6 +189,16 @@ impl Sandbox {
         } else {
             self.containers().iter().find(|(_, c)| c.is_sandbox).map(|(id, _)| id.clone())
         };
+        // A CRI pod's sandbox container carries no workload of its own: the pod's sizing covers the pod.
+        let pod_sized = lock(&self.persister.base).sizing.is_some_and(|s| s.pod.is_some());
+        let limits = if is_sandbox && pod_sized { Limits::default() } else { Limits::of_spec(spec) };
+        if !is_sandbox {
+            // The sandbox container was counted when the VM started. One that does not fit runs in what the
+            // VM has (its limit in the guest still holds): refusing it would fail pods on a VM that cannot grow.
+            if let Err(e) = self.fit(id, limits).await {
+                tracing::warn!(sandbox = %self.id(), container = %id, error = %crate::error_chain(&e), "the VM cannot hold the container's limits; it runs in what the VM has");
+            }
+        }
         let stdin = !io_paths.stdin.is_empty();
         self.create_container(id, spec, rootfs, stdin, pod_sandbox.as_deref()).await?;
         tracing::info!(sandbox = %self.id(), container = %id, "container created in the guest");
@@ -197,7 +214,7 @@ impl Sandbox {
             }
         }
         let container =
-            Container { bundle: bundle.to_string(), is_sandbox, paused: false, init, execs: HashMap::new() };
+            Container { bundle: bundle.to_string(), is_sandbox, paused: false, init, execs: HashMap::new(), limits };
         let mut containers = self.containers();
         if containers.contains_key(id) {
             // Created twice at once: the other call won; ours is already in the guest under the same id, and
@@ -428,12 +445,19 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Changes a container's resources: `resources_json` is OCI `LinuxResources`.
+    /// Changes a container's resources (`resources_json` is OCI `LinuxResources`): the VM grows first when the
+    /// new limits need more than it has (refused, with the reason, when it cannot), then the guest's cgroup.
     pub async fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
-        serde_json::from_slice::<oci_spec::runtime::LinuxResources>(resources_json)
+        let resources = serde_json::from_slice::<oci_spec::runtime::LinuxResources>(resources_json)
             .map_err(LifecycleError::BadResources)?;
-        self.with_process(id, "", |_, _| ())?;
-        Ok(self.agent().update_container(id, resources_json).await?)
+        let limits = self.with_process(id, "", |container, _| container.limits.updated(&resources))?;
+        self.fit(id, limits).await?;
+        self.agent().update_container(id, resources_json).await?;
+        if let Some(container) = self.containers().get_mut(id) {
+            container.limits = limits;
+        }
+        self.persister.save();
+        Ok(())
     }
 
     pub async fn stats(&self, id: &str) -> Result<ContainerStats> {

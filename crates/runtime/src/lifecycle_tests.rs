@@ -28,16 +28,17 @@ struct Pod {
     dir: tempfile::TempDir,
 }
 
-fn host(agent: &FakeAgent, hv: &Arc<FakeHypervisor>) -> Host {
+pub(crate) fn host(agent: &FakeAgent, hv: &Arc<FakeHypervisor>) -> Host {
     Host {
         hypervisor: hv.clone(),
         mounts: Arc::new(RecordingSyscalls::default()),
         agent_dialer: Some(agent.dialer()),
         agent_timeouts: Timeouts { call: CALL_TIMEOUT, container: CALL_TIMEOUT },
+        host_cgroups: false,
     }
 }
 
-fn options(dir: &Path) -> SandboxOptions {
+pub(crate) fn options(dir: &Path) -> SandboxOptions {
     let config = types::config::LoadedConfig::from_sources(&[(
         "c.toml".into(),
         types::config::DEFAULT_CONFIGURATION.to_string(),
@@ -51,6 +52,7 @@ fn options(dir: &Path) -> SandboxOptions {
         hostname: "pod".into(),
         dns: Vec::new(),
         netns: None,
+        resources: Default::default(),
     }
 }
 

@@ -20,6 +20,7 @@ impl Container {
             paused: self.paused,
             init: record(&self.init),
             execs,
+            limits: self.limits,
         }
     }
 
@@ -32,6 +33,7 @@ impl Container {
             paused: record.paused,
             init: restore(&record.init),
             execs: record.execs.iter().map(|(id, p)| (id.clone(), restore(p))).collect(),
+            limits: record.limits,
         }
     }
 }

@@ -19,6 +19,8 @@ use crate::network::port_forward::PortForward;
 use crate::network::{self, PodNetwork};
 use crate::paths::{self, SandboxPaths};
 use crate::persist::Persister;
+use crate::placement::{HostCgroups, PlacementError};
+use crate::resources::{SandboxResources, Sizing};
 use crate::spec::{self, SpecError};
 use crate::state::{self, SandboxState, StateError};
 use crate::vm_config::{self, VmConfigError};
@@ -53,6 +55,14 @@ pub enum SandboxError {
     Template(#[from] FactoryError),
     #[error("pod network")]
     Network(#[from] network::NetworkError),
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    #[error("{0}")]
+    Resources(String),
+    #[error(transparent)]
+    Resize(#[from] crate::resize::ResizeError),
+    #[error("read the host's CPUs and memory")]
+    HostLimits(#[source] std::io::Error),
 }
 
 /// The parts of the host a sandbox uses, behind seams that unit tests replace with doubles.
@@ -64,6 +74,9 @@ pub struct Host {
     pub agent_dialer: Option<Arc<dyn crate::agent::AgentDialer>>,
     /// Bounds on agent calls.
     pub agent_timeouts: crate::agent::Timeouts,
+    /// Place the sandbox's processes in host cgroups (`sandbox_cgroup_only`); off for test doubles, whose
+    /// "VM" is the test process itself.
+    pub host_cgroups: bool,
 }
 
 impl Host {
@@ -74,6 +87,7 @@ impl Host {
             mounts: Arc::new(mounts::Syscalls),
             agent_dialer: None,
             agent_timeouts: Default::default(),
+            host_cgroups: true,
         }
     }
 }
@@ -91,6 +105,8 @@ pub struct SandboxOptions {
     pub dns: Vec<String>,
     /// The pod's network namespace prepared by CNI; its interfaces are mirrored into the VM.
     pub netns: Option<PathBuf>,
+    /// The pod's host cgroup and sizing, from the sandbox container's spec.
+    pub resources: SandboxResources,
 }
 
 /// Where a container's root filesystem comes from on the host.
@@ -115,6 +131,8 @@ pub struct Sandbox {
     /// CRI port-forward into the VM, when the pod has a network namespace and it could be set up. Only the
     /// process that started the sandbox serves it.
     port_forward: std::sync::Mutex<Option<PortForward>>,
+    /// Growing the VM is one change at a time.
+    pub(crate) resize_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for dyn MountSyscalls {
@@ -159,10 +177,37 @@ impl Sandbox {
             shim_pid: Some(std::process::id()),
             netns: opts.netns.clone(),
             disable_guest_seccomp: opts.config.runtime.disable_guest_seccomp,
+            static_resources: opts.config.runtime.static_sandbox_resource_mgmt,
             ..Default::default()
         };
         state.save(&p.state_file())?;
+        let host_cgroups = match host.host_cgroups {
+            true => {
+                let cgroups_path = opts.resources.cgroups_path.as_deref();
+                let only = opts.config.runtime.sandbox_cgroup_only;
+                HostCgroups::place(&opts.id, cgroups_path, only, |placed| {
+                    state.host_cgroups = placed.clone();
+                    if let Err(e) = state.save(&p.state_file()) {
+                        tracing::warn!(sandbox = %opts.id, error = %crate::error_chain(&e), "cannot persist the host cgroups");
+                    }
+                })?
+            }
+            false => HostCgroups::default(),
+        };
+        let host_limits = types::config::HostLimits::detect().map_err(SandboxError::HostLimits)?;
+        let sizing = Sizing::new(&opts.config, &host_limits, opts.resources.pod);
+        let workload = sizing.workload([opts.resources.own]);
+        let target = sizing.target(workload);
+        if sizing.capped(workload) {
+            tracing::warn!(sandbox = %opts.id, ?workload, max = %sizing.max, "the pod asks for more than the VM may have; capped");
+        }
+        state.sizing = Some(sizing);
         let mut config = vm_config::vm_config(&opts.id, &opts.config, p)?;
+        let can_grow = config.qemu.machine == hypervisor::MachineType::Q35 && !state.static_resources;
+        if can_grow {
+            config.max_vcpus = sizing.max.vcpus;
+            config.max_memory_mib = sizing.max.memory_mib;
+        }
         let mut pod_network = PodNetwork::default();
         let mut taps = Vec::new();
         if let Some(netns) = &opts.netns {
@@ -172,8 +217,10 @@ impl Sandbox {
         }
         let dial_timeout = Duration::from_secs(u64::from(opts.config.agent.dial_timeout.max(1)));
         // A clone has exactly its template's devices: factory::template_config says which template fits.
-        let like_template =
-            factory::template_config(&config, taps.len()).filter(|_| opts.config.factory.enable_template);
+        // A clone is as big as its template; it grows after if it can, else the pod boots its own VM.
+        let fits_template = target == sizing.base || can_grow;
+        let like_template = factory::template_config(&config, taps.len())
+            .filter(|_| opts.config.factory.enable_template && fits_template);
         let template = match like_template {
             Some(like_template) => {
                 let root = PathBuf::from(&opts.config.factory.template_path);
@@ -184,7 +231,9 @@ impl Sandbox {
                 }
             }
             None => {
-                if opts.config.factory.enable_template {
+                if opts.config.factory.enable_template && !fits_template {
+                    tracing::info!(sandbox = %opts.id, %target, "bigger than the VM template and unable to grow: booting");
+                } else if opts.config.factory.enable_template {
                     tracing::info!(sandbox = %opts.id, interfaces = taps.len(), "too many network interfaces for a VM template: booting");
                 }
                 None
@@ -197,6 +246,8 @@ impl Sandbox {
             template.clone_into(&mut config);
             Some(template)
         } else {
+            config.vcpus = target.vcpus;
+            config.memory_mib = target.memory_mib;
             for (i, (tap, iface)) in taps.into_iter().zip(&pod_network.interfaces).enumerate() {
                 config.net_devices.push(NetDevice {
                     id: format!("net{i}"),
@@ -206,6 +257,7 @@ impl Sandbox {
             }
             None
         };
+        let (config_vcpus, config_memory) = (config.vcpus, config.memory_mib);
         let vm = host.hypervisor.vm(config);
         let booted = boot::boot_and_connect_with(&vm, dial_timeout, host.agent_dialer.clone(), |processes| {
             // Persist whatever got started, even on failure, so cleanup can find it.
@@ -230,6 +282,7 @@ impl Sandbox {
             }
         };
         tracing::info!(sandbox = %opts.id, "agent connected");
+        let booted_size = crate::resources::Size { vcpus: config_vcpus, memory_mib: config_memory };
         state.vm = Some(vm.saved().config);
         state.agent = vm.agent_endpoint();
         let fs_type = match opts.config.hypervisor.shared_fs {
@@ -255,6 +308,32 @@ impl Sandbox {
             let _ = vm.stop().await;
             return Err(e.into());
         }
+        let sized = async {
+            let vmm_pid = vm.pids().first().map(|p| p.pid).unwrap_or(0);
+            host_cgroups.move_vcpus(vmm_pid)?;
+            let size = match booted_size.covers(&target) {
+                true => booted_size,
+                false => {
+                    let size = crate::resize::grow(&*vm, &agent, target).await?;
+                    host_cgroups.move_vcpus(vmm_pid)?;
+                    size
+                }
+            };
+            host_cgroups
+                .limit(size, workload)
+                .map_err(|e| SandboxError::Resources(format!("limit the pod's host cgroup: {e}")))?;
+            Ok::<_, SandboxError>(size)
+        }
+        .await;
+        let size = match sized {
+            Ok(size) => size,
+            Err(e) => {
+                let _ = vm.stop().await;
+                return Err(e);
+            }
+        };
+        tracing::info!(sandbox = %opts.id, %size, "VM sized");
+        state.vm_size = Some(size);
         let port_forward = match &opts.netns {
             Some(netns) => PortForward::start_or_log(&opts.id, netns, vm.agent_endpoint()).await,
             None => None,
@@ -273,6 +352,7 @@ impl Sandbox {
             containers,
             persister,
             port_forward: std::sync::Mutex::new(port_forward),
+            resize_lock: Default::default(),
         })
     }
 
@@ -307,6 +387,7 @@ impl Sandbox {
             containers,
             persister,
             port_forward: Default::default(),
+            resize_lock: Default::default(),
         };
         crate::persist::restore_containers(&sandbox, &records);
         tracing::info!(sandbox = id, containers = records.len(), "connected to a running sandbox");
@@ -320,6 +401,10 @@ impl Sandbox {
     /// The agent, for process-level calls (exec, signal, wait, IO streams, stats).
     pub fn agent(&self) -> &AgentClient {
         &self.agent
+    }
+
+    pub(crate) fn vm(&self) -> &dyn Vm {
+        &*self.vm
     }
 
     /// The VMM's host PID, which stands for every process of the sandbox (guest PIDs mean nothing here).

@@ -52,6 +52,17 @@ pub struct SandboxState {
     /// `runtime.disable_guest_seccomp`: containers' seccomp profiles are dropped from their guest specs.
     #[serde(default)]
     pub disable_guest_seccomp: bool,
+    /// How the VM is sized (fixed at start), and its size now.
+    #[serde(default)]
+    pub sizing: Option<crate::resources::Sizing>,
+    #[serde(default)]
+    pub vm_size: Option<crate::resources::Size>,
+    /// `runtime.static_sandbox_resource_mgmt`: the VM never grows.
+    #[serde(default)]
+    pub static_resources: bool,
+    /// The host cgroups made for the sandbox, removed by cleanup.
+    #[serde(default)]
+    pub host_cgroups: crate::placement::HostCgroups,
 }
 
 /// A container as persisted.
@@ -63,6 +74,9 @@ pub struct ContainerRecord {
     pub paused: bool,
     pub init: ProcessRecord,
     pub execs: Vec<(String, ProcessRecord)>,
+    /// Its CPU and memory limits, as the VM's size counts them.
+    #[serde(default)]
+    pub limits: crate::resources::Limits,
 }
 
 /// A process (a container's init or an exec) as persisted.
@@ -128,6 +142,8 @@ pub async fn cleanup(sys: &dyn MountSyscalls, paths: &SandboxPaths) -> Result<Cl
                 }
             }
         }
+        // After the VM's processes are gone, so its cgroups are empty.
+        state.host_cgroups.release();
     }
     let existed = paths.root.exists();
     summary.unmounted = mounts::unmount_and_remove(sys, &paths.root)?;
@@ -156,6 +172,7 @@ mod tests {
                 paused: false,
                 init,
                 execs: vec![("e1".into(), exec)],
+                limits: Default::default(),
             }],
             ..Default::default()
         };

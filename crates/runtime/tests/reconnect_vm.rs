@@ -26,7 +26,15 @@ fn options(root: &Path, [kernel, initrd, vsock, virtiofsd]: &[PathBuf; 4]) -> Sa
          vsock_daemon = {vsock:?}\naccel = \"tcg\"\n"
     );
     let config = types::config::LoadedConfig::from_sources(&[("test.toml".into(), text)]).expect("config").config;
-    SandboxOptions { id: ID.into(), config, root: root.to_path_buf(), hostname: "r".into(), dns: vec![], netns: None }
+    SandboxOptions {
+        id: ID.into(),
+        config,
+        root: root.to_path_buf(),
+        hostname: "r".into(),
+        dns: vec![],
+        netns: None,
+        resources: Default::default(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

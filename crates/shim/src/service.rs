@@ -107,6 +107,8 @@ impl KataTask {
         let config = runtime::pod_config::resolve(id, config_path, &annotations)
             .map_err(|e| status(Code::INVALID_ARGUMENT, error_chain(&e)))?;
         let netns = runtime::network::pod_netns(spec).map_err(|e| status(Code::INVALID_ARGUMENT, error_chain(&e)))?;
+        let resources =
+            runtime::resources::SandboxResources::of_spec(spec).map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
         let debug = config.hypervisor.enable_debug || config.runtime.enable_debug;
         let opts = SandboxOptions {
             id: id.to_string(),
@@ -115,6 +117,7 @@ impl KataTask {
             hostname: spec.hostname().clone().unwrap_or_default(),
             dns: Vec::new(),
             netns: netns.path().map(Path::to_path_buf),
+            resources,
         };
         let sandbox = Sandbox::start(opts, self.setup.host.clone()).await.map_err(|e| internal(&e))?;
         tracing::info!(sandbox = id, "sandbox started");

@@ -59,6 +59,7 @@ async fn shim() -> Shim {
         mounts: Arc::new(NoMounts),
         agent_dialer: Some(agent.dialer()),
         agent_timeouts: Timeouts { call: Duration::from_millis(300), container: Duration::from_millis(300) },
+        host_cgroups: false,
     };
     let (events, rx) = Events::channel();
     let exit = Arc::new(ExitSignal::default());

@@ -88,7 +88,8 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<S
     let mut args = Args::default();
 
     if !config.name.is_empty() {
-        args.push2("-name", &config.name);
+        // debug-threads names the vCPU threads (`CPU 0/TCG`), so the runtime can place them in the pod's cgroup.
+        args.push2("-name", format!("{},debug-threads=on", config.name));
     }
     if let Some(sandbox) = config.qemu.seccomp_sandbox.as_deref().filter(|s| !s.is_empty()) {
         args.push2("-sandbox", sandbox);
@@ -351,7 +352,7 @@ mod tests {
         let args = qemu_args(&base(MachineType::Microvm), Accel::Tcg, Some(2_596_140));
         assert_eq!(
             args.join(" "),
-            "-name vm1 \
+            "-name vm1,debug-threads=on \
              -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
              -machine microvm,pit=on,pic=off,isa-serial=on,rtc=on,memory-backend=mem -accel tcg,tb-size=64 -cpu max \
              -smp 2 -m 512M -object memory-backend-memfd,id=mem,size=512M,share=on \

@@ -89,7 +89,6 @@ pub(crate) const KATA_IGNORED_KEYS: &[&str] = &[
     "runtime.jaeger_password",
     "runtime.jaeger_user",
     "runtime.sandbox_bind_mounts",
-    "runtime.static_sandbox_resource_mgmt",
     "runtime.vfio_mode",
     // [factory]
     "factory.vm_cache_endpoint",

@@ -196,8 +196,11 @@ impl Default for AgentConfig {
 pub struct RuntimeConfig {
     /// How the pod network namespace is connected to the VM.
     pub internetworking_model: InterNetworkingModel,
-    /// Put all sandbox threads (QEMU, helpers) in the sandbox cgroup only.
+    /// The shim, QEMU and its helpers all in the pod's cgroup; false: the vCPUs there (v1; all of QEMU on v2),
+    /// the rest in `kata_overhead/<sandbox>`.
     pub sandbox_cgroup_only: bool,
+    /// Size the VM once, when it starts, and never hot-plug: containers added or grown later get no more.
+    pub static_sandbox_resource_mgmt: bool,
     /// Do not apply containers' seccomp profiles in the guest (Kata's key; false applies them, as runc does).
     pub disable_guest_seccomp: bool,
     /// Debug-level runtime and shim logs.
@@ -211,6 +214,7 @@ impl Default for RuntimeConfig {
         Self {
             internetworking_model: InterNetworkingModel::TcFilter,
             sandbox_cgroup_only: false,
+            static_sandbox_resource_mgmt: false,
             disable_guest_seccomp: false,
             enable_debug: false,
             experimental: Vec::new(),
