@@ -68,6 +68,30 @@ fn env_shows_where_values_came_from() {
     let memory = settings.iter().find(|s| s["key"] == "hypervisor.qemu.default_memory").unwrap();
     assert_eq!(memory["value"], 2048);
     assert_eq!(memory["origin"]["source"], "default");
+    let sizing = &report["sizing"];
+    assert_eq!(sizing["base"]["memory_mib"], 2048, "{sizing}");
+    assert_eq!(sizing["base"]["vcpus"], 1, "{sizing}");
+    assert_eq!(sizing["grows"], true, "q35 hot-plugs: {sizing}");
+    assert!(sizing["host_cgroups"].as_str().unwrap().contains("kata_overhead"), "{sizing}");
+}
+
+#[test]
+fn env_says_a_static_or_microvm_pod_does_not_grow() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = write_config(dir.path(), Path::new("/boot/vmlinux"));
+    for (extra, why) in [
+        ("machine_type = \"microvm\"\n", "microvm"),
+        ("[runtime]\nstatic_sandbox_resource_mgmt = true\n", "static_sandbox_resource_mgmt"),
+    ] {
+        let text = std::fs::read_to_string(&conf).unwrap() + extra;
+        let other = dir.path().join("other.toml");
+        std::fs::write(&other, text).unwrap();
+        let out = kata_runtime(&["env"], &other);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let growing = stdout.lines().find(|l| l.starts_with("# growing:")).unwrap_or_default();
+        assert!(growing.contains(why) && growing.contains("sized at start only"), "{stdout}");
+    }
 }
 
 #[test]
