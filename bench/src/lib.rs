@@ -8,6 +8,7 @@ pub mod measure;
 pub mod network;
 pub mod procs;
 pub mod report;
+pub mod resources;
 pub mod stage;
 pub mod timeline;
 

@@ -51,6 +51,9 @@ pub struct Results {
     /// The same start, memory and density measurements with pods cloned from a VM template.
     #[serde(default)]
     pub template: Option<TemplateResults>,
+    /// Pods sized by their limits, and an idle pod's host cgroup memory.
+    #[serde(default)]
+    pub resources: Option<crate::resources::Resources>,
     /// Stages that failed as a whole, with the reason.
     pub stage_errors: Vec<String>,
 }
@@ -255,6 +258,9 @@ impl Results {
         }
         if let Some(t) = &self.template {
             template_markdown(&mut o, t, floor);
+        }
+        if let Some(r) = &self.resources {
+            r.markdown(&mut o);
         }
         let _ = writeln!(o, "\n## Issue 6 targets (TCG)\n");
         let _ = writeln!(o, "| target | now | met |\n|---|---|---|");

@@ -4,7 +4,7 @@
 //! memory and density again with pods cloned from a VM template.
 //! Writes `bench/results/latest.{md,json,png}`.
 //!
-//! usage: bench-all [--quick] [--runs N] [--only floor,cold,exec,memory,density,fs,net,template] [--out DIR]
+//! usage: bench-all [--quick] [--runs N] [--only floor,cold,exec,memory,density,fs,net,template,resources] [--out DIR]
 //!        bench-all --redraw results/latest.json [--out DIR]
 //! Parts from KATA_TEST_KERNEL, KATA_TEST_INITRD, KATA_TEST_VIRTIOFSD, KATA_TEST_VSOCK_DAEMON, KATA_TEST_SHIM_DIR.
 
@@ -29,7 +29,7 @@ struct Args {
     /// Runs per latency measurement (default 10, or 3 with --quick).
     #[arg(long)]
     runs: Option<usize>,
-    /// Comma-separated stages to run (default all): floor, cold, exec, memory, density, fs, net, template.
+    /// Comma-separated stages to run (default all): floor, cold, exec, memory, density, fs, net, template, resources.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Render the Markdown and the chart again from a saved `latest.json` instead of measuring.
@@ -40,7 +40,7 @@ struct Args {
     out: PathBuf,
 }
 
-const STAGES: &[&str] = &["floor", "cold", "exec", "memory", "density", "fs", "net", "template"];
+const STAGES: &[&str] = &["floor", "cold", "exec", "memory", "density", "fs", "net", "template", "resources"];
 
 fn command_output(program: &str, args: &[&str]) -> Option<String> {
     let out = std::process::Command::new(program).args(args).output().ok()?;
@@ -118,8 +118,13 @@ fn run(args: &Args, parts: &KataParts, interrupt: &Interrupt, results: &mut Resu
             results.floor = samples;
         }
     }
-    if ["cold", "exec", "memory", "density", "fs"].iter().any(|s| wants(s)) {
+    if ["cold", "exec", "memory", "density", "fs", "resources"].iter().any(|s| wants(s)) {
         let virtiofs = Stage::start(parts, SharedFsKind::VirtioFs)?;
+        if wants("resources") {
+            results.resources = stage(results, "pods sized by limits", interrupt, || {
+                bench::resources::measure(&virtiofs, n, interrupt)
+            })?;
+        }
         if wants("cold") {
             results.cold = stage(results, "cold start", interrupt, || measure::cold_start(&virtiofs, n, interrupt))?;
         }
