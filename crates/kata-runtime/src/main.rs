@@ -3,6 +3,7 @@
 mod check;
 mod env;
 mod factory;
+mod oci;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,12 +11,20 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "kata-runtime", version, about = "kata-rs host tool")]
+#[command(
+    name = "kata-runtime",
+    version,
+    about = "kata-rs host tool, and an OCI runtime with runc's command line (each container in its own VM)",
+    after_help = "The OCI commands take runc's flags (docs/containerd.md, \"katacli\"); containerd's runc shims run \
+                  them with BinaryName = kata-runtime or ctr run --runc-binary."
+)]
 struct Cli {
     /// Configuration file to use instead of the standard search
     /// (KATA_CONF_FILE, then /etc/kata-containers, then /usr/share/defaults/kata-containers).
     #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    global: oci::args::GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,6 +48,8 @@ enum Command {
         #[command(subcommand)]
         command: factory::FactoryCommand,
     },
+    #[command(flatten)]
+    Oci(oci::args::OciCommand),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +58,7 @@ fn main() -> ExitCode {
         Command::Check { json } => check::run(cli.config, json),
         Command::Env { json } => env::run(cli.config, json),
         Command::Factory { command } => factory::run(cli.config, command),
+        Command::Oci(command) => return oci::run(&cli.global, cli.config, command),
     };
     match result {
         Ok(code) => code,
