@@ -112,6 +112,19 @@ fn containerd_snippets_have_the_expected_keys_in_their_own_format() {
                 "io.containerd.katafc.v2",
                 "{what}"
             ),
+            "katacli.toml" => {
+                assert_eq!(
+                    get_str(&t, &at(&["runtimes", "katacli", "runtime_type"])),
+                    "io.containerd.runc.v1",
+                    "{what}"
+                );
+                assert_eq!(
+                    get_str(&t, &at(&["runtimes", "katacli", "options", "BinaryName"])),
+                    "/usr/bin/kata-runtime",
+                    "{what}"
+                );
+                assert_eq!(get_str(&t, &at(&["default_runtime_name"])), "runc", "{what}");
+            }
             other => panic!("{what}: no expectations for {other}; add them here"),
         }
         if let Some(runtimes) = get(&t, &at(&["runtimes"])).and_then(Value::as_table) {
@@ -187,6 +200,7 @@ fn effective(name: &str) -> &'static [&'static str] {
         "untrusted.toml" => &["DefaultRuntimeName:runc", "untrusted:{Type:io.containerd.kata.v2"],
         "default-legacy.toml" => &["DefaultRuntimeName:default", "default:{Type:io.containerd.kata.v2"],
         "katafc.toml" => &["katafc:{Type:io.containerd.katafc.v2"],
+        "katacli.toml" => &["katacli:{Type:io.containerd.runc.v1", "BinaryName:/usr/bin/kata-runtime"],
         "broken.toml" => &[],
         other => panic!("no expectations for {other}; add them here"),
     }

@@ -1,0 +1,158 @@
+//! `kata-runtime` behind containerd's runc shims (`katacli`): `containerd-shim-runc-v2` with `--runc-binary`
+//! and `containerd-shim-runc-v1` finding it as `runc` on its PATH drive it exactly as they drive runc, and
+//! every container runs in its own VM. Needs root, containerd, and the parts `scripts/test.sh` exports (kernel,
+//! initrd, helper daemons, the shim dir holding `kata-runtime`); skips with the reason when one is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use e2e::kata::{kata_parts, KataParts};
+use e2e::{unique_id, Containerd, ContainerdOptions, OciImage, RunOptions, BUSYBOX_IMAGE};
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+const RUNC_V2: &str = "io.containerd.runc.v2";
+const RUNC_V1: &str = "io.containerd.runc.v1";
+
+struct Katacli {
+    containerd: Containerd,
+    parts: KataParts,
+    kata_runtime: PathBuf,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+/// containerd whose runc shims find `kata-runtime` as `runc` on their PATH (what `BinaryName` does for CRI).
+fn start(parts: KataParts) -> Katacli {
+    let kata_runtime = parts.shim_dir.join("kata-runtime");
+    assert!(kata_runtime.is_file(), "{} missing: cargo build --release -p kata-runtime", kata_runtime.display());
+    let conf = tempfile::tempdir().expect("temp dir");
+    let conf_file = conf.path().join("configuration.toml");
+    std::fs::write(&conf_file, parts.configuration("")).expect("write configuration");
+    let bin = tempfile::tempdir().expect("temp dir");
+    std::os::unix::fs::symlink(&kata_runtime, bin.path().join("runc")).expect("runc symlink");
+    let containerd = Containerd::start(ContainerdOptions {
+        shim_dir: Some(bin.path().to_path_buf()),
+        env: vec![("KATA_CONF_FILE".into(), conf_file.display().to_string())],
+        ctr_timeout: RUN_TIMEOUT,
+        ..Default::default()
+    })
+    .expect("containerd starts");
+    containerd.import(&OciImage::busybox(BUSYBOX_IMAGE).expect("busybox image")).expect("import busybox");
+    Katacli { containerd, parts, kata_runtime, _dirs: (conf, bin) }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn run(k: &Katacli, runtime: &str, id: &str, extra: &[&str], cmd: &[&str]) -> Output {
+    let mut extra_flags: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    if runtime == RUNC_V2 {
+        extra_flags.extend(["--runc-binary".to_string(), k.kata_runtime.display().to_string()]);
+    }
+    let opts = RunOptions { timeout: RUN_TIMEOUT, extra_flags, ..RunOptions::runtime(runtime) };
+    let started = Instant::now();
+    let out = k.containerd.run(&opts, BUSYBOX_IMAGE, id, cmd).expect("ctr run");
+    eprintln!("ctr run --runtime {runtime} {cmd:?}: {:?} in {:?}", out.status, started.elapsed());
+    out
+}
+
+/// The container's directory under the runc shim's `--root`.
+fn oci_dir(id: &str) -> PathBuf {
+    Path::new("/run/containerd/runc/default").join(id)
+}
+
+fn assert_no_leaks(k: &Katacli, ids: &[&str]) {
+    e2e::kata::assert_no_leaks(&k.containerd, ids);
+    let standins = e2e::leaks::processes(|argv| {
+        argv.iter().any(|a| a == "__standin" || a == "__exec-standin")
+            && ids.iter().any(|id| argv.iter().any(|a| a == id))
+    });
+    assert!(standins.is_empty(), "stand-ins left: {standins:?}");
+    for id in ids {
+        assert!(!oci_dir(id).exists(), "{} left behind", oci_dir(id).display());
+    }
+}
+
+#[test]
+fn runc_shims_run_containers_in_vms() {
+    let k = start(testutil::skip_unless!(kata_parts()));
+    let release = k.parts.kernel_release().expect("kernel has a version banner");
+    let host = text(&std::process::Command::new("uname").arg("-r").output().expect("uname").stdout);
+    assert_ne!(release, host.trim());
+
+    let v2 = unique_id("cli-v2");
+    let out = run(&k, RUNC_V2, &v2, &[], &["uname", "-r"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), k.containerd.log_tail(60));
+    assert_eq!(text(&out.stdout).trim(), release, "the container must see the guest kernel");
+
+    let v1 = unique_id("cli-v1");
+    let out = run(&k, RUNC_V1, &v1, &[], &["uname", "-r"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), k.containerd.log_tail(60));
+    assert_eq!(text(&out.stdout).trim(), release, "runc v1 shim: the container must see the guest kernel");
+
+    let exit3 = unique_id("cli-exit3");
+    let out = run(&k, RUNC_V2, &exit3, &[], &["sh", "-c", "echo out; echo err >&2; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "out\n");
+    assert_eq!(text(&out.stderr), "err\n");
+
+    let timed = unique_id("cli-true");
+    let started = Instant::now();
+    let out = run(&k, RUNC_V2, &timed, &[], &["true"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    eprintln!("katacli start time: ctr run --runc-binary kata-runtime true took {:?}", started.elapsed());
+
+    assert_no_leaks(&k, &[&v2, &v1, &exit3, &timed]);
+    e2e::kata::assert_clean_shutdown(k.containerd);
+}
+
+#[test]
+fn runc_shim_kills_execs_and_pauses_a_detached_container() {
+    let k = start(testutil::skip_unless!(kata_parts()));
+    let id = unique_id("cli-detached");
+    let opts = RunOptions {
+        rm: false,
+        timeout: RUN_TIMEOUT,
+        extra_flags: vec!["-d".into(), "--runc-binary".into(), k.kata_runtime.display().to_string()],
+        ..RunOptions::runtime(RUNC_V2)
+    };
+    let out = k.containerd.run(&opts, BUSYBOX_IMAGE, &id, &["sleep", "1000"]).expect("ctr run -d");
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), k.containerd.log_tail(60));
+    let ctr = |args: &[&str]| {
+        let out = k.containerd.ctr(args).expect("ctr runs");
+        assert!(out.status.success(), "ctr {args:?}: {}\n{}", text(&out.stderr), k.containerd.log_tail(40));
+        text(&out.stdout)
+    };
+    let state = text(
+        &std::process::Command::new(&k.kata_runtime)
+            .args(["--root", "/run/containerd/runc/default", "state", &id])
+            .output()
+            .expect("kata-runtime state")
+            .stdout,
+    );
+    let state: serde_json::Value = serde_json::from_str(&state).expect("state is JSON");
+    assert_eq!(state["status"], "running", "{state}");
+
+    let out = ctr(&["task", "exec", "--exec-id", "e1", &id, "sh", "-c", "echo exec; exit 4"]);
+    assert_eq!(out, "exec\n");
+    let exec = k.containerd.ctr(&["task", "exec", "--exec-id", "e2", &id, "sh", "-c", "exit 4"]).expect("ctr");
+    assert_eq!(exec.status.code(), Some(4));
+
+    ctr(&["task", "pause", &id]);
+    assert!(ctr(&["task", "ls"]).lines().any(|l| l.starts_with(&id) && l.contains("PAUSED")));
+    ctr(&["task", "resume", &id]);
+    assert!(ctr(&["task", "ls"]).lines().any(|l| l.starts_with(&id) && l.contains("RUNNING")));
+    assert!(!ctr(&["task", "ps", &id]).trim().is_empty());
+
+    ctr(&["task", "kill", "--signal", "SIGKILL", &id]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ctr(&["task", "ls"]).lines().any(|l| l.starts_with(&id) && l.contains("STOPPED")) {
+        assert!(Instant::now() < deadline, "task did not stop:\n{}", ctr(&["task", "ls"]));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ctr(&["task", "delete", &id]);
+    ctr(&["container", "delete", &id]);
+    assert_no_leaks(&k, &[&id]);
+    e2e::kata::assert_clean_shutdown(k.containerd);
+}
