@@ -136,7 +136,7 @@ fn runc_shim_kills_execs_and_pauses_a_detached_container() {
 
     let out = ctr(&["task", "exec", "--exec-id", "e1", &id, "sh", "-c", "echo exec; exit 4"]);
     assert_eq!(out, "exec\n");
-    let exec = k.containerd.ctr(&["task", "exec", "--exec-id", "e2", &id, "sh", "-c", "exit 4"]).expect("ctr");
+    let exec = k.containerd.ctr(["task", "exec", "--exec-id", "e2", &id, "sh", "-c", "exit 4"]).expect("ctr");
     assert_eq!(exec.status.code(), Some(4));
 
     ctr(&["task", "pause", &id]);
