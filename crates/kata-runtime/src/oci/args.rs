@@ -94,7 +94,7 @@ pub enum OciCommand {
     },
     /// Run a process in a container: from --process FILE (an OCI Process JSON) or inline `exec ID CMD...`.
     Exec(ExecArgs),
-    /// Print the container's events (only --stats once is supported).
+    /// Container events and stats (runc events): not supported yet.
     Events {
         #[arg(long)]
         stats: bool,
