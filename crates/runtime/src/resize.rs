@@ -44,7 +44,9 @@ fn size_of(size: VmSize) -> Size {
 
 impl Sandbox {
     /// Makes the VM big enough for its containers' limits, counting container `id` (new, or updated) at
-    /// `limits`; the pod's host cgroup follows the new size. A sandbox started before sizing was recorded is
+    /// `limits`; the pod's host cgroup follows the new size. A VM that cannot grow (microvm, static sizing)
+    /// still takes limits that fit in it without the guest's own share (`default_memory`, `default_vcpus`),
+    /// and refuses, with the reason, limits beyond its size. A sandbox started before sizing was recorded is
     /// left as it is.
     pub(crate) async fn fit(&self, id: &str, limits: Limits) -> Result<(), ResizeError> {
         let _one_at_a_time = self.resize_lock.lock().await;
@@ -59,7 +61,14 @@ impl Sandbox {
             self.containers().iter().filter(|(other, _)| other.as_str() != id).map(|(_, c)| c.limits).collect();
         let workload = sizing.workload(others.into_iter().chain([limits]));
         let need = sizing.target(workload);
+        // Without room to grow, the limits still fit when the VM holds them without the guest's own share.
+        let fits =
+            u64::from(have.vcpus) * 1000 >= workload.milli_cpus && u64::from(have.memory_mib) >= workload.memory_mib;
+        let fixed = static_resources || !self.vm().can_resize();
         let size = if have.covers(&need) {
+            have
+        } else if fixed && fits {
+            tracing::info!(sandbox = %self.id(), %have, %need, "the VM cannot grow; the limits fit in it, leaving the guest less of its own");
             have
         } else if static_resources {
             return Err(ResizeError::Static { have, need });

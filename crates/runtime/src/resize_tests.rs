@@ -101,6 +101,8 @@ async fn an_update_the_vm_cannot_hold_is_refused_with_the_reason() {
     assert!(text.contains("microvm cannot hot-plug"), "{text}");
     let updates = pod.agent.calls().into_iter().filter(|c| matches!(c, Call::UpdateContainer { .. })).count();
     assert_eq!(updates, 0, "the guest's limit is not raised past what the VM has");
+    // Limits that fit in the VM without the guest's own share are taken.
+    pod.sandbox.update("c1", &memory_update(200)).await.expect("fits in 256 MiB");
     pod.sandbox.stop().await.expect("stop");
 }
 
@@ -110,6 +112,7 @@ async fn static_resource_management_never_grows_the_vm() {
     pod.create("c1", &Spec::default()).await;
     let err = pod.sandbox.update("c1", &memory_update(1024)).await.expect_err("static");
     assert!(crate::error_chain(&err).contains("static_sandbox_resource_mgmt"), "{err}");
+    pod.sandbox.update("c1", &memory_update(128)).await.expect("fits without growing");
     assert_eq!(pod.hv.vms()[0].resizes(), Vec::<VmSize>::new());
     pod.sandbox.stop().await.expect("stop");
 }

@@ -453,7 +453,7 @@ fn a_stock_kata_configuration_asks_for_selinux_on_the_vmm() {
 fn a_stock_kata_configuration_without_selinux_loads_with_warnings_only() {
     let text = STOCK_KATA.replace("disable_selinux = false", "disable_selinux = true");
     let loaded = load_text(&text).expect("stock Kata file loads");
-    assert_eq!(loaded.warnings.len(), 21 + 7, "{:#?}", loaded.warnings);
+    assert_eq!(loaded.warnings.len(), 21 + 6, "{:#?}", loaded.warnings);
     assert!(loaded.warnings.iter().all(|w| w.ends_with("Kata setting not implemented by kata-rs; ignored")));
     let hv = &loaded.config.hypervisor;
     assert_eq!(hv.virtio_fs_daemon, "/usr/libexec/virtiofsd");

@@ -345,6 +345,6 @@ mod tests {
         assert!(keys.contains(&"hypervisor.qemu.kernel".to_owned()));
         assert!(keys.contains(&"agent.kata.dial_timeout".to_owned()));
         assert!(keys.contains(&"factory.template_path".to_owned()));
-        assert_eq!(keys.len(), 23 + 2 + 5 + 2);
+        assert_eq!(keys.len(), 23 + 2 + 6 + 2);
     }
 }
