@@ -125,6 +125,18 @@ fn containerd_snippets_have_the_expected_keys_in_their_own_format() {
                 );
                 assert_eq!(get_str(&t, &at(&["default_runtime_name"])), "runc", "{what}");
             }
+            "runtime-engine.toml" => {
+                assert_eq!(
+                    get_str(&t, &at(&["untrusted_workload_runtime", "runtime_type"])),
+                    "io.containerd.runtime.v1.linux",
+                    "{what}"
+                );
+                assert_eq!(
+                    get_str(&t, &at(&["untrusted_workload_runtime", "runtime_engine"])),
+                    "/usr/bin/kata-runtime",
+                    "{what}"
+                );
+            }
             other => panic!("{what}: no expectations for {other}; add them here"),
         }
         if let Some(runtimes) = get(&t, &at(&["runtimes"])).and_then(Value::as_table) {
@@ -201,6 +213,7 @@ fn effective(name: &str) -> &'static [&'static str] {
         "default-legacy.toml" => &["DefaultRuntimeName:default", "default:{Type:io.containerd.kata.v2"],
         "katafc.toml" => &["katafc:{Type:io.containerd.katafc.v2"],
         "katacli.toml" => &["katacli:{Type:io.containerd.runc.v1", "BinaryName:/usr/bin/kata-runtime"],
+        "runtime-engine.toml" => &["untrusted:{Type:io.containerd.runtime.v1.linux", "Engine:/usr/bin/kata-runtime"],
         "broken.toml" => &[],
         other => panic!("no expectations for {other}; add them here"),
     }

@@ -217,3 +217,58 @@ fn killed_stand_ins_and_shims_leave_nothing() {
     assert_no_leaks(&k, &[&standin, &shim]);
     e2e::kata::assert_clean_shutdown(k.containerd);
 }
+
+/// The how-to's `runtime_engine` configuration: containerd's v1 runtime (`io.containerd.runtime.v1.linux`)
+/// with `kata-runtime` as its engine, driven through the v1 `containerd-shim`, runs the container in a VM.
+#[test]
+fn the_v1_linux_runtime_runs_kata_runtime_as_its_engine() {
+    let parts = testutil::skip_unless!(kata_parts());
+    testutil::skip_unless!((!Path::new("/usr/bin/containerd-shim").is_file())
+        .then_some("containerd's v1 shim /usr/bin/containerd-shim is missing (Debian package containerd)"));
+    let kata_runtime = parts.shim_dir.join("kata-runtime");
+    let conf = tempfile::tempdir().expect("temp dir");
+    let conf_file = conf.path().join("configuration.toml");
+    std::fs::write(&conf_file, parts.configuration("")).expect("write configuration");
+    let containerd = Containerd::start(ContainerdOptions {
+        env: vec![("KATA_CONF_FILE".into(), conf_file.display().to_string())],
+        extra_config: format!(
+            "[plugins.\"io.containerd.runtime.v1.linux\"]\n  shim = \"containerd-shim\"\n  runtime = \"{}\"\n",
+            kata_runtime.display()
+        ),
+        ctr_timeout: RUN_TIMEOUT,
+        ..Default::default()
+    })
+    .expect("containerd starts");
+    containerd.import(&OciImage::busybox(BUSYBOX_IMAGE).expect("busybox image")).expect("import busybox");
+    let id = unique_id("cli-v1-linux");
+    let opts = RunOptions { timeout: RUN_TIMEOUT, ..RunOptions::runtime("io.containerd.runtime.v1.linux") };
+    let out = containerd.run(&opts, BUSYBOX_IMAGE, &id, &["uname", "-r"]).expect("ctr run");
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), containerd.log_tail(60));
+    assert_eq!(text(&out.stdout).trim(), parts.kernel_release().expect("kernel version banner"));
+    e2e::kata::assert_no_leaks(&containerd, &[&id]);
+    e2e::kata::assert_clean_shutdown(containerd);
+}
+
+/// `ctr run -t` through the runc shim: the pty kata-runtime sends over the console socket is the container's
+/// terminal (a shell in the guest answers, `exit` ends `ctr`), and nothing is left after.
+#[test]
+fn an_interactive_terminal_through_the_console_socket() {
+    let k = start(testutil::skip_unless!(kata_parts()));
+    let id = unique_id("cli-tty");
+    let opts = RunOptions {
+        tty: true,
+        timeout: RUN_TIMEOUT,
+        extra_flags: vec!["--runc-binary".into(), k.kata_runtime.display().to_string()],
+        ..RunOptions::runtime(RUNC_V2)
+    };
+    let mut session = k.containerd.run_pty(&opts, BUSYBOX_IMAGE, &id, &["sh"]).expect("ctr run -t");
+    session.send_line("echo $((6*7))").expect("type");
+    session.expect_line("42", RUN_TIMEOUT).unwrap_or_else(|e| panic!("{e}\n{}", k.containerd.log_tail(60)));
+    session.send_line("tty").expect("type");
+    session.expect("/dev/pts/", RUN_TIMEOUT).unwrap_or_else(|e| panic!("the shell has no terminal: {e}"));
+    session.send_line("exit").expect("type");
+    let status = session.wait(Duration::from_secs(60)).expect("ctr exits");
+    assert!(status.success(), "{status:?}: {}", session.transcript());
+    assert_no_leaks(&k, &[&id]);
+    e2e::kata::assert_clean_shutdown(k.containerd);
+}

@@ -9,6 +9,7 @@ pub mod args;
 mod control;
 mod dir;
 mod standin;
+mod tty;
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use super::args::GlobalArgs;
 use super::control::{Client, Io, Reply, Request};
 use super::dir::{ContainerDir, Record};
+use super::tty::Terminal;
 
 /// The pipe on which a stand-in tells the command that started it "ok", or why it failed.
 pub struct Ready(Option<File>);
@@ -277,10 +278,11 @@ async fn setup(
         .map_err(|e| anyhow!("configuration: {}", error_chain(&e)))?;
     let netns = runtime::network::pod_netns(&spec).map_err(|e| anyhow!(error_chain(&e)))?;
     let resources = runtime::resources::SandboxResources::of_spec(&spec).map_err(|e| anyhow!(e))?;
-    let io = match &args.console_socket {
-        Some(_) => anyhow::bail!("--console-socket (a terminal) is not supported yet"),
-        None => own_io(),
+    let terminal = match &args.console_socket {
+        Some(socket) => Some(Terminal::open(socket, &dir.path, "init")?),
+        None => None,
     };
+    let io = terminal.as_ref().map(Terminal::io_paths).unwrap_or_else(|| io_paths(&own_io()));
     let rootfs = spec.root().as_ref().map(|r| r.path().clone()).unwrap_or_else(|| PathBuf::from("rootfs"));
     let rootfs = if rootfs.is_absolute() { rootfs } else { args.bundle.join(rootfs) };
     let opts = SandboxOptions {
@@ -294,12 +296,12 @@ async fn setup(
     };
     let sandbox = Sandbox::start(opts, Host::real()).await.map_err(|e| anyhow!("start the VM: {}", error_chain(&e)))?;
     let bundle = args.bundle.display().to_string();
-    let created = sandbox.create(id, &spec, &Rootfs::Dir(rootfs.clone()), &bundle, io_paths(&io), true).await;
+    let created = sandbox.create(id, &spec, &Rootfs::Dir(rootfs.clone()), &bundle, io.clone(), true).await;
     if let Err(e) = created {
         let _ = sandbox.stop().await;
         anyhow::bail!("create the container: {}", error_chain(&e));
     }
-    if !io.stdin.is_empty() {
+    if !io.stdin.is_empty() && !io.terminal {
         // Drop the stdin forwarding's own writer: the process sees end of file when the shim closes its end.
         let _ = sandbox.close_stdin(id, "").await;
     }
@@ -329,7 +331,14 @@ async fn setup(
         started: AtomicBool::new(false),
         exit,
     };
-    Ok((Arc::new(container), listener))
+    let container = Arc::new(container);
+    if let Some(terminal) = &terminal {
+        if let Err(e) = terminal.relay(container.sandbox.clone(), id.to_string(), String::new()) {
+            let _ = container.sandbox.stop().await;
+            return Err(e);
+        }
+    }
+    Ok((container, listener))
 }
 
 /// The control socket, 0600 (in the 0700 container directory, so it is never reachable by others).
