@@ -57,6 +57,18 @@ fn run(k: &Katacli, runtime: &str, id: &str, extra: &[&str], cmd: &[&str]) -> Ou
     out
 }
 
+/// `ctr run -d ... sleep 1000` through the v2 runc shim with kata-runtime as its runc.
+fn run_detached(k: &Katacli, id: &str) {
+    let opts = RunOptions {
+        rm: false,
+        timeout: RUN_TIMEOUT,
+        extra_flags: vec!["-d".into(), "--runc-binary".into(), k.kata_runtime.display().to_string()],
+        ..RunOptions::runtime(RUNC_V2)
+    };
+    let out = k.containerd.run(&opts, BUSYBOX_IMAGE, id, &["sleep", "1000"]).expect("ctr run -d");
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), k.containerd.log_tail(60));
+}
+
 /// The container's directory under the runc shim's `--root`.
 fn oci_dir(id: &str) -> PathBuf {
     Path::new("/run/containerd/runc/default").join(id)
@@ -111,14 +123,7 @@ fn runc_shims_run_containers_in_vms() {
 fn runc_shim_kills_execs_and_pauses_a_detached_container() {
     let k = start(testutil::skip_unless!(kata_parts()));
     let id = unique_id("cli-detached");
-    let opts = RunOptions {
-        rm: false,
-        timeout: RUN_TIMEOUT,
-        extra_flags: vec!["-d".into(), "--runc-binary".into(), k.kata_runtime.display().to_string()],
-        ..RunOptions::runtime(RUNC_V2)
-    };
-    let out = k.containerd.run(&opts, BUSYBOX_IMAGE, &id, &["sleep", "1000"]).expect("ctr run -d");
-    assert!(out.status.success(), "{}\n{}", text(&out.stderr), k.containerd.log_tail(60));
+    run_detached(&k, &id);
     let ctr = |args: &[&str]| {
         let out = k.containerd.ctr(args).expect("ctr runs");
         assert!(out.status.success(), "ctr {args:?}: {}\n{}", text(&out.stderr), k.containerd.log_tail(40));
@@ -162,16 +167,6 @@ fn runc_shim_kills_execs_and_pauses_a_detached_container() {
 #[test]
 fn killed_stand_ins_and_shims_leave_nothing() {
     let k = start(testutil::skip_unless!(kata_parts()));
-    let detached = |id: &str| {
-        let opts = RunOptions {
-            rm: false,
-            timeout: RUN_TIMEOUT,
-            extra_flags: vec!["-d".into(), "--runc-binary".into(), k.kata_runtime.display().to_string()],
-            ..RunOptions::runtime(RUNC_V2)
-        };
-        let out = k.containerd.run(&opts, BUSYBOX_IMAGE, id, &["sleep", "1000"]).expect("ctr run -d");
-        assert!(out.status.success(), "{}\n{}", text(&out.stderr), k.containerd.log_tail(60));
-    };
     let find = |id: &str, what: &str| -> u32 {
         let found =
             e2e::leaks::processes(|argv| argv.iter().any(|a| a.ends_with(what)) && argv.iter().any(|a| a.contains(id)));
@@ -184,7 +179,7 @@ fn killed_stand_ins_and_shims_leave_nothing() {
     let task_ls = || text(&k.containerd.ctr(["task", "ls"]).expect("ctr task ls").stdout);
 
     let standin = unique_id("cli-kill-standin");
-    detached(&standin);
+    run_detached(&k, &standin);
     kill9(find(&standin, "__standin"));
     let deadline = Instant::now() + Duration::from_secs(60);
     while !task_ls().lines().any(|l| l.starts_with(&standin) && l.contains("STOPPED")) {
@@ -196,7 +191,7 @@ fn killed_stand_ins_and_shims_leave_nothing() {
     k.containerd.ctr(["container", "delete", &standin]).expect("ctr container delete");
 
     let shim = unique_id("cli-kill-shim");
-    detached(&shim);
+    run_detached(&k, &shim);
     kill9(find(&shim, "containerd-shim-runc-v2"));
     let deadline = Instant::now() + Duration::from_secs(60);
     // containerd cleans up after a dead shim on its own (`containerd-shim-runc-v2 delete`, which runs
