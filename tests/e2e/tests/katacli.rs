@@ -144,6 +144,17 @@ fn runc_shim_kills_execs_and_pauses_a_detached_container() {
     let exec = k.containerd.ctr(["task", "exec", "--exec-id", "e2", &id, "sh", "-c", "exit 4"]).expect("ctr");
     assert_eq!(exec.status.code(), Some(4));
 
+    // An exec with a terminal: the pty kata-runtime sends over the console socket is the exec's.
+    let exec_tty = k.containerd.ctr_command(["task", "exec", "-t", "--exec-id", "t1", &id, "sh"]);
+    let mut session = e2e::PtySession::spawn(exec_tty).expect("ctr task exec -t");
+    session.send_line("echo $((6*7))").expect("type");
+    session.expect_line("42", RUN_TIMEOUT).unwrap_or_else(|e| panic!("{e}\n{}", k.containerd.log_tail(60)));
+    session.send_line("tty").expect("type");
+    session.expect("/dev/pts/", RUN_TIMEOUT).unwrap_or_else(|e| panic!("the exec has no terminal: {e}"));
+    session.send_line("exit 5").expect("type");
+    let status = session.wait(Duration::from_secs(60)).expect("ctr exits");
+    assert_eq!(status.code(), Some(5), "{}", session.transcript());
+
     ctr(&["task", "pause", &id]);
     assert!(ctr(&["task", "ls"]).lines().any(|l| l.starts_with(&id) && l.contains("PAUSED")));
     ctr(&["task", "resume", &id]);

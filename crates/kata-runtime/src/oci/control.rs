@@ -39,6 +39,12 @@ pub enum Request {
         process: serde_json::Value,
         io: Io,
     },
+    /// The window size of an exec's terminal changed.
+    Resize {
+        exec_id: String,
+        rows: u32,
+        cols: u32,
+    },
     /// Ends a container that never started, or (forced) one that runs.
     Delete {
         force: bool,

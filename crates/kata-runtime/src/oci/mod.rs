@@ -153,9 +153,9 @@ fn dispatch(global: &GlobalArgs, config: Option<PathBuf>, command: OciCommand) -
             let args = standin::ContainerArgs { id, bundle, config, console_socket };
             return standin::container(global, args, ready);
         }
-        OciCommand::ExecStandin { process, ready_fd, console_socket: _, id } => {
+        OciCommand::ExecStandin { process, ready_fd, console_socket, id } => {
             let ready = standin::Ready::from_fd(ready_fd)?;
-            return standin::exec(global, &id, &process, ready);
+            return standin::exec(global, &id, &process, console_socket.as_deref(), ready);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -169,6 +169,9 @@ impl Container {
                 }
                 return Ok(Reply { exit: Some(status), ..Default::default() });
             }
+            Request::Resize { exec_id, rows, cols } => {
+                sandbox.resize_pty(id, &exec_id, rows, cols).await.map_err(chain)?;
+            }
             Request::Delete { force } => {
                 let status = self.status()?;
                 match status.as_str() {
@@ -333,7 +336,16 @@ async fn setup(
     };
     let container = Arc::new(container);
     if let Some(terminal) = &terminal {
-        if let Err(e) = terminal.relay(container.sandbox.clone(), id.to_string(), String::new()) {
+        let (sandbox, id, rt) = (container.sandbox.clone(), id.to_string(), tokio::runtime::Handle::current());
+        let follow = move |rows: u16, cols: u16| {
+            let (sandbox, id) = (sandbox.clone(), id.clone());
+            rt.spawn(async move {
+                if let Err(e) = sandbox.resize_pty(&id, "", u32::from(rows), u32::from(cols)).await {
+                    tracing::debug!(error = %error_chain(&e), "resize the guest's terminal");
+                }
+            });
+        };
+        if let Err(e) = terminal.relay(follow) {
             let _ = container.sandbox.stop().await;
             return Err(e);
         }
@@ -401,22 +413,47 @@ async fn futures_select_all<F: std::future::Future<Output = u32> + Unpin>(future
 
 /// An exec's stand-in: asks the container's stand-in to run the process with this process's stdio, says "ok"
 /// on `ready` once it started, and exits with its status.
-pub fn exec(global: &GlobalArgs, id: &str, process: &Path, mut ready: Ready) -> Result<ExitCode> {
+pub fn exec(
+    global: &GlobalArgs,
+    id: &str,
+    process: &Path,
+    console_socket: Option<&Path>,
+    mut ready: Ready,
+) -> Result<ExitCode> {
     detach();
     let started = (|| {
         let dir = ContainerDir::open(&global.root, id)?;
         let json = std::fs::read(process).with_context(|| format!("read {}", process.display()))?;
         let process: serde_json::Value =
             serde_json::from_slice(&json).with_context(|| format!("parse {}", process.display()))?;
-        if process.get("terminal").and_then(serde_json::Value::as_bool) == Some(true) {
-            anyhow::bail!("exec with a terminal is not supported yet");
-        }
-        let mut client = Client::connect(&dir).ok_or_else(|| anyhow!("container {id} is not running"))?;
         let exec_id = format!("exec-{}", std::process::id());
-        client.call(&Request::Exec { exec_id, process, io: own_io() })?;
-        Ok(client)
+        let tty = process.get("terminal").and_then(serde_json::Value::as_bool) == Some(true);
+        let terminal = match (tty, console_socket) {
+            (true, Some(socket)) => Some(Terminal::open(socket, &dir.path, &exec_id)?),
+            (true, None) => anyhow::bail!("the process asks for a terminal but no --console-socket was given"),
+            (false, _) => None,
+        };
+        let io = match &terminal {
+            Some(t) => {
+                let paths = t.io_paths();
+                Io { stdin: paths.stdin, stdout: paths.stdout, stderr: paths.stderr, terminal: true }
+            }
+            None => own_io(),
+        };
+        let mut client = Client::connect(&dir).ok_or_else(|| anyhow!("container {id} is not running"))?;
+        client.call(&Request::Exec { exec_id: exec_id.clone(), process, io })?;
+        if let Some(t) = &terminal {
+            let dir = dir.clone();
+            t.relay(move |rows, cols| {
+                let resize = Request::Resize { exec_id: exec_id.clone(), rows: rows.into(), cols: cols.into() };
+                if let Some(mut c) = Client::connect(&dir) {
+                    let _ = c.call(&resize);
+                }
+            })?;
+        }
+        Ok((client, terminal))
     })();
-    let mut client = match started {
+    let (mut client, terminal) = match started {
         Ok(c) => c,
         Err(e) => {
             ready.fail(&e);
@@ -425,5 +462,8 @@ pub fn exec(global: &GlobalArgs, id: &str, process: &Path, mut ready: Ready) -> 
     };
     ready.ok();
     let status = client.read().map(|r| r.exit.unwrap_or(255)).unwrap_or(255);
+    if let Some(t) = terminal {
+        t.remove();
+    }
     Ok(ExitCode::from((status & 0xff) as u8))
 }

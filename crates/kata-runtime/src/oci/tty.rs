@@ -17,7 +17,6 @@ use anyhow::{Context, Result};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
 use runtime::io::IoPaths;
-use runtime::Sandbox;
 
 /// How often the pty's window size is looked at.
 const RESIZE_POLL: Duration = Duration::from_millis(200);
@@ -60,9 +59,10 @@ impl Terminal {
         }
     }
 
-    /// Starts relaying (after the runtime opened the FIFOs) and following the window size of process
-    /// `exec_id` (empty: the init) of container `id`. Threads and the task end with the process.
-    pub fn relay(&self, sandbox: Arc<Sandbox>, id: String, exec_id: String) -> Result<()> {
+    /// Starts relaying between the pty and the FIFOs, and calls `resize(rows, cols)` (on a thread of its own)
+    /// whenever the pty's window size changes, for the guest's terminal to follow. Both last as long as this
+    /// process.
+    pub fn relay(&self, mut resize: impl FnMut(u16, u16) + Send + 'static) -> Result<()> {
         // Read-write opens: neither blocks for the other end, and neither sees end of file when it goes.
         let open = |path: &Path| {
             std::fs::OpenOptions::new().read(true).write(true).custom_flags(nix::libc::O_CLOEXEC).open(path)
@@ -74,22 +74,24 @@ impl Terminal {
         let mut screen = self.slave.try_clone().context("dup the pty")?;
         std::thread::spawn(move || copy(&mut from_guest, &mut screen));
         let slave = self.slave.clone();
-        tokio::spawn(async move {
+        std::thread::spawn(move || {
             let mut last = None;
             loop {
                 let size = window_size(&slave);
-                if size.is_some() && size != last {
-                    if let Some((rows, cols)) = size {
-                        if let Err(e) = sandbox.resize_pty(&id, &exec_id, u32::from(rows), u32::from(cols)).await {
-                            tracing::debug!(error = %runtime::error_chain(&e), "resize the guest's terminal");
-                        }
-                    }
+                if let Some((rows, cols)) = size.filter(|_| size != last) {
+                    resize(rows, cols);
                     last = size;
                 }
-                tokio::time::sleep(RESIZE_POLL).await;
+                std::thread::sleep(RESIZE_POLL);
             }
         });
         Ok(())
+    }
+
+    /// Removes the FIFOs (an exec's, when it ends; a container's go with its directory).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.stdin_fifo);
+        let _ = std::fs::remove_file(&self.stdout_fifo);
     }
 }
 
