@@ -22,7 +22,7 @@ fn text(b: &[u8]) -> String {
 }
 
 /// `ctr run [--rm|-d] --runtime R FLAGS busybox ID CMD...`, timed; an error unless it exited 0.
-fn ctr_run(
+pub(crate) fn ctr_run(
     stage: &Stage,
     runtime: Runtime,
     id: &str,

@@ -2,14 +2,13 @@
 //! time, and what the guest sees), and an idle pod's host cgroup memory next to its PSS.
 
 use std::fmt::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{bail, Result};
-use e2e::BUSYBOX_IMAGE;
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::procs::pods_cost;
-use crate::stage::{Runtime, Stage, CTR_TIMEOUT};
+use crate::stage::{Runtime, Stage};
 use crate::{Interrupt, Stat};
 
 const SIZED_FLAGS: &[&str] = &["--memory-limit", "1073741824", "--cpus", "2"];
@@ -34,29 +33,16 @@ pub struct Resources {
     pub failures: Vec<String>,
 }
 
+/// `ctr run` of a kata pod: its time and stdout.
 fn run(stage: &Stage, id: &str, detach: bool, flags: &[&str], cmd: &[&str]) -> Result<(f64, String)> {
-    let mut args: Vec<&str> = vec!["run", if detach { "-d" } else { "--rm" }, "--runtime", Runtime::Kata.ctr_name()];
-    args.extend_from_slice(flags);
-    args.push(BUSYBOX_IMAGE);
-    args.push(id);
-    args.extend_from_slice(cmd);
-    let started = std::time::Instant::now();
-    let out = stage.containerd.ctr_with_timeout(&args, CTR_TIMEOUT)?;
-    let secs = started.elapsed().as_secs_f64();
-    if !out.status.success() {
-        bail!("ctr run {id} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
-    }
+    let (secs, out) = crate::measure::ctr_run(stage, Runtime::Kata, id, detach, flags, cmd)?;
     Ok((secs, String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
-/// Memory use of cgroup `rel` (v1: the memory hierarchy; v2: the unified one), MiB; 0 when it does not exist.
+/// Memory use of cgroup `rel` on the host, MiB; 0 when it does not exist.
 fn cgroup_mib(rel: &Path) -> f64 {
-    let root = Path::new("/sys/fs/cgroup");
-    let file: PathBuf = match root.join("cgroup.controllers").exists() {
-        true => root.join(rel).join("memory.current"),
-        false => root.join("memory").join(rel).join("memory.usage_in_bytes"),
-    };
-    std::fs::read_to_string(file).ok().and_then(|t| t.trim().parse::<f64>().ok()).unwrap_or(0.0) / 1048576.0
+    let root = Path::new(runtime::host_cgroup::CGROUP_ROOT);
+    runtime::host_cgroup::memory_usage(root, rel).map(|bytes| bytes as f64 / 1048576.0).unwrap_or(0.0)
 }
 
 /// Starts one idle pod with `flags`, lets it settle, reads (pod cgroup, kata_overhead cgroup, PSS) in MiB.

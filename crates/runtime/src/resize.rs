@@ -27,19 +27,15 @@ pub enum ResizeError {
     Online(#[source] AgentError),
 }
 
-/// Hot-plugs CPUs and memory until the VM holds `want`, and has the guest online them. Returns the new size.
-pub(crate) async fn grow(vm: &dyn Vm, agent: &AgentClient, want: Size) -> Result<Size, ResizeError> {
-    let have = vm.size().await.map(size_of).unwrap_or_default();
+/// Hot-plugs CPUs and memory until the VM (now `have`) holds `want`, and has the guest online them. Returns the
+/// new size.
+pub(crate) async fn grow(vm: &dyn Vm, agent: &AgentClient, have: Size, want: Size) -> Result<Size, ResizeError> {
     let grown = vm
         .resize(VmSize { vcpus: want.vcpus, memory_mib: want.memory_mib })
         .await
         .map_err(|source| ResizeError::Vm { have, need: want, source })?;
     agent.online_cpu_mem(grown.vcpus).await.map_err(ResizeError::Online)?;
-    Ok(size_of(grown))
-}
-
-fn size_of(size: VmSize) -> Size {
-    Size { vcpus: size.vcpus, memory_mib: size.memory_mib }
+    Ok(Size { vcpus: grown.vcpus, memory_mib: grown.memory_mib })
 }
 
 impl Sandbox {
@@ -74,7 +70,7 @@ impl Sandbox {
             return Err(ResizeError::Static { have, need });
         } else {
             let want = Size { vcpus: have.vcpus.max(need.vcpus), memory_mib: have.memory_mib.max(need.memory_mib) };
-            let size = grow(self.vm(), self.agent(), want).await?;
+            let size = grow(self.vm(), self.agent(), have, want).await?;
             tracing::info!(sandbox = %self.id(), from = %have, to = %size, "VM grown");
             if let Err(e) = cgroups.move_vcpus(self.vmm_pid()) {
                 tracing::warn!(sandbox = %self.id(), error = %crate::error_chain(&e), "placing new vCPU threads");

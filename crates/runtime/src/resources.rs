@@ -165,8 +165,7 @@ impl Sizing {
 
     /// The VM size for a workload: the base plus its CPUs (rounded up) and memory, capped at the maximum.
     pub fn target(&self, workload: Limits) -> Size {
-        let vcpus = u64::from(self.base.vcpus).saturating_add(workload.milli_cpus.div_ceil(1000));
-        let memory = u64::from(self.base.memory_mib).saturating_add(workload.memory_mib);
+        let (vcpus, memory) = self.uncapped(workload);
         Size {
             vcpus: u32::try_from(vcpus).unwrap_or(u32::MAX).min(self.max.vcpus),
             memory_mib: u32::try_from(memory).unwrap_or(u32::MAX).min(self.max.memory_mib),
@@ -175,9 +174,15 @@ impl Sizing {
 
     /// Whether the workload was cut down to fit the maximum.
     pub fn capped(&self, workload: Limits) -> bool {
+        let (vcpus, memory) = self.uncapped(workload);
+        vcpus > u64::from(self.max.vcpus) || memory > u64::from(self.max.memory_mib)
+    }
+
+    /// The base plus the workload's CPUs (rounded up) and memory, before the maximum.
+    fn uncapped(&self, workload: Limits) -> (u64, u64) {
         let vcpus = u64::from(self.base.vcpus).saturating_add(workload.milli_cpus.div_ceil(1000));
         let memory = u64::from(self.base.memory_mib).saturating_add(workload.memory_mib);
-        vcpus > u64::from(self.max.vcpus) || memory > u64::from(self.max.memory_mib)
+        (vcpus, memory)
     }
 }
 

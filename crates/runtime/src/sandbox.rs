@@ -57,8 +57,8 @@ pub enum SandboxError {
     Network(#[from] network::NetworkError),
     #[error(transparent)]
     Placement(#[from] PlacementError),
-    #[error("{0}")]
-    Resources(String),
+    #[error("limit the pod's host cgroup")]
+    HostCgroupLimit(#[source] std::io::Error),
     #[error(transparent)]
     Resize(#[from] crate::resize::ResizeError),
     #[error("read the host's CPUs and memory")]
@@ -309,19 +309,17 @@ impl Sandbox {
             return Err(e.into());
         }
         let sized = async {
-            let vmm_pid = vm.pids().first().map(|p| p.pid).unwrap_or(0);
+            let vmm_pid = vmm_pid_of(&*vm);
             host_cgroups.move_vcpus(vmm_pid)?;
             let size = match booted_size.covers(&target) {
                 true => booted_size,
                 false => {
-                    let size = crate::resize::grow(&*vm, &agent, target).await?;
+                    let size = crate::resize::grow(&*vm, &agent, booted_size, target).await?;
                     host_cgroups.move_vcpus(vmm_pid)?;
                     size
                 }
             };
-            host_cgroups
-                .limit(size, workload)
-                .map_err(|e| SandboxError::Resources(format!("limit the pod's host cgroup: {e}")))?;
+            host_cgroups.limit(size, workload).map_err(SandboxError::HostCgroupLimit)?;
             Ok::<_, SandboxError>(size)
         }
         .await;
@@ -409,7 +407,7 @@ impl Sandbox {
 
     /// The VMM's host PID, which stands for every process of the sandbox (guest PIDs mean nothing here).
     pub fn vmm_pid(&self) -> u32 {
-        self.vm.pids().first().map(|p| p.pid).unwrap_or(0)
+        vmm_pid_of(&*self.vm)
     }
 
     /// The guest serial console.
@@ -511,6 +509,11 @@ impl Sandbox {
         state::cleanup(&*self.sys, &self.paths).await?;
         stopped.map_err(SandboxError::Vm)
     }
+}
+
+/// The VMM's host PID (its processes come VMM first); 0 once none is running.
+fn vmm_pid_of(vm: &dyn Vm) -> u32 {
+    vm.pids().first().map(|p| p.pid).unwrap_or(0)
 }
 
 /// Unmounts a container's rootfs and volumes and removes its directory under `mounts/` (which takes its view

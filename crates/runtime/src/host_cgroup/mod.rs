@@ -92,8 +92,7 @@ impl HostCgroup {
         let v2 = is_v2(root);
         let made = hierarchies(root).and_then(|hierarchies| {
             for hierarchy in hierarchies {
-                let cpuset =
-                    hierarchy.file_name().is_some_and(|n| n.to_string_lossy().split(',').any(|c| c == "cpuset"));
+                let cpuset = has_controller(&hierarchy, "cpuset");
                 let mut dir = hierarchy.clone();
                 for part in rel.components() {
                     let parent = dir.clone();
@@ -154,7 +153,7 @@ impl HostCgroup {
     pub fn set_limits(&self, limits: CgroupLimits) -> Result<()> {
         let v2 = is_v2(&self.root);
         let file = |controller: &str, name: &str| -> Result<PathBuf> {
-            let hierarchy = if v2 { self.root.clone() } else { self.v1_hierarchy(controller)? };
+            let hierarchy = if v2 { self.root.clone() } else { v1_hierarchy(&self.root, controller)? };
             Ok(hierarchy.join(&self.rel).join(name))
         };
         if let Some(bytes) = limits.memory_bytes {
@@ -173,28 +172,6 @@ impl HostCgroup {
             }
         }
         Ok(())
-    }
-
-    fn v1_hierarchy(&self, controller: &str) -> Result<PathBuf> {
-        hierarchies(&self.root)?
-            .into_iter()
-            .find(|h| h.file_name().is_some_and(|n| n.to_string_lossy().split(',').any(|c| c == controller)))
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("no {controller} cgroup hierarchy under {}", self.root.display()),
-                )
-            })
-    }
-
-    /// The memory the cgroup's processes use now (v1 `memory.usage_in_bytes`, v2 `memory.current`).
-    pub fn memory_usage(&self) -> Result<u64> {
-        let path = match is_v2(&self.root) {
-            true => self.root.join(&self.rel).join("memory.current"),
-            false => self.v1_hierarchy("memory")?.join(&self.rel).join("memory.usage_in_bytes"),
-        };
-        let text = std::fs::read_to_string(&path)?;
-        text.trim().parse().map_err(|_| Error::new(ErrorKind::InvalidData, format!("{}: {text:?}", path.display())))
     }
 
     /// Removes what [`HostCgroup::create`] made, innermost first. A cgroup only goes once its processes
@@ -224,6 +201,29 @@ impl HostCgroup {
         }
         left
     }
+}
+
+/// The memory the processes of cgroup `rel` under `root` use now (v1 `memory.usage_in_bytes`, v2
+/// `memory.current`).
+pub fn memory_usage(root: &Path, rel: &Path) -> Result<u64> {
+    let path = match is_v2(root) {
+        true => root.join(rel).join("memory.current"),
+        false => v1_hierarchy(root, "memory")?.join(rel).join("memory.usage_in_bytes"),
+    };
+    let text = std::fs::read_to_string(&path)?;
+    text.trim().parse().map_err(|_| Error::new(ErrorKind::InvalidData, format!("{}: {text:?}", path.display())))
+}
+
+/// The v1 hierarchy of `controller` under `root`.
+fn v1_hierarchy(root: &Path, controller: &str) -> Result<PathBuf> {
+    hierarchies(root)?.into_iter().find(|h| has_controller(h, controller)).ok_or_else(|| {
+        Error::new(ErrorKind::NotFound, format!("no {controller} cgroup hierarchy under {}", root.display()))
+    })
+}
+
+/// Whether the v1 hierarchy directory `hierarchy` (`cpu,cpuacct`, `memory`, ...) holds `controller`.
+fn has_controller(hierarchy: &Path, controller: &str) -> bool {
+    hierarchy.file_name().is_some_and(|n| n.to_string_lossy().split(',').any(|c| c == controller))
 }
 
 /// Where process `pid` is now, in every hierarchy under `root` (from `/proc/<pid>/cgroup`), to return it there.

@@ -85,7 +85,7 @@ fn a_real_cgroup_round_trip() {
     let placed = cgroup.add_process(child.id());
     let limited = cgroup.set_limits(CgroupLimits { memory_bytes: Some(256 << 20), cpu: Some((150_000, 100_000)) });
     let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", child.id())).unwrap_or_default();
-    let usage = cgroup.memory_usage();
+    let usage = memory_usage(root, &rel);
     let _ = child.kill();
     let _ = child.wait();
     let left = cgroup.remove();
