@@ -112,6 +112,18 @@ impl ContainerDir {
         self.path.join(name)
     }
 
+    /// Creates file `name` in the directory, fresh (never an existing file or a symlink), root-only.
+    pub fn create_file(&self, name: &str) -> Result<File> {
+        let path = self.file(name);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&path)
+            .with_context(|| format!("create {}", path.display()))
+    }
+
     fn open_lock(&self, name: &str) -> Result<File> {
         let path = self.file(name);
         OpenOptions::new()
@@ -161,13 +173,7 @@ impl ContainerDir {
         let path = self.file("state.json");
         let tmp = self.file("state.json.tmp");
         let _ = std::fs::remove_file(&tmp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&tmp)
-            .with_context(|| format!("create {}", tmp.display()))?;
+        let mut f = self.create_file("state.json.tmp")?;
         f.write_all(&serde_json::to_vec(record)?)?;
         std::fs::rename(&tmp, &path).with_context(|| format!("write {}", path.display()))
     }

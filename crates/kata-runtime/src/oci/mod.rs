@@ -219,11 +219,7 @@ fn create(global: &GlobalArgs, config: Option<PathBuf>, args: &CreateArgs) -> Re
         let _lock = dir.lock()?;
         let mut cmd = standin_command(global, &config)?;
         cmd.arg("__standin").arg("--bundle").arg(&bundle);
-        if let Some(socket) = &args.console_socket {
-            cmd.arg("--console-socket").arg(socket);
-            // The shim reads this command's output to its end with a terminal: the stand-in must not hold it.
-            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        }
+        console(&mut cmd, args.console_socket.as_deref());
         cmd.arg(&args.id);
         let pid = spawn_standin(cmd)?;
         if let Some(path) = &args.pid_file {
@@ -235,6 +231,15 @@ fn create(global: &GlobalArgs, config: Option<PathBuf>, args: &CreateArgs) -> Re
         let _ = dir.remove();
     }
     created
+}
+
+/// Hands a stand-in the console socket, when there is one. The shim then reads the command's output to its end
+/// with the terminal on the socket: the stand-in must not hold that output open.
+fn console(cmd: &mut Command, socket: Option<&Path>) {
+    if let Some(socket) = socket {
+        cmd.arg("--console-socket").arg(socket);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    }
 }
 
 fn wait_child(pid: u32) -> Result<ExitCode> {
@@ -279,31 +284,22 @@ fn exec(global: &GlobalArgs, config: Option<PathBuf>, args: &ExecArgs) -> Result
     let dir = ContainerDir::open(&global.root, &args.id)?;
     let lock = dir.lock()?;
     // The inline form's process goes through a file like --process, private to the container's directory.
-    let inline = dir.path.join(format!("exec-{}.json", std::process::id()));
+    let inline_name = format!("exec-{}.json", std::process::id());
+    let inline = dir.path.join(&inline_name);
     let process = match &args.process {
         Some(p) => p.clone(),
         None => {
             if args.command.is_empty() {
                 bail!("exec needs --process FILE or a command");
             }
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(&inline)
-                .with_context(|| format!("create {}", inline.display()))?;
+            let mut f = dir.create_file(&inline_name)?;
             f.write_all(&serde_json::to_vec(&inline_process(args))?)?;
             inline.clone()
         }
     };
     let mut cmd = standin_command(global, &config)?;
     cmd.arg("__exec-standin").arg("--process").arg(&process);
-    if let Some(socket) = &args.console_socket {
-        cmd.arg("--console-socket").arg(socket);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    }
+    console(&mut cmd, args.console_socket.as_deref());
     cmd.arg(&args.id);
     let spawned = spawn_standin(cmd);
     let _ = std::fs::remove_file(&inline);
