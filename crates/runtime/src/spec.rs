@@ -3,12 +3,14 @@
 //! Host-only parts are dropped: hooks (they would run host binaries) and the network namespace (the VM is the
 //! pod's network namespace, so containers share it). A namespace path names a host process: in a pod, the
 //! IPC, UTS and PID joins (of the pause container, as CRI writes them) become joins of the pod's sandbox
-//! container in the guest; every other path is dropped, giving the container a namespace of its own.
+//! container in the guest; every other path is dropped, giving the container a namespace of its own. Every
+//! container gets a cgroup namespace: the guest's cgroups are v2, and as with runc (a cgroup namespace on a v2
+//! host, its own cgroup directories on a v1 one) the container sees its own cgroup at `/sys/fs/cgroup`.
 //! Host bind mounts are shared into the guest and their sources rewritten.
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Mount, Spec};
 
 use crate::paths::GUEST_SHARED_DIR;
 
@@ -74,6 +76,11 @@ pub fn for_guest(
                 };
                 ns.set_path(joined);
             }
+            if !namespaces.iter().any(|ns| ns.typ() == LinuxNamespaceType::Cgroup) {
+                let mut cgroup = LinuxNamespace::default();
+                cgroup.set_typ(LinuxNamespaceType::Cgroup);
+                namespaces.push(cgroup);
+            }
         }
         linux.set_cgroups_path(Some(PathBuf::from(protocols::container_cgroup(container_id))));
     }
@@ -138,8 +145,9 @@ mod tests {
         assert!(out.get("hooks").is_none() || out["hooks"].is_null());
         assert_eq!(out["linux"]["cgroupsPath"], "/kata/c1");
         let ns = out["linux"]["namespaces"].as_array().unwrap();
-        assert_eq!(ns.len(), 2);
+        assert_eq!(ns.len(), 3, "{ns:?}");
         assert!(ns.iter().all(|n| n.get("path").is_none()), "{ns:?}");
+        assert!(ns.iter().any(|n| n["type"] == "cgroup"), "a container sees its own cgroup: {ns:?}");
     }
 
     #[test]
