@@ -77,6 +77,15 @@ pub fn test_name(here: &'static str) -> &'static str {
     path.split_once("::").map_or(path, |(_crate, in_crate)| in_crate)
 }
 
+/// The directory of the package under test, in the tree `cargo test` runs in: cargo's run-time
+/// `CARGO_MANIFEST_DIR`. Not the compile-time one: a test binary built from another checkout of the same
+/// tree (a shared target directory) would read that checkout's files, or fail where it no longer exists.
+pub fn package_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .expect("CARGO_MANIFEST_DIR is not set: run the tests with cargo test")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

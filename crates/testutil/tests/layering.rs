@@ -1,7 +1,6 @@
 //! Dependencies point one way (README, "Workspace"): every workspace crate's dependencies on other workspace
 //! crates (normal, dev and build) are checked against [`LAYERS`], as `cargo metadata` reports them.
 
-use std::path::Path;
 use std::process::Command;
 
 /// A workspace crate (its package name), its rank (lowest first) and the workspace crates it may use.
@@ -51,8 +50,9 @@ fn layer(name: &str) -> Option<&'static Layer> {
 
 /// The workspace's crates and their dependencies on each other, from `cargo metadata`.
 fn workspace() -> (Vec<String>, Vec<Edge>) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new(env!("CARGO"))
+    let root = testutil::package_dir().join("../..");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let out = Command::new(cargo)
         .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
         .current_dir(&root)
         .output()

@@ -2,7 +2,7 @@
 //! its own format only, and (as root) a containerd 1.6 with the snippet merged into a private config
 //! loads the CRI plugin. The CNI and Kubernetes files match what the tests and docs say.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use e2e::config_files::{cri_plugin, merge, private_cri_config};
@@ -11,7 +11,7 @@ use toml::{Table, Value};
 
 /// The repository's `config/` directory.
 fn config_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config")
+    testutil::package_dir().join("../../config")
 }
 
 /// The CRI plugin's table name in each format.
