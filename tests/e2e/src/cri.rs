@@ -36,7 +36,7 @@ mod stream_checks;
 mod web;
 
 pub use kata_pod::{
-    kata_handler_config, kata_pod_parts, kata_taps_anywhere, qemu_processes, start_containerd, vm_lock,
+    boot_ids, kata_handler_config, kata_pod_parts, kata_taps_anywhere, qemu_processes, start_containerd, vm_lock,
     KataPodFootprint, QEMU,
 };
 pub use network::{bridge_conf, cni_skip_reason, loopback_conf, CniNetwork};
@@ -117,6 +117,14 @@ impl CriClient {
             images: ImageServiceClient::new(channel),
             deadline: Duration::from_secs(30),
         })
+    }
+
+    /// Connects to `containerd`'s CRI service with `deadline` for every call (a VM boot or a guest round trip
+    /// under TCG on a busy machine takes longer than the default).
+    pub fn for_containerd(containerd: &crate::Containerd, deadline: Duration) -> Self {
+        let mut cri = Self::connect(containerd.address()).expect("CRI client connects");
+        cri.set_deadline(deadline);
+        cri
     }
 
     /// Changes the deadline of every later call.

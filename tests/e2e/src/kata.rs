@@ -143,3 +143,12 @@ pub fn assert_clean_shutdown(containerd: crate::Containerd) {
     assert!(report.killed_processes.is_empty(), "{report:?}");
     assert!(report.remaining.is_empty(), "left after shutdown:\n{}", report.remaining);
 }
+
+/// kata-runtime's stand-in processes (`__standin`, `__exec-standin`) naming any of `ids`, or every one when
+/// `ids` is empty.
+pub fn standins(ids: &[&str]) -> Vec<(u32, String)> {
+    crate::leaks::processes(|argv| {
+        argv.iter().any(|a| a == "__standin" || a == "__exec-standin")
+            && (ids.is_empty() || ids.iter().any(|id| argv.iter().any(|a| a == id)))
+    })
+}

@@ -370,8 +370,7 @@ fn pods_behave_as_with_runc() {
         start_containerd(&parts, &conf.path, &net, CRI_DEADLINE).expect("containerd with CRI starts")
     });
     step("images imported", || import_pod_images(&containerd).expect("images imported"));
-    let mut cri = CriClient::connect(containerd.address()).expect("CRI client connects");
-    cri.set_deadline(CRI_DEADLINE);
+    let cri = CriClient::for_containerd(&containerd, CRI_DEADLINE);
     let cleanup = PodCleanup(&cri);
     let host = HostSide::create();
 

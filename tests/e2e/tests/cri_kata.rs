@@ -16,8 +16,8 @@ use std::time::Duration;
 use e2e::checks::{check_clean_stop, poll, step, Checks};
 use e2e::config_files::{cri_plugin, merge, private_cri_config};
 use e2e::cri::{
-    http_get, import_pod_images, kata_taps_anywhere, parse_cri_log, qemu_processes, start_containerd, vm_lock,
-    CniNetwork, ContainerSpec, CriClient, KataPodFootprint, PodCleanup, PodSpec, WebVolumes,
+    boot_ids, http_get, import_pod_images, kata_taps_anywhere, parse_cri_log, qemu_processes, start_containerd,
+    vm_lock, CniNetwork, ContainerSpec, CriClient, KataPodFootprint, PodCleanup, PodSpec, WebVolumes,
 };
 use e2e::kata::{sandbox_dir, KataConf};
 use e2e::leaks::{links, netns_entries};
@@ -28,12 +28,6 @@ use k8s_cri::v1::{ContainerState, LinuxContainerResources};
 const CRI_DEADLINE: Duration = Duration::from_secs(90);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 const UNTRUSTED_ANNOTATION: &str = "io.kubernetes.cri.untrusted-workload";
-
-fn cri_client(containerd: &Containerd) -> CriClient {
-    let mut cri = CriClient::connect(containerd.address()).expect("CRI client connects");
-    cri.set_deadline(CRI_DEADLINE);
-    cri
-}
 
 /// The main test: one pod VM serves every check that does not need a VM of its own.
 #[test]
@@ -47,7 +41,7 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
         start_containerd(&parts, &conf.path, &net, CRI_DEADLINE).expect("containerd with CRI starts")
     });
     step("images imported", || import_pod_images(&containerd).expect("images imported"));
-    let cri = cri_client(&containerd);
+    let cri = CriClient::for_containerd(&containerd, CRI_DEADLINE);
     let cleanup = PodCleanup(&cri);
     let mut checks = Checks::default();
 
@@ -103,13 +97,7 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
     });
 
     // One VM: both containers see the same guest kernel boot, which is not the host's.
-    let boot_ids: Vec<String> = [&server_id, &client_id]
-        .iter()
-        .map(|id| match cri.exec_sync(id, &["cat", "/proc/sys/kernel/random/boot_id"], EXEC_TIMEOUT) {
-            Ok(out) => out.stdout.trim().to_owned(),
-            Err(e) => format!("(ExecSync failed: {e})"),
-        })
-        .collect();
+    let boot_ids = boot_ids(&cri, &[&server_id, &client_id], EXEC_TIMEOUT);
     checks.check(
         "both containers share one guest (same boot id), not the host's",
         boot_ids[0] == boot_ids[1] && boot_ids[0].len() == 36 && boot_ids[0] != host_boot_id.trim(),
@@ -256,7 +244,7 @@ fn pod_vm_shared_by_containers_with_network_volumes_exec_logs_and_stats() {
 /// and every kata runtime's `ConfigPath` pointed at `conf` (the shipped files name /etc/kata-containers).
 fn config_from_repo(version: i64, file: &str, cni_conf_dir: &Path, conf: &Path) -> String {
     let cri = cri_plugin(version);
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../config/containerd/v{version}/{file}"));
+    let path = testutil::package_dir().join(format!("../../config/containerd/v{version}/{file}"));
     let snippet: toml::Table = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .parse()
@@ -302,7 +290,7 @@ fn routes_pods(version: i64, file: &str, kata_pods: &[(&str, bool)], runc_pods: 
     })
     .unwrap_or_else(|e| panic!("containerd with v{version}/{file}: {e}"));
     import_pod_images(&containerd).expect("images imported");
-    let cri = cri_client(&containerd);
+    let cri = CriClient::for_containerd(&containerd, CRI_DEADLINE);
     let cleanup = PodCleanup(&cri);
     let release = parts.kernel_release().expect("kernel has a version banner");
     let logs = tempfile::tempdir().expect("temp dir");
@@ -396,7 +384,7 @@ fn privileged_container_gets_no_host_devices() {
     let mut net = CniNetwork::create().expect("CNI network config");
     let containerd = start_containerd(&parts, &conf.path, &net, CRI_DEADLINE).expect("containerd with CRI starts");
     import_pod_images(&containerd).expect("images imported");
-    let cri = cri_client(&containerd);
+    let cri = CriClient::for_containerd(&containerd, CRI_DEADLINE);
     let cleanup = PodCleanup(&cri);
     let mut checks = Checks::default();
     let logs = tempfile::tempdir().expect("temp dir");

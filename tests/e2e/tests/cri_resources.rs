@@ -264,8 +264,7 @@ fn pods_are_sized_by_their_limits_and_accounted_on_the_host() {
         .expect("containerd with CRI starts")
     });
     step("images imported", || import_pod_images(&containerd).expect("images imported"));
-    let mut cri = CriClient::connect(containerd.address()).expect("CRI client connects");
-    cri.set_deadline(CRI_DEADLINE);
+    let cri = CriClient::for_containerd(&containerd, CRI_DEADLINE);
     let cleanup = PodCleanup(&cri);
 
     let mut checks = Checks::default();

@@ -60,8 +60,7 @@ fn streaming_exec_and_attach_reach_containers_in_the_pod_vm() {
         start_containerd(&parts, &conf.path, &net, CRI_DEADLINE).expect("containerd with CRI starts")
     });
     step("images imported", || import_pod_images(&containerd).expect("images imported"));
-    let mut cri = CriClient::connect(containerd.address()).expect("CRI client connects");
-    cri.set_deadline(CRI_DEADLINE);
+    let cri = CriClient::for_containerd(&containerd, CRI_DEADLINE);
     let cleanup = PodCleanup(&cri);
     let mut checks = Checks::default();
     let logs = tempfile::tempdir().expect("temp dir");

@@ -45,8 +45,7 @@ fn a_pod_with_a_network_is_a_clone_with_its_own_mac() {
         start_containerd(&parts, &conf, &net, CRI_DEADLINE).expect("containerd with CRI starts")
     });
     step("images imported", || import_pod_images(&containerd).expect("images imported"));
-    let mut cri = CriClient::connect(containerd.address()).expect("CRI client connects");
-    cri.set_deadline(CRI_DEADLINE);
+    let cri = CriClient::for_containerd(&containerd, CRI_DEADLINE);
     let cleanup = PodCleanup(&cri);
     let mut checks = Checks::default();
     let volumes = WebVolumes::create("kata-template").expect("host volumes");

@@ -74,6 +74,17 @@ pub fn start_containerd(
     })
 }
 
+/// The guest boot id each container sees (`/proc/sys/kernel/random/boot_id`), or why ExecSync failed: containers
+/// in one VM see the same one, which is not the host's.
+pub fn boot_ids(cri: &CriClient, ids: &[&str], timeout: Duration) -> Vec<String> {
+    ids.iter()
+        .map(|id| match cri.exec_sync(id, &["cat", "/proc/sys/kernel/random/boot_id"], timeout) {
+            Ok(out) => out.stdout.trim().to_owned(),
+            Err(e) => format!("(ExecSync failed: {e})"),
+        })
+        .collect()
+}
+
 /// The PIDs and command lines of live QEMU processes naming `id`.
 pub fn qemu_processes(id: &str) -> Vec<(u32, String)> {
     processes(|argv| {
