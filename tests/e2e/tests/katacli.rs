@@ -76,10 +76,7 @@ fn oci_dir(id: &str) -> PathBuf {
 
 fn assert_no_leaks(k: &Katacli, ids: &[&str]) {
     e2e::kata::assert_no_leaks(&k.containerd, ids);
-    let standins = e2e::leaks::processes(|argv| {
-        argv.iter().any(|a| a == "__standin" || a == "__exec-standin")
-            && ids.iter().any(|id| argv.iter().any(|a| a == id))
-    });
+    let standins = e2e::kata::standins(ids);
     assert!(standins.is_empty(), "stand-ins left: {standins:?}");
     for id in ids {
         assert!(!oci_dir(id).exists(), "{} left behind", oci_dir(id).display());
@@ -129,15 +126,30 @@ fn runc_shim_kills_execs_and_pauses_a_detached_container() {
         assert!(out.status.success(), "ctr {args:?}: {}\n{}", text(&out.stderr), k.containerd.log_tail(40));
         text(&out.stdout)
     };
-    let state = text(
-        &std::process::Command::new(&k.kata_runtime)
-            .args(["--root", "/run/containerd/runc/default", "state", &id])
+    let kata_runtime = |args: &[&str]| {
+        let out = std::process::Command::new(&k.kata_runtime)
+            .args(["--root", "/run/containerd/runc/default"])
+            .args(args)
             .output()
-            .expect("kata-runtime state")
-            .stdout,
-    );
-    let state: serde_json::Value = serde_json::from_str(&state).expect("state is JSON");
+            .expect("kata-runtime runs");
+        assert!(out.status.success(), "kata-runtime {args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let state: serde_json::Value = serde_json::from_str(&kata_runtime(&["state", &id])).expect("state is JSON");
     assert_eq!(state["status"], "running", "{state}");
+
+    // runc's stats event, from the container's cgroup in the guest; `update` with runc's flags changes it.
+    let stats = || -> serde_json::Value {
+        serde_json::from_str(&kata_runtime(&["events", "--stats", &id])).expect("events --stats prints JSON")
+    };
+    let before = stats();
+    assert_eq!((&before["type"], &before["id"]), (&"stats".into(), &id.as_str().into()), "{before}");
+    assert!(before["data"]["pids"]["current"].as_u64().is_some_and(|n| n >= 1), "{before}");
+    assert!(before["data"]["memory"]["usage"]["usage"].as_u64().is_some_and(|n| n > 0), "{before}");
+    kata_runtime(&["update", "--pids-limit", "77", "--memory", "200m", &id]);
+    let after = stats();
+    assert_eq!(after["data"]["pids"]["limit"], 77, "{after}");
+    assert_eq!(after["data"]["memory"]["usage"]["limit"], 200 << 20, "{after}");
 
     let out = ctr(&["task", "exec", "--exec-id", "e1", &id, "echo", "exec"]);
     assert_eq!(out, "exec\n");

@@ -86,15 +86,12 @@ pub enum OciCommand {
     Pause { id: String },
     /// Thaw a paused container.
     Resume { id: String },
-    /// Change a container's resources: OCI LinuxResources JSON from a file or `-` for stdin.
-    Update {
-        #[arg(short, long, value_name = "FILE")]
-        resources: Option<PathBuf>,
-        id: String,
-    },
+    /// Change a container's resources: OCI LinuxResources JSON from a file or `-` for stdin, or (without a
+    /// file, as runc) from the resource flags.
+    Update(Box<UpdateArgs>),
     /// Run a process in a container: from --process FILE (an OCI Process JSON) or inline `exec ID CMD...`.
     Exec(ExecArgs),
-    /// Container events and stats (runc events): not supported yet.
+    /// The container's stats as runc's events: one with --stats, else one every --interval until it stops.
     Events {
         #[arg(long)]
         stats: bool,
@@ -194,4 +191,33 @@ pub struct ExecArgs {
     /// The command of the inline form.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
+}
+
+/// `update`'s flags: runc's, less the block IO, huge page and kernel memory ones.
+#[derive(Debug, Clone, Args)]
+pub struct UpdateArgs {
+    /// OCI LinuxResources JSON; `-` reads stdin. The flags below are ignored with it, as in runc.
+    #[arg(short, long, value_name = "FILE")]
+    pub resources: Option<PathBuf>,
+    /// Memory limit: bytes, or a number with k, m, g or t; -1 for none.
+    #[arg(long)]
+    pub memory: Option<String>,
+    #[arg(long = "memory-reservation")]
+    pub memory_reservation: Option<String>,
+    /// Memory plus swap limit.
+    #[arg(long = "memory-swap")]
+    pub memory_swap: Option<String>,
+    #[arg(long = "cpu-shares")]
+    pub cpu_shares: Option<u64>,
+    #[arg(long = "cpu-period")]
+    pub cpu_period: Option<u64>,
+    #[arg(long = "cpu-quota", allow_negative_numbers = true)]
+    pub cpu_quota: Option<i64>,
+    #[arg(long = "cpuset-cpus")]
+    pub cpuset_cpus: Option<String>,
+    #[arg(long = "cpuset-mems")]
+    pub cpuset_mems: Option<String>,
+    #[arg(long = "pids-limit", allow_negative_numbers = true)]
+    pub pids_limit: Option<i64>,
+    pub id: String,
 }

@@ -29,6 +29,9 @@ pub struct Record {
     pub status: String,
     #[serde(default)]
     pub exit_status: Option<u32>,
+    /// For a pod's container: the pod's sandbox container, whose stand-in runs the VM it is in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
 }
 
 /// runc's `state` output.

@@ -1,15 +1,18 @@
 //! `kata-runtime` as an OCI runtime with runc's command line, so containerd's runc shims (`katacli`,
-//! `ctr run --runc-binary`) drive it as they drive runc. Every container runs in its own VM through `runtime`'s
+//! `ctr run --runc-binary`) drive it as they drive runc. Every container runs in a VM through `runtime`'s
 //! lifecycle, owned by a long-lived stand-in process (`standin`) whose pid the shim takes for the container's
-//! init. Commands are stateless: each finds its container by id under `--root` and talks to the stand-in over
+//! init; a CRI pod's containers join the VM of its pause container (`pod`). Commands are stateless: each finds its container by id under `--root` and talks to the stand-in over
 //! its control socket (`control`); what is left after the stand-in exits is in the container's directory
 //! (`dir`).
 
 pub mod args;
 mod control;
 mod dir;
+mod events;
+mod pod;
 mod standin;
 mod tty;
+mod update;
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -90,7 +93,7 @@ fn dispatch(global: &GlobalArgs, config: Option<PathBuf>, command: OciCommand) -
             let dir = ContainerDir::open(root, &id)?;
             let _lock = dir.lock()?;
             let record = dir.load()?;
-            let status = match Client::connect(&dir) {
+            let status = match Client::to_container(root, &dir) {
                 Some(mut c) => c.call(&Request::State)?.status.unwrap_or_else(|| "stopped".into()),
                 None => "stopped".into(),
             };
@@ -123,22 +126,26 @@ fn dispatch(global: &GlobalArgs, config: Option<PathBuf>, command: OciCommand) -
         OciCommand::Resume { id } => {
             call(root, &id, &Request::Resume)?;
         }
-        OciCommand::Update { resources, id } => {
-            let json = match resources.as_deref() {
-                None => bail!("update needs --resources FILE (or - for stdin): other update flags are not supported"),
-                Some(p) if p == Path::new("-") => {
-                    let mut s = Vec::new();
-                    std::io::stdin().read_to_end(&mut s).context("read the resources from stdin")?;
-                    s
-                }
-                Some(p) => std::fs::read(p).with_context(|| format!("read {}", p.display()))?,
-            };
-            let resources: serde_json::Value =
-                serde_json::from_slice(&json).context("parse the resources (OCI LinuxResources JSON)")?;
-            call(root, &id, &Request::Update { resources })?;
+        OciCommand::Update(args) => {
+            let resources = update::resources(&args)?;
+            call(root, &args.id, &Request::Update { resources })?;
         }
         OciCommand::Exec(args) => return exec(global, config, &args),
-        OciCommand::Events { .. } => bail!("events is not supported yet"),
+        OciCommand::Events { stats, interval, id } => {
+            let interval = events::parse_interval(&interval)?;
+            loop {
+                let data = call(root, &id, &Request::Stats)?.stats.unwrap_or_default();
+                println!("{}", events::stats_event(&id, data));
+                if stats {
+                    break;
+                }
+                std::thread::sleep(interval);
+                let dir = ContainerDir::open(root, &id)?;
+                if Client::to_container(root, &dir).is_none() {
+                    break;
+                }
+            }
+        }
         OciCommand::List { format, quiet } => list(root, &format, quiet)?,
         OciCommand::Features => println!("{}", serde_json::to_string_pretty(&features())?),
         OciCommand::Spec { bundle } => {
@@ -161,11 +168,17 @@ fn dispatch(global: &GlobalArgs, config: Option<PathBuf>, command: OciCommand) -
     Ok(ExitCode::SUCCESS)
 }
 
+/// Why a command on a container whose init has exited fails. runc's words: the runc shim recognises them
+/// ("container not running") and treats the process as finished rather than the kill as failed.
+pub fn not_running(id: &str) -> anyhow::Error {
+    anyhow!("container not running: the init of {id} has exited")
+}
+
 /// Sends one request to a container's stand-in, under the container's lock.
 fn call(root: &Path, id: &str, req: &Request) -> Result<control::Reply> {
     let dir = ContainerDir::open(root, id)?;
     let _lock = dir.lock()?;
-    let mut client = Client::connect(&dir).ok_or_else(|| anyhow!("container {id} is not running"))?;
+    let mut client = Client::to_container(root, &dir).ok_or_else(|| not_running(id))?;
     client.call(req)
 }
 
@@ -264,11 +277,19 @@ fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
         Err(e) => return Err(e),
     };
     let _lock = dir.lock()?;
-    if let Some(mut client) = Client::connect(&dir) {
+    let pod = dir.load().ok().and_then(|r| r.sandbox);
+    if let Some(mut client) = Client::to_container(root, &dir) {
         client.call(&Request::Delete { force })?;
     }
     if !dir.wait_standin_exit(STANDIN_EXIT_TIMEOUT) {
         bail!("the stand-in of container {id} did not exit within {STANDIN_EXIT_TIMEOUT:?}");
+    }
+    if let Some(pod) = pod {
+        // A pod's container leaves the pod's VM (which is gone already when its stand-in is).
+        if let Some(mut client) = Client::to_pod(root, &pod, id) {
+            client.call(&Request::Remove).with_context(|| format!("remove container {id} from the VM of {pod}"))?;
+        }
+        return dir.remove();
     }
     // A stand-in that was killed left its VM: the sandbox's persisted state says what to stop and unmount.
     let paths = runtime::paths::SandboxPaths::new(Path::new(runtime::paths::DEFAULT_ROOT), id);
@@ -336,7 +357,7 @@ fn list(root: &Path, format: &str, quiet: bool) -> Result<()> {
     for id in dir::list(root) {
         let Ok(dir) = ContainerDir::open(root, &id) else { continue };
         let Ok(record) = dir.load() else { continue };
-        let status = Client::connect(&dir)
+        let status = Client::to_container(root, &dir)
             .and_then(|mut c| c.call(&Request::State).ok())
             .and_then(|r| r.status)
             .unwrap_or_else(|| "stopped".into());
@@ -375,7 +396,7 @@ fn features() -> serde_json::Value {
         },
         "annotations": {
             "io.katacontainers.runtime": "kata-rs",
-            "io.katacontainers.runtime.vm": "every container runs in its own VM",
+            "io.katacontainers.runtime.vm": "every container runs in a VM; a CRI pod's containers share its pause container's",
         },
     })
 }

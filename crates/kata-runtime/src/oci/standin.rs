@@ -1,7 +1,7 @@
 //! The stand-ins: host processes that a runc shim takes for the container's init and for its execs. The
-//! container's stand-in owns the sandbox (the VM and the agent connection) and serves the control socket; an
-//! exec's stand-in asks it to run the exec. Each relays its process's stdio from the fds it inherited and exits
-//! with its process's status.
+//! stand-in of a container with a VM of its own owns the sandbox (the VM and the agent connection) and serves
+//! the control socket (`pod`); a pod's container's stand-in and an exec's stand-in ask that one to run their
+//! process. Each relays its process's stdio from the fds it inherited and exits with its process's status.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -9,20 +9,17 @@ use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use oci_spec::runtime::Spec;
-use runtime::io::IoPaths;
 use runtime::{error_chain, Host, Rootfs, Sandbox, SandboxOptions};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::net::UnixListener;
 
 use super::args::GlobalArgs;
-use super::control::{Client, Io, Reply, Request};
+use super::control::{Client, Io, Request};
 use super::dir::{ContainerDir, Record};
+use super::pod::{self, Pod};
 use super::tty::Terminal;
 
 /// The pipe on which a stand-in tells the command that started it "ok", or why it failed.
@@ -51,6 +48,14 @@ impl Ready {
     pub fn fail(&mut self, e: &anyhow::Error) {
         self.send(&format!("{e:#}"));
     }
+
+    /// Passes `result` through, telling the waiting command why when it is an error.
+    pub fn check<T>(&mut self, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result {
+            self.fail(e);
+        }
+        result
+    }
 }
 
 /// A path through which another process reopens this process's fd `n`, when it is a pipe (containerd's runc
@@ -64,149 +69,26 @@ pub fn own_fd_path(n: i32) -> String {
     }
 }
 
-fn own_io() -> Io {
-    Io { stdin: own_fd_path(0), stdout: own_fd_path(1), stderr: own_fd_path(2), terminal: false }
+/// A process's IO: its terminal's FIFOs, or this process's own stdio.
+fn stdio(terminal: Option<&Terminal>) -> Io {
+    match terminal {
+        Some(t) => {
+            let paths = t.io_paths();
+            Io { stdin: paths.stdin, stdout: paths.stdout, stderr: paths.stderr, terminal: true }
+        }
+        None => Io { stdin: own_fd_path(0), stdout: own_fd_path(1), stderr: own_fd_path(2), terminal: false },
+    }
 }
 
-fn io_paths(io: &Io) -> IoPaths {
-    IoPaths { stdin: io.stdin.clone(), stdout: io.stdout.clone(), stderr: io.stderr.clone(), terminal: io.terminal }
+/// The init's terminal, when `create` was given a console socket.
+fn init_terminal(args: &ContainerArgs, dir: &ContainerDir) -> Result<Option<Terminal>> {
+    args.console_socket.as_deref().map(|socket| Terminal::open(socket, &dir.path, "init")).transpose()
 }
 
 /// Detaches from the caller's session so a terminal hang-up or the caller's process group signals do not reach
 /// the stand-in (it forwards signals sent to it on purpose).
 fn detach() {
     let _ = nix::unistd::setsid();
-}
-
-struct Container {
-    id: String,
-    sandbox: Arc<Sandbox>,
-    dir: ContainerDir,
-    record: Mutex<Record>,
-    started: AtomicBool,
-    /// The init's exit status: the stand-in ends with it.
-    exit: mpsc::UnboundedSender<u32>,
-}
-
-impl Container {
-    fn set_status(&self, status: &str, exit_status: Option<u32>) {
-        let mut record = self.record.lock().unwrap_or_else(|e| e.into_inner());
-        record.status = status.to_string();
-        record.exit_status = exit_status;
-        if let Err(e) = self.dir.save(&record) {
-            tracing::warn!(error = %format!("{e:#}"), "save the container's state");
-        }
-    }
-
-    fn status(&self) -> Result<String> {
-        let state = self.sandbox.state(&self.id, "").map_err(|e| anyhow!(error_chain(&e)))?;
-        Ok(match state.status {
-            runtime::Status::Created => "created",
-            runtime::Status::Running => "running",
-            runtime::Status::Paused => "paused",
-            runtime::Status::Stopped => "stopped",
-        }
-        .to_string())
-    }
-
-    async fn handle(self: &Arc<Self>, req: Request, out: &mut tokio::net::unix::OwnedWriteHalf) -> Result<Reply> {
-        let (sandbox, id) = (&self.sandbox, self.id.as_str());
-        let chain = |e: runtime::LifecycleError| anyhow!(error_chain(&e));
-        match req {
-            Request::Start => {
-                let exit = self.exit.clone();
-                sandbox
-                    .start_process(id, "", move |e| {
-                        let _ = exit.send(e.status);
-                    })
-                    .await
-                    .map_err(chain)?;
-                self.started.store(true, Ordering::SeqCst);
-                self.set_status("running", None);
-            }
-            Request::State => return Ok(Reply { status: Some(self.status()?), ..Default::default() }),
-            Request::Kill { signal, all } => {
-                sandbox.kill(id, "", signal, all).await.map_err(chain)?;
-                if !self.started.load(Ordering::SeqCst) {
-                    // A never-started init ends at once (runc's created container dies the same way).
-                    let _ = self.exit.send(128 + signal);
-                }
-            }
-            Request::Pause => {
-                sandbox.pause(id).await.map_err(chain)?;
-                self.set_status("paused", None);
-            }
-            Request::Resume => {
-                sandbox.resume(id).await.map_err(chain)?;
-                self.set_status("running", None);
-            }
-            Request::Update { resources } => {
-                sandbox.update(id, &serde_json::to_vec(&resources)?).await.map_err(chain)?;
-            }
-            Request::Ps => {
-                let list = sandbox.pids(id).await.map_err(chain)?;
-                let own = std::process::id();
-                let others = list.pids.iter().filter(|&&p| Some(p) != list.init).filter_map(|&p| u32::try_from(p).ok());
-                let pids = list.init.map(|_| own).into_iter().chain(others).collect();
-                return Ok(Reply { pids: Some(pids), ..Default::default() });
-            }
-            Request::Exec { exec_id, process, io } => {
-                sandbox.exec(id, &exec_id, serde_json::to_vec(&process)?, io_paths(&io)).map_err(chain)?;
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                if let Err(e) = sandbox
-                    .start_process(id, &exec_id, move |e| {
-                        let _ = tx.send(e.status);
-                    })
-                    .await
-                {
-                    let _ = sandbox.delete(id, &exec_id).await;
-                    return Err(chain(e));
-                }
-                write_reply(out, &Reply::default()).await?;
-                let status = rx.await.unwrap_or(255);
-                if let Err(e) = sandbox.delete(id, &exec_id).await {
-                    tracing::warn!(exec = %exec_id, error = %error_chain(&e), "delete the exec");
-                }
-                return Ok(Reply { exit: Some(status), ..Default::default() });
-            }
-            Request::Resize { exec_id, rows, cols } => {
-                sandbox.resize_pty(id, &exec_id, rows, cols).await.map_err(chain)?;
-            }
-            Request::Delete { force } => {
-                let status = self.status()?;
-                match status.as_str() {
-                    "created" => {
-                        let _ = self.exit.send(128 + 9);
-                    }
-                    "stopped" => {}
-                    _ if force => sandbox.kill(id, "", 9, true).await.map_err(chain)?,
-                    _ => anyhow::bail!("cannot delete container {id} that is not stopped: {status}"),
-                }
-            }
-        }
-        Ok(Reply::default())
-    }
-}
-
-async fn write_reply(out: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) -> Result<()> {
-    let mut line = serde_json::to_vec(reply)?;
-    line.push(b'\n');
-    out.write_all(&line).await?;
-    Ok(())
-}
-
-async fn serve_connection(container: Arc<Container>, stream: UnixStream) {
-    let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => container.handle(req, &mut write).await.unwrap_or_else(|e| Reply::error(format!("{e:#}"))),
-            Err(e) => Reply::error(format!("bad request: {e}")),
-        };
-        if write_reply(&mut write, &reply).await.is_err() {
-            return;
-        }
-    }
 }
 
 /// What the container's stand-in needs from the command line.
@@ -218,76 +100,91 @@ pub struct ContainerArgs {
     pub console_socket: Option<PathBuf>,
 }
 
-/// The container's stand-in: boots the VM, creates the container, says "ok" on `ready`, serves the control
-/// socket until the init exits, stops the VM and exits with the init's status.
+/// The container's stand-in: boots the VM (or, for a pod's container, joins the pod's), creates the container,
+/// says "ok" on `ready`, serves the control socket until the init exits, stops the VM and exits with the init's
+/// status.
 pub fn container(global: &GlobalArgs, args: ContainerArgs, mut ready: Ready) -> Result<ExitCode> {
     detach();
     let dir = ContainerDir::open(&global.root, &args.id)?;
-    let _alive = match dir.standin_lock() {
-        Ok(lock) => lock,
-        Err(e) => {
-            ready.fail(&e);
-            return Err(e);
+    let _alive = ready.check(dir.standin_lock())?;
+    let spec = ready.check(load_spec(&args.bundle))?;
+    let annotations: BTreeMap<String, String> = spec.annotations().clone().unwrap_or_default().into_iter().collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    match ready.check(pod::pod_of(&args.id, &annotations))? {
+        None => rt.block_on(own_vm(global, &dir, &args, spec, annotations, ready)),
+        Some(pod) => rt.block_on(member(global, &dir, &args, &pod, annotations, ready)),
+    }
+}
+
+fn load_spec(bundle: &Path) -> Result<Spec> {
+    let path = bundle.join("config.json");
+    Spec::load(&path).map_err(|e| anyhow!("{}: {}", path.display(), error_chain(&e)))
+}
+
+fn record(args: &ContainerArgs, spec: &Spec, annotations: BTreeMap<String, String>, sandbox: Option<String>) -> Record {
+    Record {
+        id: args.id.clone(),
+        pid: std::process::id(),
+        bundle: args.bundle.display().to_string(),
+        rootfs: pod::rootfs_of(spec, &args.bundle).display().to_string(),
+        created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        annotations,
+        status: "created".into(),
+        exit_status: None,
+        sandbox,
+    }
+}
+
+/// A container with a VM of its own (a lone container, or a pod's sandbox container).
+async fn own_vm(
+    global: &GlobalArgs,
+    dir: &ContainerDir,
+    args: &ContainerArgs,
+    spec: Spec,
+    annotations: BTreeMap<String, String>,
+    mut ready: Ready,
+) -> Result<ExitCode> {
+    let (pod, listener) = ready.check(setup(dir, args, spec, annotations).await)?;
+    ready.ok();
+    let mut signals = Signals::new()?;
+    let exit = {
+        let pod = pod.clone();
+        async move { pod.wait(&pod.id).await }
+    };
+    tokio::pin!(exit);
+    let status = loop {
+        tokio::select! {
+            conn = listener.accept() => {
+                if let Ok((stream, _)) = conn {
+                    tokio::spawn(pod::serve_connection(pod.clone(), stream));
+                }
+            }
+            status = &mut exit => break status,
+            signal = signals.next() => pod.forward_signal(&pod.id, signal).await,
         }
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async move {
-        let (exit_tx, mut exit_rx) = mpsc::unbounded_channel();
-        let (container, listener) = match setup(&dir, &args, exit_tx).await {
-            Ok(c) => c,
-            Err(e) => {
-                ready.fail(&e);
-                return Err(e);
-            }
-        };
-        ready.ok();
-        let mut signals = Signals::new()?;
-        let status = loop {
-            tokio::select! {
-                conn = listener.accept() => {
-                    if let Ok((stream, _)) = conn {
-                        tokio::spawn(serve_connection(container.clone(), stream));
-                    }
-                }
-                status = exit_rx.recv() => break status.unwrap_or(255),
-                signal = signals.next() => {
-                    if container.started.load(Ordering::SeqCst) {
-                        if let Err(e) = container.sandbox.kill(&container.id, "", signal, false).await {
-                            tracing::debug!(error = %error_chain(&e), "forward a signal");
-                        }
-                    }
-                }
-            }
-        };
-        container.set_status("stopped", Some(status));
-        let _ = std::fs::remove_file(dir.socket());
-        if let Err(e) = container.sandbox.stop().await {
-            super::log_error(global, &format!("stop the VM of container {}: {}", container.id, error_chain(&e)));
-        }
-        Ok(ExitCode::from((status & 0xff) as u8))
-    })
+    pod.set_status("stopped", Some(status));
+    let _ = std::fs::remove_file(dir.socket());
+    if let Err(e) = pod.sandbox.stop().await {
+        super::log_error(global, &format!("stop the VM of container {}: {}", pod.id, error_chain(&e)));
+    }
+    Ok(ExitCode::from((status & 0xff) as u8))
 }
 
 async fn setup(
     dir: &ContainerDir,
     args: &ContainerArgs,
-    exit: mpsc::UnboundedSender<u32>,
-) -> Result<(Arc<Container>, UnixListener)> {
+    spec: Spec,
+    annotations: BTreeMap<String, String>,
+) -> Result<(Arc<Pod>, UnixListener)> {
     let id = args.id.as_str();
-    let spec_path = args.bundle.join("config.json");
-    let spec = Spec::load(&spec_path).map_err(|e| anyhow!("{}: {}", spec_path.display(), error_chain(&e)))?;
-    let annotations: BTreeMap<String, String> = spec.annotations().clone().unwrap_or_default().into_iter().collect();
     let config = runtime::pod_config::resolve(id, args.config.clone(), &annotations)
         .map_err(|e| anyhow!("configuration: {}", error_chain(&e)))?;
     let netns = runtime::network::pod_netns(&spec).map_err(|e| anyhow!(error_chain(&e)))?;
     let resources = runtime::resources::SandboxResources::of_spec(&spec).map_err(|e| anyhow!(e))?;
-    let terminal = match &args.console_socket {
-        Some(socket) => Some(Terminal::open(socket, &dir.path, "init")?),
-        None => None,
-    };
-    let io = terminal.as_ref().map(Terminal::io_paths).unwrap_or_else(|| io_paths(&own_io()));
-    let rootfs = spec.root().as_ref().map(|r| r.path().clone()).unwrap_or_else(|| PathBuf::from("rootfs"));
-    let rootfs = if rootfs.is_absolute() { rootfs } else { args.bundle.join(rootfs) };
+    let terminal = init_terminal(args, dir)?;
+    let io = pod::io_paths(&stdio(terminal.as_ref()));
+    let record = record(args, &spec, annotations, None);
     let opts = SandboxOptions {
         id: id.to_string(),
         config,
@@ -298,8 +195,8 @@ async fn setup(
         resources,
     };
     let sandbox = Sandbox::start(opts, Host::real()).await.map_err(|e| anyhow!("start the VM: {}", error_chain(&e)))?;
-    let bundle = args.bundle.display().to_string();
-    let created = sandbox.create(id, &spec, &Rootfs::Dir(rootfs.clone()), &bundle, io.clone(), true).await;
+    let rootfs = Rootfs::Dir(PathBuf::from(&record.rootfs));
+    let created = sandbox.create(id, &spec, &rootfs, &record.bundle, io.clone(), true).await;
     if let Err(e) = created {
         let _ = sandbox.stop().await;
         anyhow::bail!("create the container: {}", error_chain(&e));
@@ -315,28 +212,10 @@ async fn setup(
             return Err(e);
         }
     };
-    let record = Record {
-        id: id.to_string(),
-        pid: std::process::id(),
-        bundle,
-        rootfs: rootfs.display().to_string(),
-        created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
-        annotations,
-        status: "created".into(),
-        exit_status: None,
-    };
     dir.save(&record)?;
-    let container = Container {
-        id: id.to_string(),
-        sandbox: Arc::new(sandbox),
-        dir: dir.clone(),
-        record: Mutex::new(record),
-        started: AtomicBool::new(false),
-        exit,
-    };
-    let container = Arc::new(container);
+    let pod = Arc::new(Pod::new(sandbox, dir.clone(), record));
     if let Some(terminal) = &terminal {
-        let (sandbox, id, rt) = (container.sandbox.clone(), id.to_string(), tokio::runtime::Handle::current());
+        let (sandbox, id, rt) = (pod.sandbox.clone(), id.to_string(), tokio::runtime::Handle::current());
         let follow = move |rows: u16, cols: u16| {
             let (sandbox, id) = (sandbox.clone(), id.clone());
             rt.spawn(async move {
@@ -346,11 +225,67 @@ async fn setup(
             });
         };
         if let Err(e) = terminal.relay(follow) {
-            let _ = container.sandbox.stop().await;
+            let _ = pod.sandbox.stop().await;
             return Err(e);
         }
     }
-    Ok((container, listener))
+    Ok((pod, listener))
+}
+
+/// A pod's container: joins the VM of the pod's sandbox container through that container's stand-in, relays
+/// its IO and signals, and exits with its init's status (137 when the pod's VM went away first).
+async fn member(
+    global: &GlobalArgs,
+    dir: &ContainerDir,
+    args: &ContainerArgs,
+    pod: &str,
+    annotations: BTreeMap<String, String>,
+    mut ready: Ready,
+) -> Result<ExitCode> {
+    let root = global.root.clone();
+    let joined = (|| {
+        let spec = load_spec(&args.bundle)?;
+        let terminal = init_terminal(args, dir)?;
+        let io = stdio(terminal.as_ref());
+        let mut client = Client::to_pod(&root, pod, &args.id)
+            .ok_or_else(|| anyhow!("the pod's sandbox container {pod} is not running"))?;
+        client.call(&Request::Join { bundle: args.bundle.clone(), io, pid: std::process::id() })?;
+        dir.save(&record(args, &spec, annotations, Some(pod.to_string())))?;
+        if let Some(t) = &terminal {
+            let (root, pod, id) = (root.clone(), pod.to_string(), args.id.clone());
+            t.relay(move |rows, cols| {
+                let resize = Request::Resize { exec_id: String::new(), rows: rows.into(), cols: cols.into() };
+                if let Some(mut c) = Client::to_pod(&root, &pod, &id) {
+                    let _ = c.call(&resize);
+                }
+            })?;
+        }
+        Ok::<_, anyhow::Error>((client, terminal))
+    })();
+    let (mut client, _terminal) = ready.check(joined)?;
+    ready.ok();
+    let mut signals = Signals::new()?;
+    let exit = tokio::task::spawn_blocking(move || client.read().ok().and_then(|r| r.exit));
+    tokio::pin!(exit);
+    let status = loop {
+        tokio::select! {
+            status = &mut exit => break status.ok().flatten().unwrap_or(128 + 9),
+            signal = signals.next() => {
+                let (root, pod, id) = (root.clone(), pod.to_string(), args.id.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Some(mut c) = Client::to_pod(&root, &pod, &id) {
+                        let _ = c.call(&Request::Signal { signal });
+                    }
+                })
+                .await;
+            }
+        }
+    };
+    let mut record = dir.load()?;
+    record.status = "stopped".into();
+    record.exit_status = Some(status);
+    dir.save(&record)?;
+    Ok(ExitCode::from((status & 0xff) as u8))
 }
 
 /// The control socket, 0600 (in the 0700 container directory, so it is never reachable by others).
@@ -433,33 +368,21 @@ pub fn exec(
             (true, None) => anyhow::bail!("the process asks for a terminal but no --console-socket was given"),
             (false, _) => None,
         };
-        let io = match &terminal {
-            Some(t) => {
-                let paths = t.io_paths();
-                Io { stdin: paths.stdin, stdout: paths.stdout, stderr: paths.stderr, terminal: true }
-            }
-            None => own_io(),
-        };
-        let mut client = Client::connect(&dir).ok_or_else(|| anyhow!("container {id} is not running"))?;
+        let io = stdio(terminal.as_ref());
+        let mut client = Client::to_container(&global.root, &dir).ok_or_else(|| super::not_running(id))?;
         client.call(&Request::Exec { exec_id: exec_id.clone(), process, io })?;
         if let Some(t) = &terminal {
-            let dir = dir.clone();
+            let (root, dir) = (global.root.clone(), dir.clone());
             t.relay(move |rows, cols| {
                 let resize = Request::Resize { exec_id: exec_id.clone(), rows: rows.into(), cols: cols.into() };
-                if let Some(mut c) = Client::connect(&dir) {
+                if let Some(mut c) = Client::to_container(&root, &dir) {
                     let _ = c.call(&resize);
                 }
             })?;
         }
         Ok((client, terminal))
     })();
-    let (mut client, terminal) = match started {
-        Ok(c) => c,
-        Err(e) => {
-            ready.fail(&e);
-            return Err(e);
-        }
-    };
+    let (mut client, terminal) = ready.check(started)?;
     ready.ok();
     let status = client.read().map(|r| r.exit.unwrap_or(255)).unwrap_or(255);
     if let Some(t) = terminal {

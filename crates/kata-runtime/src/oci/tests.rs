@@ -57,7 +57,15 @@ fn go_runc_lifecycle_commands() {
     ));
     assert!(matches!(
         parse(&format!("{GLOBAL} update --resources - c1")).command,
-        OciCommand::Update { resources: Some(r), id } if r == Path::new("-") && id == "c1"
+        OciCommand::Update(u) if u.resources.as_deref() == Some(Path::new("-")) && u.id == "c1"
+    ));
+    assert!(matches!(
+        parse(&format!("{GLOBAL} update --memory 512m --cpu-quota -1 --pids-limit 10 c1")).command,
+        OciCommand::Update(u) if u.memory.as_deref() == Some("512m") && u.cpu_quota == Some(-1) && u.pids_limit == Some(10)
+    ));
+    assert!(matches!(
+        parse(&format!("{GLOBAL} events --stats c1")).command,
+        OciCommand::Events { stats: true, id, .. } if id == "c1"
     ));
     assert!(matches!(parse(&format!("{GLOBAL} pause c1")).command, OciCommand::Pause { .. }));
     assert!(matches!(parse(&format!("{GLOBAL} resume c1")).command, OciCommand::Resume { .. }));
