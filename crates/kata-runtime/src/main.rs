@@ -3,6 +3,7 @@
 mod check;
 mod env;
 mod factory;
+mod install;
 mod oci;
 
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "kata-runtime",
     version,
-    about = "kata-rs host tool, and an OCI runtime with runc's command line (each container in its own VM)",
+    about = "kata-rs host tool, and an OCI runtime with runc's command line (each container, or each CRI pod, in a VM)",
     after_help = "The OCI commands take runc's flags (docs/containerd.md, \"katacli\"); containerd's runc shims run \
                   them with BinaryName = kata-runtime or ctr run --runc-binary."
 )]
@@ -48,6 +49,10 @@ enum Command {
         #[command(subcommand)]
         command: factory::FactoryCommand,
     },
+    /// Install kata-rs on this node (or below --host-root) and add the `kata` runtime to containerd.
+    Install(install::InstallArgs),
+    /// Undo `install`: remove what it installed (if unchanged) and its block in containerd's config.
+    Uninstall(install::NodeArgs),
     #[command(flatten)]
     Oci(oci::args::OciCommand),
 }
@@ -58,6 +63,8 @@ fn main() -> ExitCode {
         Command::Check { json } => check::run(cli.config, json),
         Command::Env { json } => env::run(cli.config, json),
         Command::Factory { command } => factory::run(cli.config, command),
+        Command::Install(args) => install::install(&args),
+        Command::Uninstall(args) => install::uninstall(&args),
         Command::Oci(command) => return oci::run(&cli.global, cli.config, command),
     };
     match result {
