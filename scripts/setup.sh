@@ -7,6 +7,7 @@ DEBIAN_PACKAGES=(
     qemu-system-x86 containerd runc containernetworking-plugins busybox-static protobuf-compiler
     libcap-ng-dev libseccomp-dev pkg-config linux-source-6.1 bc bison flex libelf-dev libssl-dev
     cpio xz-utils make gcc iproute2 iptables kmod procps file fonts-dejavu-core
+    golang-1.19-go etcd-server dpkg-dev openssl jq
 )
 
 install_debian_packages() {

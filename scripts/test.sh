@@ -19,6 +19,10 @@ export KATA_TEST_VIRTIOFSD=$BIN_DIR/virtiofsd
 export KATA_TEST_VSOCK_DAEMON=$BIN_DIR/vhost-device-vsock
 # The shim containerd starts in the end-to-end tests: the release build setup.sh just made and installed.
 export KATA_TEST_SHIM_DIR=$CARGO_TARGET_DIR/release
+# The Kubernetes test's kubelet and control plane, built from Debian's source package (cached by its inputs).
+step "Kubernetes v1.20.2 (cached)" bash "$REPO/scripts/build-kubernetes.sh"
+KATA_TEST_K8S_BIN=$(bash "$REPO/scripts/build-kubernetes.sh" 2>/dev/null | tail -n 1)
+export KATA_TEST_K8S_BIN
 
 cd "$REPO"
 # Two test threads: VM tests under TCG must not run more than two at a time on 2 cores.

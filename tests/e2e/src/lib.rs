@@ -12,6 +12,7 @@ pub mod containerd;
 pub mod cri;
 pub mod image;
 pub mod kata;
+pub mod kubernetes;
 pub mod leaks;
 pub mod process;
 pub mod pty;
