@@ -14,6 +14,12 @@ use crate::Stat;
 pub const TARGET_START_RATIO: f64 = 1.25;
 pub const TARGET_PSS_MIB: f64 = 60.0;
 pub const TARGET_IDLE_PODS: usize = 20;
+/// Issue 16's targets for pods cloned from a VM template: host PSS per idle clone at 20 clones (with an equal
+/// share of the template files), and 100 idle clones on one machine.
+pub const TARGET_CLONE_PSS_MB: f64 = 45.0;
+pub const TARGET_CLONED_PODS: usize = 100;
+/// The idle clone counts whose memory is measured.
+pub const CLONE_MEMORY_STEPS: [usize; 4] = [1, TARGET_IDLE_PODS, 50, TARGET_CLONED_PODS];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Machine {
@@ -296,12 +302,16 @@ impl Results {
                 times(r, 2),
                 yes(r.map(|r| r <= TARGET_START_RATIO))
             );
-            let total = t.memory_steps().iter().rev().find(|s| s.1 > 0).map(|s| s.2 + s.3);
+            // At 20 clones (or the most measured below that), as issue 16 states it.
+            let steps = t.memory_steps();
+            let at = steps.iter().rfind(|s| s.1 > 0 && s.0 <= TARGET_IDLE_PODS);
+            let total = at.map(|s| s.2 + s.3);
             let _ = writeln!(
                 o,
-                "| with templating: host memory per idle pod ≤ {TARGET_PSS_MIB} MB (PSS + template share) | {} MiB | {} |",
+                "| with templating: host memory per idle pod at {} pods ≤ {TARGET_CLONE_PSS_MB} MB (PSS + template share) | {} MiB | {} |",
+                at.map(|s| s.1).unwrap_or(0),
                 opt(total, 1),
-                yes(total.map(|p| p * 1.048_576 <= TARGET_PSS_MIB))
+                yes(total.map(|p| p * 1.048_576 <= TARGET_CLONE_PSS_MB))
             );
             let most = t
                 .memory
@@ -309,10 +319,10 @@ impl Results {
                 .map(|m| (m.steps.iter().map(|s| s.running).max().unwrap_or(0), !m.failures.is_empty()));
             let _ = writeln!(
                 o,
-                "| with templating: {TARGET_IDLE_PODS} idle pods at once without failure | {} | {} |",
+                "| with templating: {TARGET_CLONED_PODS} idle pods at once without failure | {} | {} |",
                 most.map(|(n, f)| format!("{n} running{}", if f { ", with failures" } else { "" }))
                     .unwrap_or_else(|| "n/a".into()),
-                yes(most.map(|(n, f)| n >= TARGET_IDLE_PODS && !f))
+                yes(most.map(|(n, f)| n >= TARGET_CLONED_PODS && !f))
             );
         }
         if !self.stage_errors.is_empty() {
@@ -457,12 +467,19 @@ mod tests {
         assert!(md.contains("| 1 | 1 | 90.0 | 48.0 | 138.0 |"), "{md}");
         assert!(md.contains("| 20 | 20 | 52.0 | 2.4 | 54.4 |"), "{md}");
         assert!(md.contains("clone/bare boot floor: **0.55x**"), "{md}");
-        assert!(md.contains("(PSS + template share) | 54.4 MiB | yes |"), "{md}");
+        // Judged at 20 pods: 52 + 2.4 = 54.4 MiB = 57 MB, over the 45 MB target.
+        assert!(md.contains("at 20 pods ≤ 45 MB (PSS + template share) | 54.4 MiB | **no** |"), "{md}");
+        assert!(md.contains("100 idle pods at once without failure | 20 running | **no** |"), "{md}");
 
-        // 58 MiB PSS + 2.4 share = 60.4 MiB = 63.3 MB: over the 60 MB target.
-        let mut over = template;
-        over.memory = Some(MemoryRun { runtime: "kata".into(), steps: vec![step(20, 58.0)], ..Default::default() });
-        let md = Results { template: Some(over), ..Default::default() }.markdown();
-        assert!(md.contains("(PSS + template share) | 60.4 MiB | **no** |"), "{md}");
+        // 38 MiB PSS + 2.4 share = 40.4 MiB = 42.4 MB at 20 pods; the 100-pod step does not count for it.
+        let mut under = template;
+        under.memory = Some(MemoryRun {
+            runtime: "kata".into(),
+            steps: vec![step(20, 38.0), step(100, 90.0)],
+            ..Default::default()
+        });
+        let md = Results { template: Some(under), ..Default::default() }.markdown();
+        assert!(md.contains("at 20 pods ≤ 45 MB (PSS + template share) | 40.4 MiB | yes |"), "{md}");
+        assert!(md.contains("100 idle pods at once without failure | 100 running | yes |"), "{md}");
     }
 }

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bench::floor::{boot_floor, BootParts};
 use bench::measure::{self, MemoryRun};
-use bench::report::{FsRead, Machine, Results, TemplateResults, TARGET_IDLE_PODS};
+use bench::report::{
+    FsRead, Machine, Results, TemplateResults, CLONE_MEMORY_STEPS, TARGET_CLONED_PODS, TARGET_IDLE_PODS,
+};
 use bench::stage::{CriStage, Runtime, SharedFsKind, Stage};
 use bench::{chart, network, Interrupt};
 use clap::Parser;
@@ -194,18 +196,15 @@ fn templating(parts: &KataParts, n: usize, quick: bool, interrupt: &Interrupt) -
     let mut t = TemplateResults { first_s: Some(measure::first_run(&stage)?), ..Default::default() };
     interrupt.check()?;
     t.cold = Some(measure::cold_start(&stage, n, interrupt)?);
-    let memory = measure::idle_memory_with(
-        &stage,
-        Runtime::Kata,
-        &[1, 10, TARGET_IDLE_PODS],
-        Duration::from_secs(3),
-        interrupt,
-        || measure::template_mib(&templates),
-    )?;
+    let steps: &[usize] = if quick { &[1, 10] } else { &CLONE_MEMORY_STEPS };
+    let memory = measure::idle_memory_with(&stage, Runtime::Kata, steps, Duration::from_secs(3), interrupt, || {
+        measure::template_mib(&templates)
+    })?;
     t.template_mib = memory.1;
     t.memory = Some(memory.0);
     interrupt.check()?;
-    t.density = Some(measure::density(&stage, Runtime::Kata, 4, if quick { 10 } else { TARGET_IDLE_PODS }, interrupt));
+    t.density =
+        Some(measure::density(&stage, Runtime::Kata, 4, if quick { 10 } else { TARGET_CLONED_PODS }, interrupt));
     Ok(t)
 }
 
