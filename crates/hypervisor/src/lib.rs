@@ -130,6 +130,11 @@ pub trait Vm: Send + Sync + fmt::Debug {
     /// Whether [`Vm::resize`] can grow this VM at all: its machine hot-plugs and it was started with room to grow.
     fn can_resize(&self) -> bool;
 
+    /// Lets go of the running VM without stopping it: closes the control connection, so that another process
+    /// can [`Hypervisor::attach`] to it (a VM cache handing the VM to a shim). The VM stays this process's
+    /// child, reaped when it exits; nothing else should be asked of this handle afterwards.
+    fn release(&self) {}
+
     /// Saving the VM as a template, when this backend can.
     fn snapshot(&self) -> Option<&dyn Snapshot> {
         None

@@ -588,6 +588,11 @@ impl Vm for QemuVm {
         Some(self)
     }
 
+    fn release(&self) {
+        // QEMU serves one QMP client at a time: the next owner's attach needs this connection gone.
+        self.state().qmp = None;
+    }
+
     fn pids(&self) -> Vec<VmProcess> {
         let state = self.state();
         let adopted = state.adopted.iter().filter(|p| p.is_running()).cloned();
