@@ -341,6 +341,23 @@ fn templating_needs_an_initrd_and_9p() {
 }
 
 #[test]
+fn the_vm_cache_is_bounded_and_its_endpoint_plain() {
+    let loaded =
+        load_text("[factory]\nvm_cache_number = 65\nvm_cache_endpoint = \"run/cache.sock\"\n").expect("loads");
+    let err = loaded.validate().expect_err("too many, relative").to_string();
+    assert!(err.contains("configuration.toml:2: factory.vm_cache_number: 65 is more than 64"), "{err}");
+    assert!(err.contains("factory.vm_cache_endpoint: \"run/cache.sock\" must be an absolute path"), "{err}");
+    let long = format!("/{}", "a".repeat(120));
+    let loaded = load_text(&format!("[factory]\nvm_cache_endpoint = \"{long}\"\n")).expect("loads");
+    let err = loaded.validate().expect_err("too long for a socket").to_string();
+    assert!(err.contains("under 108 bytes"), "{err}");
+    let loaded = load_text("[factory]\nvm_cache_number = 2\n").expect("loads");
+    if let Err(err) = loaded.validate() {
+        assert!(!err.to_string().contains("factory."), "{err}");
+    }
+}
+
+#[test]
 fn an_image_replaces_the_default_initrd() {
     let loaded = load_text("[hypervisor.qemu]\nimage = \"/i.img\"\n").expect("loads");
     assert_eq!(loaded.config.hypervisor.initrd, "");

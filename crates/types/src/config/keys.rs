@@ -90,9 +90,6 @@ pub(crate) const KATA_IGNORED_KEYS: &[&str] = &[
     "runtime.jaeger_user",
     "runtime.sandbox_bind_mounts",
     "runtime.vfio_mode",
-    // [factory]
-    "factory.vm_cache_endpoint",
-    "factory.vm_cache_number",
     // Sections of Kata 1.x and 2.x that kata-rs has no counterpart for.
     "image.*",
     "netmon.*",

@@ -279,6 +279,7 @@ impl LoadedConfig {
         if self.config.factory.enable_template {
             self.validate_template(&mut problems);
         }
+        self.validate_vm_cache(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -316,6 +317,35 @@ impl LoadedConfig {
         }
     }
 }
+
+impl LoadedConfig {
+    /// The VM cache: a bounded number of VMs, served on a plain absolute socket path that fits a unix socket
+    /// address.
+    fn validate_vm_cache(&self, problems: &mut Vec<String>) {
+        let factory = &self.config.factory;
+        if factory.vm_cache_number > MAX_VM_CACHE_NUMBER {
+            problems.push(format!(
+                "{}: factory.vm_cache_number: {} is more than {MAX_VM_CACHE_NUMBER}",
+                self.origin("factory.vm_cache_number"),
+                factory.vm_cache_number
+            ));
+        }
+        let path = &factory.vm_cache_endpoint;
+        let plain = path.starts_with('/')
+            && path.len() < 108
+            && path.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'));
+        if !plain {
+            problems.push(format!(
+                "{}: factory.vm_cache_endpoint: {path:?} must be an absolute path under 108 bytes of letters, \
+                 digits, '/', '-', '_' and '.'",
+                self.origin("factory.vm_cache_endpoint")
+            ));
+        }
+    }
+}
+
+/// Most VMs the cache keeps ready per kind: each holds its guest memory.
+pub const MAX_VM_CACHE_NUMBER: u32 = 64;
 
 /// `pattern` matched against a whole name: `^(?:pattern)$`.
 pub(crate) fn anchored_regex(pattern: &str) -> Result<regex::Regex, String> {

@@ -25,6 +25,8 @@ pub const DEFAULT_DIAL_TIMEOUT_SECS: u32 = 45;
 pub const DEFAULT_TCG_TB_SIZE_MIB: u32 = 64;
 /// Default VM template location (Kata's).
 pub const DEFAULT_TEMPLATE_PATH: &str = "/run/vc/vm/template";
+/// Default socket of the VM cache server (Kata's).
+pub const DEFAULT_VM_CACHE_ENDPOINT: &str = "/var/run/kata-containers/cache.sock";
 /// Default `hypervisor.qemu.seccompsandbox`: QEMU's `-sandbox` with no obsolete system calls, no gaining
 /// privileges, no new processes and no changing scheduling or CPU affinity. Kata ships the key commented out
 /// (no sandbox); kata-rs turns it on.
@@ -241,11 +243,21 @@ pub struct FactoryConfig {
     pub enable_template: bool,
     /// Where the template VM's state is kept.
     pub template_path: String,
+    /// How many started VMs the cache server (`kata-runtime factory init`) keeps ready per kind (without and
+    /// with a NIC); 0: no cache, every pod starts its own VM.
+    pub vm_cache_number: u32,
+    /// The cache server's unix socket (root only).
+    pub vm_cache_endpoint: String,
 }
 
 impl Default for FactoryConfig {
     fn default() -> Self {
-        Self { enable_template: false, template_path: DEFAULT_TEMPLATE_PATH.to_owned() }
+        Self {
+            enable_template: false,
+            template_path: DEFAULT_TEMPLATE_PATH.to_owned(),
+            vm_cache_number: 0,
+            vm_cache_endpoint: DEFAULT_VM_CACHE_ENDPOINT.to_owned(),
+        }
     }
 }
 
@@ -345,6 +357,6 @@ mod tests {
         assert!(keys.contains(&"hypervisor.qemu.kernel".to_owned()));
         assert!(keys.contains(&"agent.kata.dial_timeout".to_owned()));
         assert!(keys.contains(&"factory.template_path".to_owned()));
-        assert_eq!(keys.len(), 23 + 2 + 6 + 2);
+        assert_eq!(keys.len(), 23 + 2 + 6 + 4);
     }
 }
