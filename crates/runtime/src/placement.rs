@@ -92,6 +92,22 @@ impl HostCgroups {
         Ok(placed)
     }
 
+    /// Moves processes started elsewhere (a VM from the cache) where they would have been born: the cgroup the
+    /// shim joined.
+    pub fn adopt(&self, pids: &[u32]) -> Result<(), PlacementError> {
+        let Some(home) = self.overhead.as_ref().or(self.sandbox.as_ref()) else {
+            return Ok(());
+        };
+        for &pid in pids {
+            home.add_process(pid).map_err(|source| PlacementError::Join {
+                what: format!("VM process {pid}"),
+                cgroup: home.rel.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// With `sandbox_cgroup_only` false: moves the VMM's vCPU threads (v1) or the whole VMM (v2) into the pod's
     /// cgroup. Called after boot and after vCPUs were hot-plugged.
     pub fn move_vcpus(&self, vmm_pid: u32) -> Result<(), PlacementError> {

@@ -17,6 +17,7 @@
 mod collect;
 mod error;
 mod netns;
+pub mod parking;
 pub mod port_forward;
 mod spec;
 mod tap;
@@ -59,6 +60,16 @@ pub struct PodNetworkSetup {
 /// Wires every pod interface of the namespace at `netns` to a new tap device and returns what the guest needs.
 /// A namespace without interfaces (only `lo`) gives an empty network. On failure, whatever was added is removed.
 pub async fn setup_pod_network(netns: &Path) -> Result<PodNetworkSetup, NetworkError> {
+    setup(netns, false).await
+}
+
+/// [`setup_pod_network`] for a VM from the cache, whose tap is already in the namespace as `tap0_kata` (moved
+/// there by the cache, attached to the VM's NIC): it is wired like a new one, and `taps` comes back empty.
+pub async fn setup_pod_network_adopting(netns: &Path) -> Result<PodNetworkSetup, NetworkError> {
+    setup(netns, true).await
+}
+
+async fn setup(netns: &Path, adopt_first: bool) -> Result<PodNetworkSetup, NetworkError> {
     let Some(file) = netns::open_netns(netns)? else {
         return Err(NetworkError::Netns {
             path: netns.to_owned(),
@@ -68,7 +79,7 @@ pub async fn setup_pod_network(netns: &Path) -> Result<PodNetworkSetup, NetworkE
     let path = netns.to_owned();
     netns::run_in_netns(netns, file, move |handle| async move {
         let mut wired = Vec::new();
-        match setup_in_netns(&handle, &path, &mut wired).await {
+        match setup_in_netns(&handle, &path, &mut wired, adopt_first).await {
             Ok(setup) => Ok(setup),
             Err(e) => {
                 // Undo only this attempt's work: a tap that another process holds (EBUSY) belongs to a live VM.
@@ -80,6 +91,22 @@ pub async fn setup_pod_network(netns: &Path) -> Result<PodNetworkSetup, NetworkE
                 Err(e)
             }
         }
+    })
+    .await
+}
+
+/// How many interfaces of the namespace at `netns` a VM would mirror (what [`setup_pod_network`] wires).
+pub async fn count_pod_interfaces(netns: &Path) -> Result<usize, NetworkError> {
+    let Some(file) = netns::open_netns(netns)? else {
+        return Err(NetworkError::Netns {
+            path: netns.to_owned(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    };
+    let path = netns.to_owned();
+    netns::run_in_netns(netns, file, move |handle| async move {
+        let links = collect::links(&handle).await.map_err(netlink_error(&path, "list links"))?;
+        Ok(links.iter().filter(|l| l.is_pod_interface()).count())
     })
     .await
 }
@@ -104,6 +131,7 @@ async fn setup_in_netns(
     handle: &Handle,
     netns: &Path,
     wired: &mut Vec<(collect::Link, String)>,
+    adopt_first: bool,
 ) -> Result<PodNetworkSetup, NetworkError> {
     let links = collect::links(handle).await.map_err(netlink_error(netns, "list links"))?;
     let pod_links: Vec<_> = links.into_iter().filter(|l| l.is_pod_interface()).collect();
@@ -112,12 +140,16 @@ async fn setup_in_netns(
     let mut taps = Vec::new();
     for (i, link) in pod_links.iter().enumerate() {
         let name = tap_name(i);
-        let fd = tap::create_tap(&name).map_err(|source| NetworkError::Tap {
-            netns: netns.to_owned(),
-            name: name.clone(),
-            action: "create",
-            source,
-        })?;
+        let adopted = adopt_first && i == 0;
+        let fd = match adopted {
+            true => None,
+            false => Some(tap::create_tap(&name).map_err(|source| NetworkError::Tap {
+                netns: netns.to_owned(),
+                name: name.clone(),
+                action: "create",
+                source,
+            })?),
+        };
         wired.push((link.clone(), name.clone()));
         let tap = collect::link_by_name(handle, &name)
             .await
@@ -141,7 +173,9 @@ async fn setup_in_netns(
             mtu: link.mtu,
             ..Default::default()
         });
-        taps.push(TapDevice { name, interface: link.name.clone(), fd });
+        if let Some(fd) = fd {
+            taps.push(TapDevice { name, interface: link.name.clone(), fd });
+        }
     }
 
     let devices: HashMap<u32, String> = pod_links.iter().map(|l| (l.index, l.name.clone())).collect();
