@@ -30,6 +30,7 @@ pub mod resources;
 pub mod sandbox;
 pub mod spec;
 pub mod state;
+pub mod vm_cache;
 pub mod vm_config;
 
 /// Which accelerator this host offers (KVM, or TCG and why), for host checks (`kata-runtime check`).

@@ -23,6 +23,7 @@ use crate::placement::{HostCgroups, PlacementError};
 use crate::resources::{SandboxResources, Sizing};
 use crate::spec::{self, SpecError};
 use crate::state::{self, SandboxState, StateError};
+use crate::vm_cache;
 use crate::vm_config::{self, VmConfigError};
 
 #[derive(Debug, thiserror::Error)]
@@ -164,16 +165,36 @@ impl Sandbox {
 
     async fn boot(opts: &SandboxOptions, p: &SandboxPaths, host: &Host) -> Result<Self, SandboxError> {
         let sys = host.mounts.clone();
+        let host_limits = types::config::HostLimits::detect().map_err(SandboxError::HostLimits)?;
+        let sizing = Sizing::new(&opts.config, &host_limits, opts.resources.pod);
+        let workload = sizing.workload([opts.resources.own]);
+        let target = sizing.target(workload);
+        if sizing.capped(workload) {
+            tracing::warn!(sandbox = %opts.id, ?workload, max = %sizing.max, "the pod asks for more than the VM may have; capped");
+        }
+        let (mut config, can_grow) = pod_vm_config(&opts.id, &opts.config, p, &sizing)?;
+        let dial_timeout = Duration::from_secs(u64::from(opts.config.agent.dial_timeout.max(1)));
+        // A clone has exactly its template's devices: factory::template_config says which template fits.
+        // A clone is as big as its template; it grows after if it can, else the pod boots its own VM. The same
+        // holds for a VM from the cache, which is a clone or a boot of the configuration's default size.
+        let fits_template = target == sizing.base || can_grow;
+        let cached = match fits_template {
+            true => from_cache(opts, p, host, &config).await,
+            false => None,
+        };
         // Root-only all the way down: container rootfs (with whatever setuid binaries a container made) and
         // volumes are under here, and no other host user may reach them.
         let parent = p.root.parent().unwrap_or(&p.root);
-        for dir in [parent.to_path_buf(), p.root.clone(), p.mounts_dir(), p.shared_dir()] {
-            host_fs::private_dir(&dir).map_err(mounts::MountError::from)?;
+        host_fs::private_dir(parent).map_err(mounts::MountError::from)?;
+        if cached.is_none() {
+            for dir in [p.root.clone(), p.mounts_dir(), p.shared_dir()] {
+                host_fs::private_dir(&dir).map_err(mounts::MountError::from)?;
+            }
+            mounts::make_shared_view(&*sys, &p.mounts_dir(), &p.shared_dir())?;
         }
-        mounts::make_shared_view(&*sys, &p.mounts_dir(), &p.shared_dir())?;
         let mut state = SandboxState {
             sandbox_id: opts.id.clone(),
-            processes: vec![],
+            processes: cached.as_ref().map(|c| c.saved.processes.clone()).unwrap_or_default(),
             shim_pid: Some(std::process::id()),
             netns: opts.netns.clone(),
             disable_guest_seccomp: opts.config.runtime.disable_guest_seccomp,
@@ -194,72 +215,73 @@ impl Sandbox {
             }
             false => HostCgroups::default(),
         };
-        let host_limits = types::config::HostLimits::detect().map_err(SandboxError::HostLimits)?;
-        let sizing = Sizing::new(&opts.config, &host_limits, opts.resources.pod);
-        let workload = sizing.workload([opts.resources.own]);
-        let target = sizing.target(workload);
-        if sizing.capped(workload) {
-            tracing::warn!(sandbox = %opts.id, ?workload, max = %sizing.max, "the pod asks for more than the VM may have; capped");
+        if let Some(cached) = &cached {
+            let pids: Vec<u32> = cached.saved.processes.iter().map(|p| p.pid).collect();
+            host_cgroups.adopt(&pids)?;
         }
         state.sizing = Some(sizing);
-        let mut config = vm_config::vm_config(&opts.id, &opts.config, p)?;
-        let can_grow = config.qemu.machine == hypervisor::MachineType::Q35 && !state.static_resources;
-        if can_grow {
-            config.max_vcpus = sizing.max.vcpus;
-            config.max_memory_mib = sizing.max.memory_mib;
-        }
         let mut pod_network = PodNetwork::default();
         let mut taps = Vec::new();
         if let Some(netns) = &opts.netns {
-            let setup = network::setup_pod_network(netns).await?;
+            let setup = match cached.as_ref().is_some_and(|c| c.nics == 1) {
+                true => network::setup_pod_network_adopting(netns).await?,
+                false => network::setup_pod_network(netns).await?,
+            };
             taps = setup.taps;
             pod_network = setup.network;
         }
-        let dial_timeout = Duration::from_secs(u64::from(opts.config.agent.dial_timeout.max(1)));
-        // A clone has exactly its template's devices: factory::template_config says which template fits.
-        // A clone is as big as its template; it grows after if it can, else the pod boots its own VM.
-        let fits_template = target == sizing.base || can_grow;
-        let like_template = factory::template_config(&config, taps.len())
-            .filter(|_| opts.config.factory.enable_template && fits_template);
-        let template = match like_template {
-            Some(like_template) => {
-                let root = PathBuf::from(&opts.config.factory.template_path);
-                match factory::ensure(&*host.hypervisor, &root, &like_template, dial_timeout).await? {
-                    factory::Ensured::Ready(template) => Some(template),
-                    // Another shim is making a template: boot this VM rather than wait for that boot.
-                    factory::Ensured::Busy => None,
+        let (vm, agent, vm_exit, booted_size, template_mac) = if let Some(cached) = cached {
+            let vm = host.hypervisor.attach(cached.saved).await.map_err(SandboxError::Vm)?;
+            let agent = boot::dial(&cached.endpoint, None, dial_timeout)
+                .await
+                .map_err(|source| SandboxError::Reconnect { id: opts.id.clone(), source })?
+                .with_timeouts(host.agent_timeouts);
+            let vm_exit = boot::watch_exit(&vm);
+            let size = crate::resources::Size { vcpus: cached.vcpus, memory_mib: cached.memory_mib };
+            tracing::info!(sandbox = %opts.id, "agent connected (a VM from the cache)");
+            (vm, agent, vm_exit, size, true)
+        } else {
+            let like_template = factory::template_config(&config, taps.len())
+                .filter(|_| opts.config.factory.enable_template && fits_template);
+            let template = match like_template {
+                Some(like_template) => {
+                    let root = PathBuf::from(&opts.config.factory.template_path);
+                    match factory::ensure(&*host.hypervisor, &root, &like_template, dial_timeout).await? {
+                        factory::Ensured::Ready(template) => Some(template),
+                        // Another shim is making a template: boot this VM rather than wait for that boot.
+                        factory::Ensured::Busy => None,
+                    }
                 }
-            }
-            None => {
-                if opts.config.factory.enable_template && !fits_template {
-                    tracing::info!(sandbox = %opts.id, %target, "bigger than the VM template and unable to grow: booting");
-                } else if opts.config.factory.enable_template {
-                    tracing::info!(sandbox = %opts.id, interfaces = taps.len(), "too many network interfaces for a VM template: booting");
+                None => {
+                    if opts.config.factory.enable_template && !fits_template {
+                        tracing::info!(sandbox = %opts.id, %target, "bigger than the VM template and unable to grow: booting");
+                    } else if opts.config.factory.enable_template {
+                        tracing::info!(sandbox = %opts.id, interfaces = taps.len(), "too many network interfaces for a VM template: booting");
+                    }
+                    None
+                }
+            };
+            let cloned_from = if let Some(template) = template {
+                if let Some(tap) = taps.pop() {
+                    config.net_devices = vec![factory::template_nic(Some(Arc::new(tap.fd)))];
+                }
+                template.clone_into(&mut config);
+                Some(template)
+            } else {
+                config.vcpus = target.vcpus;
+                config.memory_mib = target.memory_mib;
+                for (i, (tap, iface)) in taps.into_iter().zip(&pod_network.interfaces).enumerate() {
+                    config.net_devices.push(NetDevice {
+                        id: format!("net{i}"),
+                        mac: iface.mac.clone(),
+                        fd: Some(Arc::new(tap.fd)),
+                    });
                 }
                 None
-            }
-        };
-        let cloned_from = if let Some(template) = template {
-            if let Some(tap) = taps.pop() {
-                config.net_devices = vec![factory::template_nic(Some(Arc::new(tap.fd)))];
-            }
-            template.clone_into(&mut config);
-            Some(template)
-        } else {
-            config.vcpus = target.vcpus;
-            config.memory_mib = target.memory_mib;
-            for (i, (tap, iface)) in taps.into_iter().zip(&pod_network.interfaces).enumerate() {
-                config.net_devices.push(NetDevice {
-                    id: format!("net{i}"),
-                    mac: iface.mac.clone(),
-                    fd: Some(Arc::new(tap.fd)),
-                });
-            }
-            None
-        };
-        let (config_vcpus, config_memory) = (config.vcpus, config.memory_mib);
-        let vm = host.hypervisor.vm(config);
-        let booted = boot::boot_and_connect_with(&vm, dial_timeout, host.agent_dialer.clone(), |processes| {
+            };
+            let (config_vcpus, config_memory) = (config.vcpus, config.memory_mib);
+            let vm = host.hypervisor.vm(config);
+            let booted = boot::boot_and_connect_with(&vm, dial_timeout, host.agent_dialer.clone(), |processes| {
             // Persist whatever got started, even on failure, so cleanup can find it.
             state.processes = processes.to_vec();
             if let Err(e) = state.save(&p.state_file()) {
@@ -267,22 +289,24 @@ impl Sandbox {
             }
         })
         .await;
-        let (agent, vm_exit) = match booted {
-            Ok(booted) => (booted.agent.with_timeouts(host.agent_timeouts), booted.exit),
-            Err(e) => {
-                if let (Some(template), Some(hypervisor::Error::StateLoad { .. })) = (&cloned_from, e.vm_error()) {
-                    // Every later clone would fail the same way: make way for a new template.
-                    factory::discard(template);
-                    tracing::warn!(
-                        "removed the VM template {} (its state does not load); the next pod makes a new one",
-                        template.dir.display()
-                    );
+            let (agent, vm_exit) = match booted {
+                Ok(booted) => (booted.agent.with_timeouts(host.agent_timeouts), booted.exit),
+                Err(e) => {
+                    if let (Some(template), Some(hypervisor::Error::StateLoad { .. })) = (&cloned_from, e.vm_error()) {
+                        // Every later clone would fail the same way: make way for a new template.
+                        factory::discard(template);
+                        tracing::warn!(
+                            "removed the VM template {} (its state does not load); the next pod makes a new one",
+                            template.dir.display()
+                        );
+                    }
+                    return Err(e.into());
                 }
-                return Err(e.into());
-            }
+            };
+            tracing::info!(sandbox = %opts.id, "agent connected");
+            let booted_size = crate::resources::Size { vcpus: config_vcpus, memory_mib: config_memory };
+            (vm, agent, vm_exit, booted_size, cloned_from.is_some())
         };
-        tracing::info!(sandbox = %opts.id, "agent connected");
-        let booted_size = crate::resources::Size { vcpus: config_vcpus, memory_mib: config_memory };
         state.vm = Some(vm.saved().config);
         state.agent = vm.agent_endpoint();
         let fs_type = match opts.config.hypervisor.shared_fs {
@@ -300,7 +324,7 @@ impl Sandbox {
         let configured = async {
             agent.create_sandbox(&setup).await?;
             // A clone's NIC still has the template's MAC; the agent gives it the pod's.
-            let device_mac = if cloned_from.is_some() { factory::TEMPLATE_NIC_MAC } else { "" };
+            let device_mac = if template_mac { factory::TEMPLATE_NIC_MAC } else { "" };
             configure_guest_network(&agent, &pod_network, device_mac).await
         }
         .await;
@@ -508,6 +532,86 @@ impl Sandbox {
         let stopped = self.vm.stop().await;
         state::cleanup(&*self.sys, &self.paths).await?;
         stopped.map_err(SandboxError::Vm)
+    }
+}
+
+/// The VM configuration of a pod of `sizing`'s base size, with room to grow when its machine can (q35 without
+/// `static_sandbox_resource_mgmt`); the second value says whether it can. The VM cache makes its VMs with it too.
+pub(crate) fn pod_vm_config(
+    id: &str,
+    config: &Config,
+    p: &SandboxPaths,
+    sizing: &Sizing,
+) -> Result<(hypervisor::VmConfig, bool), VmConfigError> {
+    let mut vm = vm_config::vm_config(id, config, p)?;
+    let can_grow = vm.qemu.machine == hypervisor::MachineType::Q35 && !config.runtime.static_sandbox_resource_mgmt;
+    if can_grow {
+        vm.max_vcpus = sizing.max.vcpus;
+        vm.max_memory_mib = sizing.max.memory_mib;
+    }
+    Ok((vm, can_grow))
+}
+
+/// A VM taken from the cache and made this sandbox's, not yet attached to.
+struct Cached {
+    saved: hypervisor::SavedVm,
+    endpoint: hypervisor::AgentEndpoint,
+    nics: usize,
+    vcpus: u32,
+    memory_mib: u32,
+}
+
+/// A VM from the cache for this pod, if the configuration asks for a cache and it has one of the pod's kind
+/// (template and NIC count). Whatever goes wrong is logged, cleaned up, and the pod starts its own VM.
+async fn from_cache(
+    opts: &SandboxOptions,
+    p: &SandboxPaths,
+    host: &Host,
+    config: &hypervisor::VmConfig,
+) -> Option<Cached> {
+    let factory_config = &opts.config.factory;
+    if factory_config.vm_cache_number == 0 || host.agent_dialer.is_some() {
+        return None;
+    }
+    let nics = match &opts.netns {
+        Some(netns) => match network::count_pod_interfaces(netns).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(sandbox = %opts.id, error = %crate::error_chain(&e), "not using the VM cache");
+                return None;
+            }
+        },
+        None => 0,
+    };
+    let like = factory::template_config(config, nics)?;
+    let key = vm_cache::cache_key(&factory::key(&*host.hypervisor, &like), factory_config.enable_template);
+    let request = vm_cache::Request::Take {
+        key,
+        nics: nics as u32,
+        netns: opts.netns.clone(),
+        tap: (nics == 1).then(|| network::tap_name(0)),
+    };
+    let dir = vm_cache::take(std::path::Path::new(&factory_config.vm_cache_endpoint), &request).await?;
+    match vm_cache::adopt(&dir, p, &opts.id) {
+        Ok((saved, endpoint)) => {
+            tracing::info!(sandbox = %opts.id, from = %dir.display(), "VM from the cache");
+            let (vcpus, memory_mib) = (saved.config.vcpus, saved.config.memory_mib);
+            Some(Cached { saved, endpoint, nics, vcpus, memory_mib })
+        }
+        Err(e) => {
+            tracing::warn!(sandbox = %opts.id, error = %crate::error_chain(&e), "cannot take the VM from the cache; starting one");
+            for root in [dir, p.root.clone()] {
+                if let Err(e) = state::cleanup(&*host.mounts, &SandboxPaths { root }).await {
+                    tracing::warn!(sandbox = %opts.id, error = %crate::error_chain(&e), "removing the cached VM");
+                }
+            }
+            if let Some(netns) = opts.netns.as_ref().filter(|_| nics == 1) {
+                if let Err(e) = network::teardown_pod_network(netns).await {
+                    tracing::warn!(sandbox = %opts.id, error = %crate::error_chain(&e), "removing the cached VM's tap");
+                }
+            }
+            None
+        }
     }
 }
 
