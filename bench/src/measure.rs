@@ -61,10 +61,18 @@ impl ColdStart {
 }
 
 pub fn cold_start(stage: &Stage, n: usize, interrupt: &Interrupt) -> Result<ColdStart> {
+    cold_start_with(stage, n, interrupt, || {})
+}
+
+/// [`cold_start`], calling `before_kata` before each kata run (untimed), e.g. to wait for the VM cache.
+pub fn cold_start_with(stage: &Stage, n: usize, interrupt: &Interrupt, before_kata: impl Fn()) -> Result<ColdStart> {
     let mut r = ColdStart::default();
     for _ in 0..n {
         for runtime in [Runtime::Kata, Runtime::Runc] {
             interrupt.check()?;
+            if runtime == Runtime::Kata {
+                before_kata();
+            }
             let id = unique_id(&format!("cold-{}", runtime.label()));
             let from = Utc::now();
             match ctr_run(stage, runtime, &id, false, &[], &["echo", "hi"]) {

@@ -71,6 +71,20 @@ pub struct Stage {
     conf_dir: tempfile::TempDir,
     /// With VM templating: where the templates are kept (removed with the stage).
     template_dir: Option<tempfile::TempDir>,
+    /// With the VM cache: its server (`kata-runtime factory init`), stopped with the stage.
+    cache_server: Option<std::process::Child>,
+}
+
+impl Drop for Stage {
+    /// Stops the cache server first (SIGTERM: it stops the VMs it holds; pods already handed over stay).
+    fn drop(&mut self) {
+        if let Some(mut server) = self.cache_server.take() {
+            if let Ok(pid) = i32::try_from(server.id()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            }
+            let _ = server.wait();
+        }
+    }
 }
 
 /// `ctr` calls get this long before being killed: a VM boot under TCG on a loaded machine is slow.
@@ -88,6 +102,7 @@ fn write_configuration(
     parts: &KataParts,
     shared_fs: SharedFsKind,
     template: Option<&Path>,
+    cache: Option<(u32, &Path)>,
 ) -> Result<(tempfile::TempDir, PathBuf)> {
     let debug = std::env::var_os(DEBUG_ENV).is_some_and(|v| !v.is_empty() && v != "0");
     let dir = tempfile::Builder::new().prefix("kata-bench-conf-").tempdir()?;
@@ -105,6 +120,9 @@ fn write_configuration(
     }
     if let Some(dir) = template {
         text.push_str(&format!("[factory]\nenable_template = true\ntemplate_path = \"{}\"\n", dir.display()));
+        if let Some((number, endpoint)) = cache {
+            text.push_str(&format!("vm_cache_number = {number}\nvm_cache_endpoint = \"{}\"\n", endpoint.display()));
+        }
     }
     std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
     Ok((dir, path))
@@ -112,7 +130,7 @@ fn write_configuration(
 
 impl Stage {
     pub fn start(parts: &KataParts, shared_fs: SharedFsKind) -> Result<Stage> {
-        Self::start_with(parts, shared_fs, None)
+        Self::start_with(parts, shared_fs, None, None)
     }
 
     /// Pods cloned from a VM template (`[factory] enable_template`, which needs 9p). The first kata pod makes
@@ -120,16 +138,46 @@ impl Stage {
     pub fn templated(parts: &KataParts) -> Result<Stage> {
         // Under /run, where Kata keeps templates by default.
         let dir = tempfile::Builder::new().prefix("kata-bench-template-").tempdir_in("/run")?;
-        Self::start_with(parts, SharedFsKind::NineP, Some(dir))
+        Self::start_with(parts, SharedFsKind::NineP, Some(dir), None)
+    }
+
+    /// Pods from a warm VM cache of clones (`vm_cache_number = number`), whose server this starts; see
+    /// [`Stage::cache_ready`].
+    pub fn cached(parts: &KataParts, number: u32) -> Result<Stage> {
+        let dir = tempfile::Builder::new().prefix("kata-bench-cache-").tempdir_in("/run")?;
+        let endpoint = dir.path().join("cache.sock");
+        let mut stage = Self::start_with(parts, SharedFsKind::NineP, Some(dir), Some((number, &endpoint)))?;
+        let log = std::fs::File::create(stage.conf_dir().join("cache-server.log"))?;
+        let server = std::process::Command::new(parts.shim_dir.join("kata-runtime"))
+            .arg("--config")
+            .arg(stage.conf_dir().join("configuration.toml"))
+            .args(["factory", "init"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start kata-runtime factory init")?;
+        stage.cache_server = Some(server);
+        Ok(stage)
+    }
+
+    /// How many VMs the cache server says it holds ready (0 when it does not answer).
+    pub fn cache_ready(&self, parts: &KataParts) -> usize {
+        let out = std::process::Command::new(parts.shim_dir.join("kata-runtime"))
+            .arg("--config")
+            .arg(self.conf_dir().join("configuration.toml"))
+            .args(["factory", "status"])
+            .output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.ends_with(" cached")).count()).unwrap_or(0)
     }
 
     fn start_with(
         parts: &KataParts,
         shared_fs: SharedFsKind,
         template_dir: Option<tempfile::TempDir>,
+        cache: Option<(u32, &Path)>,
     ) -> Result<Stage> {
         let templates = template_dir.as_ref().map(|d| d.path().join("templates"));
-        let (conf_dir, conf) = write_configuration(parts, shared_fs, templates.as_deref())?;
+        let (conf_dir, conf) = write_configuration(parts, shared_fs, templates.as_deref(), cache)?;
         let containerd = Containerd::start(ContainerdOptions {
             shim_dir: Some(parts.shim_dir.clone()),
             env: vec![("KATA_CONF_FILE".into(), conf.display().to_string())],
@@ -139,7 +187,7 @@ impl Stage {
         })
         .context("start containerd")?;
         containerd.import(&OciImage::busybox(BUSYBOX_IMAGE)?).context("import busybox")?;
-        Ok(Stage { containerd, shared_fs, conf_dir, template_dir })
+        Ok(Stage { containerd, shared_fs, conf_dir, template_dir, cache_server: None })
     }
 
     pub fn conf_dir(&self) -> &Path {
@@ -164,7 +212,7 @@ pub struct CriStage {
 impl CriStage {
     pub fn start(parts: &KataParts) -> Result<CriStage> {
         let network = CniNetwork::create().context("CNI network")?;
-        let (conf_dir, conf) = write_configuration(parts, SharedFsKind::VirtioFs, None)?;
+        let (conf_dir, conf) = write_configuration(parts, SharedFsKind::VirtioFs, None, None)?;
         let containerd = Containerd::start(ContainerdOptions {
             namespace: "k8s.io".to_owned(),
             shim_dir: Some(parts.shim_dir.clone()),

@@ -100,6 +100,8 @@ impl Breakdown {
         let qemu = first(&|l| l.msg.starts_with("QEMU started") && l.msg.contains(&format!("vm={id} ")));
         let event = |text: &'static str| move |l: &LogLine| l.msg.starts_with(text) && has_field(&l.msg, "sandbox", id);
         let agent = first(&event("agent connected "));
+        // A VM from the warm cache is not launched by the shim: its hand-over stands for the launch.
+        let qemu = qemu.or_else(|| first(&event("VM from the cache ")));
         let sandbox = first(&event("sandbox started "));
         let container = first(&event("container created in the guest "));
         let stopping = first(&event("sandbox stopping "));
