@@ -2,8 +2,9 @@
 //! crash from persisted identities.
 //!
 //! Every child is owned by one reaper task, which alone calls `wait()`. Signals go through that task, so a signal
-//! can never reach a PID that was already reaped and reused. When the owning `ManagedChild` is dropped the
-//! channel closes and the reaper kills the child; if the tokio runtime itself goes away, `kill_on_drop` does.
+//! can never reach a PID that was already reaped and reused. A VM's processes outlive their handles: when the
+//! owning `ManagedChild` is dropped the reaper keeps waiting for the child, and when this process exits the
+//! children carry on (stopping a VM is always explicit, here or from its persisted identity elsewhere).
 //!
 //! A child's stdout and stderr go to one pipe we drain into a bounded ring ([`ProcessOutput`]), never to a file: a
 //! guest can make QEMU or virtiofsd log without end (device errors, failed FUSE requests), and that must not grow
