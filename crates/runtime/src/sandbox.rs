@@ -178,14 +178,14 @@ impl Sandbox {
         // A clone is as big as its template; it grows after if it can, else the pod boots its own VM. The same
         // holds for a VM from the cache, which is a clone or a boot of the configuration's default size.
         let fits_template = target == sizing.base || can_grow;
-        let cached = match fits_template {
-            true => from_cache(opts, p, host, &config).await,
-            false => None,
-        };
         // Root-only all the way down: container rootfs (with whatever setuid binaries a container made) and
         // volumes are under here, and no other host user may reach them.
         let parent = p.root.parent().unwrap_or(&p.root);
         host_fs::private_dir(parent).map_err(mounts::MountError::from)?;
+        let cached = match fits_template {
+            true => from_cache(opts, p, host, &config).await,
+            false => None,
+        };
         if cached.is_none() {
             for dir in [p.root.clone(), p.mounts_dir(), p.shared_dir()] {
                 host_fs::private_dir(&dir).map_err(mounts::MountError::from)?;
