@@ -342,8 +342,7 @@ fn templating_needs_an_initrd_and_9p() {
 
 #[test]
 fn the_vm_cache_is_bounded_and_its_endpoint_plain() {
-    let loaded =
-        load_text("[factory]\nvm_cache_number = 65\nvm_cache_endpoint = \"run/cache.sock\"\n").expect("loads");
+    let loaded = load_text("[factory]\nvm_cache_number = 65\nvm_cache_endpoint = \"run/cache.sock\"\n").expect("loads");
     let err = loaded.validate().expect_err("too many, relative").to_string();
     assert!(err.contains("configuration.toml:2: factory.vm_cache_number: 65 is more than 64"), "{err}");
     assert!(err.contains("factory.vm_cache_endpoint: \"run/cache.sock\" must be an absolute path"), "{err}");

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use e2e::checks::{check_clean_stop, poll, step, Checks};
 use e2e::cri::{
-    import_pod_images, start_containerd, vm_lock, CniNetwork, ContainerSpec, CriClient, KataPodFootprint, PodCleanup,
-    PodSpec,
+    import_pod_images, kata_handler_config, vm_lock, CniNetwork, ContainerSpec, CriClient, KataPodFootprint,
+    PodCleanup, PodSpec,
 };
 use e2e::kata::{sandbox_state, KataParts, KATA_RUNTIME};
 use e2e::leaks::{netns_entries, processes};
-use e2e::{unique_id, RunOptions, BUSYBOX_IMAGE};
+use e2e::{unique_id, Containerd, ContainerdOptions, CriOptions, RunOptions, BUSYBOX_IMAGE};
 use runtime::vm_cache::CACHE_DIR;
 
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -196,12 +196,61 @@ fn tasks_and_pods_start_from_the_vm_cache() {
     });
 
     let mut net = CniNetwork::create().expect("CNI network config");
+    // The kata handler reads `conf` for CRI pods; KATA_CONF_FILE makes `ctr run` tasks read it too.
     let containerd = step("containerd with CRI and the kata handler (cache on)", || {
-        start_containerd(&parts, &conf, &net, DEADLINE).expect("containerd with CRI starts")
+        Containerd::start(ContainerdOptions {
+            namespace: "k8s.io".to_owned(),
+            shim_dir: Some(parts.shim_dir.clone()),
+            cri: Some(CriOptions::new(net.conf_dir())),
+            extra_config: kata_handler_config(&conf),
+            env: vec![("KATA_CONF_FILE".into(), conf.display().to_string())],
+            ctr_timeout: DEADLINE,
+            ..ContainerdOptions::default()
+        })
+        .expect("containerd with CRI starts")
     });
     step("images imported", || import_pod_images(&containerd).expect("images imported"));
     let cri = CriClient::for_containerd(&containerd, DEADLINE);
     let cleanup = PodCleanup(&cri);
+
+    // Two CRI pods with a network, one after the other (each removed and checked before anything else runs), each from the cache, with its own hostname and MAC,
+    // reaching the pod network's gateway through the tap the cache moved into its namespace.
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).expect("log dir");
+    let mut macs = Vec::new();
+    for name in ["cache-pod-a", "cache-pod-b"] {
+        wait_ready(&parts, &conf, 2, &server);
+        let netns_before = netns_entries();
+        let pod = PodSpec::new(name, &logs);
+        let config = pod.build();
+        let pod_id = cri
+            .run_pod_sandbox(&config, "kata")
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail(60)));
+        checks.check("a CRI pod with a network starts from the cache", from_cache(&pod_id), || containerd.log_tail(40));
+        let footprint = KataPodFootprint::take(&pod_id, netns_before);
+        let spec = ContainerSpec::new("sleeper", BUSYBOX_IMAGE, &["sleep", "600"]);
+        let container = cri.create_container(&pod_id, &spec.build(), &config).expect("CreateContainer");
+        cri.start_container(&container).expect("StartContainer");
+        let probe = cri.exec_sync(&container, &["sh", "-c", "hostname; cat /sys/class/net/eth0/address"], EXEC_TIMEOUT);
+        let out = probe.as_ref().map(|o| o.stdout.clone()).unwrap_or_default();
+        let mut lines = out.lines();
+        let (hostname, mac) = (lines.next().unwrap_or_default(), lines.next().unwrap_or_default().to_owned());
+        checks.check("a cached pod VM has the pod's hostname", hostname == name, || format!("{probe:?}"));
+        let veth = footprint.netns.as_deref().and_then(veth_mac);
+        checks.check("a cached pod VM's NIC has the pod's MAC", veth.as_deref() == Some(mac.as_str()), || {
+            format!("guest {mac}, pod veth {veth:?}")
+        });
+        let gateway = net.gateway().to_string();
+        let ping = cri.exec_sync(&container, &["ping", "-c", "1", "-W", "5", &gateway], EXEC_TIMEOUT);
+        checks.check(
+            "a cached pod VM reaches the pod network's gateway",
+            ping.as_ref().is_ok_and(|o| o.exit_code == 0),
+            || format!("{gateway}: {ping:?}"),
+        );
+        footprint.remove_and_check(&cri, &containerd, &[container.as_str()], &mut checks);
+        macs.push(mac);
+    }
+    checks.check("two cached pod VMs differ in MAC", macs[0] != macs[1], || format!("{macs:?}"));
 
     // Two `ctr` tasks, each from the cache (the server makes the next VM after each hand-over).
     let detached = RunOptions {
@@ -226,48 +275,6 @@ fn tasks_and_pods_start_from_the_vm_cache() {
         format!("host {now}, guests {} / {}", pa.1, pb.1)
     });
 
-    // Two CRI pods with a network, each from the cache, with their own hostname and MAC.
-    let logs = dir.path().join("logs");
-    std::fs::create_dir_all(&logs).expect("log dir");
-    let mut pods = Vec::new();
-    for name in ["cache-pod-a", "cache-pod-b"] {
-        wait_ready(&parts, &conf, 2, &server);
-        let netns_before = netns_entries();
-        let pod = PodSpec::new(name, &logs);
-        let config = pod.build();
-        let pod_id = cri
-            .run_pod_sandbox(&config, "kata")
-            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail(60)));
-        checks.check("a CRI pod with a network starts from the cache", from_cache(&pod_id), || containerd.log_tail(40));
-        let footprint = KataPodFootprint::take(&pod_id, netns_before);
-        let spec = ContainerSpec::new("sleeper", BUSYBOX_IMAGE, &["sleep", "600"]);
-        let container = cri.create_container(&pod_id, &spec.build(), &config).expect("CreateContainer");
-        cri.start_container(&container).expect("StartContainer");
-        pods.push((name, pod_id, container, footprint));
-    }
-    let mut macs = Vec::new();
-    for (name, _, container, footprint) in &pods {
-        let probe = cri.exec_sync(container, &["sh", "-c", "hostname; cat /sys/class/net/eth0/address"], EXEC_TIMEOUT);
-        let out = probe.as_ref().map(|o| o.stdout.clone()).unwrap_or_default();
-        let mut lines = out.lines();
-        let (hostname, mac) = (lines.next().unwrap_or_default(), lines.next().unwrap_or_default().to_owned());
-        checks.check("a cached pod VM has the pod's hostname", hostname == *name, || format!("{probe:?}"));
-        let veth = footprint.netns.as_deref().and_then(veth_mac);
-        checks.check("a cached pod VM's NIC has the pod's MAC", veth.as_deref() == Some(mac.as_str()), || {
-            format!("guest {mac}, pod veth {veth:?}")
-        });
-        macs.push(mac);
-    }
-    checks.check("two cached pod VMs differ in MAC", macs[0] != macs[1], || format!("{macs:?}"));
-    if let Ok(ip) = cri.pod_ip(&pods[0].1) {
-        let out = cri.exec_sync(&pods[1].2, &["ping", "-c", "1", "-W", "5", &ip.to_string()], EXEC_TIMEOUT);
-        checks.check(
-            "one cached pod reaches the other over the pod network",
-            out.as_ref().is_ok_and(|o| o.exit_code == 0),
-            || format!("{out:?}"),
-        );
-    }
-
     // Killing the server leaves the running pods alone; new pods boot their own VM.
     server.kill();
     let alive = probe(&containerd, &tasks[0]);
@@ -284,9 +291,6 @@ fn tasks_and_pods_start_from_the_vm_cache() {
         let gone = poll(DEADLINE, || containerd.ctr(["task", "rm", id]).ok().filter(|o| o.status.success()));
         checks.check("a cached task is removed", gone.is_some(), || id.clone());
         containerd.ctr(["container", "rm", id]).expect("container rm");
-    }
-    for (_, _, container, footprint) in &pods {
-        footprint.remove_and_check(&cri, &containerd, &[container.as_str()], &mut checks);
     }
     // The killed server's ready VMs are orphans until `factory destroy` (or the next server) removes them.
     let destroyed = kata_runtime(&parts, &conf, &["factory", "destroy"]).output().expect("factory destroy runs");
