@@ -31,7 +31,8 @@ struct Args {
     /// Runs per latency measurement (default 10, or 3 with --quick).
     #[arg(long)]
     runs: Option<usize>,
-    /// Comma-separated stages to run (default all): floor, cold, exec, memory, density, fs, net, template, resources.
+    /// Comma-separated stages to run (default all): floor, cold, exec, memory, density, fs, net, template, cache,
+    /// resources.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Render the Markdown and the chart again from a saved `latest.json` instead of measuring.
@@ -42,7 +43,7 @@ struct Args {
     out: PathBuf,
 }
 
-const STAGES: &[&str] = &["floor", "cold", "exec", "memory", "density", "fs", "net", "template", "resources"];
+const STAGES: &[&str] = &["floor", "cold", "exec", "memory", "density", "fs", "net", "template", "cache", "resources"];
 
 fn command_output(program: &str, args: &[&str]) -> Option<String> {
     let out = std::process::Command::new(program).args(args).output().ok()?;
@@ -177,6 +178,10 @@ fn run(args: &Args, parts: &KataParts, interrupt: &Interrupt, results: &mut Resu
     if wants("template") {
         results.template = stage(results, "VM templating", interrupt, || templating(parts, n, args.quick, interrupt))?;
     }
+    if wants("cache") {
+        let cached = stage(results, "VM cache", interrupt, || cached_start(parts, n, interrupt))?;
+        results.template.get_or_insert_with(Default::default).cached = cached;
+    }
     if wants("net") {
         let mib = if args.quick { 16 } else { 64 };
         results.net_mib = mib;
@@ -205,15 +210,6 @@ fn templating(parts: &KataParts, n: usize, quick: bool, interrupt: &Interrupt) -
     interrupt.check()?;
     t.density =
         Some(measure::density(&stage, Runtime::Kata, 4, if quick { 10 } else { TARGET_CLONED_PODS }, interrupt));
-    drop(stage);
-    interrupt.check()?;
-    t.cached = match cached_start(parts, n, interrupt) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            eprintln!("   cached starts failed: {e:#}");
-            None
-        }
-    };
     Ok(t)
 }
 

@@ -66,6 +66,9 @@ pub struct Sandbox {
     /// Guest-wide changes (hostname, clock, resolv.conf) only when we own the machine.
     is_init: bool,
     shared_mount: Mutex<PathBuf>,
+    /// Whether the shared filesystem is mounted at `shared_mount`: a VM warmed up by the VM cache had its
+    /// CreateSandbox before its pod's, and virtio's channel serves one mount.
+    shared_mounted: Mutex<bool>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     oom: broadcast::Sender<String>,
 }
@@ -77,6 +80,7 @@ impl Sandbox {
             reaper,
             is_init,
             shared_mount: Mutex::new(PathBuf::from(DEFAULT_SHARED_MOUNT)),
+            shared_mounted: Mutex::new(false),
             containers: Mutex::new(HashMap::new()),
             oom,
         });
@@ -109,8 +113,17 @@ impl Sandbox {
             } else {
                 fs.mount_point.clone()
             };
-            mount::mount_shared_fs(&fs.kind, &fs.tag, &target)?;
-            *lock(&self.shared_mount) = target;
+            let mut mounted = lock(&self.shared_mounted);
+            let mut mount_point = lock(&self.shared_mount);
+            if !(*mounted && *mount_point == target) {
+                if *mounted {
+                    mount::unmount(&mount_point)?;
+                    *mounted = false;
+                }
+                mount::mount_shared_fs(&fs.kind, &fs.tag, &target)?;
+                *mounted = true;
+                *mount_point = target;
+            }
         }
         tracing::info!(id = %cfg.sandbox_id, hostname = %cfg.hostname, "sandbox created");
         Ok(())
@@ -138,6 +151,7 @@ impl Sandbox {
         }
         let mount_point = lock(&self.shared_mount).clone();
         mount::unmount(&mount_point)?;
+        *lock(&self.shared_mounted) = false;
         Ok(())
     }
 

@@ -403,6 +403,47 @@ pub async fn cleanup_vm(processes: &[VmProcess], work_dir: &Path) -> Result<Clea
     Ok(report)
 }
 
+/// Waits up to `timeout` (for ever with `None`) for `process`, which is not our child, to exit; true once it has.
+/// Woken by a pidfd the moment it exits (a zombie counts: its parent reaps it, not us); where pidfds are missing
+/// (Linux before 5.3), by looking every `poll`.
+pub async fn wait_for_exit(process: &VmProcess, timeout: Option<Duration>, poll: Duration) -> bool {
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    if let Some(pidfd) = open_pidfd(process) {
+        let exited = pidfd.readable();
+        return match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, exited).await.is_ok(),
+            None => exited.await.is_ok(),
+        };
+    }
+    loop {
+        if !process.is_running() {
+            return true;
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return false;
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// A pidfd for `process`, checked after opening to still be the process started (so a reused PID is never
+/// waited for); `None` when it is gone or pidfds are not available.
+fn open_pidfd(process: &VmProcess) -> Option<tokio::io::unix::AsyncFd<OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags by value and returns a new fd or -1.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, process.pid as nix::libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the syscall returned a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    if !process.is_running() {
+        return None;
+    }
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open and the same fd until the AsyncFd is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+}
+
 /// Waits until `pid` is gone or a zombie (a zombie is dead; its parent, not us, reaps it).
 async fn wait_gone(pid: u32, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
@@ -516,6 +557,41 @@ mod tests {
             let flags = FdFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFD).expect("F_GETFD"));
             assert!(flags.contains(FdFlag::FD_CLOEXEC), "the parent's copy lost FD_CLOEXEC");
         }
+    }
+
+    /// A process as another process would persist it (by PID, argv and start time), once it has exec'd.
+    fn adopted(child: &std::process::Child, argv: &[&str]) -> VmProcess {
+        let pid = child.id();
+        let process = VmProcess {
+            role: ProcessRole::Vmm,
+            pid,
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            start_time: proc_start_time(pid),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !process.is_running() {
+            assert!(std::time::Instant::now() < deadline, "{argv:?} never ran");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        process
+    }
+
+    #[tokio::test]
+    async fn the_exit_of_a_process_we_do_not_reap_is_seen_at_once() {
+        let mut child = std::process::Command::new("/bin/sleep").arg("0.3").spawn().expect("sleep");
+        let process = adopted(&child, &["/bin/sleep", "0.3"]);
+        let started = std::time::Instant::now();
+        assert!(wait_for_exit(&process, Some(Duration::from_secs(10)), Duration::from_secs(5)).await);
+        // Woken by the exit (a zombie until reaped below), not by the 5 s poll.
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        let _ = child.wait();
+
+        let mut long = std::process::Command::new("/bin/sleep").arg("30").spawn().expect("sleep");
+        let process = adopted(&long, &["/bin/sleep", "30"]);
+        assert!(!wait_for_exit(&process, Some(Duration::from_millis(100)), Duration::from_millis(20)).await);
+        let _ = long.kill();
+        let _ = long.wait();
+        assert!(wait_for_exit(&process, Some(Duration::from_millis(100)), Duration::from_millis(20)).await, "gone");
     }
 
     #[tokio::test]

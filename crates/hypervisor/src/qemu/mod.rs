@@ -465,10 +465,7 @@ impl QemuVm {
                     tracing::warn!(vm = %self.config.name, error = ?e, "QMP quit failed, killing QEMU");
                 }
             }
-            let deadline = Instant::now() + QUIT_GRACE;
-            while vmm.is_running() && Instant::now() < deadline {
-                tokio::time::sleep(ADOPTED_POLL).await;
-            }
+            crate::process::wait_for_exit(vmm, Some(QUIT_GRACE), ADOPTED_POLL).await;
         }
         if !adopted.is_empty() {
             // Kills what is left (QEMU first, then its helpers), each only if it is still the process started.
@@ -534,8 +531,8 @@ impl Vm for QemuVm {
             return Ok(wait_exit(exit).await);
         }
         // Attached: QEMU is not our child, so its exit status is its parent's to read. Watch for it to be gone.
-        while adopted.as_ref().is_some_and(VmProcess::is_running) {
-            tokio::time::sleep(ADOPTED_POLL).await;
+        if let Some(vmm) = &adopted {
+            crate::process::wait_for_exit(vmm, None, ADOPTED_POLL).await;
         }
         Ok(VmExit { code: None, signal: None })
     }

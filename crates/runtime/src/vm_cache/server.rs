@@ -30,6 +30,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// How long the server waits before trying again after a VM could not be made.
 const RETRY_PAUSE: Duration = Duration::from_secs(5);
 
+/// How long after the last hand-over the server waits before making VMs again.
+const REFILL_QUIET: Duration = Duration::from_secs(2);
+
 /// How long one client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -241,6 +244,9 @@ async fn fill(shared: Arc<Shared>) {
         };
         let Some(nics) = wanted else {
             shared.taken.notified().await;
+            // Let the pods that just took VMs start before making the next ones: a VM made now would take
+            // the CPU from the very starts the cache is there to speed up.
+            while tokio::time::timeout(REFILL_QUIET, shared.taken.notified()).await.is_ok() {}
             continue;
         };
         seq += 1;
@@ -297,10 +303,62 @@ async fn make(shared: &Shared, name: &str, nics: u32) -> Result<Ready, BoxError>
     state.vm = Some(vm.saved().config);
     state.agent = vm.agent_endpoint();
     state.save(&p.state_file())?;
+    let warmed = std::time::Instant::now();
+    match warm_up(&booted.agent, &p, &opts.config).await {
+        Ok(()) => tracing::info!(vm = name, took = ?warmed.elapsed(), "VM warmed up"),
+        // A cold VM is still a good VM: it just starts its first container slower.
+        Err(e) => tracing::warn!(vm = name, error = %crate::error_chain(&*e), "warming up a cached VM"),
+    }
     // Let go of the agent and of QEMU's control socket: the shim that takes the VM connects to both.
     drop(booted);
     vm.release();
     Ok(Ready { dir: p.root, nics, key, tap })
+}
+
+/// The throw-away container of [`warm_up`].
+const WARM_ID: &str = "warm-up";
+
+/// Runs the guest through what a pod's start runs (CreateSandbox mounting the shared filesystem, a container
+/// created and removed), so that under TCG its code is translated before the pod needs it. Nothing of it stays:
+/// the container, its rootfs (a small tmpfs with one empty executable) and its guest state are removed. The
+/// pod's own CreateSandbox then sets hostname, clock, entropy and DNS, and finds the share already mounted.
+async fn warm_up(agent: &crate::agent::AgentClient, p: &SandboxPaths, config: &Config) -> Result<(), BoxError> {
+    use crate::agent::{SandboxSetup, SharedFsMount, SharedFsType};
+    use crate::mounts::{MountPoint, MountSpec};
+    use std::os::unix::fs::PermissionsExt;
+    let fs_type = match config.hypervisor.shared_fs {
+        types::config::SharedFs::VirtioFs => SharedFsType::VirtioFs,
+        types::config::SharedFs::Virtio9p => SharedFsType::NineP,
+    };
+    let setup = SandboxSetup {
+        sandbox_id: WARM_ID.to_string(),
+        hostname: String::new(),
+        dns: Vec::new(),
+        shared_fs: Some(SharedFsMount { fs_type, tag: hypervisor::SHARED_FS_TAG.to_string(), mount_point: None }),
+        host_time: None,
+        entropy: Vec::new(),
+    };
+    agent.create_sandbox(&setup).await?;
+    let root = host_fs::Root::open(&p.root)?;
+    let tmpfs = MountSpec { kind: "tmpfs".into(), source: "tmpfs".into(), options: vec!["size=64k".into()] };
+    mounts::mount_beneath(&mounts::Syscalls, &root, &SandboxPaths::rootfs_rel(WARM_ID), MountPoint::Dir, &tmpfs)?;
+    let result = async {
+        let program = p.container_rootfs(WARM_ID).join(WARM_ID);
+        std::fs::write(&program, b"")?;
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755))?;
+        let mut spec = oci_spec::runtime::Spec::default();
+        if let Some(process) = spec.process_mut() {
+            process.set_args(Some(vec![format!("/{WARM_ID}")]));
+            process.set_terminal(Some(false));
+        }
+        let (guest_spec, _) = crate::spec::for_guest(&spec, WARM_ID, None, true)?;
+        agent.create_container(WARM_ID, &guest_spec, &SandboxPaths::guest_rootfs(WARM_ID), false).await?;
+        agent.remove_container(WARM_ID).await?;
+        Ok::<_, BoxError>(())
+    }
+    .await;
+    crate::sandbox::release_container_dir(&mounts::Syscalls, p, WARM_ID);
+    result
 }
 
 /// A tap name under 16 bytes, unique per VM: the sequence part of the VM's name.
