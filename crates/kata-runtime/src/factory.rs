@@ -29,6 +29,14 @@ pub fn run(config_path: Option<PathBuf>, command: FactoryCommand) -> Result<Exit
     match command {
         FactoryCommand::Init if loaded.config.factory.vm_cache_number > 0 => {
             loaded.validate()?;
+            // The server runs for long: what it does (and why a VM could not be made) goes to stderr, at the
+            // level RUST_LOG asks for (info by default).
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(false)
+                .with_writer(std::io::stderr)
+                .try_init();
             let rt = tokio_runtime()?;
             if loaded.config.factory.enable_template {
                 rt.block_on(make_templates(&loaded.config, &root))?;
