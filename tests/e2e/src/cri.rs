@@ -36,8 +36,8 @@ mod stream_checks;
 mod web;
 
 pub use kata_pod::{
-    boot_ids, kata_handler_config, kata_pod_parts, kata_taps_anywhere, qemu_processes, start_containerd, vm_lock,
-    KataPodFootprint, QEMU,
+    boot_ids, kata_handler_config, kata_pod_parts, kata_taps_anywhere, qemu_processes, start_containerd, veth_mac,
+    vm_lock, KataPodFootprint, QEMU,
 };
 pub use network::{bridge_conf, cni_skip_reason, loopback_conf, CniNetwork};
 pub use port_forward::{check_port_forward, port_forward_target, PortForwardSession, ECHO_PORT};

@@ -9,26 +9,13 @@ use std::time::Duration;
 
 use e2e::checks::{check_clean_stop, poll, step, Checks};
 use e2e::cri::{
-    http_get, import_pod_images, start_containerd, vm_lock, CniNetwork, CriClient, KataPodFootprint, PodCleanup,
-    PodSpec, WebVolumes,
+    http_get, import_pod_images, start_containerd, veth_mac, vm_lock, CniNetwork, CriClient, KataPodFootprint,
+    PodCleanup, PodSpec, WebVolumes,
 };
 use e2e::leaks::{netns_entries, processes};
 
 const CRI_DEADLINE: Duration = Duration::from_secs(90);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The MAC of `eth0` in the network namespace at `netns` (the pod's veth, which CNI made). Asked over
-/// netlink with `ip`: /sys would still show the host's namespace.
-fn veth_mac(netns: &std::path::Path) -> Option<String> {
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["ip", "-o", "link", "show", "eth0"])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let after = text.split("link/ether ").nth(1)?;
-    after.split_whitespace().next().map(str::to_owned)
-}
 
 #[test]
 fn a_pod_with_a_network_is_a_clone_with_its_own_mac() {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use e2e::checks::{check_clean_stop, poll, step, Checks};
 use e2e::cri::{
-    import_pod_images, kata_handler_config, vm_lock, CniNetwork, ContainerSpec, CriClient, KataPodFootprint,
+    import_pod_images, kata_handler_config, veth_mac, vm_lock, CniNetwork, ContainerSpec, CriClient, KataPodFootprint,
     PodCleanup, PodSpec,
 };
 use e2e::kata::{sandbox_state, KataParts, KATA_RUNTIME};
@@ -146,16 +146,6 @@ fn probe(containerd: &e2e::Containerd, id: &str) -> (String, u64, String) {
     let random = lines.next().unwrap_or_default().to_owned();
     let clock = lines.next().and_then(|l| l.parse().ok()).unwrap_or(0);
     (random, clock, lines.next().unwrap_or_default().to_owned())
-}
-
-fn veth_mac(netns: &Path) -> Option<String> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["ip", "-o", "link", "show", "eth0"])
-        .output()
-        .ok()?;
-    let text = text(&out.stdout);
-    text.split("link/ether ").nth(1)?.split_whitespace().next().map(str::to_owned)
 }
 
 #[test]

@@ -70,12 +70,7 @@ pub async fn setup_pod_network_adopting(netns: &Path) -> Result<PodNetworkSetup,
 }
 
 async fn setup(netns: &Path, adopt_first: bool) -> Result<PodNetworkSetup, NetworkError> {
-    let Some(file) = netns::open_netns(netns)? else {
-        return Err(NetworkError::Netns {
-            path: netns.to_owned(),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        });
-    };
+    let file = existing_netns(netns)?;
     let path = netns.to_owned();
     netns::run_in_netns(netns, file, move |handle| async move {
         let mut wired = Vec::new();
@@ -95,14 +90,17 @@ async fn setup(netns: &Path, adopt_first: bool) -> Result<PodNetworkSetup, Netwo
     .await
 }
 
+/// Opens the namespace file at `netns`, which must exist.
+fn existing_netns(netns: &Path) -> Result<std::fs::File, NetworkError> {
+    netns::open_netns(netns)?.ok_or_else(|| NetworkError::Netns {
+        path: netns.to_owned(),
+        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+    })
+}
+
 /// How many interfaces of the namespace at `netns` a VM would mirror (what [`setup_pod_network`] wires).
 pub async fn count_pod_interfaces(netns: &Path) -> Result<usize, NetworkError> {
-    let Some(file) = netns::open_netns(netns)? else {
-        return Err(NetworkError::Netns {
-            path: netns.to_owned(),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        });
-    };
+    let file = existing_netns(netns)?;
     let path = netns.to_owned();
     netns::run_in_netns(netns, file, move |handle| async move {
         let links = collect::links(&handle).await.map_err(netlink_error(&path, "list links"))?;

@@ -93,6 +93,19 @@ pub fn qemu_processes(id: &str) -> Vec<(u32, String)> {
     })
 }
 
+/// The MAC of `eth0` in the network namespace at `netns` (the pod's veth, which CNI made). Asked over
+/// netlink with `ip`: /sys would still show the host's namespace.
+pub fn veth_mac(netns: &Path) -> Option<String> {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["ip", "-o", "link", "show", "eth0"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let after = text.split("link/ether ").nth(1)?;
+    after.split_whitespace().next().map(str::to_owned)
+}
+
 /// Taps kata-rs made (`tapN_kata`) in the host namespace and in every named one.
 pub fn kata_taps_anywhere() -> Vec<String> {
     let mut found = Vec::new();
