@@ -376,7 +376,8 @@ fn normalized(config: &VmConfig) -> VmConfig {
     c.name.clear();
     c.work_dir = PathBuf::new();
     c.memory = GuestMemory::Memfd;
-    if let SharedFs::Virtio9p { shared_dir } = &mut c.shared_fs {
+    // Per VM; a VM cache of booted VMs (virtio-fs) keys them with this too.
+    if let SharedFs::Virtio9p { shared_dir } | SharedFs::VirtioFs { shared_dir, .. } = &mut c.shared_fs {
         *shared_dir = PathBuf::new();
     }
     c.net_devices.clear();
@@ -513,6 +514,17 @@ mod tests {
         let mut with_nic = a.clone();
         with_nic.net_devices = vec![template_nic(None)];
         assert_ne!(key(&Qemu, &a), key(&Qemu, &with_nic));
+
+        // Booted VMs for the VM cache: virtio-fs shares are per VM too.
+        let virtiofs = |c: &VmConfig, dir: &str| VmConfig {
+            shared_fs: SharedFs::VirtioFs {
+                daemon: "/usr/libexec/virtiofsd".into(),
+                extra_args: vec![],
+                shared_dir: PathBuf::from(dir),
+            },
+            ..c.clone()
+        };
+        assert_eq!(key(&Qemu, &virtiofs(&a, "/run/a/shared")), key(&Qemu, &virtiofs(&b, "/run/b/shared")));
 
         let before = key(&Qemu, &a);
         std::fs::write(dir.path().join("vmlinux"), b"kernel two").unwrap();

@@ -300,3 +300,56 @@ fn tasks_and_pods_start_from_the_vm_cache() {
     net.remove().expect("bridge removed");
     checks.finish();
 }
+
+/// Without templating the server boots the VMs it keeps (vsock agent, virtio-fs with its virtiofsd): a `ctr`
+/// task takes one, its rootfs reaches the guest through the renamed share, and nothing is left.
+#[test]
+fn booted_vms_serve_from_the_cache_too() {
+    let parts = testutil::skip_unless!(e2e::cri::kata_pod_parts());
+    let _vm = vm_lock();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let endpoint = dir.path().join("cache.sock");
+    let conf = dir.path().join("configuration.toml");
+    let text_conf = parts.configuration("")
+        + &format!("[factory]\nvm_cache_number = 1\nvm_cache_endpoint = \"{}\"\n", endpoint.display());
+    std::fs::write(&conf, text_conf).expect("configuration written");
+    let mut checks = Checks::default();
+    let server = Server::start(&parts, &conf, dir.path().join("server.log"));
+    let ready = step("the cache boots a VM of each kind", || wait_ready(&parts, &conf, 2, &server));
+    assert_eq!(ready, 2, "server log:\n{}", server.log());
+    let containerd = Containerd::start(ContainerdOptions {
+        shim_dir: Some(parts.shim_dir.clone()),
+        env: vec![("KATA_CONF_FILE".into(), conf.display().to_string())],
+        ctr_timeout: DEADLINE,
+        ..Default::default()
+    })
+    .expect("containerd starts");
+    containerd.import(&e2e::OciImage::busybox(BUSYBOX_IMAGE).expect("busybox image")).expect("import busybox");
+    let id = unique_id("cache-boot");
+    let detached = RunOptions {
+        rm: false,
+        extra_flags: vec!["-d".into()],
+        timeout: DEADLINE,
+        ..RunOptions::runtime(KATA_RUNTIME)
+    };
+    let out = containerd.run(&detached, BUSYBOX_IMAGE, &id, &["sleep", "600"]).expect("ctr run -d");
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), containerd.log_tail(60));
+    checks.check("a ctr task takes a booted VM from the cache", from_cache(&id), || containerd.log_tail(40));
+    let (random, clock, _) = probe(&containerd, &id);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    checks.check("it runs the task's rootfs over the renamed virtio-fs share", random.len() == 32, || random.clone());
+    checks.check("it has the host's clock", now.abs_diff(clock) < 30, || format!("host {now}, guest {clock}"));
+    drop(server);
+    containerd.ctr(["task", "kill", "-s", "KILL", &id]).expect("kill");
+    let gone = poll(DEADLINE, || containerd.ctr(["task", "rm", &id]).ok().filter(|o| o.status.success()));
+    checks.check("the task is removed", gone.is_some(), || id.clone());
+    containerd.ctr(["container", "rm", &id]).expect("container rm");
+    let destroyed = kata_runtime(&parts, &conf, &["factory", "destroy"]).output().expect("factory destroy runs");
+    checks.check("factory destroy succeeds", destroyed.status.success(), || text(&destroyed.stderr));
+    let left = processes(|argv| argv.iter().any(|a| a.contains(CACHE_DIR)));
+    checks.check("no cached VM or helper is left running", left.is_empty(), || format!("{left:?}"));
+    let report = containerd.leaks(&[id.as_str()]).expect("leak check");
+    checks.check("nothing of the task is left", report.is_empty(), || report.to_string());
+    check_clean_stop(containerd, &mut checks);
+    checks.finish();
+}
