@@ -390,7 +390,7 @@ pub fn key(hv: &dyn Hypervisor, config: &VmConfig) -> String {
 }
 
 /// An exclusive `flock` on `path`, or `None` at once when another process holds it.
-fn try_lock(path: &Path) -> Result<Option<Flock<std::fs::File>>> {
+pub(crate) fn try_lock(path: &Path) -> Result<Option<Flock<std::fs::File>>> {
     let file = open_lock(path)?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(locked) => Ok(Some(locked)),

@@ -187,10 +187,7 @@ impl Sandbox {
             false => None,
         };
         if cached.is_none() {
-            for dir in [p.root.clone(), p.mounts_dir(), p.shared_dir()] {
-                host_fs::private_dir(&dir).map_err(mounts::MountError::from)?;
-            }
-            mounts::make_shared_view(&*sys, &p.mounts_dir(), &p.shared_dir())?;
+            make_sandbox_dirs(&*sys, p)?;
         }
         let mut state = SandboxState {
             sandbox_id: opts.id.clone(),
@@ -231,13 +228,14 @@ impl Sandbox {
             pod_network = setup.network;
         }
         let (vm, agent, vm_exit, booted_size, template_mac) = if let Some(cached) = cached {
+            let size =
+                crate::resources::Size { vcpus: cached.saved.config.vcpus, memory_mib: cached.saved.config.memory_mib };
             let vm = host.hypervisor.attach(cached.saved).await.map_err(SandboxError::Vm)?;
             let agent = boot::dial(&cached.endpoint, None, dial_timeout)
                 .await
                 .map_err(|source| SandboxError::Reconnect { id: opts.id.clone(), source })?
                 .with_timeouts(host.agent_timeouts);
             let vm_exit = boot::watch_exit(&vm);
-            let size = crate::resources::Size { vcpus: cached.vcpus, memory_mib: cached.memory_mib };
             tracing::info!(sandbox = %opts.id, "agent connected (a VM from the cache)");
             (vm, agent, vm_exit, size, true)
         } else {
@@ -309,15 +307,11 @@ impl Sandbox {
         };
         state.vm = Some(vm.saved().config);
         state.agent = vm.agent_endpoint();
-        let fs_type = match opts.config.hypervisor.shared_fs {
-            config::SharedFs::VirtioFs => SharedFsType::VirtioFs,
-            config::SharedFs::Virtio9p => SharedFsType::NineP,
-        };
         let setup = SandboxSetup {
             sandbox_id: opts.id.clone(),
             hostname: opts.hostname.clone(),
             dns: opts.dns.clone(),
-            shared_fs: Some(SharedFsMount { fs_type, tag: SHARED_FS_TAG.to_string(), mount_point: None }),
+            shared_fs: Some(shared_fs_mount(&opts.config)),
             host_time: Some(SystemTime::now()),
             entropy: host_entropy(),
         };
@@ -535,6 +529,24 @@ impl Sandbox {
     }
 }
 
+/// A sandbox's root-only directories and the guest's read-only view of `mounts/`; the VM cache makes its VMs'
+/// directories with it too.
+pub(crate) fn make_sandbox_dirs(sys: &dyn MountSyscalls, p: &SandboxPaths) -> Result<(), mounts::MountError> {
+    for dir in [p.root.clone(), p.mounts_dir(), p.shared_dir()] {
+        host_fs::private_dir(&dir)?;
+    }
+    mounts::make_shared_view(sys, &p.mounts_dir(), &p.shared_dir())
+}
+
+/// How the agent mounts the shared directory in the guest, for `config`'s shared filesystem.
+pub(crate) fn shared_fs_mount(config: &Config) -> SharedFsMount {
+    let fs_type = match config.hypervisor.shared_fs {
+        config::SharedFs::VirtioFs => SharedFsType::VirtioFs,
+        config::SharedFs::Virtio9p => SharedFsType::NineP,
+    };
+    SharedFsMount { fs_type, tag: SHARED_FS_TAG.to_string(), mount_point: None }
+}
+
 /// The VM configuration of a pod of `sizing`'s base size, with room to grow when its machine can (q35 without
 /// `static_sandbox_resource_mgmt`); the second value says whether it can. The VM cache makes its VMs with it too.
 pub(crate) fn pod_vm_config(
@@ -557,8 +569,6 @@ struct Cached {
     saved: hypervisor::SavedVm,
     endpoint: hypervisor::AgentEndpoint,
     nics: usize,
-    vcpus: u32,
-    memory_mib: u32,
 }
 
 /// A VM from the cache for this pod, if the configuration asks for a cache and it has one of the pod's kind
@@ -595,8 +605,7 @@ async fn from_cache(
     match vm_cache::adopt(&dir, p, &opts.id) {
         Ok((saved, endpoint)) => {
             tracing::info!(sandbox = %opts.id, from = %dir.display(), "VM from the cache");
-            let (vcpus, memory_mib) = (saved.config.vcpus, saved.config.memory_mib);
-            Some(Cached { saved, endpoint, nics, vcpus, memory_mib })
+            Some(Cached { saved, endpoint, nics })
         }
         Err(e) => {
             tracing::warn!(sandbox = %opts.id, error = %crate::error_chain(&e), "cannot take the VM from the cache; starting one");

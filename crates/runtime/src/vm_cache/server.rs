@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hypervisor::Hypervisor;
-use nix::fcntl::{Flock, FlockArg};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
@@ -26,6 +25,9 @@ use crate::state::SandboxState;
 use crate::{boot, factory, host_fs, mounts, network, state};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The lock file one server holds in [`CACHE_DIR`] while it serves.
+const LOCK: &str = "lock";
 
 /// How long the server waits before trying again after a VM could not be made.
 const RETRY_PAUSE: Duration = Duration::from_secs(5);
@@ -51,6 +53,8 @@ pub enum ServerError {
     NotSocket(PathBuf),
     #[error(transparent)]
     Network(#[from] network::NetworkError),
+    #[error(transparent)]
+    Lock(#[from] factory::FactoryError),
 }
 
 /// What the server needs to make VMs.
@@ -97,15 +101,10 @@ pub async fn serve(
         path: dir.to_owned(),
         source: std::io::Error::other(e),
     })?;
-    let lock_path = dir.join("lock");
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|source| ServerError::Io { what: "open", path: lock_path.clone(), source })?;
-    let _lock =
-        Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| ServerError::Running(lock_path.clone()))?;
+    let lock_path = dir.join(LOCK);
+    let Some(_lock) = factory::try_lock(&lock_path)? else {
+        return Err(ServerError::Running(lock_path));
+    };
     clean_leftovers(dir).await;
     let listener = listen(&opts.endpoint)?;
     let shared = Arc::new(Shared {
@@ -154,33 +153,19 @@ const QUIT_WAIT: Duration = Duration::from_secs(30);
 /// cache directory; waits a while for one that is quitting. Returns the directories removed.
 pub async fn clean_unserved() -> Result<Vec<PathBuf>, ServerError> {
     let dir = Path::new(CACHE_DIR);
-    let lock_path = dir.join("lock");
-    let Ok(lock_file) = std::fs::OpenOptions::new().write(true).open(&lock_path) else {
+    let lock_path = dir.join(LOCK);
+    if !lock_path.exists() {
         return Ok(Vec::new());
-    };
-    let deadline = tokio::time::Instant::now() + QUIT_WAIT;
-    let mut lock_file = lock_file;
-    let _lock = loop {
-        match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => break lock,
-            Err((file, _)) if tokio::time::Instant::now() < deadline => {
-                lock_file = file;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(_) => return Err(ServerError::Running(lock_path)),
-        }
-    };
-    let mut removed = Vec::new();
-    for entry in std::fs::read_dir(dir)
-        .map_err(|source| ServerError::Io { what: "read", path: dir.to_owned(), source })?
-        .flatten()
-    {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            discard(&entry.path()).await;
-            removed.push(entry.path());
-        }
     }
-    Ok(removed)
+    let deadline = tokio::time::Instant::now() + QUIT_WAIT;
+    let _lock = loop {
+        match factory::try_lock(&lock_path)? {
+            Some(lock) => break lock,
+            None if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            None => return Err(ServerError::Running(lock_path)),
+        }
+    };
+    Ok(clean_leftovers(dir).await)
 }
 
 /// Binds the endpoint (root only), replacing a stale socket but nothing else.
@@ -214,14 +199,18 @@ fn listen(endpoint: &Path) -> Result<UnixListener, ServerError> {
 }
 
 /// Stops the VMs a killed server left (their directories hold their state, as a crashed shim's do).
-async fn clean_leftovers(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+/// Returns the directories removed.
+async fn clean_leftovers(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut removed = Vec::new();
     for entry in entries.flatten() {
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
             tracing::info!(dir = %entry.path().display(), "stopping a VM a previous cache server left");
             discard(&entry.path()).await;
+            removed.push(entry.path());
         }
     }
+    removed
 }
 
 /// Stops a cached VM and removes its directory.
@@ -269,10 +258,7 @@ async fn fill(shared: Arc<Shared>) {
 async fn make(shared: &Shared, name: &str, nics: u32) -> Result<Ready, BoxError> {
     let opts = &shared.opts;
     let p = SandboxPaths::new(Path::new(CACHE_DIR), name);
-    for dir in [p.root.clone(), p.mounts_dir(), p.shared_dir()] {
-        host_fs::private_dir(&dir)?;
-    }
-    mounts::make_shared_view(&mounts::Syscalls, &p.mounts_dir(), &p.shared_dir())?;
+    crate::sandbox::make_sandbox_dirs(&mounts::Syscalls, &p)?;
     let mut state = SandboxState { sandbox_id: name.to_string(), ..Default::default() };
     state.save(&p.state_file())?;
     // Exactly the configuration a shim gives a pod without limits, so their keys agree.
@@ -323,18 +309,14 @@ const WARM_ID: &str = "warm-up";
 /// the container, its rootfs (a small tmpfs with one empty executable) and its guest state are removed. The
 /// pod's own CreateSandbox then sets hostname, clock, entropy and DNS, and finds the share already mounted.
 async fn warm_up(agent: &crate::agent::AgentClient, p: &SandboxPaths, config: &Config) -> Result<(), BoxError> {
-    use crate::agent::{SandboxSetup, SharedFsMount, SharedFsType};
+    use crate::agent::SandboxSetup;
     use crate::mounts::{MountPoint, MountSpec};
     use std::os::unix::fs::PermissionsExt;
-    let fs_type = match config.hypervisor.shared_fs {
-        types::config::SharedFs::VirtioFs => SharedFsType::VirtioFs,
-        types::config::SharedFs::Virtio9p => SharedFsType::NineP,
-    };
     let setup = SandboxSetup {
         sandbox_id: WARM_ID.to_string(),
         hostname: String::new(),
         dns: Vec::new(),
-        shared_fs: Some(SharedFsMount { fs_type, tag: hypervisor::SHARED_FS_TAG.to_string(), mount_point: None }),
+        shared_fs: Some(crate::sandbox::shared_fs_mount(config)),
         host_time: None,
         entropy: Vec::new(),
     };
