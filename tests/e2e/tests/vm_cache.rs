@@ -96,10 +96,32 @@ fn from_cache(id: &str) -> bool {
     text(&cmdline).contains(CACHE_DIR)
 }
 
-fn cached_qemus() -> Vec<(u32, String)> {
-    processes(|argv| {
-        argv.first().is_some_and(|a| a.contains("qemu-system")) && argv.iter().any(|a| a.contains(CACHE_DIR))
-    })
+/// Starts the cache server for `conf` and waits until it holds a VM of each kind.
+fn filled_server(parts: &KataParts, conf: &Path, dir: &Path) -> Server {
+    let server = Server::start(parts, conf, dir.join("server.log"));
+    let ready = step("the cache holds a VM of each kind", || wait_ready(parts, conf, 2, &server));
+    assert_eq!(ready, 2, "server log:\n{}", server.log());
+    server
+}
+
+/// Kills the task `id` and removes it and its container.
+fn remove_task(containerd: &e2e::Containerd, id: &str, checks: &mut Checks) {
+    containerd.ctr(["task", "kill", "-s", "KILL", id]).expect("kill");
+    let gone = poll(DEADLINE, || containerd.ctr(["task", "rm", id]).ok().filter(|o| o.status.success()));
+    checks.check("a task from the cache is removed", gone.is_some(), || id.to_owned());
+    containerd.ctr(["container", "rm", id]).expect("container rm");
+}
+
+/// `factory destroy`, then nothing of the cache is left: no process naming it (QEMU or helper), no VM directory.
+fn destroy_and_check(parts: &KataParts, conf: &Path, checks: &mut Checks) {
+    let destroyed = kata_runtime(parts, conf, &["factory", "destroy"]).output().expect("factory destroy runs");
+    checks.check("factory destroy succeeds", destroyed.status.success(), || text(&destroyed.stderr));
+    let left = processes(|argv| argv.iter().any(|a| a.contains(CACHE_DIR)));
+    checks.check("no cached VM or helper is left running", left.is_empty(), || format!("{left:?}"));
+    let dirs: Vec<_> = std::fs::read_dir(CACHE_DIR)
+        .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    checks.check("no cached VM directory is left", dirs.is_empty(), || format!("{dirs:?}"));
 }
 
 /// Asks the cache for its status from a thread running as `nobody` (credentials are per thread for the raw
@@ -165,9 +187,7 @@ fn tasks_and_pods_start_from_the_vm_cache() {
     std::fs::write(&conf, text_conf).expect("configuration written");
     let mut checks = Checks::default();
 
-    let mut server = Server::start(&parts, &conf, dir.path().join("server.log"));
-    let ready = step("the cache holds a VM of each kind", || wait_ready(&parts, &conf, 2, &server));
-    assert_eq!(ready, 2, "server log:\n{}", server.log());
+    let mut server = filled_server(&parts, &conf, dir.path());
     let mode = std::fs::metadata(&endpoint).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
     checks.check("the cache socket is root-only", matches!(mode, Ok(0o600)), || format!("{mode:?}"));
     let refused = as_nobody(&endpoint);
@@ -277,20 +297,10 @@ fn tasks_and_pods_start_from_the_vm_cache() {
     });
 
     for id in &tasks {
-        containerd.ctr(["task", "kill", "-s", "KILL", id]).expect("kill");
-        let gone = poll(DEADLINE, || containerd.ctr(["task", "rm", id]).ok().filter(|o| o.status.success()));
-        checks.check("a cached task is removed", gone.is_some(), || id.clone());
-        containerd.ctr(["container", "rm", id]).expect("container rm");
+        remove_task(&containerd, id, &mut checks);
     }
     // The killed server's ready VMs are orphans until `factory destroy` (or the next server) removes them.
-    let destroyed = kata_runtime(&parts, &conf, &["factory", "destroy"]).output().expect("factory destroy runs");
-    checks.check("factory destroy succeeds", destroyed.status.success(), || text(&destroyed.stderr));
-    let left = cached_qemus();
-    checks.check("no cached VM is left running", left.is_empty(), || format!("{left:?}"));
-    let dirs: Vec<_> = std::fs::read_dir(CACHE_DIR)
-        .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    checks.check("no cached VM directory is left", dirs.is_empty(), || format!("{dirs:?}"));
+    destroy_and_check(&parts, &conf, &mut checks);
     let ids: Vec<&str> = tasks.iter().map(String::as_str).chain([late.as_str()]).collect();
     let report = containerd.leaks(&ids).expect("leak check");
     checks.check("nothing of the tasks is left", report.is_empty(), || report.to_string());
@@ -314,9 +324,7 @@ fn booted_vms_serve_from_the_cache_too() {
         + &format!("[factory]\nvm_cache_number = 1\nvm_cache_endpoint = \"{}\"\n", endpoint.display());
     std::fs::write(&conf, text_conf).expect("configuration written");
     let mut checks = Checks::default();
-    let server = Server::start(&parts, &conf, dir.path().join("server.log"));
-    let ready = step("the cache boots a VM of each kind", || wait_ready(&parts, &conf, 2, &server));
-    assert_eq!(ready, 2, "server log:\n{}", server.log());
+    let server = filled_server(&parts, &conf, dir.path());
     let containerd = Containerd::start(ContainerdOptions {
         shim_dir: Some(parts.shim_dir.clone()),
         env: vec![("KATA_CONF_FILE".into(), conf.display().to_string())],
@@ -340,14 +348,8 @@ fn booted_vms_serve_from_the_cache_too() {
     checks.check("it runs the task's rootfs over the renamed virtio-fs share", random.len() == 32, || random.clone());
     checks.check("it has the host's clock", now.abs_diff(clock) < 30, || format!("host {now}, guest {clock}"));
     drop(server);
-    containerd.ctr(["task", "kill", "-s", "KILL", &id]).expect("kill");
-    let gone = poll(DEADLINE, || containerd.ctr(["task", "rm", &id]).ok().filter(|o| o.status.success()));
-    checks.check("the task is removed", gone.is_some(), || id.clone());
-    containerd.ctr(["container", "rm", &id]).expect("container rm");
-    let destroyed = kata_runtime(&parts, &conf, &["factory", "destroy"]).output().expect("factory destroy runs");
-    checks.check("factory destroy succeeds", destroyed.status.success(), || text(&destroyed.stderr));
-    let left = processes(|argv| argv.iter().any(|a| a.contains(CACHE_DIR)));
-    checks.check("no cached VM or helper is left running", left.is_empty(), || format!("{left:?}"));
+    remove_task(&containerd, &id, &mut checks);
+    destroy_and_check(&parts, &conf, &mut checks);
     let report = containerd.leaks(&[id.as_str()]).expect("leak check");
     checks.check("nothing of the task is left", report.is_empty(), || report.to_string());
     check_clean_stop(containerd, &mut checks);
