@@ -23,7 +23,7 @@ pub struct BootParts {
 impl BootParts {
     pub fn from_kata(parts: &e2e::kata::KataParts) -> Self {
         BootParts {
-            qemu: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            qemu: parts.qemu.clone(),
             kernel: parts.kernel.clone(),
             initrd: parts.initrd.clone(),
             virtiofsd: parts.virtiofsd.clone(),

@@ -245,6 +245,10 @@ pub struct Density {
     pub wall_s: f64,
     pub pods_per_s: f64,
     pub failures: Vec<String>,
+    /// How many of the started pods got their VM from the warm cache (counted in containerd's log), when a cache
+    /// server ran.
+    #[serde(default)]
+    pub from_cache: Option<usize>,
 }
 
 pub fn density(stage: &Stage, runtime: Runtime, concurrency: usize, target: usize, interrupt: &Interrupt) -> Density {
@@ -259,7 +263,21 @@ pub fn density(stage: &Stage, runtime: Runtime, concurrency: usize, target: usiz
         wall_s,
         pods_per_s: if wall_s > 0.0 { started.len() as f64 / wall_s } else { 0.0 },
         failures,
+        from_cache: None,
     }
+}
+
+/// [`density`] with a VM cache server running: also counts the pods whose VM came from the cache.
+pub fn density_from_cache(stage: &Stage, concurrency: usize, target: usize, interrupt: &Interrupt) -> Density {
+    let before = cache_handovers(stage);
+    let mut d = density(stage, Runtime::Kata, concurrency, target, interrupt);
+    d.from_cache = Some(cache_handovers(stage).saturating_sub(before));
+    d
+}
+
+/// The VMs handed over by the cache so far, from the shims' lines in containerd's log.
+fn cache_handovers(stage: &Stage) -> usize {
+    timeline::parse(&stage.containerd.log()).iter().filter(|l| l.msg.starts_with("VM from the cache ")).count()
 }
 
 /// `ctr task exec ... true` latency in one running container per runtime.

@@ -9,6 +9,9 @@ pub const INITRD_ENV: &str = "KATA_TEST_INITRD";
 pub const VIRTIOFSD_ENV: &str = "KATA_TEST_VIRTIOFSD";
 pub const VSOCK_ENV: &str = "KATA_TEST_VSOCK_DAEMON";
 pub const SHIM_DIR_ENV: &str = "KATA_TEST_SHIM_DIR";
+/// Another QEMU binary than Debian's (e.g. a build to measure, or a wrapper that changes its arguments).
+pub const QEMU_ENV: &str = "KATA_TEST_QEMU";
+const DEFAULT_QEMU: &str = "/usr/bin/qemu-system-x86_64";
 
 /// Runtime names the how-to uses; both resolve to `containerd-shim-kata-v2`.
 pub const KATA_RUNTIME: &str = "io.containerd.kata.v2";
@@ -16,6 +19,7 @@ pub const KATA_RUN_RUNTIME: &str = "io.containerd.run.kata.v2";
 
 #[derive(Debug, Clone)]
 pub struct KataParts {
+    pub qemu: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub virtiofsd: PathBuf,
@@ -59,7 +63,12 @@ impl KataParts {
                 shim_dir.display()
             ));
         }
+        let qemu = match std::env::var_os(QEMU_ENV) {
+            Some(_) => file(QEMU_ENV)?,
+            None => PathBuf::from(DEFAULT_QEMU),
+        };
         Ok(KataParts {
+            qemu,
             kernel: file(KERNEL_ENV)?,
             initrd: file(INITRD_ENV)?,
             virtiofsd: file(VIRTIOFSD_ENV)?,
@@ -72,7 +81,7 @@ impl KataParts {
     pub fn configuration(&self, extra_hypervisor_lines: &str) -> String {
         format!(
             "[hypervisor.qemu]\n\
-             path = \"/usr/bin/qemu-system-x86_64\"\n\
+             path = \"{}\"\n\
              kernel = \"{}\"\n\
              initrd = \"{}\"\n\
              machine_type = \"microvm\"\n\
@@ -83,6 +92,7 @@ impl KataParts {
              {extra_hypervisor_lines}\n\
              [agent.kata]\n\
              dial_timeout = 60\n",
+            self.qemu.display(),
             self.kernel.display(),
             self.initrd.display(),
             self.virtiofsd.display(),
