@@ -20,6 +20,10 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::sync::{watch, Notify};
 
+/// How often the reaper looks for exits nobody told it about. SIGCHLD and each registered process's pidfd wake
+/// it at once; this is only a backstop, and a 1 s tick kept every idle VM waking for nothing.
+const BACKSTOP: Duration = Duration::from_secs(10);
+
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExitInfo {
@@ -110,7 +114,7 @@ impl Reaper {
             tokio::select! {
                 _ = async { match sigchld.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
                 _ = self.inner.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(BACKSTOP) => {}
             }
         }
     }
