@@ -6,7 +6,6 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,11 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use ttrpc::r#async::transport::Listener;
 
-/// How often the port is looked at while no host is connected, besides waking on the driver's SIGIO when one
-/// connects (a closed port reports hang-up at once, so there is nothing to poll on). A template, a VM waiting
-/// in the warm cache and a clone before its shim connects are in that state: looking every 5 ms kept each such
-/// VM ~8% of a host core busy under TCG. The SIGIO comes with the host's open; this is only a backstop.
-const NO_HOST_POLL: Duration = Duration::from_secs(1);
+/// How often the port is looked at while no host is connected (a closed port reports hang-up at once, so
+/// there is nothing to sleep on). Only a template and a clone before its shim connects are in that state.
+const NO_HOST_POLL: Duration = Duration::from_millis(5);
 
 /// How long the agent waits for the port to appear: the driver adds ports once the device asks, shortly
 /// after boot.
@@ -76,21 +73,11 @@ pub fn listener(path: &Path) -> io::Result<Listener> {
 /// with the reactor afresh for each host.
 async fn serve(mut port: File, tx: tokio::sync::mpsc::Sender<UnixStream>) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
-    // Listening before O_ASYNC is set: a host that connects between a read and the wait below is not missed,
-    // its signal waits in the stream.
-    let mut host_opened = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::io())?;
-    set_owner(&port)?;
     loop {
-        set_async(&port, true)?;
         let mut first = Vec::new();
         loop {
             match (&port).read(&mut buf) {
-                Ok(0) => {
-                    tokio::select! {
-                        _ = host_opened.recv() => {}
-                        _ = tokio::time::sleep(NO_HOST_POLL) => {}
-                    }
-                }
+                Ok(0) => tokio::time::sleep(NO_HOST_POLL).await,
                 Ok(n) => {
                     first.extend_from_slice(&buf[..n]);
                     break;
@@ -100,8 +87,6 @@ async fn serve(mut port: File, tx: tokio::sync::mpsc::Sender<UnixStream>) -> io:
                 Err(e) => return Err(e),
             }
         }
-        // During a session the driver would signal every buffer the host sends.
-        set_async(&port, false)?;
         // SAFETY: the File owns its fd, which stays open and unchanged until `into_inner` gives it back.
         let registered = unsafe { AsyncFd::register(port) }.map_err(io::Error::from)?;
         let result = session(&registered, first, &tx, &mut buf).await;
@@ -156,32 +141,6 @@ async fn session(
         tracing::warn!("agent serial session ended: {err}");
     }
     tracing::debug!("host left the agent serial port");
-    Ok(())
-}
-
-/// Makes the agent the process the port's SIGIO goes to.
-fn set_owner(port: &File) -> io::Result<()> {
-    // SAFETY: fcntl on an fd `port` owns; F_SETOWN takes a plain pid.
-    if unsafe { libc::fcntl(port.as_raw_fd(), libc::F_SETOWN, libc::getpid()) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// With O_ASYNC the virtio console driver sends SIGIO when the host opens or closes the port (and when data
-/// arrives).
-fn set_async(port: &File, on: bool) -> io::Result<()> {
-    let fd = port.as_raw_fd();
-    // SAFETY: fcntl on an fd `port` owns; F_GETFL and F_SETFL take and return plain flag words.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let flags = if on { flags | libc::O_ASYNC } else { flags & !libc::O_ASYNC };
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
     Ok(())
 }
 
