@@ -59,6 +59,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if reports_only(&cli.command) {
+        // Rust ignores SIGPIPE, so `kata-runtime env | head` would panic on its next line. A command that only
+        // prints ends quietly instead, as other tools do. Not the others: an install or a cache server must not
+        // stop halfway because whoever read its output went away.
+        let _ = default_sigpipe();
+    }
     let result = match cli.command {
         Command::Check { json } => check::run(cli.config, json),
         Command::Env { json } => env::run(cli.config, json),
@@ -74,4 +80,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `command` only reads and prints (no install, no server, no containers).
+fn reports_only(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Check { .. } | Command::Env { .. } | Command::Factory { command: factory::FactoryCommand::Status }
+    )
+}
+
+fn default_sigpipe() -> nix::Result<()> {
+    // SAFETY: restores the default disposition before any thread is started; no handler runs Rust code.
+    unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) }
+        .map(|_| ())
 }

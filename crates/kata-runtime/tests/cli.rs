@@ -110,3 +110,25 @@ fn version_is_printed() {
     let out = Command::new(env!("CARGO_BIN_EXE_kata-runtime")).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("kata-runtime "));
 }
+
+#[test]
+fn a_report_piped_into_a_reader_that_left_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = write_config(dir.path(), Path::new("/boot/vmlinux"));
+    for args in [&["env"][..], &["factory", "status"]] {
+        // As `kata-runtime env | head -0`: the reader is gone before the first line is written.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_kata-runtime"))
+            .args(args)
+            .env("KATA_CONF_FILE", &conf)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.signal(), Some(nix::libc::SIGPIPE), "{args:?}: {:?} {err}", out.status);
+    }
+}
