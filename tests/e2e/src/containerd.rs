@@ -137,6 +137,11 @@ impl RunOptions {
     pub fn runtime(runtime: &str) -> Self {
         Self { runtime: Some(runtime.to_owned()), ..Self::default() }
     }
+
+    /// `ctr run -d` with `runtime`, the container kept after its task ends, ctr killed after `timeout`.
+    pub fn detached(runtime: &str, timeout: Duration) -> Self {
+        Self { rm: false, extra_flags: vec!["-d".into()], timeout, ..Self::runtime(runtime) }
+    }
 }
 
 /// What stopping containerd took beyond a clean exit.

@@ -41,12 +41,7 @@ fn run(k: &Kata, runtime: &str, id: &str, cmd: &[&str]) -> Output {
 }
 
 fn run_detached(k: &Kata, id: &str, cmd: &[&str]) {
-    let opts = RunOptions {
-        rm: false,
-        extra_flags: vec!["-d".into()],
-        timeout: RUN_TIMEOUT,
-        ..RunOptions::runtime(KATA_RUNTIME)
-    };
+    let opts = RunOptions::detached(KATA_RUNTIME, RUN_TIMEOUT);
     let out = k.containerd.run(&opts, BUSYBOX_IMAGE, id, cmd).expect("ctr run -d");
     assert!(out.status.success(), "ctr run -d failed: {}\n{}", text(&out.stderr), k.containerd.log_tail(40));
 }

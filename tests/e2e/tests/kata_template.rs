@@ -89,12 +89,7 @@ fn pods_are_clones_of_one_template() {
 
     // Later pods are clones, each with its own hostname, clock and random state.
     let (a, b) = (unique_id("tmpl-a"), unique_id("tmpl-b"));
-    let detached = RunOptions {
-        rm: false,
-        extra_flags: vec!["-d".into()],
-        timeout: RUN_TIMEOUT,
-        ..RunOptions::runtime(KATA_RUNTIME)
-    };
+    let detached = RunOptions::detached(KATA_RUNTIME, RUN_TIMEOUT);
     for id in [&a, &b] {
         let out = containerd.run(&detached, BUSYBOX_IMAGE, id, &["sleep", "600"]).expect("ctr run -d");
         assert!(out.status.success(), "{}\n{}", text(&out.stderr), containerd.log_tail(60));

@@ -263,12 +263,7 @@ fn tasks_and_pods_start_from_the_vm_cache() {
     checks.check("two cached pod VMs differ in MAC", macs[0] != macs[1], || format!("{macs:?}"));
 
     // Two `ctr` tasks, each from the cache (the server makes the next VM after each hand-over).
-    let detached = RunOptions {
-        rm: false,
-        extra_flags: vec!["-d".into()],
-        timeout: DEADLINE,
-        ..RunOptions::runtime(KATA_RUNTIME)
-    };
+    let detached = RunOptions::detached(KATA_RUNTIME, DEADLINE);
     let tasks = [unique_id("cache-a"), unique_id("cache-b")];
     for id in &tasks {
         wait_ready(&parts, &conf, 2, &server);
@@ -334,12 +329,7 @@ fn booted_vms_serve_from_the_cache_too() {
     .expect("containerd starts");
     containerd.import(&e2e::OciImage::busybox(BUSYBOX_IMAGE).expect("busybox image")).expect("import busybox");
     let id = unique_id("cache-boot");
-    let detached = RunOptions {
-        rm: false,
-        extra_flags: vec!["-d".into()],
-        timeout: DEADLINE,
-        ..RunOptions::runtime(KATA_RUNTIME)
-    };
+    let detached = RunOptions::detached(KATA_RUNTIME, DEADLINE);
     let out = containerd.run(&detached, BUSYBOX_IMAGE, &id, &["sleep", "600"]).expect("ctr run -d");
     assert!(out.status.success(), "{}\n{}", text(&out.stderr), containerd.log_tail(60));
     checks.check("a ctr task takes a booted VM from the cache", from_cache(&id), || containerd.log_tail(40));
