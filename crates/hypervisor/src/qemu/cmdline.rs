@@ -74,6 +74,10 @@ pub fn kernel_params(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> V
     }
     if let (Accel::Tcg, Some(khz)) = (accel, tsc_khz) {
         params.push(format!("tsc_early_khz={khz}"));
+        // TCG's TSC follows the host clock, but the kernel checks it every 0.5 s against jiffies, which lag
+        // when the host is loaded. Under load the check then marked the TSC unstable and the guest fell back to
+        // jiffies for its clock; idle, the checks were 2 of the ~5 vCPU wakeups a second.
+        params.push("tsc=reliable".into());
     }
     params.extend(config.kernel_params.iter().cloned());
     params
@@ -95,10 +99,15 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: Option<u32>) -> Vec<S
         args.push2("-sandbox", sandbox);
     }
     let machine = match config.qemu.machine {
-        // isa-serial carries the console. rtc=on: without it a TCG boot takes ~3 s longer. pit=on: a fallback
-        // clock source for calibration; under TCG what really prevents the "Marking TSC unstable" hang is
-        // `tsc_early_khz` (see `kernel_params`).
-        MachineType::Microvm => "microvm,pit=on,pic=off,isa-serial=on,rtc=on,memory-backend=mem".to_string(),
+        // isa-serial carries the console. rtc=on: without it a TCG boot takes ~3 s longer. The PIT is only for
+        // calibrating the TSC, which `tsc_early_khz` does under TCG (see `kernel_params`); left in its reset
+        // mode, QEMU's PIT wakes the main loop 36 times a second for as long as the VM runs: more than half of an
+        // idle pod's main-loop CPU time. Without a TSC hint (or under KVM, whose PIT is in the host kernel) it
+        // stays.
+        MachineType::Microvm => {
+            let pit = if accel == Accel::Tcg && tsc_khz.is_some() { "off" } else { "on" };
+            format!("microvm,pit={pit},pic=off,isa-serial=on,rtc=on,memory-backend=mem")
+        }
         MachineType::Q35 => "q35,memory-backend=mem".to_string(),
     };
     args.push2("-machine", machine);
@@ -325,7 +334,7 @@ mod tests {
     #[test]
     fn microvm_tcg_basics() {
         let args = qemu_args(&base(MachineType::Microvm), Accel::Tcg, Some(2_596_140));
-        assert_eq!(values(&args, "-machine"), ["microvm,pit=on,pic=off,isa-serial=on,rtc=on,memory-backend=mem"]);
+        assert_eq!(values(&args, "-machine"), ["microvm,pit=off,pic=off,isa-serial=on,rtc=on,memory-backend=mem"]);
         assert_eq!(values(&args, "-accel"), ["tcg,tb-size=64"]);
         assert_eq!(values(&args, "-cpu"), ["max"]);
         assert_eq!(values(&args, "-smp"), ["2"]);
@@ -338,7 +347,10 @@ mod tests {
         assert_eq!(values(&args, "-global"), ["virtio-mmio.force-legacy=false"]);
         assert_eq!(values(&args, "-kernel"), ["/k/vmlinux"]);
         assert_eq!(values(&args, "-initrd"), ["/k/initrd.img"]);
-        assert_eq!(append(&args), ["console=ttyS0", "reboot=t", "panic=-1", "quiet", "tsc_early_khz=2596140"]);
+        assert_eq!(
+            append(&args),
+            ["console=ttyS0", "reboot=t", "panic=-1", "quiet", "tsc_early_khz=2596140", "tsc=reliable"]
+        );
         assert_eq!(values(&args, "-chardev")[0], "socket,id=console,fd=3");
         assert_eq!(values(&args, "-serial"), ["chardev:console"]);
         assert!(values(&args, "-chardev").contains(&"socket,id=qmp,path=/run/vm1/qmp.sock,server=on,wait=off"));
@@ -354,10 +366,10 @@ mod tests {
             args.join(" "),
             "-name vm1,debug-threads=on \
              -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
-             -machine microvm,pit=on,pic=off,isa-serial=on,rtc=on,memory-backend=mem -accel tcg,tb-size=64 -cpu max \
+             -machine microvm,pit=off,pic=off,isa-serial=on,rtc=on,memory-backend=mem -accel tcg,tb-size=64 -cpu max \
              -smp 2 -m 512M -object memory-backend-memfd,id=mem,size=512M,share=on \
              -nodefaults -no-user-config -nographic -no-reboot -global virtio-mmio.force-legacy=false \
-             -kernel /k/vmlinux -initrd /k/initrd.img -append console=ttyS0 reboot=t panic=-1 quiet tsc_early_khz=2596140 \
+             -kernel /k/vmlinux -initrd /k/initrd.img -append console=ttyS0 reboot=t panic=-1 quiet tsc_early_khz=2596140 tsc=reliable \
              -chardev socket,id=console,fd=3 -serial chardev:console \
              -chardev socket,id=qmp,path=/run/vm1/qmp.sock,server=on,wait=off -mon chardev=qmp,mode=control"
         );
@@ -437,6 +449,8 @@ mod tests {
         config.debug = true;
         let args = qemu_args(&config, Accel::Tcg, None);
         assert_eq!(append(&args), ["console=ttyS0", "reboot=t", "panic=-1"]);
+        // Nothing else to calibrate the TSC with.
+        assert!(values(&args, "-machine")[0].starts_with("microvm,pit=on,"));
     }
 
     #[test]
