@@ -12,7 +12,7 @@ use chrono::Utc;
 use e2e::{unique_id, BUSYBOX_IMAGE};
 use serde::{Deserialize, Serialize};
 
-use crate::procs::{pods_cost, PodsCost};
+use crate::procs::{pods_cost, pods_cpu, PodsCost};
 use crate::stage::{Runtime, Stage, CTR_TIMEOUT};
 use crate::timeline::{self, Breakdown};
 use crate::Interrupt;
@@ -171,7 +171,14 @@ pub struct MemoryStep {
     pub target: usize,
     pub running: usize,
     pub cost: PodsCost,
+    /// Host CPU per idle pod, as a fraction of one core, over [`IDLE_CPU_WINDOW`].
+    #[serde(default)]
+    pub cpu_per_pod: Option<f64>,
 }
+
+/// How long the CPU time of idle pods is sampled: guest timers fire every few seconds, so shorter samples vary
+/// by a third from one to the next.
+pub const IDLE_CPU_WINDOW: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Idle-pod memory of one runtime at growing pod counts.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -217,13 +224,15 @@ pub fn idle_memory_with(
             interrupt.check()?;
             std::thread::sleep(settle);
             let cost = pods_cost(stage.containerd.address(), &running);
+            let cpu_per_pod = pods_cpu(stage.containerd.address(), &running, IDLE_CPU_WINDOW);
             eprintln!(
-                "  {} idle pods: {} running, {:.1} MiB PSS per pod",
+                "  {} idle pods: {} running, {:.1} MiB PSS per pod, {:.2}% of a core per pod",
                 runtime.label(),
                 cost.pods,
-                cost.pss_per_pod_mib()
+                cost.pss_per_pod_mib(),
+                cpu_per_pod.unwrap_or(0.0) * 100.0
             );
-            run.steps.push(MemoryStep { target, running: running.len(), cost });
+            run.steps.push(MemoryStep { target, running: running.len(), cost, cpu_per_pod });
             extra_value = extra();
             if !run.failures.is_empty() {
                 break;

@@ -116,6 +116,37 @@ pub fn pods_cost(address: &Path, ids: &[String]) -> PodsCost {
     cost
 }
 
+/// Clock ticks a second in `/proc/<pid>/stat` (USER_HZ, fixed at 100 by Linux's ABI on x86).
+const USER_HZ: f64 = 100.0;
+
+/// User plus system CPU time of `pid` so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_ticks(&stat)
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let mut after = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().skip(11);
+    Some(after.next()?.parse::<u64>().ok()? + after.next()?.parse::<u64>().ok()?)
+}
+
+/// The host CPU the shim trees of `ids` take over `window`, per pod, as a fraction of one core. Processes that
+/// end during the window are left out; `None` when no pod was found.
+pub fn pods_cpu(address: &Path, ids: &[String], window: std::time::Duration) -> Option<f64> {
+    let procs = all();
+    let shims = shims(&procs, address);
+    let roots: Vec<u32> = ids.iter().filter_map(|id| shims.get(id).copied()).collect();
+    if roots.is_empty() {
+        return None;
+    }
+    let pids: Vec<u32> = roots.iter().flat_map(|&r| tree(&procs, r)).map(|p| p.pid).collect();
+    let before: Vec<Option<u64>> = pids.iter().map(|&p| cpu_ticks(p)).collect();
+    std::thread::sleep(window);
+    let ticks: u64 = pids.iter().zip(before).filter_map(|(&p, b)| Some(cpu_ticks(p)?.saturating_sub(b?))).sum();
+    Some(ticks as f64 / USER_HZ / window.as_secs_f64() / roots.len() as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +158,13 @@ mod tests {
     #[test]
     fn stat_with_odd_names() {
         assert_eq!(parse_stat("12 (a (b) c) S 7 12 12"), Some(("a (b) c".to_owned(), 7)));
+    }
+
+    #[test]
+    fn cpu_ticks_are_utime_plus_stime() {
+        let stat = "12 (CPU 0/TCG) S 7 12 12 0 -1 4194560 100 0 0 0 250 31 0 0 20 0 3 0 500";
+        assert_eq!(parse_cpu_ticks(stat), Some(281));
+        assert_eq!(parse_cpu_ticks("12 (x) S 7"), None);
     }
 
     #[test]

@@ -148,6 +148,15 @@ impl Results {
             .collect()
     }
 
+    /// Host CPU per idle pod of `runtime` at each step, as a table cell (% of one core).
+    fn cpu_cells(&self, runtime: &str) -> Vec<String> {
+        self.memory
+            .iter()
+            .filter(|m| m.runtime == runtime)
+            .flat_map(|m| m.steps.iter().map(|s| cpu_cell(s.cpu_per_pod)))
+            .collect()
+    }
+
     pub fn markdown(&self) -> String {
         let m = &self.machine;
         let mut o = String::new();
@@ -194,15 +203,19 @@ impl Results {
         let _ = writeln!(o, "| kata | {} |\n| runc | {} |", stat_cells(ek), stat_cells(er));
         let _ = writeln!(o, "\nkata/runc: **{}**", times(ratio(ek, er), 1));
         let _ = writeln!(o, "\n## Host memory per idle pod (`sleep 3600`), PSS from smaps_rollup (MiB)\n");
+        let _ = writeln!(o, "{IDLE_CPU_NOTE}\n");
         let _ = writeln!(
             o,
-            "| pods asked | kata running | kata PSS / pod | runc running | runc PSS / pod |\n|---|---|---|---|---|"
+            "| pods asked | kata running | kata PSS / pod | kata CPU / pod | runc running | runc PSS / pod | runc CPU / pod |\n\
+             |---|---|---|---|---|---|---|"
         );
         let (mk, mr) = (self.pss_steps("kata"), self.pss_steps("runc"));
+        let (ck, cr) = (self.cpu_cells("kata"), self.cpu_cells("runc"));
+        let na = || "n/a".to_string();
         for (i, (target, running, pss)) in mk.iter().enumerate() {
-            let (rr, rp) =
-                mr.get(i).map(|(_, r, p)| (r.to_string(), format!("{p:.1}"))).unwrap_or(("n/a".into(), "n/a".into()));
-            let _ = writeln!(o, "| {target} | {running} | {pss:.1} | {rr} | {rp} |");
+            let (rr, rp) = mr.get(i).map(|(_, r, p)| (r.to_string(), format!("{p:.1}"))).unwrap_or((na(), na()));
+            let (kc, rc) = (ck.get(i).cloned().unwrap_or_else(na), cr.get(i).cloned().unwrap_or_else(na));
+            let _ = writeln!(o, "| {target} | {running} | {pss:.1} | {kc} | {rr} | {rp} | {rc} |");
         }
         if let Some(last) = self.memory.iter().find(|m| m.runtime == "kata").and_then(|m| m.steps.last()) {
             let pods = last.cost.pods.max(1) as f64;
@@ -437,13 +450,17 @@ fn template_markdown(o: &mut String, t: &TemplateResults, floor: Option<Stat>) {
     let _ = writeln!(
         o,
         "PSS counts the template pages a clone maps, shared among the clones that map them. The template files hold \
-         {:.1} MiB in all; the last column adds an equal share of them to each pod, so nothing is left out.\n",
+         {:.1} MiB in all; the total column adds an equal share of them to each pod, so nothing is left out. \
+         {IDLE_CPU_NOTE}\n",
         t.template_mib
     );
-    let _ =
-        writeln!(o, "| pods asked | running | PSS / pod | template files / pod | total / pod |\n|---|---|---|---|---|");
-    for (target, running, pss, share) in t.memory_steps() {
-        let _ = writeln!(o, "| {target} | {running} | {pss:.1} | {share:.1} | {:.1} |", pss + share);
+    let _ = writeln!(
+        o,
+        "| pods asked | running | PSS / pod | template files / pod | total / pod | CPU / pod |\n|---|---|---|---|---|---|"
+    );
+    let cpu = t.memory.iter().flat_map(|m| m.steps.iter().map(|s| cpu_cell(s.cpu_per_pod)));
+    for ((target, running, pss, share), cpu) in t.memory_steps().into_iter().zip(cpu) {
+        let _ = writeln!(o, "| {target} | {running} | {pss:.1} | {share:.1} | {:.1} | {cpu} |", pss + share);
     }
     if let Some(m) = &t.memory {
         if let Some(last) = m.steps.last() {
@@ -482,6 +499,14 @@ fn yes(v: Option<bool>) -> &'static str {
     }
 }
 
+/// What the CPU columns of the idle-pod tables mean.
+const IDLE_CPU_NOTE: &str = "CPU / pod: host CPU time of each pod's processes (shim, QEMU, helpers; runc's shim and \
+     workload) while idle, as a share of one core, sampled over 20 s once the pods settled.";
+
+fn cpu_cell(fraction: Option<f64>) -> String {
+    fraction.map_or_else(|| "n/a".to_string(), |f| format!("{:.2}%", f * 100.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -497,7 +522,7 @@ mod tests {
             total: Memory { rss_kib: pss_kib, pss_kib },
             ..Default::default()
         };
-        MemoryStep { target: running, running, cost }
+        MemoryStep { target: running, running, cost, cpu_per_pod: None }
     }
 
     #[test]
