@@ -62,6 +62,13 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// The host programs whose build shapes the guest of `config` (the VMM binary): a template made with
     /// another build of one of them is not used.
     fn programs(&self, config: &VmConfig) -> Vec<std::path::PathBuf>;
+
+    /// The VMM's command line for `config` on this host, with values that differ between VMs of one shape
+    /// (measured frequencies) left out: saved device state loads only into the same machine, so a template made
+    /// by a build that launched VMs differently is not used either.
+    fn launch_shape(&self, _config: &VmConfig) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// What another process needs to find a running VM again: persist it beside the sandbox.

@@ -328,6 +328,8 @@ struct SpecFields<'a> {
     nics: Vec<(&'a str, &'a str)>,
     /// A rebuilt QEMU, kernel or initrd needs a new template.
     files: Vec<FileStamp>,
+    /// So does a kata-rs that launches VMs with other arguments (machine options, devices).
+    launch: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -353,8 +355,10 @@ impl TemplateSpec {
                 FileStamp { path: file.clone(), len, mtime_ns: u64::try_from(mtime.as_nanos()).unwrap_or(u64::MAX) }
             })
             .collect();
+        let vm = normalized(config);
         let fields = SpecFields {
-            vm: normalized(config),
+            launch: hv.launch_shape(&vm),
+            vm,
             nics: config.net_devices.iter().map(|n| (n.id.as_str(), n.mac.as_str())).collect(),
             files,
         };
@@ -529,6 +533,36 @@ mod tests {
         let before = key(&Qemu, &a);
         std::fs::write(dir.path().join("vmlinux"), b"kernel two").unwrap();
         assert_ne!(key(&Qemu, &a), before, "a rebuilt kernel needs a new template");
+
+        assert_ne!(key(&Qemu, &a), key(&Relaunched, &a), "a build that launches VMs otherwise needs a new template");
+        let shape = Qemu.launch_shape(&normalized(&a));
+        assert!(shape.iter().any(|arg| arg.starts_with("microvm,")), "{shape:?}");
+        assert!(!shape.iter().any(|arg| arg.contains("pod-a")), "per-VM names and paths: {shape:?}");
+    }
+
+    /// QEMU launched with one more argument, as by another build of kata-rs.
+    #[derive(Debug)]
+    struct Relaunched;
+
+    #[async_trait::async_trait]
+    impl Hypervisor for Relaunched {
+        fn vm(&self, config: VmConfig) -> std::sync::Arc<dyn hypervisor::Vm> {
+            Qemu.vm(config)
+        }
+        async fn attach(&self, saved: hypervisor::SavedVm) -> hypervisor::Result<std::sync::Arc<dyn hypervisor::Vm>> {
+            Qemu.attach(saved).await
+        }
+        fn sockets(&self, work_dir: &Path) -> Vec<PathBuf> {
+            Qemu.sockets(work_dir)
+        }
+        fn programs(&self, config: &VmConfig) -> Vec<PathBuf> {
+            Qemu.programs(config)
+        }
+        fn launch_shape(&self, config: &VmConfig) -> Vec<String> {
+            let mut args = Qemu.launch_shape(config);
+            args.push("-no-hpet".into());
+            args
+        }
     }
 
     #[tokio::test]

@@ -71,6 +71,13 @@ impl Hypervisor for Qemu {
     fn programs(&self, config: &VmConfig) -> Vec<PathBuf> {
         vec![config.qemu.path.clone()]
     }
+
+    fn launch_shape(&self, config: &VmConfig) -> Vec<String> {
+        let accel = resolve_accel(config.accel, &detect_accel()).unwrap_or(Accel::Tcg);
+        // Whether the guest gets a TSC frequency changes the machine (see `cmdline`), not which one it gets.
+        let tsc_khz = (accel == Accel::Tcg && cfg!(target_arch = "x86_64")).then_some(0);
+        cmdline::qemu_args(config, accel, tsc_khz)
+    }
 }
 
 /// A VM run by QEMU. See [`Vm`] for the lifecycle.
