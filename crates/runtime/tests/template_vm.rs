@@ -17,9 +17,6 @@ use runtime::factory;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Hosts that connect to a clone's agent one right after another.
-const HANDOVER_ROUNDS: usize = 20;
-
 /// A pod VM's configuration as `vm_config` makes it with templating on: agent on virtio-serial, 9p.
 fn pod_config(dir: &Path, name: &str, kernel: &Path, initrd: &Path) -> VmConfig {
     let mut c = VmConfig::new(name, kernel, dir.join(name).join("vm"));
@@ -122,24 +119,6 @@ async fn clones_of_a_template_run_containers() {
         let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap_or_default();
         assert!(status.contains("Seccomp:\t2"), "clone QEMU {qemu} runs without seccomp");
     }
-
-    // The VM cache's hand-over: the host that held the agent leaves and the next dials at once, before or
-    // after the guest noticed the close. Either way the next host's calls are answered.
-    let Clone { vm, agent } = clones.remove(0);
-    let Some(hypervisor::AgentEndpoint::Serial(port)) = vm.agent_endpoint() else {
-        panic!("a clone's agent is on the serial port")
-    };
-    let t = Instant::now();
-    let mut held = agent;
-    for round in 0..HANDOVER_ROUNDS {
-        drop(held);
-        held = AgentClient::connect_serial(&port, Duration::from_secs(30))
-            .await
-            .unwrap_or_else(|e| panic!("round {round}: {}", protocols::error_chain(&e)));
-        held.check().await.unwrap_or_else(|e| panic!("round {round}: Check: {}", protocols::error_chain(&e)));
-    }
-    clones.insert(0, Clone { vm, agent: held });
-    step(&format!("{HANDOVER_ROUNDS} hosts in a row on one clone's agent port"), t);
 
     let mut outputs = Vec::new();
     for (clone, name) in clones.iter().zip(["pod-a", "pod-b"]) {

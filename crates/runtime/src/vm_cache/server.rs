@@ -75,10 +75,6 @@ struct Ready {
     key: String,
     /// Its tap's name in the parking namespace.
     tap: Option<String>,
-    /// The server's connection to the VM's agent, held while the VM waits and closed at the hand-over. An
-    /// agent on the serial port with no host connected looks at the port every 5 ms, which kept a waiting VM
-    /// ~6-8% of a host core busy under TCG; connected, it sleeps until a request comes, as in a running pod.
-    agent: Option<crate::agent::AgentClient>,
 }
 
 #[derive(Debug)]
@@ -299,10 +295,10 @@ async fn make(shared: &Shared, name: &str, nics: u32) -> Result<Ready, BoxError>
         // A cold VM is still a good VM: it just starts its first container slower.
         Err(e) => tracing::warn!(vm = name, error = %crate::error_chain(&*e), "warming up a cached VM"),
     }
-    // Let go of QEMU's control socket, which the shim that takes the VM connects to. The agent connection is
-    // kept until then (see `Ready::agent`).
+    // Let go of the agent and of QEMU's control socket: the shim that takes the VM connects to both.
+    drop(booted);
     vm.release();
-    Ok(Ready { dir: p.root, nics, key, tap, agent: Some(booted.agent) })
+    Ok(Ready { dir: p.root, nics, key, tap })
 }
 
 /// The throw-away container of [`warm_up`].
@@ -391,14 +387,10 @@ async fn answer(shared: &Shared, request: Request) -> Reply {
                 let at = ready.iter().position(|r| r.key == key && r.nics == nics);
                 at.and_then(|i| ready.remove(i))
             };
-            let Some(mut vm) = found else {
+            let Some(vm) = found else {
                 return Reply::None { reason: format!("no VM ready for {key} with {nics} NIC(s)") };
             };
             shared.taken.notify_one();
-            // The agent sees the host leave and goes back to waiting for the next one, the shim. Should the
-            // shim dial before the guest saw the close, the agent's session just goes on with the shim's
-            // requests: the server left no call unanswered.
-            drop(vm.agent.take());
             if let Some(parked) = &vm.tap {
                 let (Some(netns), Some(tap)) = (netns, tap) else {
                     discard(&vm.dir).await;
