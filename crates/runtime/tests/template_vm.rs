@@ -110,6 +110,8 @@ async fn clones_of_a_template_run_containers() {
         }
         step(&format!("clone {name}: state loaded, agent answers, sandbox created"), t);
     }
+    // A failed assertion below must not leave the clones running.
+    let _end_clones = VmsOnDrop(clones.iter().map(|c| (c.vm.pids(), c.vm.saved().config.work_dir)).collect());
     let pids: Vec<u32> = clones.iter().flat_map(|c| c.vm.pids()).map(|p| p.pid).collect();
     for clone in &clones {
         // Loaded through an fd we handed over, under QEMU's seccomp sandbox, which forbids spawning `cat`.

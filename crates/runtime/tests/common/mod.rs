@@ -162,3 +162,27 @@ impl Drop for CleanupOnDrop {
         }
     }
 }
+
+/// Ends a test's VMs when dropped, so that a failed assertion leaves no QEMU running. `cleanup_vm` kills a
+/// recorded process only while its command line (and start time) still match, so a VM the test already
+/// stopped, whose PID may since be reused, is left alone.
+pub struct VmsOnDrop(pub Vec<(Vec<hypervisor::VmProcess>, PathBuf)>);
+
+impl Drop for VmsOnDrop {
+    fn drop(&mut self) {
+        let vms = std::mem::take(&mut self.0);
+        // Inside the test's runtime: clean up on a thread with its own.
+        let cleaned = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            for (processes, work_dir) in &vms {
+                if let Err(e) = rt.block_on(hypervisor::cleanup_vm(processes, work_dir)) {
+                    eprintln!("ending a VM after the test: {e}");
+                }
+            }
+        })
+        .join();
+        if cleaned.is_err() {
+            eprintln!("ending the test's VMs panicked");
+        }
+    }
+}
