@@ -75,8 +75,16 @@ impl Hypervisor for Qemu {
     fn launch_shape(&self, config: &VmConfig) -> Vec<String> {
         let accel = resolve_accel(config.accel, &detect_accel()).unwrap_or(Accel::Tcg);
         // Whether the guest gets a TSC frequency changes the machine (see `cmdline`), not which one it gets.
-        let tsc_khz = (accel == Accel::Tcg && cfg!(target_arch = "x86_64")).then_some(0);
-        cmdline::qemu_args(config, accel, tsc_khz)
+        // Looked up as a launch does (measured at most once per host boot, then read from its file).
+        cmdline::qemu_args(config, accel, tsc_hint(accel).map(|_| 0))
+    }
+}
+
+/// The host TSC frequency a guest is told under `accel` (see `cmdline::kernel_params`): only under TCG.
+fn tsc_hint(accel: Accel) -> Option<u32> {
+    match accel {
+        Accel::Tcg => crate::tsc::host_tsc_khz(),
+        Accel::Kvm => None,
     }
 }
 
@@ -223,10 +231,7 @@ impl QemuVm {
         if self.config.accel == AccelChoice::Auto && accel == Accel::Tcg {
             tracing::info!(reason = %report.kvm.reason, "KVM not usable, VM runs under TCG");
         }
-        let tsc_khz = match accel {
-            Accel::Tcg => tokio::task::spawn_blocking(crate::tsc::host_tsc_khz).await.unwrap_or(None),
-            Accel::Kvm => None,
-        };
+        let tsc_khz = tokio::task::spawn_blocking(move || tsc_hint(accel)).await.unwrap_or(None);
         create_private_dir(&self.config.work_dir)?;
         remove_runtime_files(&self.paths);
 
