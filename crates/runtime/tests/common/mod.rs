@@ -151,13 +151,8 @@ impl Drop for CleanupOnDrop {
         if !paths.root.exists() {
             return;
         }
-        // Inside the test's runtime: clean up on a thread with its own.
-        let cleaned = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            rt.block_on(runtime::state::cleanup(&runtime::mounts::Syscalls, &paths)).map(drop)
-        })
-        .join();
-        if !matches!(cleaned, Ok(Ok(()))) {
+        let cleaned = on_own_runtime(async move { runtime::state::cleanup(&runtime::mounts::Syscalls, &paths).await });
+        if !matches!(cleaned, Ok(Ok(_))) {
             eprintln!("cleaning up sandbox {} after the test failed: {cleaned:?}", self.id);
         }
     }
@@ -171,18 +166,27 @@ pub struct VmsOnDrop(pub Vec<(Vec<hypervisor::VmProcess>, PathBuf)>);
 impl Drop for VmsOnDrop {
     fn drop(&mut self) {
         let vms = std::mem::take(&mut self.0);
-        // Inside the test's runtime: clean up on a thread with its own.
-        let cleaned = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let cleaned = on_own_runtime(async move {
             for (processes, work_dir) in &vms {
-                if let Err(e) = rt.block_on(hypervisor::cleanup_vm(processes, work_dir)) {
+                if let Err(e) = hypervisor::cleanup_vm(processes, work_dir).await {
                     eprintln!("ending a VM after the test: {e}");
                 }
             }
-        })
-        .join();
+        });
         if cleaned.is_err() {
             eprintln!("ending the test's VMs panicked");
         }
     }
+}
+
+/// Runs `work` to completion on a thread with a runtime of its own: a `Drop` inside the test's runtime cannot
+/// block on it. `Err` when the work panicked.
+fn on_own_runtime<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> std::thread::Result<T> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(work)
+    })
+    .join()
 }
